@@ -1,0 +1,2 @@
+//! Load generator (being built).
+fn main() {}

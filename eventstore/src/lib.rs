@@ -1,0 +1,121 @@
+//! The eventstore process: stores the events and snapshots of every context on this node.
+//!
+//! Layers, top to bottom:
+//! - `service` / `tracking`: the internal gRPC API on a Unix socket (decode, call, encode).
+//! - `context` / `append`: the contexts, and group commit of concurrent appends.
+//! - `consensus`: one openraft group per context; the Raft log in `log/` segments.
+//! - `stored` / `segment`: applying committed entries to event and snapshot segment files.
+//!
+//! An append is confirmed only after its Raft entry is fsynced and applied; recovery after a
+//! crash keeps every confirmed event (see `segment::store` and `consensus::state_machine`).
+
+pub mod append;
+pub mod command;
+pub mod consensus;
+pub mod context;
+pub mod segment;
+pub mod service;
+pub mod stored;
+pub mod tracking;
+
+use std::path::PathBuf;
+
+/// Command-line arguments of `myelin eventstore`, normally set by the supervisor.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Directory holding one sub-directory per context.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Unix socket to serve the internal storage API and gRPC health on.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Maximum size of an event segment file in bytes.
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    pub segment_size: u64,
+    /// Maximum size of a snapshot segment file in bytes.
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    pub snapshot_segment_size: u64,
+    /// Contexts to create at start if they do not exist yet (repeatable).
+    #[arg(long = "context", default_values_t = [String::from("default")])]
+    pub contexts: Vec<String>,
+    /// Largest message accepted on the internal socket, in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_message_size: usize,
+    /// This node's name.
+    #[arg(long, default_value = "myelin")]
+    pub node_name: String,
+}
+
+/// Runs the eventstore until SIGTERM or SIGINT.
+pub fn main(args: Args) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run(args, shutdown_signal()))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Opens every context, serves the internal API on the socket until `shutdown`, then stops.
+pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+    let limits = stored::Limits {
+        event_segment_size: args.segment_size,
+        snapshot_segment_size: args.snapshot_segment_size,
+    };
+    let contexts = std::sync::Arc::new(context::Contexts::new(&args.data_dir, limits, LOG_SEGMENT_SIZE));
+    let mut names = args.contexts.clone();
+    // Contexts created earlier are stored as directories with a Raft log.
+    for entry in std::fs::read_dir(&args.data_dir)? {
+        let entry = entry?;
+        if entry.path().join("log").is_dir()
+            && let Some(name) = entry.file_name().to_str()
+            && context::valid_context_name(name)
+            && !names.iter().any(|n| n == name)
+        {
+            names.push(name.to_owned());
+        }
+    }
+    for name in &names {
+        contexts.open(name).await?;
+    }
+
+    let _ = std::fs::remove_file(&args.socket);
+    let listener = tokio::net::UnixListener::bind(&args.socket)
+        .with_context(|| format!("binding {}", args.socket.display()))?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let storage = myelin_proto::internal::event_storage_server::EventStorageServer::new(service::Service {
+        contexts: contexts.clone(),
+        max_transaction_bytes: args.max_message_size.saturating_sub(10_000).max(1024),
+    })
+    .max_decoding_message_size(args.max_message_size + 64 * 1024)
+    .max_encoding_message_size(usize::MAX);
+    let control = myelin_proto::internal::storage_control_server::StorageControlServer::new(service::Control {
+        contexts: contexts.clone(),
+    });
+    tracing::info!(socket = %args.socket.display(), contexts = ?names, "eventstore serving");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(storage)
+        .add_service(control)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
+        .await
+        .context("serving the internal API")?;
+    tracing::info!("eventstore stopping");
+    contexts.shutdown().await;
+    let _ = std::fs::remove_file(&args.socket);
+    Ok(())
+}
+
+/// Maximum size of a Raft log segment file.
+const LOG_SEGMENT_SIZE: u64 = 64 * 1024 * 1024;

@@ -1,0 +1,302 @@
+//! The internal storage API (`myelin.internal.EventStorage`), served on the eventstore's Unix
+//! socket to the router. Handlers decode, call the context, encode — nothing else.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use myelin_proto::axon::event::{
+    Confirmation, Event, EventWithToken, GetAggregateEventsRequest, GetAggregateSnapshotsRequest, GetEventsRequest,
+    GetFirstTokenRequest, GetLastTokenRequest, GetTokenAtRequest, ReadHighestSequenceNrRequest,
+    ReadHighestSequenceNrResponse, TrackingToken,
+};
+use myelin_proto::errors::ErrorCode;
+use myelin_proto::internal::event_storage_server::EventStorage;
+use myelin_proto::internal::storage_control_server::StorageControl;
+use myelin_proto::internal::{ContextStatus, ListContextsRequest, ListContextsResponse};
+use prost::Message;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::append::{AppendError, Work};
+use crate::command::{Outcome, Transaction};
+use crate::context::{Context, Contexts};
+use crate::segment::{Kind, StoreError};
+use crate::stored::record_of;
+use crate::tracking;
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send>>;
+
+pub struct Service {
+    pub contexts: Arc<Contexts>,
+    /// Largest transaction (sum of encoded events) one AppendEvent call may carry.
+    pub max_transaction_bytes: usize,
+}
+
+/// The context a call is for, from the `myelin-context` metadata the router sets.
+fn context_of<T>(contexts: &Contexts, request: &Request<T>) -> Result<Arc<Context>, Status> {
+    let name = request
+        .metadata()
+        .get(myelin_proto::CONTEXT_KEY)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(myelin_proto::DEFAULT_CONTEXT);
+    contexts
+        .get(name)
+        .ok_or_else(|| ErrorCode::ContextNotFound.status(format!("{name}: context not found")))
+}
+
+pub fn storage_status(e: StoreError) -> Status {
+    tracing::error!(error = %e, "storage read failed");
+    ErrorCode::DatafileReadError.status(e)
+}
+
+fn append_status(e: AppendError) -> Status {
+    match e {
+        AppendError::NotLeader => ErrorCode::NoLeaderAvailable.status("no leader available for the context"),
+        AppendError::Closed => Status::unavailable("the event store is shutting down"),
+        AppendError::Storage(e) => ErrorCode::DatafileWriteError.status(e),
+    }
+}
+
+fn outcome_status(outcome: Outcome) -> Result<i64, Status> {
+    match outcome {
+        Outcome::Stored { first_token, .. } => Ok(first_token),
+        Outcome::InvalidSequence {
+            aggregate_id,
+            got,
+            expected,
+        } => Err(ErrorCode::InvalidSequence.status(format!(
+            "Invalid sequence number {got} for aggregate {aggregate_id}, expected {expected}"
+        ))),
+        Outcome::SnapshotAheadOfEvents {
+            aggregate_id,
+            highest,
+            snapshot,
+        } => Err(ErrorCode::InvalidSequence.status(format!(
+            "Invalid sequence number while storing snapshot. Highest aggregate {aggregate_id} sequence number: \
+             {highest}, snapshot sequence {snapshot}."
+        ))),
+    }
+}
+
+/// An event that names an aggregate type or a sequence number must name its aggregate.
+fn check_event(event: &Event) -> Result<(), Status> {
+    if event.aggregate_identifier.is_empty() && (!event.aggregate_type.is_empty() || event.aggregate_sequence_number != 0) {
+        return Err(Status::invalid_argument(format!(
+            "event {} has aggregate type {:?} and sequence number {} but no aggregate identifier",
+            event.message_identifier, event.aggregate_type, event.aggregate_sequence_number
+        )));
+    }
+    if event.aggregate_sequence_number < 0 {
+        return Err(ErrorCode::InvalidSequence.status(format!(
+            "Invalid sequence number {} for aggregate {}",
+            event.aggregate_sequence_number, event.aggregate_identifier
+        )));
+    }
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("read task failed: {e}")))?
+        .map_err(storage_status)
+}
+
+fn decode(bytes: &[u8]) -> Result<Event, Status> {
+    Event::decode(bytes).map_err(|e| ErrorCode::DatafileReadError.status(format!("stored event does not decode: {e}")))
+}
+
+fn stream_of(events: Vec<Event>) -> Response<EventStream> {
+    Response::new(Box::pin(tokio_stream::iter(events.into_iter().map(Ok))))
+}
+
+#[tonic::async_trait]
+impl EventStorage for Service {
+    #[tracing::instrument(skip_all, fields(context))]
+    async fn append_event(&self, request: Request<Streaming<Event>>) -> Result<Response<Confirmation>, Status> {
+        let context = context_of(&self.contexts, &request)?;
+        tracing::Span::current().record("context", context.name.as_str());
+        let mut stream = request.into_inner();
+        let mut tx = Transaction::default();
+        let mut bytes = 0usize;
+        // The transaction is whatever arrives before the client half-closes; a broken stream
+        // returns here with an error and nothing of it is stored.
+        while let Some(event) = stream.message().await? {
+            check_event(&event)?;
+            let record = record_of(&event, Kind::Events);
+            bytes += record.encoded.len();
+            if bytes > self.max_transaction_bytes {
+                return Err(ErrorCode::PayloadTooLarge.status(format!(
+                    "transaction exceeds the maximum size of {} bytes",
+                    self.max_transaction_bytes
+                )));
+            }
+            tx.events.push(record);
+        }
+        if tx.events.is_empty() {
+            return Ok(Response::new(Confirmation { success: true }));
+        }
+        let outcome = context.appender.append(Work::Events(tx)).await.map_err(append_status)?;
+        outcome_status(outcome)?;
+        Ok(Response::new(Confirmation { success: true }))
+    }
+
+    #[tracing::instrument(skip_all, fields(context))]
+    async fn append_snapshot(&self, request: Request<Event>) -> Result<Response<Confirmation>, Status> {
+        let context = context_of(&self.contexts, &request)?;
+        tracing::Span::current().record("context", context.name.as_str());
+        let event = request.into_inner();
+        if event.aggregate_identifier.is_empty() {
+            return Err(Status::invalid_argument("a snapshot must name its aggregate"));
+        }
+        check_event(&event)?;
+        let outcome = context
+            .appender
+            .append(Work::Snapshot(record_of(&event, Kind::Snapshots)))
+            .await
+            .map_err(append_status)?;
+        outcome_status(outcome)?;
+        Ok(Response::new(Confirmation { success: true }))
+    }
+
+    type ListAggregateEventsStream = EventStream;
+
+    #[tracing::instrument(skip_all, fields(context, aggregate))]
+    async fn list_aggregate_events(
+        &self,
+        request: Request<GetAggregateEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let context = context_of(&self.contexts, &request)?;
+        let req = request.into_inner();
+        tracing::Span::current().record("aggregate", req.aggregate_id.as_str());
+        let upper = if req.max_sequence > 0 { req.max_sequence } else { i64::MAX };
+        let mut from = req.initial_sequence;
+        let mut out = Vec::new();
+        if req.allow_snapshots {
+            let stored = context.stored.clone();
+            let id = req.aggregate_id.clone();
+            let snapshots = blocking(move || stored.snapshots.read_aggregate(&id)).await?;
+            // The newest snapshot within the requested range, then the events after it.
+            if let Some((seq, bytes)) = snapshots
+                .iter()
+                .filter(|(seq, _)| *seq >= req.initial_sequence && *seq <= upper)
+                .max_by_key(|(seq, _)| *seq)
+            {
+                let mut snapshot = decode(bytes)?;
+                snapshot.snapshot = true;
+                out.push(snapshot);
+                from = seq + 1;
+            }
+        }
+        let stored = context.stored.clone();
+        let id = req.aggregate_id.clone();
+        let events = blocking(move || stored.events.read_aggregate(&id)).await?;
+        for (seq, bytes) in events {
+            if seq >= from && seq <= upper {
+                out.push(decode(&bytes)?);
+            }
+        }
+        Ok(stream_of(out))
+    }
+
+    type ListAggregateSnapshotsStream = EventStream;
+
+    #[tracing::instrument(skip_all, fields(context, aggregate))]
+    async fn list_aggregate_snapshots(
+        &self,
+        request: Request<GetAggregateSnapshotsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let context = context_of(&self.contexts, &request)?;
+        let req = request.into_inner();
+        tracing::Span::current().record("aggregate", req.aggregate_id.as_str());
+        let stored = context.stored.clone();
+        let id = req.aggregate_id.clone();
+        let mut snapshots = blocking(move || stored.snapshots.read_aggregate(&id)).await?;
+        // Newest first; the upper bound is exclusive as in Axon Server, and 0 means unbounded.
+        snapshots.reverse();
+        let upper = if req.max_sequence > 0 { req.max_sequence } else { i64::MAX };
+        let limit = if req.max_results > 0 { req.max_results as usize } else { usize::MAX };
+        let mut out = Vec::new();
+        for (seq, bytes) in snapshots {
+            if seq >= req.initial_sequence && seq < upper {
+                let mut snapshot = decode(&bytes)?;
+                snapshot.snapshot = true;
+                out.push(snapshot);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(stream_of(out))
+    }
+
+    type ListEventsStream = ReceiverStream<Result<EventWithToken, Status>>;
+
+    async fn list_events(
+        &self,
+        request: Request<Streaming<GetEventsRequest>>,
+    ) -> Result<Response<Self::ListEventsStream>, Status> {
+        let context = context_of(&self.contexts, &request)?;
+        let rx = tracking::start(context, request.into_inner()).await?;
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn read_highest_sequence_nr(
+        &self,
+        request: Request<ReadHighestSequenceNrRequest>,
+    ) -> Result<Response<ReadHighestSequenceNrResponse>, Status> {
+        let context = context_of(&self.contexts, &request)?;
+        let id = request.into_inner().aggregate_id;
+        let stored = context.stored.clone();
+        let last = blocking(move || stored.events.last_sequence(&id)).await?;
+        Ok(Response::new(ReadHighestSequenceNrResponse {
+            to_sequence_nr: last.unwrap_or(-1),
+        }))
+    }
+
+    async fn get_first_token(&self, request: Request<GetFirstTokenRequest>) -> Result<Response<TrackingToken>, Status> {
+        let context = context_of(&self.contexts, &request)?;
+        Ok(Response::new(TrackingToken {
+            token: context.stored.events.first_token(),
+        }))
+    }
+
+    async fn get_last_token(&self, request: Request<GetLastTokenRequest>) -> Result<Response<TrackingToken>, Status> {
+        let context = context_of(&self.contexts, &request)?;
+        Ok(Response::new(TrackingToken {
+            token: context.stored.events.next_token() - 1,
+        }))
+    }
+
+    async fn get_token_at(&self, request: Request<GetTokenAtRequest>) -> Result<Response<TrackingToken>, Status> {
+        let context = context_of(&self.contexts, &request)?;
+        let instant = request.into_inner().instant;
+        let stored = context.stored.clone();
+        let token = blocking(move || tracking::token_at(&stored.events, instant)).await?;
+        Ok(Response::new(TrackingToken { token }))
+    }
+}
+
+pub struct Control {
+    pub contexts: Arc<Contexts>,
+}
+
+#[tonic::async_trait]
+impl StorageControl for Control {
+    async fn list_contexts(&self, _: Request<ListContextsRequest>) -> Result<Response<ListContextsResponse>, Status> {
+        let contexts = self
+            .contexts
+            .all()
+            .into_iter()
+            .map(|c| ContextStatus {
+                name: c.name.clone(),
+                first_token: c.stored.events.first_token(),
+                last_token: c.stored.events.next_token() - 1,
+                last_snapshot_token: c.stored.snapshots.next_token() - 1,
+                applied_index: c.raft.metrics().borrow().last_applied.map_or(0, |l| l.index),
+            })
+            .collect();
+        Ok(Response::new(ListContextsResponse { contexts }))
+    }
+}

@@ -1,0 +1,108 @@
+//! The one table of Axon error codes: each code's `AXONIQ-xxxx` text, gRPC status and HTTP status.
+//!
+//! Errors reach clients the way Axon Server sends them: the gRPC status of the code, the
+//! description `"[AXONIQ-xxxx] message"`, and the trailer `AxonIQ-ErrorCode: AXONIQ-xxxx`.
+
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Code, Status};
+
+/// The trailer (and HTTP header) that carries the code.
+pub const ERROR_CODE_KEY: &str = "axoniq-errorcode";
+
+macro_rules! codes {
+    ($($name:ident = $text:literal, $grpc:ident, $http:literal;)*) => {
+        /// An Axon error code.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorCode { $($name),* }
+
+        impl ErrorCode {
+            /// `AXONIQ-xxxx`.
+            pub fn code(self) -> &'static str {
+                match self { $(ErrorCode::$name => $text),* }
+            }
+            /// The gRPC status Axon Server uses for it.
+            pub fn grpc(self) -> Code {
+                match self { $(ErrorCode::$name => Code::$grpc),* }
+            }
+            /// The HTTP status Axon Server uses for it.
+            pub fn http(self) -> u16 {
+                match self { $(ErrorCode::$name => $http),* }
+            }
+            /// Looks a code up by its text; unknown codes are `Other`, as in Axon Server.
+            pub fn parse(text: &str) -> ErrorCode {
+                match text { $($text => ErrorCode::$name,)* _ => ErrorCode::Other }
+            }
+        }
+    };
+}
+
+codes! {
+    Other = "AXONIQ-0001", Cancelled, 500;
+    AuthenticationTokenMissing = "AXONIQ-1000", PermissionDenied, 403;
+    AuthenticationInvalidToken = "AXONIQ-1001", PermissionDenied, 403;
+    UnsupportedInstruction = "AXONIQ-1002", Unknown, 400;
+    NoSuchApplication = "AXONIQ-1300", NotFound, 404;
+    ContextNotFound = "AXONIQ-1302", NotFound, 404;
+    ContextExists = "AXONIQ-1304", AlreadyExists, 400;
+    NoAxonServerForContext = "AXONIQ-1400", Unavailable, 503;
+    TooManyRequests = "AXONIQ-1900", ResourceExhausted, 429;
+    InvalidSequence = "AXONIQ-2000", OutOfRange, 409;
+    PayloadTooLarge = "AXONIQ-2001", InvalidArgument, 400;
+    TooManyEvents = "AXONIQ-2002", InvalidArgument, 400;
+    NoLeaderAvailable = "AXONIQ-2100", NotFound, 404;
+    InvalidContextName = "AXONIQ-2308", InvalidArgument, 400;
+    NoHandlerForCommand = "AXONIQ-4000", NotFound, 500;
+    ConnectionToHandlerLost = "AXONIQ-4001", Cancelled, 500;
+    CommandTimeout = "AXONIQ-4002", Cancelled, 504;
+    CommandDuplicated = "AXONIQ-4005", InvalidArgument, 400;
+    NoHandlerForQuery = "AXONIQ-5000", NotFound, 400;
+    QueryTimeout = "AXONIQ-5006", Cancelled, 504;
+    QueryDuplicated = "AXONIQ-5007", InvalidArgument, 400;
+    NoEventStore = "AXONIQ-6000", NotFound, 503;
+    DatafileReadError = "AXONIQ-9000", Cancelled, 500;
+    DatafileWriteError = "AXONIQ-9100", Cancelled, 500;
+}
+
+impl ErrorCode {
+    /// A gRPC status as Axon Server sends it: `[code] message`, with the code in a trailer.
+    pub fn status(self, message: impl std::fmt::Display) -> Status {
+        let mut metadata = MetadataMap::new();
+        metadata.insert(ERROR_CODE_KEY, MetadataValue::from_static(self.code()));
+        Status::with_metadata(self.grpc(), format!("[{}] {message}", self.code()), metadata)
+    }
+}
+
+/// Rebuilds a status received from another process so that only its code, message and Axon
+/// error code travel on (not the transport headers of the internal hop).
+pub fn relay(status: Status) -> Status {
+    let code = status
+        .metadata()
+        .get(ERROR_CODE_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut metadata = MetadataMap::new();
+    if let Some(code) = code.and_then(|c| MetadataValue::try_from(c).ok()) {
+        metadata.insert(ERROR_CODE_KEY, code);
+    }
+    Status::with_metadata(status.code(), status.message().to_owned(), metadata)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_carries_code_text_and_trailer() {
+        let status = ErrorCode::InvalidSequence.status("Invalid sequence number 0 for aggregate a, expected 1");
+        assert_eq!(status.code(), Code::OutOfRange);
+        assert_eq!(
+            status.message(),
+            "[AXONIQ-2000] Invalid sequence number 0 for aggregate a, expected 1"
+        );
+        assert_eq!(status.metadata().get(ERROR_CODE_KEY).unwrap(), "AXONIQ-2000");
+        let relayed = relay(status);
+        assert_eq!(relayed.metadata().get(ERROR_CODE_KEY).unwrap(), "AXONIQ-2000");
+        assert_eq!(ErrorCode::parse("AXONIQ-2000"), ErrorCode::InvalidSequence);
+        assert_eq!(ErrorCode::parse("nonsense"), ErrorCode::Other);
+    }
+}

@@ -1,0 +1,201 @@
+//! The client-facing `EventStore` service: relays each call to the eventstore process over its
+//! Unix socket, naming the client's context.
+//!
+//! An append is buffered here until the client half-closes its stream, and only then sent on as
+//! a whole: a client stream that breaks mid-transaction never reaches the eventstore, so
+//! nothing of it can be stored.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use myelin_proto::axon::event::event_store_server::EventStore;
+use myelin_proto::axon::event::{
+    Confirmation, ConfirmationWithConsistencyMarker, Event, EventWithToken, GetAggregateEventsRequest,
+    GetAggregateSnapshotsRequest, GetEventsRequest, GetFirstTokenRequest, GetLastTokenRequest, GetTokenAtRequest,
+    QueryEventsRequest, QueryEventsResponse, ReadHighestSequenceNrRequest, ReadHighestSequenceNrResponse,
+    TrackingToken,
+};
+use myelin_proto::errors::{ErrorCode, relay};
+use myelin_proto::internal::event_storage_client::EventStorageClient;
+use prost::Message;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::context::client_context;
+
+type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[derive(Clone)]
+pub struct EventStoreRelay {
+    pub storage: EventStorageClient<Channel>,
+    /// Largest transaction one AppendEvent call may carry, in encoded bytes.
+    pub max_transaction_bytes: usize,
+}
+
+/// Builds the internal request for `message`, naming the context.
+fn internal<T>(context: &str, message: T) -> Result<Request<T>, Status> {
+    let mut request = Request::new(message);
+    let value = context
+        .parse()
+        .map_err(|_| ErrorCode::InvalidContextName.status(format!("invalid context name {context:?}")))?;
+    request.metadata_mut().insert(myelin_proto::CONTEXT_KEY, value);
+    Ok(request)
+}
+
+fn relayed(status: Status) -> Status {
+    if status.code() == tonic::Code::Unavailable && status.metadata().get(myelin_proto::errors::ERROR_CODE_KEY).is_none()
+    {
+        return Status::unavailable(format!("the event store of this node is not available: {}", status.message()));
+    }
+    relay(status)
+}
+
+fn relay_stream<T: Send + 'static>(stream: Streaming<T>) -> Boxed<T> {
+    Box::pin(stream.map(|item| item.map_err(relayed)))
+}
+
+#[tonic::async_trait]
+impl EventStore for EventStoreRelay {
+    #[tracing::instrument(skip_all, fields(context))]
+    async fn append_event(
+        &self,
+        request: Request<Streaming<Event>>,
+    ) -> Result<Response<ConfirmationWithConsistencyMarker>, Status> {
+        let context = client_context(&request)?;
+        tracing::Span::current().record("context", context.as_str());
+        let mut stream = request.into_inner();
+        let mut events = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(event) = stream.message().await? {
+            bytes += event.encoded_len();
+            if bytes > self.max_transaction_bytes {
+                return Err(ErrorCode::PayloadTooLarge.status(format!(
+                    "transaction exceeds the maximum size of {} bytes",
+                    self.max_transaction_bytes
+                )));
+            }
+            events.push(event);
+        }
+        if events.is_empty() {
+            return Ok(Response::new(ConfirmationWithConsistencyMarker {
+                success: true,
+                consistency_marker: None,
+            }));
+        }
+        let request = internal(&context, tokio_stream::iter(events))?;
+        let Confirmation { success } = self
+            .storage
+            .clone()
+            .append_event(request)
+            .await
+            .map_err(relayed)?
+            .into_inner();
+        Ok(Response::new(ConfirmationWithConsistencyMarker {
+            success,
+            consistency_marker: None,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(context))]
+    async fn append_snapshot(&self, request: Request<Event>) -> Result<Response<Confirmation>, Status> {
+        let context = client_context(&request)?;
+        tracing::Span::current().record("context", context.as_str());
+        let request = internal(&context, request.into_inner())?;
+        self.storage.clone().append_snapshot(request).await.map_err(relayed)
+    }
+
+    type ListAggregateEventsStream = Boxed<Event>;
+
+    #[tracing::instrument(skip_all, fields(context))]
+    async fn list_aggregate_events(
+        &self,
+        request: Request<GetAggregateEventsRequest>,
+    ) -> Result<Response<Self::ListAggregateEventsStream>, Status> {
+        let context = client_context(&request)?;
+        let request = internal(&context, request.into_inner())?;
+        let stream = self
+            .storage
+            .clone()
+            .list_aggregate_events(request)
+            .await
+            .map_err(relayed)?
+            .into_inner();
+        Ok(Response::new(relay_stream(stream)))
+    }
+
+    type ListAggregateSnapshotsStream = Boxed<Event>;
+
+    #[tracing::instrument(skip_all, fields(context))]
+    async fn list_aggregate_snapshots(
+        &self,
+        request: Request<GetAggregateSnapshotsRequest>,
+    ) -> Result<Response<Self::ListAggregateSnapshotsStream>, Status> {
+        let context = client_context(&request)?;
+        let request = internal(&context, request.into_inner())?;
+        let stream = self
+            .storage
+            .clone()
+            .list_aggregate_snapshots(request)
+            .await
+            .map_err(relayed)?
+            .into_inner();
+        Ok(Response::new(relay_stream(stream)))
+    }
+
+    type ListEventsStream = Boxed<EventWithToken>;
+
+    #[tracing::instrument(skip_all, fields(context))]
+    async fn list_events(
+        &self,
+        request: Request<Streaming<GetEventsRequest>>,
+    ) -> Result<Response<Self::ListEventsStream>, Status> {
+        let context = client_context(&request)?;
+        // Permit grants flow on as they come; a client error ends the request stream, which
+        // ends the tracker like a half-close.
+        let requests = request
+            .into_inner()
+            .take_while(|r| futures::future::ready(r.is_ok()))
+            .filter_map(|r| futures::future::ready(r.ok()));
+        let request = internal(&context, requests)?;
+        let stream = self.storage.clone().list_events(request).await.map_err(relayed)?.into_inner();
+        Ok(Response::new(relay_stream(stream)))
+    }
+
+    async fn read_highest_sequence_nr(
+        &self,
+        request: Request<ReadHighestSequenceNrRequest>,
+    ) -> Result<Response<ReadHighestSequenceNrResponse>, Status> {
+        let context = client_context(&request)?;
+        let request = internal(&context, request.into_inner())?;
+        self.storage.clone().read_highest_sequence_nr(request).await.map_err(relayed)
+    }
+
+    type QueryEventsStream = Boxed<QueryEventsResponse>;
+
+    async fn query_events(
+        &self,
+        _request: Request<Streaming<QueryEventsRequest>>,
+    ) -> Result<Response<Self::QueryEventsStream>, Status> {
+        Err(Status::unimplemented(
+            "QueryEvents (ad-hoc queries over the event store) is not supported by this server yet",
+        ))
+    }
+
+    async fn get_first_token(&self, request: Request<GetFirstTokenRequest>) -> Result<Response<TrackingToken>, Status> {
+        let context = client_context(&request)?;
+        let request = internal(&context, request.into_inner())?;
+        self.storage.clone().get_first_token(request).await.map_err(relayed)
+    }
+
+    async fn get_last_token(&self, request: Request<GetLastTokenRequest>) -> Result<Response<TrackingToken>, Status> {
+        let context = client_context(&request)?;
+        let request = internal(&context, request.into_inner())?;
+        self.storage.clone().get_last_token(request).await.map_err(relayed)
+    }
+
+    async fn get_token_at(&self, request: Request<GetTokenAtRequest>) -> Result<Response<TrackingToken>, Status> {
+        let context = client_context(&request)?;
+        let request = internal(&context, request.into_inner())?;
+        self.storage.clone().get_token_at(request).await.map_err(relayed)
+    }
+}

@@ -1,0 +1,133 @@
+//! The router process: the node's network edge for clients.
+//!
+//! It serves Axon's client gRPC API (port 8124) and relays event store calls to the eventstore
+//! process over its Unix socket, naming the client's context (`AxonIQ-Context`, else
+//! `default`). It holds no event data itself; command/query routing and node-to-node forwarding
+//! land here next.
+
+pub mod context;
+pub mod event_store;
+pub mod platform;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Command-line arguments of `myelin router`, normally set by the supervisor.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Address for the client gRPC API (Axon's `axoniq.axonserver.port`).
+    #[arg(long, default_value = "0.0.0.0:8124")]
+    pub listen: SocketAddr,
+    /// Unix socket to serve gRPC health on (for the supervisor).
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// The eventstore's Unix socket.
+    #[arg(long)]
+    pub eventstore_socket: PathBuf,
+    /// Largest message accepted from a client, in bytes (Axon's `max-message-size`).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_message_size: usize,
+    /// This node's name.
+    #[arg(long, default_value = "myelin")]
+    pub node_name: String,
+    /// Host name clients are told to connect to.
+    #[arg(long, default_value = "localhost")]
+    pub hostname: String,
+    /// gRPC port clients are told to connect to.
+    #[arg(long, default_value_t = 8124)]
+    pub grpc_port: u16,
+    /// HTTP port of this node's admin API.
+    #[arg(long, default_value_t = 8024)]
+    pub http_port: u16,
+}
+
+/// Runs the router until SIGTERM or SIGINT.
+pub fn main(args: Args) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run(args, shutdown_signal()))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Serves clients until `shutdown`.
+pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let socket = std::path::absolute(&args.eventstore_socket)?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))?
+        .connect_lazy();
+    let storage = myelin_proto::internal::event_storage_client::EventStorageClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let relay = event_store::EventStoreRelay {
+        storage,
+        max_transaction_bytes: args.max_message_size.saturating_sub(10_000).max(1024),
+    };
+    let platform = platform::Platform {
+        node: myelin_proto::axon::control::NodeInfo {
+            host_name: args.hostname.clone(),
+            grpc_port: i32::from(args.grpc_port),
+            http_port: i32::from(args.http_port),
+            version: 0,
+            node_name: args.node_name.clone(),
+        },
+    };
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding the client port {}", args.listen))?;
+    tracing::info!(address = %listener.local_addr()?, "router serving clients");
+
+    // Health for the supervisor on the Unix socket; it says SERVING once the client port is bound.
+    let _ = std::fs::remove_file(&args.socket);
+    let uds = tokio::net::UnixListener::bind(&args.socket)
+        .with_context(|| format!("binding {}", args.socket.display()))?;
+    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut stop_health = stop_rx.clone();
+    let health_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(uds), async move {
+                let _ = stop_health.changed().await;
+            }),
+    );
+
+    let max = args.max_message_size;
+    let mut stop_clients = stop_rx;
+    let clients = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_millis(2500)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_millis(5000)))
+        .add_service(
+            myelin_proto::axon::event::event_store_server::EventStoreServer::new(relay)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            myelin_proto::axon::control::platform_service_server::PlatformServiceServer::new(platform)
+                .max_decoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move {
+            let _ = stop_clients.changed().await;
+        },
+        );
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    clients.await.context("serving clients")?;
+    let _ = health_server.await;
+    let _ = std::fs::remove_file(&args.socket);
+    tracing::info!("router stopped");
+    Ok(())
+}

@@ -1,0 +1,312 @@
+//! The node's child processes: what they are called, how they are started, and the guard each
+//! runs first so it never outlives its supervisor.
+//!
+//! Every child is this same binary, started with a subcommand (`myelin eventstore ...`), so one
+//! installed file is the whole node. The supervisor passes each child everything it needs on the
+//! command line; children read no configuration files.
+
+use std::ffi::{OsStr, OsString};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::config::Config;
+
+/// Set by the supervisor in its children's environment: its own pid.
+pub const SUPERVISOR_PID_ENV: &str = "MYELIN_SUPERVISOR_PID";
+
+/// Longest socket path: `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Eventstore,
+    Router,
+    Admin,
+}
+
+impl Role {
+    /// Start order: storage first, so the others find it soon.
+    pub const START_ORDER: [Role; 3] = [Role::Eventstore, Role::Router, Role::Admin];
+    /// Stop order: the network edge first (no new client work), storage last (it flushes).
+    pub const STOP_ORDER: [Role; 3] = [Role::Router, Role::Admin, Role::Eventstore];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Eventstore => "eventstore",
+            Role::Router => "router",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// How long a child may take to stop after SIGTERM before it is killed. The sum stays well
+    /// under systemd's and an impatient operator's patience.
+    pub fn stop_grace(self) -> Duration {
+        match self {
+            Role::Router | Role::Admin => Duration::from_secs(2),
+            Role::Eventstore => Duration::from_secs(4),
+        }
+    }
+}
+
+/// Which programs the supervisor runs as its children.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildMode {
+    /// The real eventstore, router and admin.
+    Real,
+    /// `myelin _sleeper` in every role: serves health only. For testing the supervisor itself;
+    /// selected with `MYELIN_TEST_CHILDREN=sleeper`.
+    Sleeper,
+}
+
+/// One child's command line, minus the program.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub role: Role,
+    /// The Unix socket the child serves `grpc.health.v1.Health` (and its internal API) on.
+    pub socket: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+/// The sockets of a node's children, in its runtime directory.
+pub fn socket_path(runtime_dir: &Path, role: Role) -> PathBuf {
+    runtime_dir.join(format!("{}.sock", role.name()))
+}
+
+/// A child's pid file in the runtime directory, for operators and tests.
+pub fn pid_path(runtime_dir: &Path, role: Role) -> PathBuf {
+    runtime_dir.join(format!("{}.pid", role.name()))
+}
+
+/// Builds the three children's command lines from the configuration.
+pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>> {
+    let socket = |role| -> anyhow::Result<PathBuf> {
+        let path = socket_path(&config.runtime_directory, role);
+        if path.as_os_str().len() > MAX_SOCKET_PATH {
+            bail!(
+                "socket path {} is {} bytes, longer than the {MAX_SOCKET_PATH} a Unix socket allows; \
+                 choose a shorter myelin.runtime-directory",
+                path.display(),
+                path.as_os_str().len()
+            );
+        }
+        Ok(path)
+    };
+    let es_socket = socket(Role::Eventstore)?;
+    let hostname = config.advertised_hostname();
+
+    let mut launches = Vec::new();
+    for role in Role::START_ORDER {
+        let own_socket = socket(role)?;
+        let mut args: Vec<OsString> = Vec::new();
+        let mut arg = |flag: &str, value: &dyn AsRef<OsStr>| {
+            args.push(flag.into());
+            args.push(value.as_ref().to_owned());
+        };
+        match (mode, role) {
+            (ChildMode::Sleeper, _) => {
+                arg("--role", &role.name());
+                arg("--socket", &own_socket);
+            }
+            (ChildMode::Real, Role::Eventstore) => {
+                arg("--data-dir", &config.event_storage);
+                arg("--socket", &own_socket);
+                arg("--segment-size", &config.event_segment_size.to_string());
+                let snapshot_segment_size = config.snapshot_segment_size.to_string();
+                arg("--snapshot-segment-size", &snapshot_segment_size);
+                for context in &config.contexts {
+                    arg("--context", context);
+                }
+                arg("--max-message-size", &config.max_message_size.to_string());
+                arg("--node-name", &config.name);
+            }
+            (ChildMode::Real, Role::Router) => {
+                let listen = SocketAddr::new(config.bind_address, config.port);
+                arg("--listen", &listen.to_string());
+                arg("--socket", &own_socket);
+                arg("--eventstore-socket", &es_socket);
+                arg("--max-message-size", &config.max_message_size.to_string());
+                arg("--node-name", &config.name);
+                arg("--hostname", &hostname);
+                arg("--grpc-port", &config.port.to_string());
+                arg("--http-port", &config.http_port.to_string());
+            }
+            (ChildMode::Real, Role::Admin) => {
+                let listen = SocketAddr::new(config.bind_address, config.http_port);
+                arg("--listen", &listen.to_string());
+                arg("--socket", &own_socket);
+                arg("--eventstore-socket", &es_socket);
+                arg("--node-name", &config.name);
+                arg("--hostname", &hostname);
+                arg("--grpc-port", &config.port.to_string());
+            }
+        }
+        let subcommand: OsString = match mode {
+            ChildMode::Real => role.name().into(),
+            ChildMode::Sleeper => "_sleeper".into(),
+        };
+        args.insert(0, subcommand);
+        launches.push(Launch {
+            role,
+            socket: own_socket,
+            args,
+        });
+    }
+    Ok(launches)
+}
+
+/// Starts one child. It gets its own process group, so a terminal's Ctrl-C reaches only the
+/// supervisor, which then stops the children in order; `kill_on_drop` covers supervisor panics.
+pub fn spawn(exe: &Path, launch: &Launch) -> std::io::Result<tokio::process::Child> {
+    tokio::process::Command::new(exe)
+        .args(&launch.args)
+        .env(SUPERVISOR_PID_ENV, std::process::id().to_string())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .stdin(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+}
+
+/// Run first in every child: ask the kernel for SIGTERM when the supervisor dies, then make sure
+/// it has not died already (it may have between our fork and the prctl). Without the variable
+/// (a child run by hand) there is nothing to guard.
+pub fn guard_parent() -> anyhow::Result<()> {
+    let Some(raw) = std::env::var_os(SUPERVISOR_PID_ENV) else {
+        return Ok(());
+    };
+    let expected: i32 = raw
+        .to_str()
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{SUPERVISOR_PID_ENV}={raw:?} is not a pid"))?;
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+        .context("prctl(PR_SET_PDEATHSIG)")?;
+    let parent = nix::unistd::getppid().as_raw();
+    if parent != expected {
+        bail!("the supervisor (pid {expected}) is gone (parent is now {parent}); exiting");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Inputs, load};
+
+    fn config(dir: &Path) -> Config {
+        let inputs = Inputs {
+            cwd: dir.to_path_buf(),
+            os_hostname: "box1".into(),
+            env: vec![
+                ("AXONIQ_AXONSERVER_DOMAIN".into(), "example.org".into()),
+                ("MYELIN_CONTEXTS".into(), "default,orders".into()),
+                ("MYELIN_BIND_ADDRESS".into(), "127.0.0.1".into()),
+            ],
+            ..Inputs::default()
+        };
+        load(&inputs).unwrap().config
+    }
+
+    fn strings(launch: &Launch) -> Vec<String> {
+        launch
+            .args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn real_children_get_their_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(dir.path());
+        let run = c.runtime_directory.display().to_string();
+        let l = launches(&c, ChildMode::Real).unwrap();
+        assert_eq!(
+            l.iter().map(|l| l.role).collect::<Vec<_>>(),
+            Role::START_ORDER
+        );
+        let es = strings(&l[0]);
+        assert_eq!(es[0], "eventstore");
+        let es = es[1..].join(" ");
+        assert_eq!(
+            es,
+            format!(
+                "--data-dir {} --socket {run}/eventstore.sock --segment-size 268435456 \
+                 --snapshot-segment-size 268435456 --context default --context orders \
+                 --max-message-size 4194304 --node-name box1",
+                c.event_storage.display()
+            )
+        );
+        assert_eq!(
+            strings(&l[1]).join(" "),
+            format!(
+                "router --listen 127.0.0.1:8124 --socket {run}/router.sock \
+                 --eventstore-socket {run}/eventstore.sock --max-message-size 4194304 \
+                 --node-name box1 --hostname box1.example.org --grpc-port 8124 --http-port 8024"
+            )
+        );
+        assert_eq!(
+            strings(&l[2]).join(" "),
+            format!(
+                "admin --listen 127.0.0.1:8024 --socket {run}/admin.sock \
+                 --eventstore-socket {run}/eventstore.sock --node-name box1 \
+                 --hostname box1.example.org --grpc-port 8124"
+            )
+        );
+    }
+
+    /// The command lines must parse with the children's own `Args`, or a child would exit at
+    /// once with a usage error and be restarted forever.
+    #[test]
+    fn real_children_accept_their_command_lines() {
+        use clap::{Args, Command, FromArgMatches};
+        fn parse<A: Args + FromArgMatches>(launch: &Launch) -> A {
+            let cmd = A::augment_args(Command::new(launch.role.name()));
+            let matches = cmd.try_get_matches_from(&launch.args).unwrap();
+            A::from_arg_matches(&matches).unwrap()
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(dir.path());
+        let l = launches(&c, ChildMode::Real).unwrap();
+        let es: myelin_eventstore::Args = parse(&l[0]);
+        assert_eq!(es.contexts, vec!["default", "orders"]);
+        assert_eq!(es.data_dir, c.event_storage);
+        let router: myelin_router::Args = parse(&l[1]);
+        assert_eq!(router.listen.to_string(), "127.0.0.1:8124");
+        assert_eq!(router.eventstore_socket, es.socket);
+        let admin: myelin_admin::Args = parse(&l[2]);
+        assert_eq!(admin.listen.to_string(), "127.0.0.1:8024");
+        assert_eq!(admin.hostname, "box1.example.org");
+    }
+
+    #[test]
+    fn sleepers_replace_every_child() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(dir.path());
+        let l = launches(&c, ChildMode::Sleeper).unwrap();
+        assert_eq!(
+            strings(&l[1]),
+            vec![
+                "_sleeper".to_string(),
+                "--role".into(),
+                "router".into(),
+                "--socket".into(),
+                l[1].socket.display().to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn long_socket_paths_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path());
+        c.runtime_directory = PathBuf::from(format!("/tmp/{}", "d".repeat(100)));
+        let err = launches(&c, ChildMode::Real).unwrap_err().to_string();
+        assert!(err.contains("longer than the 107"), "{err}");
+    }
+}

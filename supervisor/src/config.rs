@@ -1,0 +1,910 @@
+//! A node's configuration: Axon Server's keys (plus a few of Myelin's own), layered from
+//! several sources, validated before anything starts.
+//!
+//! Sources, later ones overriding earlier ones key by key:
+//! 1. built-in defaults;
+//! 2. `axonserver.properties`: `--properties FILE`, else the first of `./axonserver.properties`
+//!    and `./config/axonserver.properties`;
+//! 3. a TOML file: `--config FILE`, else `./myelin.toml` if present (nested tables and quoted
+//!    dotted keys both name the same dotted key);
+//! 4. environment variables in Spring's form (`AXONIQ_AXONSERVER_PORT`, `SERVER_PORT`);
+//! 5. command-line flags.
+//!
+//! Every value remembers where it came from, so an invalid one is reported with its key and its
+//! source. Environment variable names are lossy (`_` stands for `.`, `-` and camelCase alike), so
+//! they are matched against the list of known keys after normalising both sides, never split by
+//! rule. Unknown `axoniq.*`/`myelin.*` keys in files are warnings: an Axon Server configuration
+//! carries many settings Myelin does not have.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use crate::datasize;
+
+/// What a setting's value must look like.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Text,
+    Port,
+    Size,
+    Bool,
+    Path,
+    Address,
+    List,
+}
+
+/// Every key Myelin understands, with its kind. Defaults live in [`Config::from_settings`].
+const KEYS: &[(&str, Kind)] = &[
+    ("axoniq.axonserver.name", Kind::Text),
+    ("axoniq.axonserver.hostname", Kind::Text),
+    ("axoniq.axonserver.domain", Kind::Text),
+    ("axoniq.axonserver.internal-hostname", Kind::Text),
+    ("axoniq.axonserver.internal-domain", Kind::Text),
+    ("axoniq.axonserver.port", Kind::Port),
+    ("axoniq.axonserver.internal-port", Kind::Port),
+    ("server.port", Kind::Port),
+    ("axoniq.axonserver.event.storage", Kind::Path),
+    ("axoniq.axonserver.snapshot.storage", Kind::Path),
+    ("axoniq.axonserver.event.segment-size", Kind::Size),
+    ("axoniq.axonserver.snapshot.segment-size", Kind::Size),
+    ("axoniq.axonserver.max-message-size", Kind::Size),
+    ("axoniq.axonserver.accesscontrol.enabled", Kind::Bool),
+    ("axoniq.axonserver.accesscontrol.internal-token", Kind::Text),
+    ("axoniq.axonserver.accesscontrol.token", Kind::Text),
+    (
+        "axoniq.axonserver.accesscontrol.systemtokenfile",
+        Kind::Path,
+    ),
+    ("axoniq.axonserver.accesscontrol.token-dir", Kind::Path),
+    ("axoniq.axonserver.ssl.enabled", Kind::Bool),
+    ("axoniq.axonserver.ssl.cert-chain-file", Kind::Path),
+    ("axoniq.axonserver.ssl.private-key-file", Kind::Path),
+    ("axoniq.axonserver.ssl.internal-cert-chain-file", Kind::Path),
+    (
+        "axoniq.axonserver.ssl.internal-private-key-file",
+        Kind::Path,
+    ),
+    (
+        "axoniq.axonserver.ssl.internal-trust-manager-file",
+        Kind::Path,
+    ),
+    ("myelin.runtime-directory", Kind::Path),
+    ("myelin.bind-address", Kind::Address),
+    ("myelin.contexts", Kind::List),
+];
+
+const DEFAULT_SEGMENT_SIZE: u64 = 256 * 1024 * 1024;
+const DEFAULT_MAX_MESSAGE_SIZE: u64 = 4 * 1024 * 1024;
+
+/// Where a value came from; shown in errors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    File(PathBuf),
+    Env(String),
+    Flag(&'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(path) => write!(f, "file {}", path.display()),
+            Origin::Env(name) => write!(f, "environment variable {name}"),
+            Origin::Flag(flag) => write!(f, "command-line flag {flag}"),
+        }
+    }
+}
+
+/// A configuration problem: nothing is started when there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot parse configuration file {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("invalid value {value:?} for {key} (from {origin}): {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        origin: Origin,
+        reason: String,
+    },
+}
+
+/// What [`load`] reads, gathered by the caller so tests need no process environment.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs {
+    /// Directory relative paths (and the default file locations) are resolved against.
+    pub cwd: PathBuf,
+    /// `--properties FILE`.
+    pub properties_file: Option<PathBuf>,
+    /// `--config FILE`.
+    pub toml_file: Option<PathBuf>,
+    /// The process environment.
+    pub env: Vec<(String, String)>,
+    /// Command-line flags that were given: (flag, key, value).
+    pub flags: Vec<(&'static str, &'static str, String)>,
+    /// The OS host name, the default node name and host name.
+    pub os_hostname: String,
+}
+
+/// The validated configuration, plus what the operator should hear about it.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    /// Files that were read, in order.
+    pub files: Vec<PathBuf>,
+    pub warnings: Vec<String>,
+}
+
+/// Access control settings: accepted now, enforced by the router and admin later.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccessControl {
+    pub enabled: bool,
+    pub internal_token: Option<String>,
+    pub token: Option<String>,
+    pub system_token_file: Option<PathBuf>,
+    pub token_dir: Option<PathBuf>,
+}
+
+/// TLS settings for the gRPC ports: accepted now, used by the router later.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ssl {
+    pub enabled: bool,
+    pub cert_chain_file: Option<PathBuf>,
+    pub private_key_file: Option<PathBuf>,
+    pub internal_cert_chain_file: Option<PathBuf>,
+    pub internal_private_key_file: Option<PathBuf>,
+    pub internal_trust_manager_file: Option<PathBuf>,
+}
+
+/// A node's configuration. Paths are absolute.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub name: String,
+    pub hostname: String,
+    pub domain: Option<String>,
+    pub internal_hostname: String,
+    pub internal_domain: Option<String>,
+    /// Client gRPC port (`axoniq.axonserver.port`).
+    pub port: u16,
+    /// Node-to-node gRPC port (`axoniq.axonserver.internal-port`).
+    pub internal_port: u16,
+    /// Admin HTTP port (`server.port`).
+    pub http_port: u16,
+    pub bind_address: IpAddr,
+    /// The data directory (`axoniq.axonserver.event.storage`).
+    pub event_storage: PathBuf,
+    pub snapshot_storage: PathBuf,
+    pub event_segment_size: u64,
+    pub snapshot_segment_size: u64,
+    pub max_message_size: usize,
+    /// Where the internal sockets and pid files live.
+    pub runtime_directory: PathBuf,
+    /// Contexts created at first start.
+    pub contexts: Vec<String>,
+    pub access_control: AccessControl,
+    pub ssl: Ssl,
+}
+
+impl Config {
+    /// The host name clients are told to connect to: `hostname[.domain]`.
+    pub fn advertised_hostname(&self) -> String {
+        match &self.domain {
+            Some(domain) => format!("{}.{domain}", self.hostname),
+            None => self.hostname.clone(),
+        }
+    }
+}
+
+/// Reads every source and builds the validated configuration.
+pub fn load(inputs: &Inputs) -> Result<Loaded, ConfigError> {
+    let mut settings = Settings::default();
+    let mut files = Vec::new();
+    let mut warnings = Vec::new();
+
+    let properties = match &inputs.properties_file {
+        Some(path) => Some(inputs.cwd.join(path)),
+        None => ["axonserver.properties", "config/axonserver.properties"]
+            .iter()
+            .map(|name| inputs.cwd.join(name))
+            .find(|path| path.is_file()),
+    };
+    if let Some(path) = properties {
+        let text = read(&path)?;
+        let entries = java_properties::read(text.as_bytes()).map_err(|e| ConfigError::Syntax {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let mut entries: Vec<_> = entries.into_iter().collect();
+        entries.sort();
+        settings.apply_file(&path, entries, &mut warnings);
+        files.push(path);
+    }
+
+    let toml_path = match &inputs.toml_file {
+        Some(path) => Some(inputs.cwd.join(path)),
+        None => Some(inputs.cwd.join("myelin.toml")).filter(|p| p.is_file()),
+    };
+    if let Some(path) = toml_path {
+        let text = read(&path)?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let mut entries = Vec::new();
+        flatten_toml("", &table, &mut entries).map_err(|message| ConfigError::Syntax {
+            path: path.clone(),
+            message,
+        })?;
+        settings.apply_file(&path, entries, &mut warnings);
+        files.push(path);
+    }
+
+    for (name, value) in &inputs.env {
+        if let Some(key) = key_for_env(name) {
+            settings.set(key, value, Origin::Env(name.clone()));
+        }
+    }
+
+    for (flag, key, value) in &inputs.flags {
+        settings.set(
+            known_key(key).expect("flags map to known keys"),
+            value,
+            Origin::Flag(flag),
+        );
+    }
+
+    let runtime_env = inputs
+        .env
+        .iter()
+        .find(|(name, _)| name == "RUNTIME_DIRECTORY")
+        .and_then(|(_, value)| value.split(':').next())
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from);
+    let config = Config::from_settings(&settings, inputs, runtime_env, &mut warnings)?;
+    Ok(Loaded {
+        config,
+        files,
+        warnings,
+    })
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Turns a TOML document into dotted keys; arrays of scalars become comma lists.
+fn flatten_toml(
+    prefix: &str,
+    table: &toml::Table,
+    out: &mut Vec<(String, String)>,
+) -> Result<(), String> {
+    for (name, value) in table {
+        let key = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        match value {
+            toml::Value::Table(inner) => flatten_toml(&key, inner, out)?,
+            toml::Value::Array(items) => {
+                let items = items
+                    .iter()
+                    .map(|item| {
+                        scalar(item)
+                            .ok_or_else(|| format!("{key}: nested values are not supported"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                out.push((key, items.join(",")));
+            }
+            other => out.push((
+                key,
+                scalar(other).expect("non-table, non-array is a scalar"),
+            )),
+        }
+    }
+    Ok(())
+}
+
+fn scalar(value: &toml::Value) -> Option<String> {
+    match value {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        toml::Value::Datetime(d) => Some(d.to_string()),
+        toml::Value::Array(_) | toml::Value::Table(_) => None,
+    }
+}
+
+/// Spring's relaxed form of a key written in a file: case, `-` and `_` do not matter
+/// (`maxMessageSize`, `max_message_size` and `max-message-size` are the same key).
+fn relaxed(key: &str) -> String {
+    key.chars()
+        .filter(|c| *c != '-' && *c != '_')
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// An environment variable's name with every separator dropped.
+fn env_form(name: &str) -> String {
+    relaxed(name).replace('.', "")
+}
+
+fn known_key(key: &str) -> Option<&'static str> {
+    let wanted = relaxed(key);
+    KEYS.iter().map(|(k, _)| *k).find(|k| relaxed(k) == wanted)
+}
+
+fn key_for_env(name: &str) -> Option<&'static str> {
+    // Only names in Spring's form (upper case, `_`) are candidates: `server.port` in the
+    // environment of a shell is not a setting.
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+    {
+        return None;
+    }
+    let wanted = env_form(name);
+    KEYS.iter().map(|(k, _)| *k).find(|k| env_form(k) == wanted)
+}
+
+fn kind_of(key: &str) -> Kind {
+    KEYS.iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, kind)| *kind)
+        .expect("known key")
+}
+
+/// The merged key/value map, each value with its origin.
+#[derive(Default, Debug)]
+struct Settings {
+    values: BTreeMap<&'static str, (String, Origin)>,
+}
+
+impl Settings {
+    fn set(&mut self, key: &'static str, value: &str, origin: Origin) {
+        self.values.insert(key, (value.trim().to_string(), origin));
+    }
+
+    fn apply_file(
+        &mut self,
+        path: &Path,
+        entries: Vec<(String, String)>,
+        warnings: &mut Vec<String>,
+    ) {
+        for (key, value) in entries {
+            match known_key(&key) {
+                Some(known) => self.set(known, &value, Origin::File(path.to_path_buf())),
+                None if key.starts_with("axoniq.") || key.starts_with("myelin.") => {
+                    warnings.push(format!("{}: unknown key {key} ignored", path.display()))
+                }
+                // Spring and logging settings of an Axon Server installation.
+                None => {}
+            }
+        }
+    }
+
+    /// The raw value of a key, `None` when unset or empty (an empty value means "default").
+    fn raw(&self, key: &'static str) -> Option<(&str, &Origin)> {
+        debug_assert!(KEYS.iter().any(|(k, _)| *k == key));
+        self.values
+            .get(key)
+            .filter(|(value, _)| !value.is_empty())
+            .map(|(value, origin)| (value.as_str(), origin))
+    }
+
+    fn parse<T>(
+        &self,
+        key: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        let Some((value, origin)) = self.raw(key) else {
+            return Ok(None);
+        };
+        parse(value)
+            .map(Some)
+            .map_err(|reason| ConfigError::Invalid {
+                key,
+                value: value.to_string(),
+                origin: origin.clone(),
+                reason,
+            })
+    }
+
+    fn text(&self, key: &'static str) -> Option<String> {
+        debug_assert_eq!(kind_of(key), Kind::Text);
+        self.raw(key).map(|(value, _)| value.to_string())
+    }
+
+    fn port(&self, key: &'static str, default: u16) -> Result<u16, ConfigError> {
+        debug_assert_eq!(kind_of(key), Kind::Port);
+        Ok(self.parse(key, parse_port)?.unwrap_or(default))
+    }
+
+    fn size(&self, key: &'static str, default: u64) -> Result<u64, ConfigError> {
+        debug_assert_eq!(kind_of(key), Kind::Size);
+        let size = self.parse(key, |v| {
+            datasize::parse(v).and_then(|n| {
+                if n == 0 {
+                    Err("must be greater than zero".to_string())
+                } else {
+                    Ok(n)
+                }
+            })
+        })?;
+        Ok(size.unwrap_or(default))
+    }
+
+    fn flag(&self, key: &'static str) -> Result<bool, ConfigError> {
+        debug_assert_eq!(kind_of(key), Kind::Bool);
+        Ok(self.parse(key, parse_bool)?.unwrap_or(false))
+    }
+
+    fn path(&self, key: &'static str, cwd: &Path) -> Option<PathBuf> {
+        debug_assert_eq!(kind_of(key), Kind::Path);
+        self.raw(key).map(|(value, _)| cwd.join(value))
+    }
+}
+
+fn parse_port(value: &str) -> Result<u16, String> {
+    match value.parse::<u16>() {
+        Ok(port) if port > 0 => Ok(port),
+        _ => Err("not a port number (1-65535)".to_string()),
+    }
+}
+
+/// Spring's boolean words.
+fn parse_bool(value: &str) -> Result<bool, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Ok(true),
+        "false" | "no" | "off" | "0" => Ok(false),
+        _ => Err("not a boolean (true or false)".to_string()),
+    }
+}
+
+/// A context name becomes a directory name: keep it to a safe alphabet.
+fn parse_contexts(value: &str) -> Result<Vec<String>, String> {
+    let mut contexts: Vec<String> = Vec::new();
+    for name in value.split(',').map(str::trim) {
+        let valid = !name.is_empty()
+            && name != "."
+            && name != ".."
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+        if !valid {
+            return Err(format!(
+                "context name {name:?} is not valid (letters, digits, '-', '_', '.', '@')"
+            ));
+        }
+        if !contexts.iter().any(|c| c == name) {
+            contexts.push(name.to_string());
+        }
+    }
+    Ok(contexts)
+}
+
+impl Config {
+    fn from_settings(
+        settings: &Settings,
+        inputs: &Inputs,
+        runtime_env: Option<PathBuf>,
+        warnings: &mut Vec<String>,
+    ) -> Result<Config, ConfigError> {
+        let cwd = &inputs.cwd;
+        let hostname = settings
+            .text("axoniq.axonserver.hostname")
+            .unwrap_or_else(|| inputs.os_hostname.clone());
+        let domain = settings.text("axoniq.axonserver.domain");
+        let event_storage = settings
+            .path("axoniq.axonserver.event.storage", cwd)
+            .unwrap_or_else(|| cwd.join("data"));
+        let snapshot_storage = settings
+            .path("axoniq.axonserver.snapshot.storage", cwd)
+            .unwrap_or_else(|| event_storage.clone());
+        if snapshot_storage != event_storage {
+            warnings.push(format!(
+                "axoniq.axonserver.snapshot.storage ({}) differs from the event storage; \
+                 Myelin keeps snapshots under the event storage directory ({})",
+                snapshot_storage.display(),
+                event_storage.display()
+            ));
+        }
+        let max_message_size = settings.size(
+            "axoniq.axonserver.max-message-size",
+            DEFAULT_MAX_MESSAGE_SIZE,
+        )?;
+        let max_message_size =
+            usize::try_from(max_message_size).map_err(|_| ConfigError::Invalid {
+                key: "axoniq.axonserver.max-message-size",
+                value: max_message_size.to_string(),
+                origin: settings
+                    .raw("axoniq.axonserver.max-message-size")
+                    .map(|(_, o)| o.clone())
+                    .expect("a non-default value has an origin"),
+                reason: "too large for this machine".to_string(),
+            })?;
+        let runtime_directory = settings
+            .path("myelin.runtime-directory", cwd)
+            .or_else(|| runtime_env.map(|dir| cwd.join(dir)))
+            .unwrap_or_else(|| event_storage.join("run"));
+
+        Ok(Config {
+            name: settings
+                .text("axoniq.axonserver.name")
+                .unwrap_or_else(|| inputs.os_hostname.clone()),
+            internal_hostname: settings
+                .text("axoniq.axonserver.internal-hostname")
+                .unwrap_or_else(|| hostname.clone()),
+            internal_domain: settings
+                .text("axoniq.axonserver.internal-domain")
+                .or_else(|| domain.clone()),
+            hostname,
+            domain,
+            port: settings.port("axoniq.axonserver.port", 8124)?,
+            internal_port: settings.port("axoniq.axonserver.internal-port", 8224)?,
+            http_port: settings.port("server.port", 8024)?,
+            bind_address: settings
+                .parse("myelin.bind-address", |v| {
+                    v.parse::<IpAddr>()
+                        .map_err(|_| "not an IP address (e.g. 0.0.0.0, 127.0.0.1, ::)".to_string())
+                })?
+                .unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            event_segment_size: settings
+                .size("axoniq.axonserver.event.segment-size", DEFAULT_SEGMENT_SIZE)?,
+            snapshot_segment_size: settings.size(
+                "axoniq.axonserver.snapshot.segment-size",
+                DEFAULT_SEGMENT_SIZE,
+            )?,
+            max_message_size,
+            event_storage,
+            snapshot_storage,
+            runtime_directory,
+            contexts: settings
+                .parse("myelin.contexts", parse_contexts)?
+                .unwrap_or_else(|| vec!["default".to_string()]),
+            access_control: AccessControl {
+                enabled: settings.flag("axoniq.axonserver.accesscontrol.enabled")?,
+                internal_token: settings.text("axoniq.axonserver.accesscontrol.internal-token"),
+                token: settings.text("axoniq.axonserver.accesscontrol.token"),
+                system_token_file: settings
+                    .path("axoniq.axonserver.accesscontrol.systemtokenfile", cwd),
+                token_dir: settings.path("axoniq.axonserver.accesscontrol.token-dir", cwd),
+            },
+            ssl: Ssl {
+                enabled: settings.flag("axoniq.axonserver.ssl.enabled")?,
+                cert_chain_file: settings.path("axoniq.axonserver.ssl.cert-chain-file", cwd),
+                private_key_file: settings.path("axoniq.axonserver.ssl.private-key-file", cwd),
+                internal_cert_chain_file: settings
+                    .path("axoniq.axonserver.ssl.internal-cert-chain-file", cwd),
+                internal_private_key_file: settings
+                    .path("axoniq.axonserver.ssl.internal-private-key-file", cwd),
+                internal_trust_manager_file: settings
+                    .path("axoniq.axonserver.ssl.internal-trust-manager-file", cwd),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(dir: &Path) -> Inputs {
+        Inputs {
+            cwd: dir.to_path_buf(),
+            os_hostname: "box1".to_string(),
+            ..Inputs::default()
+        }
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn defaults_make_a_standalone_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let loaded = load(&inputs(dir.path())).unwrap();
+        let c = loaded.config;
+        assert_eq!(c.name, "box1");
+        assert_eq!(c.hostname, "box1");
+        assert_eq!(c.advertised_hostname(), "box1");
+        assert_eq!(c.internal_hostname, "box1");
+        assert_eq!((c.port, c.internal_port, c.http_port), (8124, 8224, 8024));
+        assert_eq!(c.event_storage, dir.path().join("data"));
+        assert_eq!(c.snapshot_storage, c.event_storage);
+        assert_eq!(c.runtime_directory, dir.path().join("data/run"));
+        assert_eq!(c.event_segment_size, 256 * 1024 * 1024);
+        assert_eq!(c.snapshot_segment_size, 256 * 1024 * 1024);
+        assert_eq!(c.max_message_size, 4 * 1024 * 1024);
+        assert_eq!(c.bind_address, IpAddr::from([0, 0, 0, 0]));
+        assert_eq!(c.contexts, vec!["default"]);
+        assert!(!c.access_control.enabled);
+        assert!(loaded.files.is_empty());
+        assert!(loaded.warnings.is_empty());
+    }
+
+    #[test]
+    fn properties_file_is_found_and_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "config/axonserver.properties",
+            "# node settings\n\
+             axoniq.axonserver.name=node-a\n\
+             axoniq.axonserver.hostname = node-a\n\
+             axoniq.axonserver.domain=example.org\n\
+             axoniq.axonserver.port:9124\n\
+             server.port=9024\n\
+             axoniq.axonserver.event.storage=/var/lib/es\n\
+             axoniq.axonserver.event.segment-size=1Mb\n\
+             axoniq.axonserver.snapshot.segment-size=65536\n\
+             axoniq.axonserver.maxMessageSize=8MB\n\
+             axoniq.axonserver.accesscontrol.enabled=true\n\
+             axoniq.axonserver.accesscontrol.internal-token=s3cret\n\
+             logging.level.root=INFO\n",
+        );
+        let loaded = load(&inputs(dir.path())).unwrap();
+        assert_eq!(
+            loaded.files,
+            vec![dir.path().join("config/axonserver.properties")]
+        );
+        let c = loaded.config;
+        assert_eq!(c.name, "node-a");
+        assert_eq!(c.advertised_hostname(), "node-a.example.org");
+        assert_eq!(c.internal_domain.as_deref(), Some("example.org"));
+        assert_eq!((c.port, c.http_port), (9124, 9024));
+        assert_eq!(c.event_storage, PathBuf::from("/var/lib/es"));
+        assert_eq!(c.snapshot_storage, PathBuf::from("/var/lib/es"));
+        assert_eq!(c.runtime_directory, PathBuf::from("/var/lib/es/run"));
+        assert_eq!(c.event_segment_size, 1024 * 1024);
+        assert_eq!(c.snapshot_segment_size, 65536);
+        assert_eq!(c.max_message_size, 8 * 1024 * 1024);
+        assert!(c.access_control.enabled);
+        assert_eq!(c.access_control.internal_token.as_deref(), Some("s3cret"));
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    }
+
+    #[test]
+    fn working_directory_file_wins_over_config_subdirectory() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "axonserver.properties",
+            "axoniq.axonserver.port=1111\n",
+        );
+        write(
+            dir.path(),
+            "config/axonserver.properties",
+            "axoniq.axonserver.port=2222\n",
+        );
+        let c = load(&inputs(dir.path())).unwrap().config;
+        assert_eq!(c.port, 1111);
+    }
+
+    #[test]
+    fn toml_nested_tables_and_dotted_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "myelin.toml",
+            r#"
+"server.port" = 7024
+[axoniq.axonserver]
+name = "n1"
+internal-port = 7224
+event.segment-size = "64KB"
+[myelin]
+contexts = ["default", "orders"]
+bind-address = "127.0.0.1"
+runtime-directory = "rt"
+"#,
+        );
+        let c = load(&inputs(dir.path())).unwrap().config;
+        assert_eq!(c.name, "n1");
+        assert_eq!(c.http_port, 7024);
+        assert_eq!(c.internal_port, 7224);
+        assert_eq!(c.event_segment_size, 64 * 1024);
+        assert_eq!(c.contexts, vec!["default", "orders"]);
+        assert_eq!(c.bind_address, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(c.runtime_directory, dir.path().join("rt"));
+    }
+
+    #[test]
+    fn precedence_is_properties_toml_env_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let props = write(
+            dir.path(),
+            "etc/node.properties",
+            "axoniq.axonserver.port=1001\n\
+             axoniq.axonserver.internal-port=1002\n\
+             server.port=1003\n\
+             axoniq.axonserver.name=from-properties\n",
+        );
+        let toml = write(
+            dir.path(),
+            "etc/node.toml",
+            "[axoniq.axonserver]\ninternal-port = 2002\nport = 2001\n",
+        );
+        let mut inputs = inputs(dir.path());
+        inputs.properties_file = Some(props.clone());
+        inputs.toml_file = Some(PathBuf::from("etc/node.toml"));
+        inputs.env = vec![
+            ("AXONIQ_AXONSERVER_PORT".into(), "3001".into()),
+            ("SERVER_PORT".into(), "3003".into()),
+            ("HOME".into(), "/root".into()),
+            ("RUNTIME_DIRECTORY".into(), "/run/myelin".into()),
+        ];
+        inputs.flags = vec![("--port", "axoniq.axonserver.port", "4001".into())];
+        let loaded = load(&inputs).unwrap();
+        assert_eq!(loaded.files, vec![props, toml]);
+        let c = loaded.config;
+        assert_eq!(c.port, 4001, "flag beats env");
+        assert_eq!(c.http_port, 3003, "env beats properties");
+        assert_eq!(c.internal_port, 2002, "TOML beats properties");
+        assert_eq!(c.name, "from-properties");
+        assert_eq!(c.runtime_directory, PathBuf::from("/run/myelin"));
+    }
+
+    #[test]
+    fn env_names_match_known_keys_only() {
+        assert_eq!(
+            key_for_env("AXONIQ_AXONSERVER_EVENT_SEGMENT_SIZE"),
+            Some("axoniq.axonserver.event.segment-size")
+        );
+        assert_eq!(
+            key_for_env("AXONIQ_AXONSERVER_MAXMESSAGESIZE"),
+            Some("axoniq.axonserver.max-message-size")
+        );
+        assert_eq!(
+            key_for_env("AXONIQ_AXONSERVER_INTERNAL_HOSTNAME"),
+            Some("axoniq.axonserver.internal-hostname")
+        );
+        assert_eq!(
+            key_for_env("MYELIN_RUNTIME_DIRECTORY"),
+            Some("myelin.runtime-directory")
+        );
+        assert_eq!(key_for_env("SERVER_PORT"), Some("server.port"));
+        assert_eq!(key_for_env("server.port"), None);
+        assert_eq!(key_for_env("MYELIN_SUPERVISOR_PID"), None);
+        assert_eq!(key_for_env("AXONIQ_AXONSERVER_DEVMODE_ENABLED"), None);
+    }
+
+    #[test]
+    fn env_forms_of_known_keys_are_unambiguous() {
+        for (i, (a, _)) in KEYS.iter().enumerate() {
+            for (b, _) in &KEYS[i + 1..] {
+                assert_ne!(env_form(a), env_form(b), "{a} and {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn data_dir_flag_moves_snapshots_and_runtime_dir_along() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut inputs = inputs(dir.path());
+        inputs.flags = vec![(
+            "--data-dir",
+            "axoniq.axonserver.event.storage",
+            "node1".into(),
+        )];
+        let c = load(&inputs).unwrap().config;
+        assert_eq!(c.event_storage, dir.path().join("node1"));
+        assert_eq!(c.snapshot_storage, dir.path().join("node1"));
+        assert_eq!(c.runtime_directory, dir.path().join("node1/run"));
+    }
+
+    #[test]
+    fn bad_port_names_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "axonserver.properties",
+            "axoniq.axonserver.port=abc\n",
+        );
+        let err = load(&inputs(dir.path())).unwrap_err();
+        match &err {
+            ConfigError::Invalid {
+                key, value, origin, ..
+            } => {
+                assert_eq!(*key, "axoniq.axonserver.port");
+                assert_eq!(value, "abc");
+                assert_eq!(*origin, Origin::File(path.clone()));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let text = err.to_string();
+        assert!(text.contains("axoniq.axonserver.port"), "{text}");
+        assert!(text.contains(&path.display().to_string()), "{text}");
+    }
+
+    #[test]
+    fn bad_size_and_bad_env_values_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "myelin.toml",
+            "[axoniq.axonserver.event]\nsegment-size = \"12XB\"\n",
+        );
+        let err = load(&inputs(dir.path())).unwrap_err().to_string();
+        assert!(
+            err.contains("axoniq.axonserver.event.segment-size"),
+            "{err}"
+        );
+        assert!(err.contains("myelin.toml"), "{err}");
+
+        let empty = tempfile::tempdir().unwrap();
+        let mut inputs = inputs(empty.path());
+        inputs.env = vec![("SERVER_PORT".into(), "70000".into())];
+        let err = load(&inputs).unwrap_err().to_string();
+        assert!(err.contains("server.port"), "{err}");
+        assert!(err.contains("environment variable SERVER_PORT"), "{err}");
+    }
+
+    #[test]
+    fn other_bad_values() {
+        let dir = tempfile::tempdir().unwrap();
+        for (line, key) in [
+            ("server.port=0", "server.port"),
+            (
+                "axoniq.axonserver.accesscontrol.enabled=maybe",
+                "accesscontrol.enabled",
+            ),
+            ("myelin.bind-address=localhost", "myelin.bind-address"),
+            ("myelin.contexts=default,../x", "myelin.contexts"),
+            ("axoniq.axonserver.snapshot.segment-size=0", "segment-size"),
+        ] {
+            write(dir.path(), "axonserver.properties", line);
+            let err = load(&inputs(dir.path())).unwrap_err().to_string();
+            assert!(err.contains(key), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_axon_keys_warn_and_broken_files_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "axonserver.properties",
+            "axoniq.axonserver.devmode.enabled=true\nspring.main.banner-mode=off\n",
+        );
+        let loaded = load(&inputs(dir.path())).unwrap();
+        assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+        assert!(loaded.warnings[0].contains("axoniq.axonserver.devmode.enabled"));
+
+        write(dir.path(), "myelin.toml", "[axoniq\nport = 1\n");
+        let err = load(&inputs(dir.path())).unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+
+        let mut missing = inputs(dir.path());
+        missing.properties_file = Some(PathBuf::from("nope.properties"));
+        let err = load(&missing).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn empty_value_means_default() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "axonserver.properties",
+            "axoniq.axonserver.port=\naxoniq.axonserver.domain=\n",
+        );
+        let c = load(&inputs(dir.path())).unwrap().config;
+        assert_eq!(c.port, 8124);
+        assert_eq!(c.domain, None);
+    }
+}
