@@ -70,10 +70,12 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
     tracing::info!(address = %listener.local_addr()?, "admin serving HTTP");
 
     let _ = std::fs::remove_file(&args.socket);
-    let uds = tokio::net::UnixListener::bind(&args.socket)
-        .with_context(|| format!("binding {}", args.socket.display()))?;
+    let uds =
+        tokio::net::UnixListener::bind(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_health = stop_rx.clone();
     let health_server = tokio::spawn(

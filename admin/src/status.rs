@@ -55,7 +55,11 @@ pub fn router(state: State) -> axum::Router {
 
 /// A JSON error body, as every admin error is.
 fn error(status: StatusCode, message: String) -> Response {
-    (status, Json(serde_json::json!({ "status": status.as_u16(), "error": message }))).into_response()
+    (
+        status,
+        Json(serde_json::json!({ "status": status.as_u16(), "error": message })),
+    )
+        .into_response()
 }
 
 async fn contexts(state: &State) -> Result<Vec<ContextStatus>, Response> {
@@ -101,7 +105,10 @@ async fn me(Extract(state): Extract<State>) -> Response {
 }
 
 fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 async fn page(Extract(state): Extract<State>) -> Response {

@@ -34,7 +34,11 @@ pub enum Work {
 impl Work {
     fn size(&self) -> usize {
         match self {
-            Work::Events(tx) => tx.events.iter().map(|e| e.encoded.len() + e.aggregate_id.len() + 32).sum(),
+            Work::Events(tx) => tx
+                .events
+                .iter()
+                .map(|e| e.encoded.len() + e.aggregate_id.len() + 32)
+                .sum(),
             Work::Snapshot(r) => r.encoded.len() + r.aggregate_id.len() + 32,
         }
     }
@@ -105,7 +109,9 @@ async fn batch_loop(raft: Raft, stored: Arc<StoredContext>, mut rx: mpsc::Receiv
             },
         };
         // While every slot is busy, more appends queue up: the batch grows with the load.
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         while let Ok(done) = done_rx.try_recv() {
             reservations.retain(|_, (_, b)| *b != done);
         }
@@ -162,7 +168,11 @@ async fn batch_loop(raft: Raft, stored: Arc<StoredContext>, mut rx: mpsc::Receiv
 }
 
 /// Checks a transaction's sequences; on success returns the highest sequence per aggregate.
-fn precheck(stored: &StoredContext, reservations: &Reservations, tx: &Transaction) -> Result<Vec<(String, i64)>, Outcome> {
+fn precheck(
+    stored: &StoredContext,
+    reservations: &Reservations,
+    tx: &Transaction,
+) -> Result<Vec<(String, i64)>, Outcome> {
     let mut seen: Vec<(String, i64)> = Vec::new();
     for event in tx.events.iter().filter(|e| e.indexed) {
         let id = event.aggregate_id.as_str();

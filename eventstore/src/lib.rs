@@ -90,10 +90,12 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
     }
 
     let _ = std::fs::remove_file(&args.socket);
-    let listener = tokio::net::UnixListener::bind(&args.socket)
-        .with_context(|| format!("binding {}", args.socket.display()))?;
+    let listener =
+        tokio::net::UnixListener::bind(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let storage = myelin_proto::internal::event_storage_server::EventStorageServer::new(service::Service {
         contexts: contexts.clone(),
         max_transaction_bytes: args.max_message_size.saturating_sub(10_000).max(1024),

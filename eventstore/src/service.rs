@@ -81,7 +81,9 @@ fn outcome_status(outcome: Outcome) -> Result<i64, Status> {
 
 /// An event that names an aggregate type or a sequence number must name its aggregate.
 fn check_event(event: &Event) -> Result<(), Status> {
-    if event.aggregate_identifier.is_empty() && (!event.aggregate_type.is_empty() || event.aggregate_sequence_number != 0) {
+    if event.aggregate_identifier.is_empty()
+        && (!event.aggregate_type.is_empty() || event.aggregate_sequence_number != 0)
+    {
         return Err(Status::invalid_argument(format!(
             "event {} has aggregate type {:?} and sequence number {} but no aggregate identifier",
             event.message_identifier, event.aggregate_type, event.aggregate_sequence_number
@@ -170,7 +172,11 @@ impl EventStorage for Service {
         let context = context_of(&self.contexts, &request)?;
         let req = request.into_inner();
         tracing::Span::current().record("aggregate", req.aggregate_id.as_str());
-        let upper = if req.max_sequence > 0 { req.max_sequence } else { i64::MAX };
+        let upper = if req.max_sequence > 0 {
+            req.max_sequence
+        } else {
+            i64::MAX
+        };
         let mut from = req.initial_sequence;
         let mut out = Vec::new();
         if req.allow_snapshots {
@@ -215,8 +221,16 @@ impl EventStorage for Service {
         let mut snapshots = blocking(move || stored.snapshots.read_aggregate(&id)).await?;
         // Newest first; the upper bound is exclusive as in Axon Server, and 0 means unbounded.
         snapshots.reverse();
-        let upper = if req.max_sequence > 0 { req.max_sequence } else { i64::MAX };
-        let limit = if req.max_results > 0 { req.max_results as usize } else { usize::MAX };
+        let upper = if req.max_sequence > 0 {
+            req.max_sequence
+        } else {
+            i64::MAX
+        };
+        let limit = if req.max_results > 0 {
+            req.max_results as usize
+        } else {
+            usize::MAX
+        };
         let mut out = Vec::new();
         for (seq, bytes) in snapshots {
             if seq >= req.initial_sequence && seq < upper {

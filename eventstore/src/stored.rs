@@ -38,7 +38,11 @@ pub fn event_facts(event: &Event, kind: Kind) -> (String, i64, bool) {
         Kind::Events => !event.aggregate_type.is_empty(),
         Kind::Snapshots => !event.aggregate_identifier.is_empty(),
     };
-    (event.aggregate_identifier.clone(), event.aggregate_sequence_number, indexed)
+    (
+        event.aggregate_identifier.clone(),
+        event.aggregate_sequence_number,
+        indexed,
+    )
 }
 
 fn inspect_event(bytes: &[u8]) -> Option<(String, i64, bool)> {
@@ -65,7 +69,12 @@ impl StoredContext {
         Ok(StoredContext {
             name: name.to_owned(),
             dir: dir.to_owned(),
-            events: SegmentStore::open(&dir.join("events"), Kind::Events, limits.event_segment_size, inspect_event)?,
+            events: SegmentStore::open(
+                &dir.join("events"),
+                Kind::Events,
+                limits.event_segment_size,
+                inspect_event,
+            )?,
             snapshots: SegmentStore::open(
                 &dir.join("snapshots"),
                 Kind::Snapshots,

@@ -131,7 +131,9 @@ async fn run(context: Arc<Context>, first: GetEventsRequest, mut requests: Strea
                 Ok(event) => event,
                 Err(e) => {
                     let _ = out
-                        .send(Err(ErrorCode::DatafileReadError.status(format!("event {token} does not decode: {e}"))))
+                        .send(Err(
+                            ErrorCode::DatafileReadError.status(format!("event {token} does not decode: {e}"))
+                        ))
                         .await;
                     return;
                 }

@@ -43,9 +43,13 @@ fn internal<T>(context: &str, message: T) -> Result<Request<T>, Status> {
 }
 
 fn relayed(status: Status) -> Status {
-    if status.code() == tonic::Code::Unavailable && status.metadata().get(myelin_proto::errors::ERROR_CODE_KEY).is_none()
+    if status.code() == tonic::Code::Unavailable
+        && status.metadata().get(myelin_proto::errors::ERROR_CODE_KEY).is_none()
     {
-        return Status::unavailable(format!("the event store of this node is not available: {}", status.message()));
+        return Status::unavailable(format!(
+            "the event store of this node is not available: {}",
+            status.message()
+        ));
     }
     relay(status)
 }
@@ -157,7 +161,13 @@ impl EventStore for EventStoreRelay {
             .take_while(|r| futures::future::ready(r.is_ok()))
             .filter_map(|r| futures::future::ready(r.ok()));
         let request = internal(&context, requests)?;
-        let stream = self.storage.clone().list_events(request).await.map_err(relayed)?.into_inner();
+        let stream = self
+            .storage
+            .clone()
+            .list_events(request)
+            .await
+            .map_err(relayed)?
+            .into_inner();
         Ok(Response::new(relay_stream(stream)))
     }
 
@@ -167,7 +177,11 @@ impl EventStore for EventStoreRelay {
     ) -> Result<Response<ReadHighestSequenceNrResponse>, Status> {
         let context = client_context(&request)?;
         let request = internal(&context, request.into_inner())?;
-        self.storage.clone().read_highest_sequence_nr(request).await.map_err(relayed)
+        self.storage
+            .clone()
+            .read_highest_sequence_nr(request)
+            .await
+            .map_err(relayed)
     }
 
     type QueryEventsStream = Boxed<QueryEventsResponse>;

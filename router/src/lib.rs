@@ -62,8 +62,7 @@ pub async fn shutdown_signal() {
 pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let socket = std::path::absolute(&args.eventstore_socket)?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))?
-        .connect_lazy();
+    let channel = tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))?.connect_lazy();
     let storage = myelin_proto::internal::event_storage_client::EventStorageClient::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
@@ -88,9 +87,11 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
 
     // Health for the supervisor on the Unix socket; it says SERVING once the client port is bound.
     let _ = std::fs::remove_file(&args.socket);
-    let uds = tokio::net::UnixListener::bind(&args.socket)
-        .with_context(|| format!("binding {}", args.socket.display()))?;
-    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let uds =
+        tokio::net::UnixListener::bind(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_health = stop_rx.clone();
     let health_server = tokio::spawn(
@@ -118,8 +119,8 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
-            let _ = stop_clients.changed().await;
-        },
+                let _ = stop_clients.changed().await;
+            },
         );
     tokio::spawn(async move {
         shutdown.await;

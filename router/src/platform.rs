@@ -26,7 +26,10 @@ pub struct Platform {
 
 #[tonic::async_trait]
 impl PlatformService for Platform {
-    async fn get_platform_server(&self, request: Request<ClientIdentification>) -> Result<Response<PlatformInfo>, Status> {
+    async fn get_platform_server(
+        &self,
+        request: Request<ClientIdentification>,
+    ) -> Result<Response<PlatformInfo>, Status> {
         let client = request.into_inner();
         tracing::debug!(client_id = %client.client_id, component = %client.component_name, "platform server asked");
         Ok(Response::new(PlatformInfo {

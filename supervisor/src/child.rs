@@ -184,8 +184,7 @@ pub fn guard_parent() -> anyhow::Result<()> {
         .to_str()
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("{SUPERVISOR_PID_ENV}={raw:?} is not a pid"))?;
-    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-        .context("prctl(PR_SET_PDEATHSIG)")?;
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).context("prctl(PR_SET_PDEATHSIG)")?;
     let parent = nix::unistd::getppid().as_raw();
     if parent != expected {
         bail!("the supervisor (pid {expected}) is gone (parent is now {parent}); exiting");
@@ -213,11 +212,7 @@ mod tests {
     }
 
     fn strings(launch: &Launch) -> Vec<String> {
-        launch
-            .args
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect()
+        launch.args.iter().map(|a| a.to_string_lossy().into_owned()).collect()
     }
 
     #[test]
@@ -226,10 +221,7 @@ mod tests {
         let c = config(dir.path());
         let run = c.runtime_directory.display().to_string();
         let l = launches(&c, ChildMode::Real).unwrap();
-        assert_eq!(
-            l.iter().map(|l| l.role).collect::<Vec<_>>(),
-            Role::START_ORDER
-        );
+        assert_eq!(l.iter().map(|l| l.role).collect::<Vec<_>>(), Role::START_ORDER);
         let es = strings(&l[0]);
         assert_eq!(es[0], "eventstore");
         let es = es[1..].join(" ");

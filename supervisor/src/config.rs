@@ -53,23 +53,14 @@ const KEYS: &[(&str, Kind)] = &[
     ("axoniq.axonserver.accesscontrol.enabled", Kind::Bool),
     ("axoniq.axonserver.accesscontrol.internal-token", Kind::Text),
     ("axoniq.axonserver.accesscontrol.token", Kind::Text),
-    (
-        "axoniq.axonserver.accesscontrol.systemtokenfile",
-        Kind::Path,
-    ),
+    ("axoniq.axonserver.accesscontrol.systemtokenfile", Kind::Path),
     ("axoniq.axonserver.accesscontrol.token-dir", Kind::Path),
     ("axoniq.axonserver.ssl.enabled", Kind::Bool),
     ("axoniq.axonserver.ssl.cert-chain-file", Kind::Path),
     ("axoniq.axonserver.ssl.private-key-file", Kind::Path),
     ("axoniq.axonserver.ssl.internal-cert-chain-file", Kind::Path),
-    (
-        "axoniq.axonserver.ssl.internal-private-key-file",
-        Kind::Path,
-    ),
-    (
-        "axoniq.axonserver.ssl.internal-trust-manager-file",
-        Kind::Path,
-    ),
+    ("axoniq.axonserver.ssl.internal-private-key-file", Kind::Path),
+    ("axoniq.axonserver.ssl.internal-trust-manager-file", Kind::Path),
     ("myelin.runtime-directory", Kind::Path),
     ("myelin.bind-address", Kind::Address),
     ("myelin.contexts", Kind::List),
@@ -100,10 +91,7 @@ impl fmt::Display for Origin {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read configuration file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("cannot parse configuration file {path}: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("invalid value {value:?} for {key} (from {origin}): {reason}")]
@@ -282,11 +270,7 @@ fn read(path: &Path) -> Result<String, ConfigError> {
 }
 
 /// Turns a TOML document into dotted keys; arrays of scalars become comma lists.
-fn flatten_toml(
-    prefix: &str,
-    table: &toml::Table,
-    out: &mut Vec<(String, String)>,
-) -> Result<(), String> {
+fn flatten_toml(prefix: &str, table: &toml::Table, out: &mut Vec<(String, String)>) -> Result<(), String> {
     for (name, value) in table {
         let key = if prefix.is_empty() {
             name.clone()
@@ -298,17 +282,11 @@ fn flatten_toml(
             toml::Value::Array(items) => {
                 let items = items
                     .iter()
-                    .map(|item| {
-                        scalar(item)
-                            .ok_or_else(|| format!("{key}: nested values are not supported"))
-                    })
+                    .map(|item| scalar(item).ok_or_else(|| format!("{key}: nested values are not supported")))
                     .collect::<Result<Vec<_>, _>>()?;
                 out.push((key, items.join(",")));
             }
-            other => out.push((
-                key,
-                scalar(other).expect("non-table, non-array is a scalar"),
-            )),
+            other => out.push((key, scalar(other).expect("non-table, non-array is a scalar"))),
         }
     }
     Ok(())
@@ -375,12 +353,7 @@ impl Settings {
         self.values.insert(key, (value.trim().to_string(), origin));
     }
 
-    fn apply_file(
-        &mut self,
-        path: &Path,
-        entries: Vec<(String, String)>,
-        warnings: &mut Vec<String>,
-    ) {
+    fn apply_file(&mut self, path: &Path, entries: Vec<(String, String)>, warnings: &mut Vec<String>) {
         for (key, value) in entries {
             match known_key(&key) {
                 Some(known) => self.set(known, &value, Origin::File(path.to_path_buf())),
@@ -410,14 +383,12 @@ impl Settings {
         let Some((value, origin)) = self.raw(key) else {
             return Ok(None);
         };
-        parse(value)
-            .map(Some)
-            .map_err(|reason| ConfigError::Invalid {
-                key,
-                value: value.to_string(),
-                origin: origin.clone(),
-                reason,
-            })
+        parse(value).map(Some).map_err(|reason| ConfigError::Invalid {
+            key,
+            value: value.to_string(),
+            origin: origin.clone(),
+            reason,
+        })
     }
 
     fn text(&self, key: &'static str) -> Option<String> {
@@ -519,20 +490,16 @@ impl Config {
                 event_storage.display()
             ));
         }
-        let max_message_size = settings.size(
-            "axoniq.axonserver.max-message-size",
-            DEFAULT_MAX_MESSAGE_SIZE,
-        )?;
-        let max_message_size =
-            usize::try_from(max_message_size).map_err(|_| ConfigError::Invalid {
-                key: "axoniq.axonserver.max-message-size",
-                value: max_message_size.to_string(),
-                origin: settings
-                    .raw("axoniq.axonserver.max-message-size")
-                    .map(|(_, o)| o.clone())
-                    .expect("a non-default value has an origin"),
-                reason: "too large for this machine".to_string(),
-            })?;
+        let max_message_size = settings.size("axoniq.axonserver.max-message-size", DEFAULT_MAX_MESSAGE_SIZE)?;
+        let max_message_size = usize::try_from(max_message_size).map_err(|_| ConfigError::Invalid {
+            key: "axoniq.axonserver.max-message-size",
+            value: max_message_size.to_string(),
+            origin: settings
+                .raw("axoniq.axonserver.max-message-size")
+                .map(|(_, o)| o.clone())
+                .expect("a non-default value has an origin"),
+            reason: "too large for this machine".to_string(),
+        })?;
         let runtime_directory = settings
             .path("myelin.runtime-directory", cwd)
             .or_else(|| runtime_env.map(|dir| cwd.join(dir)))
@@ -559,12 +526,8 @@ impl Config {
                         .map_err(|_| "not an IP address (e.g. 0.0.0.0, 127.0.0.1, ::)".to_string())
                 })?
                 .unwrap_or(IpAddr::from([0, 0, 0, 0])),
-            event_segment_size: settings
-                .size("axoniq.axonserver.event.segment-size", DEFAULT_SEGMENT_SIZE)?,
-            snapshot_segment_size: settings.size(
-                "axoniq.axonserver.snapshot.segment-size",
-                DEFAULT_SEGMENT_SIZE,
-            )?,
+            event_segment_size: settings.size("axoniq.axonserver.event.segment-size", DEFAULT_SEGMENT_SIZE)?,
+            snapshot_segment_size: settings.size("axoniq.axonserver.snapshot.segment-size", DEFAULT_SEGMENT_SIZE)?,
             max_message_size,
             event_storage,
             snapshot_storage,
@@ -576,20 +539,16 @@ impl Config {
                 enabled: settings.flag("axoniq.axonserver.accesscontrol.enabled")?,
                 internal_token: settings.text("axoniq.axonserver.accesscontrol.internal-token"),
                 token: settings.text("axoniq.axonserver.accesscontrol.token"),
-                system_token_file: settings
-                    .path("axoniq.axonserver.accesscontrol.systemtokenfile", cwd),
+                system_token_file: settings.path("axoniq.axonserver.accesscontrol.systemtokenfile", cwd),
                 token_dir: settings.path("axoniq.axonserver.accesscontrol.token-dir", cwd),
             },
             ssl: Ssl {
                 enabled: settings.flag("axoniq.axonserver.ssl.enabled")?,
                 cert_chain_file: settings.path("axoniq.axonserver.ssl.cert-chain-file", cwd),
                 private_key_file: settings.path("axoniq.axonserver.ssl.private-key-file", cwd),
-                internal_cert_chain_file: settings
-                    .path("axoniq.axonserver.ssl.internal-cert-chain-file", cwd),
-                internal_private_key_file: settings
-                    .path("axoniq.axonserver.ssl.internal-private-key-file", cwd),
-                internal_trust_manager_file: settings
-                    .path("axoniq.axonserver.ssl.internal-trust-manager-file", cwd),
+                internal_cert_chain_file: settings.path("axoniq.axonserver.ssl.internal-cert-chain-file", cwd),
+                internal_private_key_file: settings.path("axoniq.axonserver.ssl.internal-private-key-file", cwd),
+                internal_trust_manager_file: settings.path("axoniq.axonserver.ssl.internal-trust-manager-file", cwd),
             },
         })
     }
@@ -658,10 +617,7 @@ mod tests {
              logging.level.root=INFO\n",
         );
         let loaded = load(&inputs(dir.path())).unwrap();
-        assert_eq!(
-            loaded.files,
-            vec![dir.path().join("config/axonserver.properties")]
-        );
+        assert_eq!(loaded.files, vec![dir.path().join("config/axonserver.properties")]);
         let c = loaded.config;
         assert_eq!(c.name, "node-a");
         assert_eq!(c.advertised_hostname(), "node-a.example.org");
@@ -681,11 +637,7 @@ mod tests {
     #[test]
     fn working_directory_file_wins_over_config_subdirectory() {
         let dir = tempfile::tempdir().unwrap();
-        write(
-            dir.path(),
-            "axonserver.properties",
-            "axoniq.axonserver.port=1111\n",
-        );
+        write(dir.path(), "axonserver.properties", "axoniq.axonserver.port=1111\n");
         write(
             dir.path(),
             "config/axonserver.properties",
@@ -796,11 +748,7 @@ runtime-directory = "rt"
     fn data_dir_flag_moves_snapshots_and_runtime_dir_along() {
         let dir = tempfile::tempdir().unwrap();
         let mut inputs = inputs(dir.path());
-        inputs.flags = vec![(
-            "--data-dir",
-            "axoniq.axonserver.event.storage",
-            "node1".into(),
-        )];
+        inputs.flags = vec![("--data-dir", "axoniq.axonserver.event.storage", "node1".into())];
         let c = load(&inputs).unwrap().config;
         assert_eq!(c.event_storage, dir.path().join("node1"));
         assert_eq!(c.snapshot_storage, dir.path().join("node1"));
@@ -810,16 +758,10 @@ runtime-directory = "rt"
     #[test]
     fn bad_port_names_key_and_file() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(
-            dir.path(),
-            "axonserver.properties",
-            "axoniq.axonserver.port=abc\n",
-        );
+        let path = write(dir.path(), "axonserver.properties", "axoniq.axonserver.port=abc\n");
         let err = load(&inputs(dir.path())).unwrap_err();
         match &err {
-            ConfigError::Invalid {
-                key, value, origin, ..
-            } => {
+            ConfigError::Invalid { key, value, origin, .. } => {
                 assert_eq!(*key, "axoniq.axonserver.port");
                 assert_eq!(value, "abc");
                 assert_eq!(*origin, Origin::File(path.clone()));
@@ -840,10 +782,7 @@ runtime-directory = "rt"
             "[axoniq.axonserver.event]\nsegment-size = \"12XB\"\n",
         );
         let err = load(&inputs(dir.path())).unwrap_err().to_string();
-        assert!(
-            err.contains("axoniq.axonserver.event.segment-size"),
-            "{err}"
-        );
+        assert!(err.contains("axoniq.axonserver.event.segment-size"), "{err}");
         assert!(err.contains("myelin.toml"), "{err}");
 
         let empty = tempfile::tempdir().unwrap();
@@ -859,10 +798,7 @@ runtime-directory = "rt"
         let dir = tempfile::tempdir().unwrap();
         for (line, key) in [
             ("server.port=0", "server.port"),
-            (
-                "axoniq.axonserver.accesscontrol.enabled=maybe",
-                "accesscontrol.enabled",
-            ),
+            ("axoniq.axonserver.accesscontrol.enabled=maybe", "accesscontrol.enabled"),
             ("myelin.bind-address=localhost", "myelin.bind-address"),
             ("myelin.contexts=default,../x", "myelin.contexts"),
             ("axoniq.axonserver.snapshot.segment-size=0", "segment-size"),

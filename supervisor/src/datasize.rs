@@ -7,9 +7,7 @@
 /// Parses a data size into bytes, or says what is wrong with it.
 pub fn parse(text: &str) -> Result<u64, String> {
     let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-    let digits_end = compact
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(compact.len());
+    let digits_end = compact.find(|c: char| !c.is_ascii_digit()).unwrap_or(compact.len());
     let (number, unit) = compact.split_at(digits_end);
     if number.is_empty() {
         return Err("expected a number of bytes with an optional unit B, KB, MB, GB or TB".into());
@@ -26,9 +24,7 @@ pub fn parse(text: &str) -> Result<u64, String> {
             ));
         }
     };
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{number} is too large"))?;
+    let number: u64 = number.parse().map_err(|_| format!("{number} is too large"))?;
     number
         .checked_mul(multiplier)
         .ok_or_else(|| format!("{text} is too large"))

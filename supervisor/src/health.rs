@@ -42,13 +42,9 @@ impl Probe {
 
     pub async fn check(&self) -> Health {
         let mut client = self.client.clone();
-        let request = HealthCheckRequest {
-            service: String::new(),
-        };
+        let request = HealthCheckRequest { service: String::new() };
         match tokio::time::timeout(self.timeout, client.check(request)).await {
-            Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32 => {
-                Health::Serving
-            }
+            Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32 => Health::Serving,
             Ok(Ok(_)) => Health::NotServing,
             Ok(Err(_)) | Err(_) => Health::Silent,
         }

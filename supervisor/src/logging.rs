@@ -2,7 +2,7 @@
 //! with the process's role so the interleaved lines of one node can be told apart:
 //! `[router] 2026-11-22T10:00:00Z  INFO myelin_router: listening`.
 //!
-//! `RUST_LOG` filters (default `info`). No colours when stderr is not a terminal or when it is
+//! `RUST_LOG` filters (default `info`, with openraft at `warn`). No colours when stderr is not a terminal or when it is
 //! the journal (`JOURNAL_STREAM` is set), and then no timestamps either: the journal adds its own.
 
 use std::fmt;
@@ -18,7 +18,7 @@ use tracing_subscriber::registry::LookupSpan;
 pub fn init(role: &str) {
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let ansi = std::io::stderr().is_terminal() && !journal;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
@@ -54,12 +54,7 @@ where
     N: for<'a> FormatFields<'a> + 'static,
     F: FormatEvent<S, N>,
 {
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         writer.write_str(&self.prefix)?;
         self.inner.format_event(ctx, writer, event)
     }

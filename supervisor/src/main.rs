@@ -105,27 +105,15 @@ impl RunArgs {
                 "axoniq.axonserver.event.storage",
                 self.data_dir.as_ref().map(path),
             ),
-            (
-                "--port",
-                "axoniq.axonserver.port",
-                self.port.map(|p| p.to_string()),
-            ),
-            (
-                "--http-port",
-                "server.port",
-                self.http_port.map(|p| p.to_string()),
-            ),
+            ("--port", "axoniq.axonserver.port", self.port.map(|p| p.to_string())),
+            ("--http-port", "server.port", self.http_port.map(|p| p.to_string())),
             (
                 "--internal-port",
                 "axoniq.axonserver.internal-port",
                 self.internal_port.map(|p| p.to_string()),
             ),
             ("--name", "axoniq.axonserver.name", self.name.clone()),
-            (
-                "--hostname",
-                "axoniq.axonserver.hostname",
-                self.hostname.clone(),
-            ),
+            ("--hostname", "axoniq.axonserver.hostname", self.hostname.clone()),
             (
                 "--bind-address",
                 "myelin.bind-address",
@@ -143,9 +131,7 @@ fn main() -> ExitCode {
     match cli.command {
         None => supervisor_main(cli.run),
         Some(Command::Run(args)) => supervisor_main(args),
-        Some(Command::Eventstore(args)) => {
-            child_main("eventstore", || myelin_eventstore::main(args))
-        }
+        Some(Command::Eventstore(args)) => child_main("eventstore", || myelin_eventstore::main(args)),
         Some(Command::Router(args)) => child_main("router", || myelin_router::main(args)),
         Some(Command::Admin(args)) => child_main("admin", || myelin_admin::main(args)),
         Some(Command::Sleeper(args)) => {
@@ -179,9 +165,7 @@ fn supervisor_main(args: RunArgs) -> ExitCode {
     let mode = match std::env::var(TEST_CHILDREN_ENV).as_deref() {
         Err(_) | Ok("") => ChildMode::Real,
         Ok("sleeper") => {
-            warn!(
-                "{TEST_CHILDREN_ENV}=sleeper: running test stand-ins instead of the real children"
-            );
+            warn!("{TEST_CHILDREN_ENV}=sleeper: running test stand-ins instead of the real children");
             ChildMode::Sleeper
         }
         Ok(other) => {
@@ -239,10 +223,7 @@ fn supervisor_main(args: RunArgs) -> ExitCode {
     );
 
     // One thread: children are forked from it, and their PR_SET_PDEATHSIG is tied to it.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             error!("cannot start the async runtime: {e}");
@@ -276,21 +257,14 @@ mod tests {
         assert_eq!(
             cli.run.flags(),
             vec![
-                (
-                    "--data-dir",
-                    "axoniq.axonserver.event.storage",
-                    "/d".to_string()
-                ),
+                ("--data-dir", "axoniq.axonserver.event.storage", "/d".to_string()),
                 ("--port", "axoniq.axonserver.port", "9124".to_string()),
             ]
         );
         let cli = Cli::try_parse_from(["myelin", "run", "--http-port", "1"]).unwrap();
         assert!(matches!(
             cli.command,
-            Some(Command::Run(RunArgs {
-                http_port: Some(1),
-                ..
-            }))
+            Some(Command::Run(RunArgs { http_port: Some(1), .. }))
         ));
         assert!(Cli::try_parse_from(["myelin", "--port", "1", "router"]).is_err());
     }

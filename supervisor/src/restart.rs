@@ -99,10 +99,7 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_eq!(
-            delays,
-            [100, 200, 400, 800, 1600, 3200, 6400, 10000, 10000, 10000]
-        );
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 6400, 10000, 10000, 10000]);
     }
 
     #[test]
@@ -141,17 +138,11 @@ mod tests {
         let t0 = Instant::now();
         // Ten failures, then one every 7 s: the window never holds more than ten.
         for i in 0..10 {
-            assert!(matches!(
-                b.exited(t0 + i * MS, MS),
-                Decision::RestartAfter(_)
-            ));
+            assert!(matches!(b.exited(t0 + i * MS, MS), Decision::RestartAfter(_)));
         }
         for i in 1..20u32 {
             let now = t0 + Duration::from_secs(61) + i * Duration::from_secs(7);
-            assert!(
-                matches!(b.exited(now, MS), Decision::RestartAfter(_)),
-                "failure {i}"
-            );
+            assert!(matches!(b.exited(now, MS), Decision::RestartAfter(_)), "failure {i}");
         }
     }
 }

@@ -32,8 +32,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let _ = std::fs::remove_file(&args.socket);
-    let listener = tokio::net::UnixListener::bind(&args.socket)
-        .with_context(|| format!("bind {}", args.socket.display()))?;
+    let listener =
+        tokio::net::UnixListener::bind(&args.socket).with_context(|| format!("bind {}", args.socket.display()))?;
     // For tests of the supervisor's SIGKILL deadline: this sleeper ignores SIGTERM.
     let stubborn = std::env::var(IGNORE_TERM_ENV).is_ok_and(|role| role == args.role);
     // A new reporter already says SERVING for the overall service "".
@@ -41,23 +41,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     tracing::info!(role = %args.role, socket = %args.socket.display(), "sleeper serving health");
     tonic::transport::Server::builder()
         .add_service(health)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
-            async {
-                loop {
-                    tokio::select! {
-                        _ = term.recv() => {
-                            // Even a stubborn sleeper leaves with its supervisor (pdeathsig).
-                            if !stubborn || !parent_is_supervisor() {
-                                break;
-                            }
-                            tracing::info!(role = %args.role, "ignoring SIGTERM");
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), async {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {
+                        // Even a stubborn sleeper leaves with its supervisor (pdeathsig).
+                        if !stubborn || !parent_is_supervisor() {
+                            break;
                         }
-                        _ = int.recv() => break,
+                        tracing::info!(role = %args.role, "ignoring SIGTERM");
                     }
+                    _ = int.recv() => break,
                 }
-            },
-        )
+            }
+        })
         .await?;
     let _ = std::fs::remove_file(&args.socket);
     tracing::info!(role = %args.role, "sleeper stopped");
@@ -65,6 +62,5 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 }
 
 fn parent_is_supervisor() -> bool {
-    std::env::var(crate::child::SUPERVISOR_PID_ENV)
-        .is_ok_and(|pid| pid == nix::unistd::getppid().as_raw().to_string())
+    std::env::var(crate::child::SUPERVISOR_PID_ENV).is_ok_and(|pid| pid == nix::unistd::getppid().as_raw().to_string())
 }

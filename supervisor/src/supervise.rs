@@ -147,13 +147,9 @@ fn prepare_runtime(config: &Config) -> anyhow::Result<Flock<File>> {
     })?;
     for entry in std::fs::read_dir(run).with_context(|| format!("cannot list {}", run.display()))? {
         let path = entry?.path();
-        if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("sock" | "pid")
-        ) {
+        if matches!(path.extension().and_then(|e| e.to_str()), Some("sock" | "pid")) {
             debug!(path = %path.display(), "removing stale file");
-            std::fs::remove_file(&path)
-                .with_context(|| format!("cannot remove stale {}", path.display()))?;
+            std::fs::remove_file(&path).with_context(|| format!("cannot remove stale {}", path.display()))?;
         }
     }
     write_pid_file(&run.join("supervisor.pid"), std::process::id())?;
@@ -219,12 +215,7 @@ async fn keep_running(
         }
         match backoff.exited(Instant::now().into_std(), started.elapsed()) {
             Decision::RestartAfter(delay) => {
-                warn!(
-                    child = name,
-                    pid,
-                    "{name} {status}; restarting in {}",
-                    humanize(delay)
-                );
+                warn!(child = name, pid, "{name} {status}; restarting in {}", humanize(delay));
                 notify(&[NotifyState::Status(&format!("{name} {status}; restarting"))]);
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
@@ -269,11 +260,7 @@ async fn kill_requested(stop: &mut watch::Receiver<Stop>) {
 }
 
 /// SIGTERM, wait up to the role's grace period, then SIGKILL.
-async fn stop_child(
-    role: Role,
-    process: &mut tokio::process::Child,
-    stop: &mut watch::Receiver<Stop>,
-) {
+async fn stop_child(role: Role, process: &mut tokio::process::Child, stop: &mut watch::Receiver<Stop>) {
     let name = role.name();
     let pid = process.id();
     let since = Instant::now();
@@ -317,8 +304,7 @@ async fn watch_node(config: &Config, children: &[Supervised]) -> std::convert::I
     if let Some(interval) = watchdog {
         info!("systemd watchdog every {}", humanize(interval));
     }
-    let mut watchdog_tick =
-        tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
+    let mut watchdog_tick = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
     let mut poll = tokio::time::interval(STARTUP_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let started = Instant::now();
@@ -521,23 +507,14 @@ mod tests {
 
     #[test]
     fn exit_statuses_are_described() {
-        assert_eq!(
-            describe(Ok(ExitStatus::from_raw(3 << 8))),
-            "exited with code 3"
-        );
-        assert_eq!(
-            describe(Ok(ExitStatus::from_raw(9))),
-            "was killed by SIGKILL"
-        );
+        assert_eq!(describe(Ok(ExitStatus::from_raw(3 << 8))), "exited with code 3");
+        assert_eq!(describe(Ok(ExitStatus::from_raw(9))), "was killed by SIGKILL");
     }
 
     #[test]
     fn trouble_lists_the_unhealthy() {
         assert_eq!(
-            describe_trouble(&[
-                (Role::Eventstore, Health::Serving),
-                (Role::Router, Health::Serving)
-            ]),
+            describe_trouble(&[(Role::Eventstore, Health::Serving), (Role::Router, Health::Serving)]),
             ""
         );
         assert_eq!(

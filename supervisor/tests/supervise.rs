@@ -25,10 +25,7 @@ struct Node {
 
 impl Node {
     fn start(configure: impl FnOnce(&mut Command, &Path)) -> Node {
-        let dir = tempfile::Builder::new()
-            .prefix("my")
-            .tempdir_in("/tmp")
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("my").tempdir_in("/tmp").unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_myelin"));
         cmd.current_dir(dir.path())
             .args(["--data-dir", "d", "--bind-address", "127.0.0.1"])
@@ -42,13 +39,7 @@ impl Node {
             let name = name.to_string_lossy();
             if name.starts_with("AXONIQ_")
                 || (name.starts_with("MYELIN_") && name != "MYELIN_TEST_CHILDREN")
-                || [
-                    "SERVER_PORT",
-                    "RUNTIME_DIRECTORY",
-                    "NOTIFY_SOCKET",
-                    "JOURNAL_STREAM",
-                ]
-                .contains(&name.as_ref())
+                || ["SERVER_PORT", "RUNTIME_DIRECTORY", "NOTIFY_SOCKET", "JOURNAL_STREAM"].contains(&name.as_ref())
                 || name.starts_with("WATCHDOG_")
             {
                 cmd.env_remove(name.as_ref());
@@ -88,10 +79,7 @@ impl Node {
     fn child_pids(&self) -> Vec<i32> {
         ROLES
             .iter()
-            .map(|role| {
-                self.child_pid(role)
-                    .unwrap_or_else(|| panic!("no pid file for {role}"))
-            })
+            .map(|role| self.child_pid(role).unwrap_or_else(|| panic!("no pid file for {role}")))
             .collect()
     }
 
@@ -100,11 +88,7 @@ impl Node {
     }
 
     fn log_position(&self, needle: &str) -> Option<usize> {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .position(|l| l.contains(needle))
+        self.log.lock().unwrap().iter().position(|l| l.contains(needle))
     }
 
     fn wait_ready(&self) {
@@ -124,10 +108,7 @@ impl Node {
             if let Some(status) = self.process.try_wait().unwrap() {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "supervisor still running after {timeout:?}"
-            );
+            assert!(Instant::now() < deadline, "supervisor still running after {timeout:?}");
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -178,9 +159,7 @@ fn environment_of(pid: i32) -> Vec<String> {
 /// Collects the datagrams the supervisor sends to its NOTIFY_SOCKET.
 fn notify_listener(path: &Path) -> Arc<Mutex<Vec<String>>> {
     let socket = UnixDatagram::bind(path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let received = Arc::new(Mutex::new(Vec::new()));
     let sink = received.clone();
     thread::spawn(move || {
@@ -189,9 +168,7 @@ fn notify_listener(path: &Path) -> Arc<Mutex<Vec<String>>> {
         loop {
             if let Ok(n) = socket.recv(&mut buf) {
                 let message = String::from_utf8_lossy(&buf[..n]).into_owned();
-                sink.lock()
-                    .unwrap()
-                    .extend(message.lines().map(str::to_string));
+                sink.lock().unwrap().extend(message.lines().map(str::to_string));
             }
         }
     });
@@ -200,15 +177,11 @@ fn notify_listener(path: &Path) -> Arc<Mutex<Vec<String>>> {
 
 #[test]
 fn restarts_a_killed_child_notifies_systemd_and_stops_in_order() {
-    let notify_dir = tempfile::Builder::new()
-        .prefix("mn")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let notify_dir = tempfile::Builder::new().prefix("mn").tempdir_in("/tmp").unwrap();
     let notify_path = notify_dir.path().join("n.sock");
     let notifications = notify_listener(&notify_path);
     let mut node = Node::start(|cmd, _| {
-        cmd.env("NOTIFY_SOCKET", &notify_path)
-            .env("WATCHDOG_USEC", "400000");
+        cmd.env("NOTIFY_SOCKET", &notify_path).env("WATCHDOG_USEC", "400000");
     });
     node.wait_ready();
     let notified = |state: &str| notifications.lock().unwrap().iter().any(|m| m == state);
@@ -222,17 +195,10 @@ fn restarts_a_killed_child_notifies_systemd_and_stops_in_order() {
     let pids = node.child_pids();
     for pid in &pids {
         assert!(alive(*pid), "child {pid} not running");
-        assert_eq!(
-            parent_of(*pid),
-            Some(node.pid()),
-            "child {pid} is not the supervisor's"
-        );
+        assert_eq!(parent_of(*pid), Some(node.pid()), "child {pid} is not the supervisor's");
         let env = environment_of(*pid);
         assert!(env.contains(&format!("MYELIN_SUPERVISOR_PID={}", node.pid())));
-        assert!(
-            !env.iter().any(|v| v.starts_with("NOTIFY_SOCKET=")),
-            "{env:?}"
-        );
+        assert!(!env.iter().any(|v| v.starts_with("NOTIFY_SOCKET=")), "{env:?}");
         assert!(!env.iter().any(|v| v.starts_with("WATCHDOG_")), "{env:?}");
     }
     for role in ROLES {
@@ -253,10 +219,7 @@ fn restarts_a_killed_child_notifies_systemd_and_stops_in_order() {
     assert_eq!(parent_of(new_router), Some(node.pid()));
     assert!(!alive(old_router));
     assert!(node.log_has("router was killed by SIGKILL; restarting in 100 ms"));
-    assert!(
-        alive(pids[0]) && alive(pids[2]),
-        "the other children were disturbed"
-    );
+    assert!(alive(pids[0]) && alive(pids[2]), "the other children were disturbed");
 
     // SIGTERM: router, admin, eventstore stop in that order; exit 0 within a few seconds.
     let since = Instant::now();
@@ -280,9 +243,7 @@ fn restarts_a_killed_child_notifies_systemd_and_stops_in_order() {
         .collect();
     let (eventstore, router, admin) = (order[0], order[1], order[2]);
     assert!(router < admin && admin < eventstore, "stop order {order:?}");
-    assert!(wait_until(Duration::from_secs(2), || notified(
-        "STOPPING=1"
-    )));
+    assert!(wait_until(Duration::from_secs(2), || notified("STOPPING=1")));
     for role in ROLES {
         assert!(!node.run_dir().join(format!("{role}.pid")).exists());
     }
@@ -305,10 +266,7 @@ fn ctrl_c_stops_the_node_without_restarts() {
         assert!(!alive(pid), "child {pid} survived");
     }
     assert!(node.log_has("received SIGINT"));
-    assert!(
-        !node.log_has("restarting in"),
-        "a child was restarted during shutdown"
-    );
+    assert!(!node.log_has("restarting in"), "a child was restarted during shutdown");
 }
 
 #[test]
@@ -321,9 +279,7 @@ fn children_die_with_a_killed_supervisor() {
     let status = node.wait_exit(Duration::from_secs(5));
     assert_eq!(status.signal(), Some(Signal::SIGKILL as i32));
     assert!(
-        wait_until(Duration::from_secs(5), || pids
-            .iter()
-            .all(|pid| !alive(*pid))),
+        wait_until(Duration::from_secs(5), || pids.iter().all(|pid| !alive(*pid))),
         "orphans left: {:?}",
         pids.iter().filter(|pid| alive(**pid)).collect::<Vec<_>>()
     );
@@ -342,13 +298,9 @@ fn bad_configuration_exits_2_and_starts_nothing() {
     let status = node.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(2));
     assert!(wait_until(Duration::from_secs(2), || {
-        node.log_has("axoniq.axonserver.event.segment-size")
-            && node.log_has("axonserver.properties")
+        node.log_has("axoniq.axonserver.event.segment-size") && node.log_has("axonserver.properties")
     }));
-    assert!(
-        !node.dir.path().join("d").exists(),
-        "the data directory was created"
-    );
+    assert!(!node.dir.path().join("d").exists(), "the data directory was created");
 }
 
 #[test]
@@ -415,11 +367,7 @@ fn a_second_signal_kills_at_once() {
     // Killed because of the second signal, not because its grace period ran out.
     assert!(node.log_has("router killed: was killed by SIGKILL"));
     assert!(!node.log_has("router did not stop within"));
-    assert!(
-        since.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        since.elapsed()
-    );
+    assert!(since.elapsed() < Duration::from_secs(5), "{:?}", since.elapsed());
     for pid in pids {
         assert!(!alive(pid), "child {pid} survived");
     }

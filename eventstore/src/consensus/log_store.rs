@@ -74,8 +74,8 @@ use std::sync::{Arc, OnceLock};
 use bytes::{BufMut, Bytes};
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{
-    AnyError, BasicNode, CommittedLeaderId, EntryPayload, ErrorSubject, ErrorVerb, LogState,
-    Membership, OptionalSend, RaftLogReader, StorageIOError, Vote,
+    AnyError, BasicNode, CommittedLeaderId, EntryPayload, ErrorSubject, ErrorVerb, LogState, Membership, OptionalSend,
+    RaftLogReader, StorageIOError, Vote,
 };
 use parking_lot::RwLock;
 use tokio::sync::{mpsc, oneshot};
@@ -163,9 +163,7 @@ impl LogIndex {
     }
 
     fn loc(&self, index: u64) -> Option<&Loc> {
-        index
-            .checked_sub(self.first)
-            .and_then(|i| self.locs.get(i as usize))
+        index.checked_sub(self.first).and_then(|i| self.locs.get(i as usize))
     }
 
     fn last_log_id(&self) -> Option<LogId> {
@@ -230,11 +228,9 @@ struct Shared {
 
 impl Shared {
     fn refused(&self) -> Option<io::Error> {
-        self.failed.get().map(|e| {
-            io::Error::other(format!(
-                "raft log refuses writes after an earlier IO error: {e}"
-            ))
-        })
+        self.failed
+            .get()
+            .map(|e| io::Error::other(format!("raft log refuses writes after an earlier IO error: {e}")))
     }
 }
 
@@ -408,11 +404,7 @@ impl LogStore {
             .map_err(|_| write_error("raft log writer thread is gone"))
     }
 
-    async fn call(
-        &self,
-        request: Request,
-        reply: oneshot::Receiver<io::Result<()>>,
-    ) -> Result<(), StorageError> {
+    async fn call(&self, request: Request, reply: oneshot::Receiver<io::Result<()>>) -> Result<(), StorageError> {
         self.send(request).await?;
         match reply.await {
             Ok(result) => result.map_err(write_error),
@@ -454,14 +446,12 @@ impl LogStore {
                 .into());
             }
             let mut record = Vec::new();
-            encode_record(&entry, &mut record).map_err(|e| {
-                StorageError::from(StorageIOError::write_log_entry(entry.log_id, AnyError::error(e)))
-            })?;
+            encode_record(&entry, &mut record)
+                .map_err(|e| StorageError::from(StorageIOError::write_log_entry(entry.log_id, AnyError::error(e))))?;
             let len = record.len() as u64;
 
             let start_new = self.layout.is_empty()
-                || (self.active_size > HEADER_LEN
-                    && self.active_size + len > self.options.segment_size);
+                || (self.active_size > HEADER_LEN && self.active_size + len > self.options.segment_size);
             if start_new {
                 let mut bytes = Vec::with_capacity(HEADER_LEN as usize + record.len());
                 bytes.extend_from_slice(MAGIC);
@@ -585,20 +575,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.committed)
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        self.append_with(
-            entries,
-            Box::new(move |result| callback.log_io_completed(result)),
-        )
-        .await
+        self.append_with(entries, Box::new(move |result| callback.log_io_completed(result)))
+            .await
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -684,15 +667,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         };
         let (purged, remove) = remove;
         let (done, reply) = oneshot::channel();
-        self.call(
-            Request::Purge {
-                purged,
-                remove,
-                done,
-            },
-            reply,
-        )
-        .await
+        self.call(Request::Purge { purged, remove, done }, reply).await
     }
 }
 
@@ -742,19 +717,15 @@ fn read_from_disk(wanted: Vec<(u64, Arc<File>, Loc)>) -> Result<Vec<Entry>, Stor
         let mut j = i + 1;
         while j < wanted.len() {
             let (_, next_file, loc) = &wanted[j];
-            if !Arc::ptr_eq(file, next_file)
-                || loc.offset != end
-                || end + u64::from(loc.len) - start > MAX_READ_SPAN
-            {
+            if !Arc::ptr_eq(file, next_file) || loc.offset != end || end + u64::from(loc.len) - start > MAX_READ_SPAN {
                 break;
             }
             end += u64::from(loc.len);
             j += 1;
         }
         let mut buf = vec![0u8; (end - start) as usize];
-        file.read_exact_at(&mut buf, start).map_err(|e| {
-            StorageError::from(StorageIOError::read_log_at_index(wanted[i].0, AnyError::new(&e)))
-        })?;
+        file.read_exact_at(&mut buf, start)
+            .map_err(|e| StorageError::from(StorageIOError::read_log_at_index(wanted[i].0, AnyError::new(&e))))?;
         let buf = Bytes::from(buf);
         for (index, _, loc) in &wanted[i..j] {
             let at = (loc.offset - start) as usize;
@@ -801,12 +772,7 @@ fn write_error(e: impl ToString) -> StorageError {
 }
 
 fn read_error(e: impl ToString) -> StorageError {
-    StorageIOError::new(
-        ErrorSubject::Logs,
-        ErrorVerb::Read,
-        AnyError::error(e.to_string()),
-    )
-    .into()
+    StorageIOError::new(ErrorSubject::Logs, ErrorVerb::Read, AnyError::error(e.to_string())).into()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -828,12 +794,11 @@ fn encode_record(entry: &Entry, out: &mut Vec<u8>) -> Result<(), String> {
         }
         EntryPayload::Membership(membership) => {
             out.put_u8(TAG_MEMBERSHIP);
-            serde_json::to_writer(&mut *out, membership)
-                .map_err(|e| format!("cannot encode membership: {e}"))?;
+            serde_json::to_writer(&mut *out, membership).map_err(|e| format!("cannot encode membership: {e}"))?;
         }
     }
-    let body_len = u32::try_from(out.len() - start - RECORD_HEADER_LEN)
-        .map_err(|_| "entry larger than 4 GiB".to_string())?;
+    let body_len =
+        u32::try_from(out.len() - start - RECORD_HEADER_LEN).map_err(|_| "entry larger than 4 GiB".to_string())?;
     let crc = crc32fast::hash(&out[start + RECORD_HEADER_LEN..]);
     out[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
@@ -955,9 +920,8 @@ fn scan_segment(path: &Path, first: u64, is_last: bool) -> io::Result<Scan> {
     let data = fs::read(path)?;
     let file_len = data.len() as u64;
     let here = |offset: usize, what: &str| corrupt(format!("{} at offset {offset}: {what}", path.display()));
-    let header_ok = data.len() >= HEADER_LEN as usize
-        && &data[..8] == MAGIC
-        && data[8..12] == FORMAT_VERSION.to_le_bytes();
+    let header_ok =
+        data.len() >= HEADER_LEN as usize && &data[..8] == MAGIC && data[8..12] == FORMAT_VERSION.to_le_bytes();
     if !header_ok {
         let mut header = MAGIC.to_vec();
         header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -1209,11 +1173,7 @@ impl Writer {
                 let result = self.guarded(|w| w.truncate(index, cut, &remove));
                 let _ = done.send(result);
             }
-            Request::Purge {
-                purged,
-                remove,
-                done,
-            } => {
+            Request::Purge { purged, remove, done } => {
                 self.flush(pending);
                 let result = self.guarded(|w| w.purge(purged, &remove));
                 let _ = done.send(result);
@@ -1268,17 +1228,14 @@ impl Writer {
             let file = Arc::new(file);
             self.files.insert(write.segment, file.clone());
             // Readers find the file before any entry in it leaves the cache (only after fsync).
-            self.shared
-                .state
-                .write()
-                .segments
-                .insert(write.segment, file.clone());
+            self.shared.state.write().segments.insert(write.segment, file.clone());
             pending.created = true;
             file
         } else {
-            self.files.get(&write.segment).cloned().ok_or_else(|| {
-                io::Error::other(format!("segment {} is not open", write.segment))
-            })?
+            self.files
+                .get(&write.segment)
+                .cloned()
+                .ok_or_else(|| io::Error::other(format!("segment {} is not open", write.segment)))?
         };
         file.write_all_at(&write.bytes, write.offset)?;
         if !pending.dirty.contains(&write.segment) {
@@ -1298,10 +1255,7 @@ impl Writer {
             Ok(()) => {
                 if let Some(last) = pending.last_index {
                     self.shared.flushed_next.store(last + 1, Ordering::Release);
-                    self.shared
-                        .state
-                        .write()
-                        .evict(self.shared.cache_budget, last + 1);
+                    self.shared.state.write().evict(self.shared.cache_budget, last + 1);
                 }
                 for callback in pending.callbacks.drain(..) {
                     callback(Ok(()));
@@ -1463,9 +1417,7 @@ mod tests {
         };
         Entry {
             log_id: log_id(term, index),
-            payload: EntryPayload::Normal(Command::AppendEvents(vec![Transaction {
-                events: vec![event],
-            }])),
+            payload: EntryPayload::Normal(Command::AppendEvents(vec![Transaction { events: vec![event] }])),
         }
     }
 
@@ -1628,9 +1580,7 @@ mod tests {
             self.clone()
         }
 
-        async fn begin_receiving_snapshot(
-            &mut self,
-        ) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
             Ok(Box::new(Cursor::new(Vec::new())))
         }
 
@@ -1646,9 +1596,7 @@ mod tests {
             Ok(())
         }
 
-        async fn get_current_snapshot(
-            &mut self,
-        ) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
             let sm = self.0.lock().unwrap();
             Ok(sm.snapshot.as_ref().map(|(meta, data)| Snapshot {
                 meta: meta.clone(),
@@ -1686,8 +1634,7 @@ mod tests {
         let files = segment_files(src.path());
         assert!(files.len() >= 5, "want several segments, got {}", files.len());
         let last = files.last().unwrap();
-        let last_first: usize = parse_segment_name(last.file_name().unwrap().to_str().unwrap())
-            .unwrap() as usize;
+        let last_first: usize = parse_segment_name(last.file_name().unwrap().to_str().unwrap()).unwrap() as usize;
         let data = fs::read(last).unwrap();
         let ends = record_ends(&data);
         assert!(ends.len() >= 2);
@@ -1701,8 +1648,7 @@ mod tests {
                 .unwrap()
                 .set_len(cut as u64)
                 .unwrap();
-            let mut store = LogStore::open(dir.path(), options(200, 0))
-                .unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+            let mut store = LogStore::open(dir.path(), options(200, 0)).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
             let kept = last_first + ends.iter().filter(|&&end| end <= cut).count();
             assert_eq!(read_all(&mut store).await, entries[..kept], "cut at {cut}");
             let state = store.get_log_state().await.unwrap();
@@ -1859,10 +1805,7 @@ mod tests {
         let mut reader = store.get_log_reader().await;
         let read = reader.try_get_log_entries(60..=64).await.unwrap();
         assert_eq!(read, (60..=64).map(|i| normal(1, i, 100)).collect::<Vec<_>>());
-        assert_eq!(
-            store.get_log_state().await.unwrap().last_log_id,
-            Some(log_id(1, 64))
-        );
+        assert_eq!(store.get_log_state().await.unwrap().last_log_id, Some(log_id(1, 64)));
         assert!(order.lock().unwrap().is_empty(), "acknowledged before fsync");
 
         drop(resume);

@@ -48,10 +48,13 @@ pub async fn start_group(
 ) -> anyhow::Result<Raft> {
     use anyhow::Context as _;
     let log_dir = stored.dir.join("log");
-    let log = log_store::LogStore::open(&log_dir, log_store::LogStoreOptions {
-        segment_size: log_segment_size,
-        cache_bytes: 64 << 20,
-    })
+    let log = log_store::LogStore::open(
+        &log_dir,
+        log_store::LogStoreOptions {
+            segment_size: log_segment_size,
+            cache_bytes: 64 << 20,
+        },
+    )
     .with_context(|| format!("opening the Raft log of context {context}"))?;
     let sm = state_machine::StateMachine::open(stored)
         .with_context(|| format!("opening the state machine of context {context}"))?;

@@ -92,9 +92,7 @@ mod tests {
         for i in 0..10_000 {
             assert!(bloom.may_contain(&format!("aggregate-{i}")));
         }
-        let false_positives = (0..10_000)
-            .filter(|i| bloom.may_contain(&format!("other-{i}")))
-            .count();
+        let false_positives = (0..10_000).filter(|i| bloom.may_contain(&format!("other-{i}"))).count();
         assert!(false_positives < 600, "{false_positives} false positives");
         let mut bytes = Vec::new();
         bloom.encode(&mut bytes);

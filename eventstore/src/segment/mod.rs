@@ -113,7 +113,9 @@ mod tests {
         let mut ends = Vec::new(); // (file length after record, events so far)
         for i in 0..6u64 {
             append(&store, i + 1, &[("a", 2 * i as i64), ("a", 2 * i as i64 + 1)]);
-            let len = std::fs::metadata(dir.path().join(format!("{:020}.events", 0))).unwrap().len();
+            let len = std::fs::metadata(dir.path().join(format!("{:020}.events", 0)))
+                .unwrap()
+                .len();
             ends.push((len, 2 * (i + 1) as i64));
         }
         drop(store);
@@ -123,7 +125,11 @@ mod tests {
             let copy = tempfile::tempdir().unwrap();
             std::fs::write(copy.path().join(format!("{:020}.events", 0)), &full[..cut]).unwrap();
             let store = open(copy.path(), 1 << 20);
-            let whole = ends.iter().filter(|(len, _)| *len as usize <= cut).last().map_or(0, |(_, n)| *n);
+            let whole = ends
+                .iter()
+                .filter(|(len, _)| *len as usize <= cut)
+                .last()
+                .map_or(0, |(_, n)| *n);
             assert_eq!(store.next_token(), whole, "cut at {cut}");
             assert_eq!(all(&store).len() as i64, whole);
             let expected_last = if whole == 0 { None } else { Some(whole - 1) };

@@ -55,11 +55,7 @@ pub enum StoreError {
         source: io::Error,
     },
     #[error("{path} at offset {offset}: {what}")]
-    Corrupt {
-        path: PathBuf,
-        offset: u64,
-        what: String,
-    },
+    Corrupt { path: PathBuf, offset: u64, what: String },
 }
 
 impl StoreError {
@@ -271,7 +267,15 @@ impl SegmentStore {
         for id in open.index.aggregates.keys() {
             bloom.insert(id);
         }
-        write_side_files(&self.dir, self.kind, open.base, &open.index, open.len, state.next_token, &bloom)?;
+        write_side_files(
+            &self.dir,
+            self.kind,
+            open.base,
+            &open.index,
+            open.len,
+            state.next_token,
+            &bloom,
+        )?;
         let base = state.next_token;
         let (path, file) = create_segment(&self.dir, self.kind, base)?;
         let old = std::mem::replace(
@@ -369,7 +373,13 @@ impl SegmentStore {
             (
                 self.candidates(&state, aggregate_id),
                 state.open.file.clone(),
-                state.open.index.aggregates.get(aggregate_id).cloned().unwrap_or_default(),
+                state
+                    .open
+                    .index
+                    .aggregates
+                    .get(aggregate_id)
+                    .cloned()
+                    .unwrap_or_default(),
             )
         };
         let mut out = Vec::new();
@@ -424,7 +434,11 @@ impl SegmentStore {
             return Ok(None);
         }
         if token >= state.open.base {
-            let (_, offset) = state.open.index.record_for(token).expect("token within the open segment");
+            let (_, offset) = state
+                .open
+                .index
+                .record_for(token)
+                .expect("token within the open segment");
             return Ok(Some((
                 state.open.file.clone(),
                 state.open.path.clone(),
@@ -433,7 +447,11 @@ impl SegmentStore {
                 state.next_token,
             )));
         }
-        let (base, closed) = state.closed.range(..=token).next_back().expect("token within closed segments");
+        let (base, closed) = state
+            .closed
+            .range(..=token)
+            .next_back()
+            .expect("token within closed segments");
         let (base, file, path, next) = (*base, closed.file.clone(), closed.path.clone(), closed.next_token);
         drop(state);
         let index = self.closed_index(base)?;
@@ -468,10 +486,16 @@ impl SegmentStore {
     }
 }
 
-fn read_positions(file: &File, path: &Path, positions: &[Position], out: &mut Vec<(i64, Bytes)>) -> Result<(), StoreError> {
+fn read_positions(
+    file: &File,
+    path: &Path,
+    positions: &[Position],
+    out: &mut Vec<(i64, Bytes)>,
+) -> Result<(), StoreError> {
     for p in positions {
         let mut buf = vec![0u8; p.len as usize];
-        file.read_exact_at(&mut buf, p.offset).map_err(|e| StoreError::io(path, e))?;
+        file.read_exact_at(&mut buf, p.offset)
+            .map_err(|e| StoreError::io(path, e))?;
         out.push((p.sequence, Bytes::from(buf)));
     }
     Ok(())
@@ -496,7 +520,8 @@ fn read_records(
     while offset < end && taken < max_events && total < max_bytes {
         let want = ((end - offset) as usize).min(READ_CHUNK.max(max_bytes - total).min(READ_CHUNK * 4));
         let mut buf = vec![0u8; want];
-        file.read_exact_at(&mut buf, offset).map_err(|e| StoreError::io(path, e))?;
+        file.read_exact_at(&mut buf, offset)
+            .map_err(|e| StoreError::io(path, e))?;
         let chunk = Bytes::from(buf);
         let mut at = 0usize;
         loop {
@@ -519,13 +544,15 @@ fn read_records(
                 Parsed::Incomplete => {
                     // One record larger than the chunk: read exactly that record.
                     let mut prefix = [0u8; record::PREFIX_LEN];
-                    file.read_exact_at(&mut prefix, offset).map_err(|e| StoreError::io(path, e))?;
+                    file.read_exact_at(&mut prefix, offset)
+                        .map_err(|e| StoreError::io(path, e))?;
                     let len = record::PREFIX_LEN + u32::from_le_bytes(prefix[0..4].try_into().expect("4")) as usize;
                     if offset + len as u64 > end {
                         return Err(StoreError::corrupt(path, offset, "record runs past the end of data"));
                     }
                     let mut whole = vec![0u8; len];
-                    file.read_exact_at(&mut whole, offset).map_err(|e| StoreError::io(path, e))?;
+                    file.read_exact_at(&mut whole, offset)
+                        .map_err(|e| StoreError::io(path, e))?;
                     let whole = Bytes::from(whole);
                     let Parsed::Record { body, .. } = record::parse(&whole) else {
                         return Err(StoreError::corrupt(path, offset, "damaged record"));
@@ -672,7 +699,8 @@ fn last_entry_of(path: &Path, index: &SegmentIndex) -> Result<Option<EntryRef>, 
     };
     let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
     let mut head = [0u8; record::PREFIX_LEN + 24];
-    file.read_exact_at(&mut head, *offset).map_err(|e| StoreError::io(path, e))?;
+    file.read_exact_at(&mut head, *offset)
+        .map_err(|e| StoreError::io(path, e))?;
     let word = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
     Ok(Some(EntryRef {
         term: word(8),
@@ -690,7 +718,10 @@ fn write_side_files(
     next_token: i64,
     bloom: &Bloom,
 ) -> Result<(), StoreError> {
-    write_atomically(&side_path(dir, base, "index", kind), &index.encode(data_len, next_token))?;
+    write_atomically(
+        &side_path(dir, base, "index", kind),
+        &index.encode(data_len, next_token),
+    )?;
     let mut bytes = Vec::new();
     bloom.encode(&mut bytes);
     write_atomically(&side_path(dir, base, "bloom", kind), &bytes)
