@@ -148,24 +148,51 @@ record_memory() {
             *" router "*) router_rss="$(rss_kb "$p")" ;;
         esac
     done
-    jq -nc --arg label "$label" --argjson total "$total" --argjson es "$es_rss" --argjson hwm "$es_hwm" \
+    jq -nc --arg lbl "$label" --argjson total "$total" --argjson es "$es_rss" --argjson hwm "$es_hwm" \
         --argjson router "$router_rss" --argjson procs "$(( $(descendants "$NODE_PID" | wc -l) + 1 ))" \
-        '{workload:"memory", label:$label, node_rss_mb:(($total/1024*10|round)/10), processes:$procs,
+        '{workload:"memory", "label":$lbl, node_rss_mb:(($total/1024*10|round)/10), processes:$procs,
           eventstore_rss_mb:(($es/1024*10|round)/10), eventstore_peak_rss_mb:(($hwm/1024*10|round)/10),
           router_rss_mb:(($router/1024*10|round)/10)}' | tee -a "$RESULTS" >&2
 }
 record_disk() {
     local label="$1" bytes
     bytes="$(du -sb "$DATA" | cut -f1)"
-    jq -nc --arg label "$label" --argjson b "$bytes" \
-        '{workload:"disk", label:$label, data_dir_mb:(($b/1048576*10|round)/10), data_dir_bytes:$b}' \
+    jq -nc --arg lbl "$label" --argjson b "$bytes" \
+        '{workload:"disk", "label":$lbl, data_dir_mb:(($b/1048576*10|round)/10), data_dir_bytes:$b}' \
         | tee -a "$RESULTS" >&2
 }
+# CPU ticks (1/100 s) used so far by the eventstore, the router, and the whole node.
+node_ticks() {
+    local es=0 router=0 total p t cmd
+    total="$(awk '{print $14+$15}' "/proc/$NODE_PID/stat" 2>/dev/null || echo 0)"
+    for p in $(descendants "$NODE_PID"); do
+        t="$(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0)"
+        total=$((total + t))
+        cmd="$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null || true)"
+        case "$cmd" in
+            *" eventstore "*) es="$t" ;;
+            *" router "*) router="$t" ;;
+        esac
+    done
+    echo "$es $router $total $(sys_busy_ticks)"
+}
+# Busy CPU ticks of the whole machine (all processes, all CPUs).
+sys_busy_ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
+# Runs one workload against the node, recording its JSON line and the node's CPU use during it.
 bench() {
-    local label="$1"
+    local label="$1" before after t0 t1
     shift
     log "$label: myelin-bench $*"
+    read -r -a before <<<"$(node_ticks)"
+    t0="$(date +%s.%N)"
     "$BENCH" "$@" --server "$SERVER" --json --label "$label" | tee -a "$RESULTS" >/dev/null
+    t1="$(date +%s.%N)"
+    read -r -a after <<<"$(node_ticks)"
+    jq -nc --arg lbl "$label" --argjson es "$((after[0] - before[0]))" --argjson r "$((after[1] - before[1]))" \
+        --argjson n "$((after[2] - before[2]))" --argjson sys "$((after[3] - before[3]))" --argjson wall "$(echo "$t1 - $t0" | bc -l)" \
+        --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" \
+        '{workload:"cpu", "label":$lbl, wall_s:(($wall*100|round)/100), eventstore_cpu_s:($es/100),
+          router_cpu_s:($r/100), node_cpu_s:($n/100), machine_busy_cpu_s:($sys/100), loadavg:$load}' | tee -a "$RESULTS" >&2
 }
 
 record_memory idle

@@ -38,7 +38,9 @@ pub struct Args {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let ids: Arc<Vec<String>> = Arc::new(if args.aggregates.is_empty() {
-        (0..args.aggregate_count).map(|k| format!("{}-{k}", args.aggregate_prefix)).collect()
+        (0..args.aggregate_count)
+            .map(|k| format!("{}-{k}", args.aggregate_prefix))
+            .collect()
     } else {
         args.aggregates.clone()
     });
@@ -142,7 +144,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.concurrency,
         errors.count,
         common::latency_line(&histogram),
-        if errors.samples.is_empty() { String::new() } else { format!("\n  errors: {:?}", errors.samples) },
+        if errors.samples.is_empty() {
+            String::new()
+        } else {
+            format!("\n  errors: {:?}", errors.samples)
+        },
     );
     common::emit(&args.common, "aggregate-read", fields, &summary);
     Ok(())

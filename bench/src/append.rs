@@ -55,7 +55,10 @@ struct ClientResult {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    anyhow::ensure!(args.clients > 0 && args.events_per_append > 0, "clients and events-per-append must be > 0");
+    anyhow::ensure!(
+        args.clients > 0 && args.events_per_append > 0,
+        "clients and events-per-append must be > 0"
+    );
     let connections = common::connect_many(&args.common.server, args.clients, args.clients_per_connection).await?;
     let data = common::payload(args.payload_bytes);
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
@@ -187,7 +190,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     fields.insert("payload_bytes".into(), json!(args.payload_bytes));
     fields.insert("events_per_append".into(), json!(args.events_per_append));
     fields.insert("hot_aggregates".into(), json!(args.hot_aggregates));
-    fields.insert("hot_share".into(), json!(if args.hot_aggregates > 0 { args.hot_share } else { 0.0 }));
+    fields.insert(
+        "hot_share".into(),
+        json!(if args.hot_aggregates > 0 { args.hot_share } else { 0.0 }),
+    );
     fields.insert("appends".into(), json!(total.appends));
     fields.insert("hot_appends".into(), json!(total.hot_appends));
     fields.insert("appends_per_s".into(), json!(appends_per_s.round()));
@@ -202,10 +208,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         events_per_s,
         appends_per_s,
         total.appends,
-        if args.hot_aggregates > 0 { format!(", {} to {} hot aggregates", total.hot_appends, args.hot_aggregates) } else { String::new() },
+        if args.hot_aggregates > 0 {
+            format!(", {} to {} hot aggregates", total.hot_appends, args.hot_aggregates)
+        } else {
+            String::new()
+        },
         total.errors.count,
         common::latency_line(&histogram),
-        if total.errors.samples.is_empty() { String::new() } else { format!("\n  errors: {:?}", total.errors.samples) },
+        if total.errors.samples.is_empty() {
+            String::new()
+        } else {
+            format!("\n  errors: {:?}", total.errors.samples)
+        },
     );
     common::emit(&args.common, "append", fields, &summary);
     Ok(())

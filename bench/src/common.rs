@@ -69,7 +69,10 @@ pub fn request<T>(context: &str, message: T) -> Request<T> {
 }
 
 pub fn now_millis() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// A payload of `n` bytes (printable, like a small JSON/XML document would be).
@@ -151,9 +154,23 @@ pub fn emit(common: &Common, workload: &str, mut fields: Map<String, Value>, sum
         m.insert("timestamp".into(), json!(now_millis()));
         m.insert("server".into(), json!(common.server));
         m.insert("context".into(), json!(common.context));
+        if let Some(cpu) = own_cpu_seconds() {
+            m.insert("client_cpu_s".into(), json!((cpu * 100.0).round() / 100.0));
+        }
         m.append(&mut fields);
         println!("{}", Value::Object(m));
     }
+}
+
+/// CPU time (user + system) this process used so far, from /proc/self/stat (Linux; the
+/// clock tick is taken as 100 Hz, Linux's USER_HZ).
+pub fn own_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 /// Keeps the first few distinct error messages for the report.

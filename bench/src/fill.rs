@@ -42,7 +42,10 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    anyhow::ensure!(args.aggregate_size > 0 && args.batch_events > 0 && args.clients > 0, "sizes must be > 0");
+    anyhow::ensure!(
+        args.aggregate_size > 0 && args.batch_events > 0 && args.clients > 0,
+        "sizes must be > 0"
+    );
     let aggregates = args.events / args.aggregate_size;
     let total_events = aggregates * args.aggregate_size;
     let chunks = aggregates.div_ceil(args.batch_events);
@@ -126,7 +129,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     fields.insert("events_requested".into(), json!(total_events));
     fields.insert("aggregates".into(), json!(aggregates));
     fields.insert("aggregate_size".into(), json!(args.aggregate_size));
-    fields.insert("aggregate_ids".into(), json!(format!("{0}-0 .. {0}-{1}", args.prefix, aggregates.saturating_sub(1))));
+    fields.insert(
+        "aggregate_ids".into(),
+        json!(format!("{0}-0 .. {0}-{1}", args.prefix, aggregates.saturating_sub(1))),
+    );
     fields.insert("batch_events".into(), json!(args.batch_events));
     fields.insert("clients".into(), json!(args.clients));
     fields.insert("payload_bytes".into(), json!(args.payload_bytes));
@@ -143,7 +149,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.clients,
         errors.count,
         common::latency_line(&histogram),
-        if errors.samples.is_empty() { String::new() } else { format!("\n  errors: {:?}", errors.samples) },
+        if errors.samples.is_empty() {
+            String::new()
+        } else {
+            format!("\n  errors: {:?}", errors.samples)
+        },
     );
     common::emit(&args.common, "fill", fields, &summary);
     anyhow::ensure!(errors.count == 0, "fill had {} errors", errors.count);

@@ -29,7 +29,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let a = args.clone();
     let (histogram, n) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let path = a.dir.join(format!("myelin-bench-fsync-{}.tmp", std::process::id()));
-        let mut file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path)?;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)?;
         let block = vec![0x5au8; a.block_bytes];
         let mut histogram = common::histogram();
         let end = Instant::now() + Duration::from_secs_f64(a.duration);

@@ -14,7 +14,11 @@ mod replay;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "myelin-bench", version, about = "Load generator for Myelin (gRPC, like a real client)")]
+#[command(
+    name = "myelin-bench",
+    version,
+    about = "Load generator for Myelin (gRPC, like a real client)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -107,7 +107,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     fields.insert("permit_grants".into(), json!(grants));
     fields.insert("seconds".into(), json!((secs * 1000.0).round() / 1000.0));
     fields.insert("events_per_s".into(), json!(rate.round()));
-    fields.insert("mb_payload_per_s".into(), json!((payload_bytes as f64 / secs / 1e6 * 10.0).round() / 10.0));
+    fields.insert(
+        "mb_payload_per_s".into(),
+        json!((payload_bytes as f64 / secs / 1e6 * 10.0).round() / 10.0),
+    );
     fields.insert(
         "first_event_ms".into(),
         json!(first_event.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3)),

@@ -68,6 +68,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
     use anyhow::Context as _;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+    let _lock = lock_data_dir(&args.data_dir).await?;
     let limits = stored::Limits {
         event_segment_size: args.segment_size,
         snapshot_segment_size: args.snapshot_segment_size,
@@ -117,6 +118,31 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
     contexts.shutdown().await;
     let _ = std::fs::remove_file(&args.socket);
     Ok(())
+}
+
+/// Takes an exclusive lock on the data directory for the life of the process, so that two
+/// eventstores never write the same files (e.g. an old one still flushing while a restarted one
+/// starts). Waits a few seconds for a previous holder to finish.
+async fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use anyhow::Context as _;
+    let path = dir.join("eventstore.lock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((_, errno)) if std::time::Instant::now() < deadline => {
+                tracing::warn!(%errno, path = %path.display(), "data directory locked by another eventstore; waiting");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err((_, errno)) => anyhow::bail!("{} is locked by another eventstore: {errno}", path.display()),
+        }
+    }
 }
 
 /// Maximum size of a Raft log segment file.

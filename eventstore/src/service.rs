@@ -79,20 +79,13 @@ fn outcome_status(outcome: Outcome) -> Result<i64, Status> {
     }
 }
 
-/// An event that names an aggregate type or a sequence number must name its aggregate.
+/// An event that names an aggregate type takes part in sequence checks and must name its
+/// aggregate. Events without a type are stored as sent (as Axon Server does).
 fn check_event(event: &Event) -> Result<(), Status> {
-    if event.aggregate_identifier.is_empty()
-        && (!event.aggregate_type.is_empty() || event.aggregate_sequence_number != 0)
-    {
+    if event.aggregate_identifier.is_empty() && !event.aggregate_type.is_empty() {
         return Err(Status::invalid_argument(format!(
-            "event {} has aggregate type {:?} and sequence number {} but no aggregate identifier",
-            event.message_identifier, event.aggregate_type, event.aggregate_sequence_number
-        )));
-    }
-    if event.aggregate_sequence_number < 0 {
-        return Err(ErrorCode::InvalidSequence.status(format!(
-            "Invalid sequence number {} for aggregate {}",
-            event.aggregate_sequence_number, event.aggregate_identifier
+            "event {} has aggregate type {:?} but no aggregate identifier",
+            event.message_identifier, event.aggregate_type
         )));
     }
     Ok(())
@@ -219,8 +212,10 @@ impl EventStorage for Service {
         let stored = context.stored.clone();
         let id = req.aggregate_id.clone();
         let mut snapshots = blocking(move || stored.snapshots.read_aggregate(&id)).await?;
-        // Newest first; the upper bound is exclusive as in Axon Server, and 0 means unbounded.
+        // Highest sequence first (the newest of equal ones first); the upper bound is exclusive
+        // as in Axon Server, and 0 means unbounded.
         snapshots.reverse();
+        snapshots.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
         let upper = if req.max_sequence > 0 {
             req.max_sequence
         } else {

@@ -70,7 +70,7 @@ impl EventStore for EventStoreRelay {
         let mut stream = request.into_inner();
         let mut events = Vec::new();
         let mut bytes = 0usize;
-        while let Some(event) = stream.message().await? {
+        while let Some(event) = stream.message().await.map_err(crate::limits::client_stream_error)? {
             bytes += event.encoded_len();
             if bytes > self.max_transaction_bytes {
                 return Err(ErrorCode::PayloadTooLarge.status(format!(

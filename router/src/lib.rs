@@ -7,6 +7,7 @@
 
 pub mod context;
 pub mod event_store;
+pub mod limits;
 pub mod platform;
 
 use std::net::SocketAddr;
@@ -105,6 +106,9 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
     let max = args.max_message_size;
     let mut stop_clients = stop_rx;
     let clients = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            limits::rewrite_response::<tonic::body::Body>,
+        ))
         .http2_keepalive_interval(Some(std::time::Duration::from_millis(2500)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_millis(5000)))
         .add_service(

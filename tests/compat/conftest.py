@@ -8,7 +8,7 @@ from myelin_harness import EventStore, MyelinNode
 
 # Contexts every module node is created with: `default` plus spare ones, so that a test that needs
 # an empty event store (tokens from 0, GetLastToken -1, ...) gets a context nobody else writes to.
-SPARE_CONTEXTS = [f"ctx{i}" for i in range(1, 7)]
+SPARE_CONTEXTS = [f"ctx{i}" for i in range(1, 15)]
 
 
 def start_node(request, **properties) -> MyelinNode:

@@ -260,3 +260,30 @@ def test_many_events_in_one_transaction(store):
     got = store.aggregate(agg)
     assert seqs(got) == list(range(500))
     assert store.highest_seq(agg) == 499
+
+
+# -- cases where an early build deviated from Axon Server --------------------------------------------
+def test_negative_sequence_number_message(store):
+    agg = unique("neg")
+    assert_rejected(store, [event(agg, -1)], f"[AXONIQ-2000] Invalid sequence number -1 for aggregate {agg}, expected 0", {agg: 0})
+    store.append(agg_events(agg, 0, 2))
+    assert_rejected(store, [event(agg, -1)], f"[AXONIQ-2000] Invalid sequence number -1 for aggregate {agg}, expected 2", {agg: 2})
+
+
+def test_untyped_events_accept_any_sequence_number(store):
+    before = store.last_token()
+    untyped = [
+        event("", 5, aggregate_type=""),
+        event(unique("untyped-neg"), -1, aggregate_type=""),
+    ]
+    rejected = []
+    for e in untyped:
+        try:
+            store.append([e])
+        except grpc.RpcError as exc:
+            rejected.append(
+                f"untyped event (id={e.aggregate_identifier!r}, seq={e.aggregate_sequence_number}) rejected: "
+                f"{exc.code()} {exc.details()!r}"
+            )
+    assert not rejected, "\n".join(rejected)
+    assert [t.event for t in store.read_all(before + 1)] == untyped

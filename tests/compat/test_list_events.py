@@ -132,20 +132,51 @@ def test_cancelled_tracker_does_not_disturb_the_node(fresh):
     assert tokens(fresh.read_all(0)) == [0, 1, 2, 3]
 
 
-def test_axonclient_list_events_and_iter_events(node):
+def test_axonclient_list_events_and_iter_events(node, fresh):
     """axonclient half-closes its request stream ~1 s after opening it and expects the stream to end."""
-    client = node.client(context="ctx6")  # a context only this test writes to
+    client = node.client(context=fresh.context)  # AxonClient bound to a context only this test uses
     agg = unique("acl")
     client.append_event([AxonEvent(agg, i, "Order", payload_type="E", payload_data=bytes([i])) for i in range(4)])
+    client.append_event(AxonEvent(agg, 4, "Order", payload_type="F", payload_revision="1"))
     started = time.monotonic()
     listed = client.list_events()
     assert time.monotonic() - started < 10
-    assert [t for t, _ in listed] == [0, 1, 2, 3]
-    assert [(e.aggregate_identifier, e.aggregate_sequence_number, e.payload_data) for _, e in listed] == [
+    assert [t for t, _ in listed] == [0, 1, 2, 3, 4]
+    assert [(e.aggregate_identifier, e.aggregate_sequence_number, e.payload_data) for _, e in listed[:4]] == [
         (agg, i, bytes([i])) for i in range(4)
     ]
-    assert [t for t, _ in client.iter_events(tracking_token=2)] == [2, 3]
+    assert [t for t, _ in client.iter_events(tracking_token=2)] == [2, 3, 4]
     assert [t for t, _ in client.list_events(number_of_permits=2)] == [0, 1]
-    bl = [event_pb2.PayloadDescription(type="E", revision="")]
-    assert client.list_events(blacklist=bl) == [] or all(e.payload_type != "E" for _, e in client.list_events(blacklist=bl))
+    blacklisted = client.list_events(blacklist=[event_pb2.PayloadDescription(type="E", revision="")])
+    assert [(t, e.payload_type) for t, e in blacklisted] == [(4, "F")]
     client.close_connection()
+
+
+def test_zero_initial_permits_sends_nothing(fresh):
+    fresh.append(agg_events(unique("zero"), 0, 2))
+    with fresh.tracker(0, permits=0) as stream:
+        stream.assert_quiet(1.0)
+        stream.permits(1)
+        assert tokens(stream.take(1)) == [0]
+        stream.assert_quiet(0.5)
+
+
+def test_huge_permit_grants_do_not_overflow(fresh):
+    int32_max = 2**31 - 1
+    with fresh.tracker(0, permits=int32_max) as stream:
+        stream.permits(int32_max)
+        stream.permits(int32_max)
+        time.sleep(0.3)
+        fresh.append(agg_events(unique("ovf"), 0, 3))
+        assert tokens(stream.take(3, timeout=5)) == [0, 1, 2]
+        assert stream.error is None
+
+
+def test_blacklisted_run_sends_one_event_after_1000_skips(fresh):
+    """Axon sends one blacklisted event after 1000 consecutive skips so the client's token advances."""
+    fresh.append([event("", 0, aggregate_type="", payload_type="Noise", revision="1") for _ in range(1005)])
+    with fresh.tracker(0, permits=10, blacklist=[("Noise", "1")]) as stream:
+        got = stream.take(1, timeout=5)
+        assert tokens(got) == [1000]
+        assert got[0].event.payload.type == "Noise"
+        stream.assert_quiet(0.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from axonclient.client import AxonEvent
 
 from myelin_harness import EventStore, agg_events, event, tokens, unique
 from conftest import start_node
@@ -52,8 +53,6 @@ def test_axonclient_token_api(node):
     client = node.client()
     before = client.get_last_token()
     agg = unique("actok")
-    from axonclient.client import AxonEvent
-
     client.append_event([AxonEvent(agg, 0, "Order"), AxonEvent(agg, 1, "Order")])
     assert client.get_last_token() == before + 2
     assert client.get_first_token() == 0

@@ -1640,6 +1640,13 @@ mod tests {
         assert!(ends.len() >= 2);
 
         for cut in 0..=data.len() {
+            if cut % 20 == 0 {
+                eprintln!(
+                    "cut {cut} fds {} threads {}",
+                    fs::read_dir("/proc/self/fd").unwrap().count(),
+                    fs::read_dir("/proc/self/task").unwrap().count()
+                );
+            }
             let dir = copy_dir(src.path());
             let path = dir.path().join(last.file_name().unwrap());
             OpenOptions::new()
@@ -1915,5 +1922,37 @@ mod tests {
             .map(|p| p.file_name().unwrap().to_str().unwrap().to_string())
             .collect();
         assert_eq!(names, ["00000000000000000041.log"]);
+    }
+}
+#[cfg(test)]
+mod fd_probe {
+    use super::*;
+    #[tokio::test]
+    async fn fd_probe() {
+        let dir = tempfile::tempdir().unwrap();
+        let count = || fs::read_dir("/proc/self/fd").unwrap().count();
+        let mut store = LogStore::open(dir.path(), LogStoreOptions::default()).unwrap();
+        let (tx, rx) = oneshot::channel();
+        store
+            .append_with(
+                vec![Entry {
+                    log_id: LogId::new(CommittedLeaderId::new(1, 1), 0),
+                    payload: EntryPayload::Blank,
+                }],
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            )
+            .await
+            .unwrap();
+        rx.await.unwrap().unwrap();
+        drop(store);
+        eprintln!("start {}", count());
+        for _ in 0..50 {
+            let store = LogStore::open(dir.path(), LogStoreOptions::default()).unwrap();
+            drop(store);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        eprintln!("after 50 {}", count());
     }
 }
