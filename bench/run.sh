@@ -202,6 +202,8 @@ log "fsync: raw write+fdatasync rate of the data dir's disk"
 
 bench append-1 append --clients 1 --duration "$APPEND_SECS" --warmup "$APPEND_WARMUP"
 bench append-64 append --clients 64 --duration "$APPEND_SECS" --warmup "$APPEND_WARMUP"
+bench append-64-x10 append --clients 64 --duration "$APPEND_SECS" --warmup "$APPEND_WARMUP" \
+    --events-per-append 10
 bench append-64-hot append --clients 64 --duration "$APPEND_SECS" --warmup "$APPEND_WARMUP" \
     --hot-aggregates 16 --hot-share 0.1
 

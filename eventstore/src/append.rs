@@ -124,11 +124,10 @@ async fn batch_loop(raft: Raft, stored: Arc<StoredContext>, mut rx: mpsc::Receiv
         let mut next = Some(first);
         while let Some(pending) = next.take() {
             let size = pending.work.size();
-            if !txs.is_empty() || !snapshots.is_empty() {
-                if bytes + size > MAX_BATCH_BYTES || txs.len() + snapshots.len() >= MAX_BATCH_ITEMS {
-                    carry = Some(pending);
-                    break;
-                }
+            let started = !txs.is_empty() || !snapshots.is_empty();
+            if started && (bytes + size > MAX_BATCH_BYTES || txs.len() + snapshots.len() >= MAX_BATCH_ITEMS) {
+                carry = Some(pending);
+                break;
             }
             bytes += size;
             match pending.work {

@@ -61,6 +61,10 @@
 //!
 //! Nothing is modified on disk before every check has passed.
 
+// openraft's `StorageError` (224 bytes) is what every storage method returns; helpers return it
+// too rather than converting at each call.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
 use std::fs::{self, File, OpenOptions};
@@ -276,6 +280,14 @@ enum Request {
     Pause(std::sync::mpsc::Receiver<()>),
 }
 
+/// An append encoded and laid out, not yet visible or queued.
+struct PreparedAppend {
+    writes: Vec<SegmentWrite>,
+    /// Each entry with its location and cache cost.
+    entries: Vec<(Entry, Loc, u64)>,
+    last_index: Option<u64>,
+}
+
 /// The Raft log of one context. See the module docs for the guarantees.
 pub struct LogStore {
     shared: Arc<Shared>,
@@ -419,6 +431,51 @@ impl LogStore {
         I: IntoIterator<Item = Entry>,
     {
         self.check_writable()?;
+        let layout_before = (self.layout.len(), self.active_size);
+        let prepared = self.prepare_append(entries);
+        if prepared.is_err() {
+            // Nothing was queued: forget the segments this append would have opened.
+            self.layout.truncate(layout_before.0);
+            self.active_size = layout_before.1;
+        }
+        let PreparedAppend {
+            writes,
+            entries: new_entries,
+            last_index,
+        } = prepared?;
+
+        {
+            let mut state = self.shared.state.write();
+            if state.locs.is_empty()
+                && let Some((entry, _, _)) = new_entries.first()
+            {
+                // An empty log starts with this entry: right after the purged id (checked by
+                // `prepare_append`), or anywhere if it never purged.
+                state.first = entry.log_id.index;
+                state.cache_first = entry.log_id.index;
+            }
+            for (entry, loc, cost) in new_entries {
+                state.locs.push_back(loc);
+                state.cache.push_back((entry, cost));
+                state.cache_bytes += cost;
+            }
+            let flushed_next = self.shared.flushed_next.load(Ordering::Acquire);
+            state.evict(self.shared.cache_budget, flushed_next);
+        }
+
+        self.send(Request::Append {
+            writes,
+            last_index,
+            done,
+        })
+        .await
+    }
+
+    /// Encodes `entries` and lays them out in segments (updating `layout` and `active_size`).
+    fn prepare_append<I>(&mut self, entries: I) -> Result<PreparedAppend, StorageError>
+    where
+        I: IntoIterator<Item = Entry>,
+    {
         // An empty log that never purged anything starts wherever its first entry says
         // (openraft's own suite starts at 1); otherwise the next entry must follow the last.
         let mut next = {
@@ -486,31 +543,11 @@ impl LogStore {
             next = Some(index + 1);
             new_entries.push((entry, loc, len + CACHE_ENTRY_OVERHEAD));
         }
-
-        {
-            let mut state = self.shared.state.write();
-            if state.locs.is_empty()
-                && let Some((entry, _, _)) = new_entries.first()
-            {
-                // Only moves when the log is empty and never purged (see above).
-                state.first = entry.log_id.index;
-                state.cache_first = entry.log_id.index;
-            }
-            for (entry, loc, cost) in new_entries {
-                state.locs.push_back(loc);
-                state.cache.push_back((entry, cost));
-                state.cache_bytes += cost;
-            }
-            let flushed_next = self.shared.flushed_next.load(Ordering::Acquire);
-            state.evict(self.shared.cache_budget, flushed_next);
-        }
-
-        self.send(Request::Append {
+        Ok(PreparedAppend {
             writes,
+            entries: new_entries,
             last_index,
-            done,
         })
-        .await
     }
 }
 
@@ -646,7 +683,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let remove = if index + 1 >= state.next() {
                 state.locs.clear();
                 state.first = index + 1;
-                state.cache_first = state.cache_first.max(index + 1);
                 state.drop_cache_before(index + 1);
                 self.active_size = 0;
                 std::mem::take(&mut self.layout)
@@ -656,7 +692,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 state.first = state.first.max(index + 1);
                 state.drop_cache_before(index + 1);
                 // A segment is wholly purged when the next one starts at or below index + 1.
-                let keep_from = self.layout.partition_point(|&first| first <= index + 1) - 1;
+                // (None is when the log starts above index + 1: a log that never purged before.)
+                let keep_from = self
+                    .layout
+                    .partition_point(|&first| first <= index + 1)
+                    .saturating_sub(1);
                 self.layout.drain(..keep_from).collect()
             };
             let file = PurgedFile {
@@ -685,13 +725,12 @@ async fn read_entries(shared: &Arc<Shared>, start: u64, end: u64) -> Result<Vec<
                 let (entry, _) = &state.cache[(index - state.cache_first) as usize];
                 cached.push(entry.clone());
             } else {
-                let loc = *state.loc(index).expect("index is in the log");
-                let (_, file) = state
-                    .segments
-                    .range(..=index)
-                    .next_back()
-                    .expect("a flushed entry's segment exists");
-                disk.push((index, file.clone(), loc));
+                let loc = state.loc(index).copied();
+                let file = state.segments.range(..=index).next_back().map(|(_, f)| f.clone());
+                let (Some(loc), Some(file)) = (loc, file) else {
+                    return Err(read_error(format!("log index {index} has no location on disk")));
+                };
+                disk.push((index, file, loc));
             }
         }
     }
@@ -1412,7 +1451,7 @@ mod tests {
         let event = EventRecord {
             aggregate_id: format!("order-{index}"),
             sequence: index as i64,
-            indexed: index % 2 == 0,
+            indexed: index.is_multiple_of(2),
             encoded: Bytes::from(vec![index as u8; size]),
         };
         Entry {
@@ -1493,11 +1532,14 @@ mod tests {
         ends
     }
 
-    /// A log of at least 40 mixed entries in 200-byte segments, written by appends of 1 to 3
+    /// Segment size of the recovery tests: a few records each (they are 60 to 160 bytes).
+    const SEGMENT: u64 = 400;
+
+    /// A log of at least 40 mixed entries in `SEGMENT`-byte segments, written by appends of 1 to 3
     /// entries, whose last segment holds at least 3 records.
     async fn written_log() -> (TempDir, Vec<Entry>) {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = open(dir.path(), options(200, 0));
+        let mut store = open(dir.path(), options(SEGMENT, 0));
         let mut entries = Vec::new();
         let mut n = 1;
         loop {
@@ -1508,6 +1550,7 @@ mod tests {
             if entries.len() >= 40 && last_records >= 3 {
                 break;
             }
+            assert!(entries.len() < 200, "segments too small for the test entries");
             let next = entries.len() as u64;
             let batch = mixed(1, next, next + n);
             append(&mut store, batch.clone()).await;
@@ -1630,7 +1673,10 @@ mod tests {
 
     #[tokio::test]
     async fn recovery_keeps_whole_entries_at_every_cut_of_the_last_segment() {
-        let (src, entries) = written_log().await;
+        let (src, mut entries) = written_log().await;
+        // The entry each repaired log is asked to take next, also when nothing was cut.
+        let n = entries.len() as u64;
+        entries.extend(mixed(1, n, n + 1));
         let files = segment_files(src.path());
         assert!(files.len() >= 5, "want several segments, got {}", files.len());
         let last = files.last().unwrap();
@@ -1640,13 +1686,6 @@ mod tests {
         assert!(ends.len() >= 2);
 
         for cut in 0..=data.len() {
-            if cut % 20 == 0 {
-                eprintln!(
-                    "cut {cut} fds {} threads {}",
-                    fs::read_dir("/proc/self/fd").unwrap().count(),
-                    fs::read_dir("/proc/self/task").unwrap().count()
-                );
-            }
             let dir = copy_dir(src.path());
             let path = dir.path().join(last.file_name().unwrap());
             OpenOptions::new()
@@ -1655,7 +1694,8 @@ mod tests {
                 .unwrap()
                 .set_len(cut as u64)
                 .unwrap();
-            let mut store = LogStore::open(dir.path(), options(200, 0)).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+            let mut store =
+                LogStore::open(dir.path(), options(SEGMENT, 0)).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
             let kept = last_first + ends.iter().filter(|&&end| end <= cut).count();
             assert_eq!(read_all(&mut store).await, entries[..kept], "cut at {cut}");
             let state = store.get_log_state().await.unwrap();
@@ -1664,7 +1704,7 @@ mod tests {
             // The repaired log takes the next entry and survives another restart.
             append(&mut store, vec![entries[kept].clone()]).await;
             drop(store);
-            let mut store = open(dir.path(), options(200, 0));
+            let mut store = open(dir.path(), options(SEGMENT, 0));
             assert_eq!(read_all(&mut store).await, entries[..=kept], "cut at {cut}");
         }
     }
@@ -1684,7 +1724,7 @@ mod tests {
                 .unwrap()
                 .set_len(cut)
                 .unwrap();
-            let err = LogStore::open(dir.path(), options(200, 0))
+            let err = LogStore::open(dir.path(), options(SEGMENT, 0))
                 .err()
                 .unwrap_or_else(|| panic!("opened with a middle segment cut at {cut}"));
             assert_eq!(err.kind(), io::ErrorKind::InvalidData, "cut at {cut}: {err}");
@@ -1694,7 +1734,7 @@ mod tests {
 
         let dir = copy_dir(src.path());
         fs::remove_file(dir.path().join(middle.file_name().unwrap())).unwrap();
-        let err = LogStore::open(dir.path(), options(200, 0)).err().unwrap();
+        let err = LogStore::open(dir.path(), options(SEGMENT, 0)).err().unwrap();
         assert!(err.to_string().contains("not contiguous"), "{err}");
     }
 
@@ -1715,7 +1755,7 @@ mod tests {
                 let mut damaged = data.clone();
                 damaged[pos] ^= mask;
                 fs::write(&path, &damaged).unwrap();
-                match LogStore::open(dir.path(), options(200, 0)) {
+                match LogStore::open(dir.path(), options(SEGMENT, 0)) {
                     // Only damage in the tail record may be taken for a torn write, and then the
                     // log is exactly the entries before it: never a different entry.
                     Ok(mut store) => {
@@ -1860,10 +1900,49 @@ mod tests {
 
     // -- truncate, purge, vote, committed across restarts ------------------------------------
 
+    /// The cache must follow purges and truncations, not only the index.
+    #[tokio::test]
+    async fn cache_follows_purge_and_truncate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), LogStoreOptions::default());
+        append(&mut store, mixed(1, 0, 10)).await;
+        store.purge(log_id(1, 4)).await.unwrap();
+        assert_eq!(read_all(&mut store).await, mixed(1, 5, 10));
+        store.truncate(log_id(1, 8)).await.unwrap();
+        append(&mut store, mixed(2, 8, 12)).await;
+        let mut expected = mixed(1, 5, 8);
+        expected.extend(mixed(2, 8, 12));
+        assert_eq!(read_all(&mut store).await, expected);
+
+        store.purge(log_id(2, 20)).await.unwrap();
+        assert!(read_all(&mut store).await.is_empty());
+        append(&mut store, vec![blank(3, 21), normal(3, 22, 10)]).await;
+        assert_eq!(read_all(&mut store).await, vec![blank(3, 21), normal(3, 22, 10)]);
+        assert_eq!(store.try_get_log_entries(22..).await.unwrap(), vec![normal(3, 22, 10)]);
+    }
+
+    /// A log that never purged may start above 0 (openraft's suite does that); purging below its
+    /// start must leave it readable and reopenable.
+    #[tokio::test]
+    async fn a_log_starting_above_zero_survives_purge_below_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), options(SEGMENT, 0));
+        append(&mut store, mixed(1, 5, 15)).await;
+        store.purge(log_id(1, 1)).await.unwrap();
+        assert_eq!(read_all(&mut store).await, mixed(1, 5, 15));
+        drop(store);
+        let mut store = open(dir.path(), options(SEGMENT, 0));
+        assert_eq!(read_all(&mut store).await, mixed(1, 5, 15));
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 1)));
+        assert_eq!(state.last_log_id, Some(log_id(1, 14)));
+        append(&mut store, mixed(1, 15, 16)).await;
+    }
+
     #[tokio::test]
     async fn truncate_and_purge_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = options(200, 0);
+        let opts = options(SEGMENT, 0);
         let mut store = open(dir.path(), opts.clone());
         let mut expected = mixed(1, 0, 30);
         append(&mut store, expected.clone()).await;
@@ -1922,37 +2001,5 @@ mod tests {
             .map(|p| p.file_name().unwrap().to_str().unwrap().to_string())
             .collect();
         assert_eq!(names, ["00000000000000000041.log"]);
-    }
-}
-#[cfg(test)]
-mod fd_probe {
-    use super::*;
-    #[tokio::test]
-    async fn fd_probe() {
-        let dir = tempfile::tempdir().unwrap();
-        let count = || fs::read_dir("/proc/self/fd").unwrap().count();
-        let mut store = LogStore::open(dir.path(), LogStoreOptions::default()).unwrap();
-        let (tx, rx) = oneshot::channel();
-        store
-            .append_with(
-                vec![Entry {
-                    log_id: LogId::new(CommittedLeaderId::new(1, 1), 0),
-                    payload: EntryPayload::Blank,
-                }],
-                Box::new(move |r| {
-                    let _ = tx.send(r);
-                }),
-            )
-            .await
-            .unwrap();
-        rx.await.unwrap().unwrap();
-        drop(store);
-        eprintln!("start {}", count());
-        for _ in 0..50 {
-            let store = LogStore::open(dir.path(), LogStoreOptions::default()).unwrap();
-            drop(store);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        eprintln!("after 50 {}", count());
     }
 }

@@ -10,6 +10,9 @@
 //! go. Only then may openraft purge the log behind it, so an event the log no longer holds is
 //! always durable in the segments.
 
+// openraft's StorageError is large; it is the error type the traits require.
+#![allow(clippy::result_large_err)]
+
 use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::Arc;

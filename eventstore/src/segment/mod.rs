@@ -127,8 +127,7 @@ mod tests {
             let store = open(copy.path(), 1 << 20);
             let whole = ends
                 .iter()
-                .filter(|(len, _)| *len as usize <= cut)
-                .last()
+                .rfind(|(len, _)| *len as usize <= cut)
                 .map_or(0, |(_, n)| *n);
             assert_eq!(store.next_token(), whole, "cut at {cut}");
             assert_eq!(all(&store).len() as i64, whole);
