@@ -37,6 +37,8 @@ fn free_port() -> u16 {
 pub struct Options {
     /// Extra `KEY=value` environment entries (Axon-style config variables).
     pub env: Vec<(String, String)>,
+    /// Where the data goes (default: inside the node's temp dir).
+    pub data_dir: Option<PathBuf>,
 }
 
 /// A running node. Dropping it kills every process of it.
@@ -55,7 +57,7 @@ impl Node {
     pub async fn start(options: Options) -> Node {
         // Short path: the runtime directory holds Unix sockets (108-byte limit).
         let dir = tempfile::Builder::new().prefix("my").tempdir_in("/tmp").unwrap();
-        let data = dir.path().join("d");
+        let data = options.data_dir.clone().unwrap_or_else(|| dir.path().join("d"));
         let log = dir.path().join("node.log");
         let mut node = Node {
             data,

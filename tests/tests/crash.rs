@@ -34,6 +34,7 @@ fn small_segments() -> Options {
             ("AXONIQ_AXONSERVER_EVENT_SEGMENT_SIZE".into(), "64KB".into()),
             ("AXONIQ_AXONSERVER_SNAPSHOT_SEGMENT_SIZE".into(), "64KB".into()),
         ],
+        ..Options::default()
     }
 }
 
