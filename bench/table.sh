@@ -20,7 +20,7 @@ jq -rs '
       if .workload=="fsync" then
         "| \(.label) | write \(.block_bytes) B + fdatasync loop (no server) | \(.syncs_per_s) syncs/s | \(lat) | – | \(cpucol) |"
       elif .workload=="append" then
-        "| \(.label) | append, \(.clients) clients / \(.connections) conn, \(.events_per_append) event/append, \(.payload_bytes) B\(if .hot_aggregates>0 then ", \(.hot_share*100|round)% to \(.hot_aggregates) hot aggregates" else "" end), \(.duration_s) s | **\(.events_per_s) events/s** (\(.appends_per_s) appends/s) | \(lat) | \(.errors) | \(cpucol) |"
+        "| \(.label) | append, \(.clients) client\(if .clients==1 then "" else "s" end) / \(.connections) conn, \(.events_per_append) event/append, \(.payload_bytes) B\(if .hot_aggregates>0 then ", \(.hot_share*100|round)% to \(.hot_aggregates) hot aggregates" else "" end), \(.duration_s) s | **\(.events_per_s) events/s** (\(.appends_per_s) appends/s) | \(lat) | \(.errors) | \(cpucol) |"
       elif .workload=="fill" then
         "| \(.label) | fill \(.events) events, \(.aggregates) aggregates × \(.aggregate_size), \(.batch_events) events/append, \(.clients) clients | \(.events_per_s) events/s (\(.seconds) s) | \(lat) (per batch) | \(.errors) | \(cpucol) |"
       elif .workload=="replay" then

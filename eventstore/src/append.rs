@@ -20,7 +20,7 @@ use crate::command::{Command, EventRecord, Outcome, Transaction};
 use crate::consensus::Raft;
 use crate::stored::StoredContext;
 
-const MAX_IN_FLIGHT: usize = 8;
+const MAX_IN_FLIGHT: usize = 1;
 const MAX_BATCH_ITEMS: usize = 4096;
 const MAX_BATCH_BYTES: usize = 16 << 20;
 const QUEUE: usize = 8192;
