@@ -42,9 +42,14 @@ WORK="$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/myelin-bench.XXXXXX")"
 DATA="$WORK/data"
 mkdir -p "$DATA"
 NODE_PID=""
+BENCH_PID=""
 
 cleanup() {
     local rc=$?
+    if [[ -n "$BENCH_PID" ]] && kill -0 "$BENCH_PID" 2>/dev/null; then
+        kill -TERM "$BENCH_PID" 2>/dev/null || true
+        wait "$BENCH_PID" 2>/dev/null || true
+    fi
     if [[ -n "$NODE_PID" ]] && kill -0 "$NODE_PID" 2>/dev/null; then
         kill -TERM "$NODE_PID" 2>/dev/null || true
         for _ in $(seq 1 100); do
@@ -185,7 +190,11 @@ bench() {
     log "$label: myelin-bench $*"
     read -r -a before <<<"$(node_ticks)"
     t0="$(date +%s.%N)"
-    "$BENCH" "$@" --server "$SERVER" --json --label "$label" | tee -a "$RESULTS" >/dev/null
+    # In the background and waited for, so that a signal stops the run at once (see cleanup).
+    "$BENCH" "$@" --server "$SERVER" --json --label "$label" >>"$RESULTS" &
+    BENCH_PID=$!
+    wait "$BENCH_PID"
+    BENCH_PID=""
     t1="$(date +%s.%N)"
     read -r -a after <<<"$(node_ticks)"
     jq -nc --arg lbl "$label" --argjson es "$((after[0] - before[0]))" --argjson r "$((after[1] - before[1]))" \
@@ -198,7 +207,7 @@ bench() {
 record_memory idle
 
 log "fsync: raw write+fdatasync rate of the data dir's disk"
-"$BENCH" fsync --dir "$DATA" --duration 3 --json --label fsync-4k | tee -a "$RESULTS" >/dev/null
+"$BENCH" fsync --dir "$DATA" --duration 3 --json --label fsync-4k >>"$RESULTS"
 
 bench append-1 append --clients 1 --duration "$APPEND_SECS" --warmup "$APPEND_WARMUP"
 bench append-64 append --clients 64 --duration "$APPEND_SECS" --warmup "$APPEND_WARMUP"

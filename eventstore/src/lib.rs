@@ -108,6 +108,8 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
     });
     tracing::info!(socket = %args.socket.display(), contexts = ?names, "eventstore serving");
     tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(32 << 20))
         .add_service(health)
         .add_service(storage)
         .add_service(control)

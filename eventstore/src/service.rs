@@ -13,16 +13,17 @@ use myelin_proto::axon::event::{
 use myelin_proto::errors::ErrorCode;
 use myelin_proto::internal::event_storage_server::EventStorage;
 use myelin_proto::internal::storage_control_server::StorageControl;
-use myelin_proto::internal::{ContextStatus, ListContextsRequest, ListContextsResponse};
+use myelin_proto::internal::{AppendRequest, AppendResponse, ContextStatus, ListContextsRequest, ListContextsResponse};
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::append::{AppendError, Work};
+use crate::command::EventRecord;
 use crate::command::{Outcome, Transaction};
 use crate::context::{Context, Contexts};
 use crate::segment::{Kind, StoreError};
-use crate::stored::record_of;
+use crate::stored::{event_facts, record_of};
 use crate::tracking;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send>>;
@@ -91,6 +92,85 @@ fn check_event(event: &Event) -> Result<(), Status> {
     Ok(())
 }
 
+/// A record for an event received already encoded: its bytes are stored as they are.
+fn record_of_bytes(bytes: bytes::Bytes, kind: Kind) -> Result<EventRecord, Status> {
+    let event =
+        Event::decode(bytes.clone()).map_err(|e| Status::invalid_argument(format!("event does not decode: {e}")))?;
+    check_event(&event)?;
+    let (aggregate_id, sequence, indexed) = event_facts(&event, kind);
+    Ok(EventRecord {
+        aggregate_id,
+        sequence,
+        indexed,
+        encoded: bytes,
+    })
+}
+
+/// Stores one request of the `Appends` stream.
+async fn store_request(
+    contexts: &Contexts,
+    max_transaction_bytes: usize,
+    request: AppendRequest,
+) -> Result<(), Status> {
+    let name = if request.context.is_empty() {
+        myelin_proto::DEFAULT_CONTEXT
+    } else {
+        request.context.as_str()
+    };
+    let context = contexts
+        .get(name)
+        .ok_or_else(|| ErrorCode::ContextNotFound.status(format!("{name}: context not found")))?;
+    let work = if request.snapshot {
+        let [bytes] = <[bytes::Bytes; 1]>::try_from(request.events)
+            .map_err(|_| Status::invalid_argument("a snapshot request carries exactly one event"))?;
+        let record = record_of_bytes(bytes, Kind::Snapshots)?;
+        if record.aggregate_id.is_empty() {
+            return Err(Status::invalid_argument("a snapshot must name its aggregate"));
+        }
+        Work::Snapshot(record)
+    } else {
+        let size: usize = request.events.iter().map(|e| e.len()).sum();
+        if size > max_transaction_bytes {
+            return Err(ErrorCode::PayloadTooLarge.status(format!(
+                "transaction exceeds the maximum size of {max_transaction_bytes} bytes"
+            )));
+        }
+        if request.events.is_empty() {
+            return Ok(());
+        }
+        let events = request
+            .events
+            .into_iter()
+            .map(|b| record_of_bytes(b, Kind::Events))
+            .collect::<Result<Vec<_>, _>>()?;
+        Work::Events(Transaction { events })
+    };
+    let outcome = context.appender.append(work).await.map_err(append_status)?;
+    outcome_status(outcome).map(|_| ())
+}
+
+fn response_of(id: u64, result: Result<(), Status>) -> AppendResponse {
+    match result {
+        Ok(()) => AppendResponse {
+            id,
+            code: 0,
+            message: String::new(),
+            error_code: String::new(),
+        },
+        Err(status) => AppendResponse {
+            id,
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+            error_code: status
+                .metadata()
+                .get(myelin_proto::errors::ERROR_CODE_KEY)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
+        },
+    }
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
         .await
@@ -153,6 +233,31 @@ impl EventStorage for Service {
             .map_err(append_status)?;
         outcome_status(outcome)?;
         Ok(Response::new(Confirmation { success: true }))
+    }
+
+    type AppendsStream = ReceiverStream<Result<AppendResponse, Status>>;
+
+    async fn appends(
+        &self,
+        request: Request<Streaming<AppendRequest>>,
+    ) -> Result<Response<Self::AppendsStream>, Status> {
+        let mut requests = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let contexts = self.contexts.clone();
+        let max = self.max_transaction_bytes;
+        tokio::spawn(async move {
+            // Each request is appended on its own task so that they can share batches.
+            while let Ok(Some(request)) = requests.message().await {
+                let tx = tx.clone();
+                let contexts = contexts.clone();
+                tokio::spawn(async move {
+                    let id = request.id;
+                    let result = store_request(&contexts, max, request).await;
+                    let _ = tx.send(Ok(response_of(id, result))).await;
+                });
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     type ListAggregateEventsStream = EventStream;

@@ -22,8 +22,8 @@ use tonic::{Status, Streaming};
 use crate::context::Context;
 use crate::segment::{SegmentStore, StoreError};
 
-const READ_BATCH: usize = 512;
-const READ_BYTES: usize = 4 << 20;
+const READ_BATCH: usize = 1024;
+const READ_BYTES: usize = 1 << 20;
 const OUT_QUEUE: usize = 256;
 const BLACKLIST_SEND_AFTER: u32 = 1000;
 const PERMITS_TIMEOUT: Duration = Duration::from_secs(120);

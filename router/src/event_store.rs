@@ -28,6 +28,7 @@ type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[derive(Clone)]
 pub struct EventStoreRelay {
     pub storage: EventStorageClient<Channel>,
+    pub appends: crate::append_pipe::AppendPipe,
     /// Largest transaction one AppendEvent call may carry, in encoded bytes.
     pub max_transaction_bytes: usize,
 }
@@ -71,31 +72,26 @@ impl EventStore for EventStoreRelay {
         let mut events = Vec::new();
         let mut bytes = 0usize;
         while let Some(event) = stream.message().await.map_err(crate::limits::client_stream_error)? {
-            bytes += event.encoded_len();
+            let encoded = bytes::Bytes::from(event.encode_to_vec());
+            bytes += encoded.len();
             if bytes > self.max_transaction_bytes {
                 return Err(ErrorCode::PayloadTooLarge.status(format!(
                     "transaction exceeds the maximum size of {} bytes",
                     self.max_transaction_bytes
                 )));
             }
-            events.push(event);
+            events.push(encoded);
         }
-        if events.is_empty() {
-            return Ok(Response::new(ConfirmationWithConsistencyMarker {
-                success: true,
-                consistency_marker: None,
-            }));
+        // hyper reports a client's RST_STREAM(NO_ERROR) -- what a cancelling client may send --
+        // as the end of the body, just like a half-close. Yield once: hyper then checks the
+        // stream for a reset and drops this call if there was one, so a cancelled transaction
+        // is never committed.
+        tokio::task::yield_now().await;
+        if !events.is_empty() {
+            self.appends.append(&context, events, false).await.map_err(relayed)?;
         }
-        let request = internal(&context, tokio_stream::iter(events))?;
-        let Confirmation { success } = self
-            .storage
-            .clone()
-            .append_event(request)
-            .await
-            .map_err(relayed)?
-            .into_inner();
         Ok(Response::new(ConfirmationWithConsistencyMarker {
-            success,
+            success: true,
             consistency_marker: None,
         }))
     }
@@ -104,8 +100,12 @@ impl EventStore for EventStoreRelay {
     async fn append_snapshot(&self, request: Request<Event>) -> Result<Response<Confirmation>, Status> {
         let context = client_context(&request)?;
         tracing::Span::current().record("context", context.as_str());
-        let request = internal(&context, request.into_inner())?;
-        self.storage.clone().append_snapshot(request).await.map_err(relayed)
+        let encoded = bytes::Bytes::from(request.into_inner().encode_to_vec());
+        self.appends
+            .append(&context, vec![encoded], true)
+            .await
+            .map_err(relayed)?;
+        Ok(Response::new(Confirmation { success: true }))
     }
 
     type ListAggregateEventsStream = Boxed<Event>;

@@ -5,6 +5,7 @@
 //! `default`). It holds no event data itself; command/query routing and node-to-node forwarding
 //! land here next.
 
+pub mod append_pipe;
 pub mod context;
 pub mod event_store;
 pub mod limits;
@@ -68,6 +69,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
     let relay = event_store::EventStoreRelay {
+        appends: append_pipe::AppendPipe::new(storage.clone()),
         storage,
         max_transaction_bytes: args.max_message_size.saturating_sub(10_000).max(1024),
     };

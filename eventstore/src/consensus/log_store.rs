@@ -292,6 +292,9 @@ struct PreparedAppend {
 pub struct LogStore {
     shared: Arc<Shared>,
     tx: mpsc::Sender<Request>,
+    /// Joined on drop, so that everything queued (the deferred committed id included) is on
+    /// disk before another `open` of the same directory.
+    writer: Option<std::thread::JoinHandle<()>>,
     options: LogStoreOptions,
     /// First indexes of all segments, including ones queued for creation but not created yet.
     layout: Vec<u64>,
@@ -373,15 +376,18 @@ impl LogStore {
             dir: dir.to_path_buf(),
             dir_handle: File::open(dir)?,
             files,
+            unsaved_committed: None,
+            committed_saved_at: std::time::Instant::now(),
         };
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("raft-log-writer".into())
             .spawn(move || writer.run(rx))?;
 
         Ok(LogStore {
             shared,
             tx,
+            writer: Some(writer),
             options,
             layout,
             active_size,
@@ -1158,6 +1164,25 @@ struct Writer {
     dir: PathBuf,
     dir_handle: File,
     files: BTreeMap<u64, Arc<File>>,
+    /// The newest committed id not yet written, and when one was last written. The committed
+    /// id is a start-up hint (our state machine records what it applied itself), so it is
+    /// written at most every `COMMITTED_EVERY` instead of once per entry: a rename per Raft
+    /// entry cost as much as the fsync that group commit is built around.
+    unsaved_committed: Option<Option<LogId>>,
+    committed_saved_at: std::time::Instant,
+}
+
+const COMMITTED_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+impl Drop for LogStore {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer once it has handled what is queued.
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, closed));
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 /// Appends written but not yet fsynced.
@@ -1179,6 +1204,20 @@ impl Writer {
                 self.handle(request, &mut pending);
             }
             self.flush(&mut pending);
+            if self.committed_saved_at.elapsed() >= COMMITTED_EVERY {
+                self.save_unsaved_committed();
+            }
+        }
+        self.save_unsaved_committed();
+    }
+
+    /// Writes the newest committed id, after everything before it was flushed.
+    fn save_unsaved_committed(&mut self) {
+        if let Some(committed) = self.unsaved_committed.take() {
+            if let Err(e) = self.guarded(|w| w.save_committed(committed)) {
+                tracing::error!("cannot save the committed log id: {e}");
+            }
+            self.committed_saved_at = std::time::Instant::now();
         }
     }
 
@@ -1223,10 +1262,8 @@ impl Writer {
                 let _ = done.send(result);
             }
             Request::SaveCommitted { committed } => {
-                self.flush(pending);
-                if let Err(e) = self.guarded(|w| w.save_committed(committed)) {
-                    tracing::error!("cannot save the committed log id: {e}");
-                }
+                // Written later, after a flush (see `unsaved_committed`).
+                self.unsaved_committed = Some(committed);
             }
             #[cfg(test)]
             Request::Pause(resume) => {

@@ -31,9 +31,11 @@ use super::index::{Position, SegmentIndex};
 use super::record::{self, EntryRef, Kind, Parsed};
 
 /// How many closed-segment indexes are kept in memory (Axon's `max-indexes-in-memory` idea).
-const INDEX_CACHE: usize = 32;
-/// Bytes read per `pread` when scanning records.
-const READ_CHUNK: usize = 1 << 20;
+/// Each can be tens of MB for a full 256 MiB segment, so keep few.
+const INDEX_CACHE: usize = 8;
+/// Bytes read per `pread` when scanning records: enough for a batch of typical events without
+/// reading (and zeroing) far more than a reader asked for.
+const READ_CHUNK: usize = 256 << 10;
 
 /// The facts the index needs about one stored event.
 #[derive(Debug, Clone, Copy)]
@@ -518,7 +520,7 @@ fn read_records(
     let mut total = 0usize;
     let mut taken = 0usize;
     while offset < end && taken < max_events && total < max_bytes {
-        let want = ((end - offset) as usize).min(READ_CHUNK.max(max_bytes - total).min(READ_CHUNK * 4));
+        let want = ((end - offset) as usize).min((max_bytes - total).clamp(record::PREFIX_LEN, READ_CHUNK));
         let mut buf = vec![0u8; want];
         file.read_exact_at(&mut buf, offset)
             .map_err(|e| StoreError::io(path, e))?;
