@@ -65,9 +65,10 @@ pub async fn start_group(
         election_timeout_min: 200,
         election_timeout_max: 400,
         // Snapshots are pointers (see state_machine); take one every few thousand batches so the
-        // log can be purged behind durable segments.
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5_000),
-        max_in_snapshot_log_to_keep: 1_000,
+        // log can be purged behind durable segments (an entry can hold thousands of events, so the
+        // log would otherwise hold a second copy of gigabytes of them).
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1_000),
+        max_in_snapshot_log_to_keep: 200,
         max_payload_entries: 64,
         ..Default::default()
     };
