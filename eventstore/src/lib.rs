@@ -13,6 +13,7 @@ pub mod append;
 pub mod command;
 pub mod consensus;
 pub mod context;
+pub mod crash;
 pub mod segment;
 pub mod service;
 pub mod stored;

@@ -4,6 +4,8 @@
 //! The binary is `$MYELIN_BIN`, else `target/release/myelin`, else `target/debug/myelin`: the
 //! test command builds it before running the tests.
 
+pub mod history;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,6 +41,8 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Where the data goes (default: inside the node's temp dir).
     pub data_dir: Option<PathBuf>,
+    /// The `myelin` binary to run (default: [`binary`]).
+    pub binary: Option<PathBuf>,
 }
 
 /// A running node. Dropping it kills every process of it.
@@ -85,7 +89,7 @@ impl Node {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut command = Command::new(binary());
+        let mut command = Command::new(self.options.binary.clone().unwrap_or_else(binary));
         command
             .arg("--data-dir")
             .arg(&self.data)

@@ -2,31 +2,15 @@
 //! moment, restart, and a history check — every confirmed event is there exactly once, tokens
 //! are dense, aggregate sequences gapless, transactions whole, and rejected appends absent.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use myelin_proto::axon::event::ReadHighestSequenceNrRequest;
+use myelin_tests::history::{Op, Outcome, check};
 use myelin_tests::{Node, Options, append, event, read_aggregate, read_all};
 use rand::Rng;
 use tokio::sync::Mutex;
-
-/// What a client learned about one append (one transaction).
-#[derive(Debug, Clone, PartialEq)]
-enum Outcome {
-    /// Confirmed: must survive.
-    Ok,
-    /// Rejected with a definite answer (sequence conflict): must not be stored.
-    Rejected,
-    /// No answer (connection lost): may or may not be stored, but whole if so.
-    Indefinite,
-}
-
-#[derive(Debug, Clone)]
-struct Op {
-    ids: Vec<String>,
-    outcome: Outcome,
-}
 
 fn small_segments() -> Options {
     Options {
@@ -113,48 +97,6 @@ async fn confirmed_events_survive_kill_9_of_the_whole_node() {
         "{ROUNDS} crashes: {confirmed} confirmed, {rejected} rejected, {} indefinite",
         ops.len() - confirmed - rejected
     );
-}
-
-async fn check(node: &Node, ops: &[Op]) {
-    let mut client = node.client().await;
-    let all = read_all(&mut client).await;
-    let mut position: HashMap<String, usize> = HashMap::new();
-    let mut sequences: HashMap<String, Vec<i64>> = HashMap::new();
-    for (i, (token, e)) in all.iter().enumerate() {
-        assert_eq!(*token, i as i64, "tokens are dense");
-        assert!(
-            position.insert(e.message_identifier.clone(), i).is_none(),
-            "event {} stored twice",
-            e.message_identifier
-        );
-        sequences
-            .entry(e.aggregate_identifier.clone())
-            .or_default()
-            .push(e.aggregate_sequence_number);
-    }
-    for (aggregate, seqs) in &sequences {
-        let expected: Vec<i64> = (0..seqs.len() as i64).collect();
-        assert_eq!(seqs, &expected, "aggregate {aggregate} sequences are gapless");
-    }
-    for op in ops {
-        let present: Vec<bool> = op.ids.iter().map(|id| position.contains_key(id)).collect();
-        match op.outcome {
-            Outcome::Ok => assert!(present.iter().all(|p| *p), "confirmed {:?} lost", op.ids),
-            Outcome::Rejected => assert!(present.iter().all(|p| !*p), "rejected {:?} stored", op.ids),
-            Outcome::Indefinite => {
-                assert!(
-                    present.iter().all(|p| *p) || present.iter().all(|p| !*p),
-                    "transaction {:?} stored in part",
-                    op.ids
-                )
-            }
-        }
-    }
-    // Aggregate reads agree with the token order.
-    for aggregate in sequences.keys().take(5) {
-        let read = read_aggregate(&mut client, aggregate).await;
-        assert_eq!(read.len(), sequences[aggregate].len(), "aggregate read of {aggregate}");
-    }
 }
 
 /// Killing only the eventstore child: the supervisor restarts it and nothing confirmed is lost.

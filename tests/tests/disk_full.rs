@@ -55,6 +55,7 @@ async fn appends_fail_cleanly_when_the_disk_is_full() {
     let mut node = Node::start(Options {
         data_dir: Some(data),
         env: vec![("AXONIQ_AXONSERVER_EVENT_SEGMENT_SIZE".into(), "256KB".into())],
+        ..Options::default()
     })
     .await;
     let mut client = node.lazy_client();

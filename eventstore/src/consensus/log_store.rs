@@ -1326,9 +1326,11 @@ impl Writer {
         if pending.callbacks.is_empty() && pending.dirty.is_empty() {
             return;
         }
+        crate::crash::point("log-after-write");
         let result = self.sync_pending(pending);
         match result {
             Ok(()) => {
+                crate::crash::point("log-after-sync");
                 if let Some(last) = pending.last_index {
                     self.shared.flushed_next.store(last + 1, Ordering::Release);
                     self.shared.state.write().evict(self.shared.cache_budget, last + 1);

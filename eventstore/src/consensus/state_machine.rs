@@ -211,6 +211,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let event_tokens = self.stored.events.next_token();
         let snapshot_tokens = self.stored.snapshots.next_token();
         tokio::task::block_in_place(|| self.stored.sync()).map_err(sm_write_error)?;
+        crate::crash::point("snapshot-after-sync");
         let last = self.state.last_applied;
         let meta = SnapshotMeta {
             last_log_id: last,

@@ -238,6 +238,7 @@ impl SegmentStore {
         open.file
             .write_all_at(&record, open.len)
             .map_err(|e| StoreError::io(&open.path, e))?;
+        crate::crash::point("segment-after-write");
         let record_offset = open.len;
         open.index.add_record(first_token, record_offset);
         for ((event, facts), offset) in events.iter().zip(&offsets) {
@@ -265,6 +266,7 @@ impl SegmentStore {
     fn roll(&self, state: &mut State) -> Result<(), StoreError> {
         let open = &state.open;
         open.file.sync_data().map_err(|e| StoreError::io(&open.path, e))?;
+        crate::crash::point("roll-after-sync");
         let mut bloom = Bloom::with_capacity(open.index.aggregates.len());
         for id in open.index.aggregates.keys() {
             bloom.insert(id);
@@ -278,8 +280,10 @@ impl SegmentStore {
             state.next_token,
             &bloom,
         )?;
+        crate::crash::point("roll-after-index");
         let base = state.next_token;
         let (path, file) = create_segment(&self.dir, self.kind, base)?;
+        crate::crash::point("roll-after-create");
         let old = std::mem::replace(
             &mut state.open,
             Open {
