@@ -50,6 +50,7 @@ pub fn router(state: State) -> axum::Router {
     axum::Router::new()
         .route("/", get(page))
         .route("/v1/public/me", get(me))
+        .fallback(not_found)
         .with_state(state)
 }
 
@@ -60,6 +61,10 @@ fn error(status: StatusCode, message: String) -> Response {
         Json(serde_json::json!({ "status": status.as_u16(), "error": message })),
     )
         .into_response()
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    error(StatusCode::NOT_FOUND, format!("no such resource: {}", uri.path()))
 }
 
 async fn contexts(state: &State) -> Result<Vec<ContextStatus>, Response> {

@@ -74,6 +74,7 @@ async fn admin_reports_node_and_context_positions() {
     let (status, page) = http_get(node.http_port, "/");
     assert_eq!(status, 200);
     assert!(page.contains("<td>default</td><td>2</td>"), "{page}");
-    let (status, _) = http_get(node.http_port, "/no/such/page");
+    let (status, body) = http_get(node.http_port, "/no/such/page");
     assert_eq!(status, 404);
+    assert_eq!(body, r#"{"error":"no such resource: /no/such/page","status":404}"#);
 }
