@@ -6,10 +6,12 @@
 //! land here next.
 
 pub mod append_pipe;
+pub mod command;
 pub mod context;
 pub mod event_store;
 pub mod limits;
 pub mod platform;
+pub mod query;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,6 +43,10 @@ pub struct Args {
     /// HTTP port of this node's admin API.
     #[arg(long, default_value_t = 8024)]
     pub http_port: u16,
+    /// How long a dispatched command waits for its handler's response, in milliseconds
+    /// (Axon's `default-command-timeout`); a command's TIMEOUT instruction overrides it.
+    #[arg(long, default_value_t = 300_000)]
+    pub command_timeout_ms: u64,
 }
 
 /// Runs the router until SIGTERM or SIGINT.
@@ -82,6 +88,10 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
             node_name: args.node_name.clone(),
         },
     };
+    let commands = command::Commands::new(
+        args.node_name.clone(),
+        std::time::Duration::from_millis(args.command_timeout_ms),
+    );
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -121,6 +131,17 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         .add_service(
             myelin_proto::axon::control::platform_service_server::PlatformServiceServer::new(platform)
                 .max_decoding_message_size(max),
+        )
+        .add_service(
+            myelin_proto::axon::command::command_service_server::CommandServiceServer::new(commands)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            myelin_proto::axon::query::query_service_server::QueryServiceServer::new(query::service::QueryEndpoint {
+                router: query::QueryRouter::new(args.node_name.clone()),
+            })
+            .max_decoding_message_size(max),
         )
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

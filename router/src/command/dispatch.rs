@@ -1,0 +1,472 @@
+//! Commands in flight: routing a `Dispatch` to a handler, matching the response, and failing it
+//! when no answer can come (no handler, full queue, lost connection, timeout).
+//!
+//! Every failure is answered in-band, as Axon Server does: the `Dispatch` call returns OK with a
+//! `CommandResponse` carrying the `AXONIQ-xxxx` code, an `ErrorMessage` and `request_identifier` =
+//! the command's id. A pending command is owned by exactly one entry of the pending table; whoever
+//! removes the entry (the response, the lost connection, the timeout, or the caller going away)
+//! decides the outcome, so a command is answered at most once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use myelin_proto::axon::command::{Command, CommandResponse};
+use myelin_proto::axon::meta_data_value::Data;
+use myelin_proto::axon::{ErrorMessage, ProcessingKey};
+use myelin_proto::errors::ErrorCode;
+use tokio::sync::oneshot;
+
+use super::metrics::{CommandMetrics, Metrics};
+use super::registry::{HandlerId, HandlerLink, LinkError, Registry};
+
+/// The `location` Axon Server puts in the error messages of in-band routing errors.
+pub const ERROR_LOCATION: &str = "AxonServer";
+/// Commands in flight on this node at most (Axon's pending-command cache); beyond: AXONIQ-1900.
+pub const MAX_PENDING: usize = 100_000;
+
+struct Pending {
+    /// Distinguishes this dispatch from a later one that reuses the message id.
+    seq: u64,
+    context: String,
+    handler: HandlerId,
+    reply: oneshot::Sender<CommandResponse>,
+}
+
+/// Routes commands and tracks them until answered.
+pub struct Dispatcher {
+    registry: Registry,
+    pending: Mutex<HashMap<String, Pending>>,
+    metrics: Metrics,
+    default_timeout: Duration,
+    next_seq: AtomicU64,
+}
+
+impl Dispatcher {
+    pub fn new(default_timeout: Duration) -> Dispatcher {
+        Dispatcher {
+            registry: Registry::default(),
+            pending: Mutex::new(HashMap::new()),
+            metrics: Metrics::default(),
+            default_timeout,
+            next_seq: AtomicU64::new(1),
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Routes `command` in `context` and waits for its response (or the in-band error).
+    pub async fn dispatch(&self, context: &str, mut command: Command) -> CommandResponse {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        if command.message_identifier.is_empty() {
+            command.message_identifier = format!("myelin-command-{seq}");
+        }
+        let id = command.message_identifier.clone();
+        let timeout = command_timeout(&command).unwrap_or(self.default_timeout);
+        let metrics = self.metrics.context(context);
+        let mut guard = InFlight::start(self, &id, seq, metrics.clone());
+
+        let (reply, answer) = oneshot::channel();
+        {
+            let mut pending = self.pending.lock().unwrap();
+            if pending.contains_key(&id) {
+                drop(pending);
+                guard.owned = false;
+                return error_response(ErrorCode::CommandDuplicated, format!("command id {id} duplicated"), &id);
+            }
+            if pending.len() >= MAX_PENDING {
+                drop(pending);
+                guard.owned = false;
+                return error_response(ErrorCode::TooManyRequests, "Too many commands in flight", &id);
+            }
+            pending.insert(
+                id.clone(),
+                Pending {
+                    seq,
+                    context: context.to_owned(),
+                    handler: 0,
+                    reply,
+                },
+            );
+        }
+        if let Err(response) = self.route(context, command) {
+            return *response;
+        }
+        metrics.routed();
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(response)) => {
+                guard.failed = !response.error_code.is_empty();
+                response
+            }
+            // The entry was dropped without an answer: only on a bug; say so rather than hang.
+            Ok(Err(_)) => error_response(ErrorCode::Other, "command dropped without an answer", &id),
+            Err(_) => {
+                // The guard removes the entry; a late response is then ignored.
+                error_response(ErrorCode::CommandTimeout, "Cancelled by AxonServer due to timeout", &id)
+            }
+        }
+    }
+
+    /// Hands a pending command to a handler. On failure the in-band error is returned and the
+    /// pending entry is left to the caller, who holds (or owns) its reply.
+    fn route(&self, context: &str, command: Command) -> Result<(), Box<CommandResponse>> {
+        let id = command.message_identifier.clone();
+        let Some(link) = self.registry.select(context, &command.name, routing_key(&command)) else {
+            return Err(Box::new(error_response(
+                ErrorCode::NoHandlerForCommand,
+                format!("No Handler for command: {}", command.name),
+                &id,
+            )));
+        };
+        // Assign before sending so a fast response finds its entry.
+        if let Some(entry) = self.pending.lock().unwrap().get_mut(&id) {
+            entry.handler = link.id();
+        }
+        match link.send(command) {
+            Ok(()) => Ok(()),
+            Err(LinkError::QueueFull) => Err(Box::new(error_response(
+                ErrorCode::TooManyRequests,
+                format!("Failed to add request to queue {}", link.client_id()),
+                &id,
+            ))),
+            Err(LinkError::Closed) => Err(Box::new(connection_lost(&link.client_id(), &id))),
+        }
+    }
+
+    /// A handler's response: completes the dispatch it answers. Responses nobody waits for, or
+    /// from a handler that was not sent that command, are ignored.
+    pub fn respond(&self, handler: HandlerId, response: CommandResponse) {
+        let id = response.request_identifier.clone();
+        let entry = {
+            let mut pending = self.pending.lock().unwrap();
+            match pending.get(&id) {
+                Some(entry) if entry.handler == handler => pending.remove(&id),
+                Some(_) => {
+                    tracing::warn!(request = %id, handler, "response from a handler that was not sent this command; ignored");
+                    return;
+                }
+                None => None,
+            }
+        };
+        match entry {
+            Some(entry) => {
+                let _ = entry.reply.send(response);
+            }
+            None => tracing::warn!(request = %id, handler, "response for an unknown command id; ignored"),
+        }
+    }
+
+    /// A handler went away: it leaves the registry at once; the commands it had queued but not
+    /// received are routed again (to another handler, or failed); the ones it received fail
+    /// with AXONIQ-4001.
+    pub fn handler_closed(&self, link: &dyn HandlerLink, unsent: Vec<Command>) {
+        self.registry.remove(link.id());
+        let client_id = link.client_id();
+        let mut rerouted = 0usize;
+        for command in unsent {
+            let id = command.message_identifier.clone();
+            let context = match self.pending.lock().unwrap().get(&id) {
+                Some(entry) if entry.handler == link.id() => entry.context.clone(),
+                _ => continue, // already answered (timed out, caller gone)
+            };
+            if let Err(response) = self.route(&context, command) {
+                let response = if response.error_code == ErrorCode::NoHandlerForCommand.code() {
+                    connection_lost(&client_id, &id)
+                } else {
+                    *response
+                };
+                tracing::debug!(request = %id, code = %response.error_code, "queued command could not be re-routed");
+                if let Some(entry) = self.pending.lock().unwrap().remove(&id) {
+                    let _ = entry.reply.send(response);
+                }
+            } else {
+                rerouted += 1;
+            }
+        }
+        let lost: Vec<(String, Pending)> = {
+            let mut pending = self.pending.lock().unwrap();
+            let ids: Vec<String> = pending
+                .iter()
+                .filter(|(_, entry)| entry.handler == link.id())
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| pending.remove(&id).map(|entry| (id, entry)))
+                .collect()
+        };
+        if !lost.is_empty() || rerouted > 0 {
+            tracing::info!(client_id = %client_id, failed = lost.len(), rerouted, "command handler disconnected with commands in flight");
+        }
+        for (id, entry) in lost {
+            let _ = entry.reply.send(connection_lost(&client_id, &id));
+        }
+    }
+}
+
+/// Removes a dispatch's pending entry and counts it when the dispatch ends in any way,
+/// including the caller cancelling the call (the future is dropped).
+struct InFlight<'a> {
+    dispatcher: &'a Dispatcher,
+    id: &'a str,
+    seq: u64,
+    metrics: Arc<CommandMetrics>,
+    started: Instant,
+    failed: bool,
+    /// False when the id belongs to another dispatch (duplicate): leave its entry alone.
+    owned: bool,
+}
+
+impl<'a> InFlight<'a> {
+    fn start(dispatcher: &'a Dispatcher, id: &'a str, seq: u64, metrics: Arc<CommandMetrics>) -> Self {
+        metrics.started();
+        InFlight {
+            dispatcher,
+            id,
+            seq,
+            metrics,
+            started: Instant::now(),
+            failed: true,
+            owned: true,
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.owned {
+            let mut pending = self.dispatcher.pending.lock().unwrap();
+            if pending.get(self.id).is_some_and(|entry| entry.seq == self.seq) {
+                pending.remove(self.id);
+            }
+        }
+        self.metrics.finished(self.failed, self.started.elapsed());
+    }
+}
+
+/// The routing key: the ROUTING_KEY processing instruction's text, else the message id.
+pub fn routing_key(command: &Command) -> &str {
+    command
+        .processing_instructions
+        .iter()
+        .filter(|pi| pi.key == ProcessingKey::RoutingKey as i32)
+        .find_map(|pi| match pi.value.as_ref().and_then(|v| v.data.as_ref()) {
+            Some(Data::TextValue(text)) => Some(text.as_str()),
+            _ => None,
+        })
+        .unwrap_or(&command.message_identifier)
+}
+
+/// The TIMEOUT processing instruction, in milliseconds, if positive.
+pub fn command_timeout(command: &Command) -> Option<Duration> {
+    command
+        .processing_instructions
+        .iter()
+        .filter(|pi| pi.key == ProcessingKey::Timeout as i32)
+        .find_map(|pi| match pi.value.as_ref().and_then(|v| v.data.as_ref()) {
+            Some(Data::NumberValue(ms)) => u64::try_from(*ms).ok(),
+            Some(Data::TextValue(text)) => text.trim().parse::<u64>().ok(),
+            _ => None,
+        })
+        .filter(|&ms| ms > 0)
+        .map(Duration::from_millis)
+}
+
+/// An in-band routing error, as Axon Server sends it.
+pub fn error_response(code: ErrorCode, message: impl Into<String>, request_id: &str) -> CommandResponse {
+    CommandResponse {
+        message_identifier: format!("{request_id}-error"),
+        error_code: code.code().to_owned(),
+        error_message: Some(ErrorMessage {
+            message: message.into(),
+            location: ERROR_LOCATION.to_owned(),
+            details: Vec::new(),
+            error_code: code.code().to_owned(),
+        }),
+        request_identifier: request_id.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn connection_lost(client_id: &str, request_id: &str) -> CommandResponse {
+    error_response(
+        ErrorCode::ConnectionToHandlerLost,
+        format!("Connection lost while executing command on: {client_id}"),
+        request_id,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex as StdMutex;
+
+    /// A link that records what it was sent.
+    struct Recorder {
+        id: HandlerId,
+        key: String,
+        sent: StdMutex<Vec<Command>>,
+        full: bool,
+    }
+
+    impl HandlerLink for Recorder {
+        fn id(&self) -> HandlerId {
+            self.id
+        }
+        fn ring_key(&self) -> &str {
+            &self.key
+        }
+        fn client_id(&self) -> String {
+            self.key.clone()
+        }
+        fn send(&self, command: Command) -> Result<(), LinkError> {
+            if self.full {
+                return Err(LinkError::QueueFull);
+            }
+            self.sent.lock().unwrap().push(command);
+            Ok(())
+        }
+    }
+
+    fn recorder(id: HandlerId, full: bool) -> Arc<Recorder> {
+        Arc::new(Recorder {
+            id,
+            key: format!("client-{id}"),
+            sent: StdMutex::new(Vec::new()),
+            full,
+        })
+    }
+
+    fn command(id: &str) -> Command {
+        Command {
+            message_identifier: id.to_owned(),
+            name: "Cmd".to_owned(),
+            ..Default::default()
+        }
+    }
+
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn response_matching_timeout_and_strays() {
+        let dispatcher = Arc::new(Dispatcher::new(Duration::from_secs(300)));
+        let link = recorder(1, false);
+        dispatcher.registry().subscribe("c", "Cmd", link.clone(), 0);
+
+        let call = tokio::spawn({
+            let d = dispatcher.clone();
+            async move { d.dispatch("c", command("x")).await }
+        });
+        settle().await;
+        assert_eq!(link.sent.lock().unwrap().len(), 1);
+        let answer = CommandResponse {
+            request_identifier: "x".to_owned(),
+            message_identifier: "r".to_owned(),
+            ..Default::default()
+        };
+        dispatcher.respond(2, answer.clone()); // not the handler it went to: ignored
+        dispatcher.respond(
+            1,
+            CommandResponse {
+                request_identifier: "unknown".to_owned(),
+                ..Default::default()
+            },
+        );
+        dispatcher.respond(1, answer.clone());
+        assert_eq!(call.await.unwrap(), answer);
+
+        // The default timeout applies without a TIMEOUT instruction; the entry is then gone.
+        let call = tokio::spawn({
+            let d = dispatcher.clone();
+            async move { d.dispatch("c", command("slow")).await }
+        });
+        tokio::time::advance(Duration::from_secs(301)).await;
+        let response = call.await.unwrap();
+        assert_eq!(response.error_code, "AXONIQ-4002");
+        assert!(dispatcher.pending.lock().unwrap().is_empty());
+        let snapshot = &dispatcher.metrics().snapshot()["c"];
+        assert_eq!((snapshot.routed, snapshot.in_flight, snapshot.failed), (2, 0, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lost_handler_and_full_queue() {
+        let dispatcher = Arc::new(Dispatcher::new(Duration::from_secs(300)));
+        let gone = recorder(1, false);
+        dispatcher.registry().subscribe("c", "Cmd", gone.clone(), 0);
+        let call = tokio::spawn({
+            let d = dispatcher.clone();
+            async move { d.dispatch("c", command("held")).await }
+        });
+        settle().await;
+        dispatcher.handler_closed(gone.as_ref(), Vec::new());
+        let response = call.await.unwrap();
+        assert_eq!(response.error_code, "AXONIQ-4001");
+        assert_eq!(
+            response.error_message.unwrap().message,
+            "Connection lost while executing command on: client-1"
+        );
+        assert_eq!(dispatcher.registry().handler_count("c", "Cmd"), 0);
+
+        dispatcher.registry().subscribe("c", "Cmd", recorder(2, true), 0);
+        let response = dispatcher.dispatch("c", command("full")).await;
+        assert_eq!(response.error_code, "AXONIQ-1900");
+        assert!(dispatcher.pending.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queued_commands_of_a_lost_handler_are_rerouted() {
+        let dispatcher = Arc::new(Dispatcher::new(Duration::from_secs(300)));
+        let gone = recorder(1, false);
+        dispatcher.registry().subscribe("c", "Cmd", gone.clone(), 0);
+        let call = tokio::spawn({
+            let d = dispatcher.clone();
+            async move { d.dispatch("c", command("queued")).await }
+        });
+        settle().await;
+        let survivor = recorder(2, false);
+        dispatcher.registry().subscribe("c", "Cmd", survivor.clone(), 0);
+        let unsent = std::mem::take(&mut *gone.sent.lock().unwrap());
+        dispatcher.handler_closed(gone.as_ref(), unsent);
+        assert_eq!(survivor.sent.lock().unwrap().len(), 1);
+        let answer = CommandResponse {
+            request_identifier: "queued".to_owned(),
+            ..Default::default()
+        };
+        dispatcher.respond(2, answer.clone());
+        assert_eq!(call.await.unwrap(), answer);
+    }
+
+    #[test]
+    fn instructions() {
+        use myelin_proto::axon::{MetaDataValue, ProcessingInstruction};
+        let mut c = command("id");
+        assert_eq!(routing_key(&c), "id");
+        assert_eq!(command_timeout(&c), None);
+        c.processing_instructions = vec![
+            ProcessingInstruction {
+                key: ProcessingKey::RoutingKey as i32,
+                value: Some(MetaDataValue {
+                    data: Some(Data::TextValue("k".to_owned())),
+                }),
+            },
+            ProcessingInstruction {
+                key: ProcessingKey::Timeout as i32,
+                value: Some(MetaDataValue {
+                    data: Some(Data::NumberValue(1500)),
+                }),
+            },
+        ];
+        assert_eq!(routing_key(&c), "k");
+        assert_eq!(command_timeout(&c), Some(Duration::from_millis(1500)));
+    }
+}

@@ -1,0 +1,243 @@
+//! Who handles what: the command handlers of each context, by command name.
+//!
+//! The registry knows handlers only as [`HandlerLink`]s, so it does not care whether a handler is
+//! a stream on this node or (later) a handler reached through another node. For each (context,
+//! command name) it keeps the subscribed handlers and a consistent-hash ring over them: every
+//! handler contributes `load_factor` points, hashed from its stable key and the point's index.
+//! A command goes to the owner of the first point at or after the hash of its routing key
+//! (wrapping around). Invariants:
+//! - the same routing key reaches the same handler as long as the set of handlers of that name
+//!   does not change (the ring depends only on the members' keys and load factors);
+//! - a handler's share of the keys is about proportional to its load factor;
+//! - a handler that is removed disappears from every ring at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use myelin_proto::axon::command::Command;
+
+/// Identifies one handler connection for the life of the connection.
+pub type HandlerId = u64;
+
+/// Load factor of a subscription that names none (Axon's default).
+pub const DEFAULT_LOAD_FACTOR: i32 = 100;
+/// Upper bound on ring points per handler, so a huge load factor cannot exhaust memory.
+pub const MAX_LOAD_FACTOR: i32 = 10_000;
+
+/// Why a command could not be handed to a handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkError {
+    /// The handler's queue is at capacity.
+    QueueFull,
+    /// The handler is gone.
+    Closed,
+}
+
+/// How a command reaches a handler. Today the only implementation is a local handler stream;
+/// node-to-node forwarding becomes another implementation.
+pub trait HandlerLink: Send + Sync {
+    /// Unique for the life of the link.
+    fn id(&self) -> HandlerId;
+    /// Stable text naming the link on the hash ring.
+    fn ring_key(&self) -> &str;
+    /// The handler's client id (for error messages).
+    fn client_id(&self) -> String;
+    /// Queues a command for the handler; never blocks.
+    fn send(&self, command: Command) -> Result<(), LinkError>;
+}
+
+#[derive(Clone)]
+struct Member {
+    link: Arc<dyn HandlerLink>,
+    load_factor: i32,
+}
+
+#[derive(Default)]
+struct Handlers {
+    members: Vec<Member>,
+    /// Point -> index into `members`.
+    ring: BTreeMap<u64, usize>,
+}
+
+impl Handlers {
+    fn rebuild(&mut self) {
+        self.ring.clear();
+        for (index, member) in self.members.iter().enumerate() {
+            for point in 0..member.load_factor {
+                let hash = stable_hash(format!("{} #{point}", member.link.ring_key()).as_bytes());
+                // On the (astronomically rare) collision the smaller key wins, so the ring does
+                // not depend on subscription order.
+                match self.ring.get(&hash) {
+                    Some(&other) if self.members[other].link.ring_key() <= member.link.ring_key() => {}
+                    _ => {
+                        self.ring.insert(hash, index);
+                    }
+                }
+            }
+        }
+    }
+
+    fn select(&self, routing_key: &str) -> Option<Arc<dyn HandlerLink>> {
+        let hash = stable_hash(routing_key.as_bytes());
+        let (_, &index) = self.ring.range(hash..).next().or_else(|| self.ring.iter().next())?;
+        Some(self.members[index].link.clone())
+    }
+}
+
+/// The handlers of every context. Cheap to share; all methods are synchronous and short.
+#[derive(Default)]
+pub struct Registry {
+    /// (context, command name) -> handlers.
+    by_name: Mutex<HashMap<(String, String), Handlers>>,
+}
+
+impl Registry {
+    /// Adds (or updates the load factor of) a handler for `name` in `context`.
+    pub fn subscribe(&self, context: &str, name: &str, link: Arc<dyn HandlerLink>, load_factor: i32) {
+        let load_factor = match load_factor {
+            0 => DEFAULT_LOAD_FACTOR,
+            n => n.clamp(1, MAX_LOAD_FACTOR),
+        };
+        let mut by_name = self.by_name.lock().unwrap();
+        let handlers = by_name.entry((context.to_owned(), name.to_owned())).or_default();
+        match handlers.members.iter_mut().find(|m| m.link.id() == link.id()) {
+            Some(member) if member.load_factor == load_factor => return,
+            Some(member) => member.load_factor = load_factor,
+            None => handlers.members.push(Member { link, load_factor }),
+        }
+        handlers.rebuild();
+    }
+
+    /// Removes one subscription of a handler.
+    pub fn unsubscribe(&self, context: &str, name: &str, handler: HandlerId) {
+        let mut by_name = self.by_name.lock().unwrap();
+        let key = (context.to_owned(), name.to_owned());
+        if let Some(handlers) = by_name.get_mut(&key) {
+            let before = handlers.members.len();
+            handlers.members.retain(|m| m.link.id() != handler);
+            if handlers.members.is_empty() {
+                by_name.remove(&key);
+            } else if handlers.members.len() != before {
+                handlers.rebuild();
+            }
+        }
+    }
+
+    /// Removes every subscription of a handler (it disconnected).
+    pub fn remove(&self, handler: HandlerId) {
+        let mut by_name = self.by_name.lock().unwrap();
+        by_name.retain(|_, handlers| {
+            let before = handlers.members.len();
+            handlers.members.retain(|m| m.link.id() != handler);
+            if handlers.members.len() != before && !handlers.members.is_empty() {
+                handlers.rebuild();
+            }
+            !handlers.members.is_empty()
+        });
+    }
+
+    /// The handler for a command of `name` in `context` with this routing key, if any.
+    pub fn select(&self, context: &str, name: &str, routing_key: &str) -> Option<Arc<dyn HandlerLink>> {
+        let by_name = self.by_name.lock().unwrap();
+        by_name.get(&(context.to_owned(), name.to_owned()))?.select(routing_key)
+    }
+
+    /// How many handlers `name` has in `context`.
+    pub fn handler_count(&self, context: &str, name: &str) -> usize {
+        let by_name = self.by_name.lock().unwrap();
+        by_name
+            .get(&(context.to_owned(), name.to_owned()))
+            .map_or(0, |h| h.members.len())
+    }
+}
+
+/// A 64-bit hash that never changes between builds, runs or platforms (unlike `std`'s
+/// `DefaultHasher`): FNV-1a over the bytes, then the SplitMix64 finalizer so that keys that differ
+/// only in their last characters ("x #1", "x #2") still land far apart on the ring.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash ^= hash >> 30;
+    hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash ^= hash >> 27;
+    hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^ (hash >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fake(HandlerId, String);
+    impl HandlerLink for Fake {
+        fn id(&self) -> HandlerId {
+            self.0
+        }
+        fn ring_key(&self) -> &str {
+            &self.1
+        }
+        fn client_id(&self) -> String {
+            self.1.clone()
+        }
+        fn send(&self, _: Command) -> Result<(), LinkError> {
+            Ok(())
+        }
+    }
+
+    fn fake(id: HandlerId) -> Arc<dyn HandlerLink> {
+        Arc::new(Fake(id, format!("client-{id}")))
+    }
+
+    #[test]
+    fn hash_is_stable() {
+        assert_eq!(stable_hash(b""), stable_hash(b""));
+        assert_ne!(stable_hash(b"a #1"), stable_hash(b"a #2"));
+    }
+
+    #[test]
+    fn same_key_same_handler_and_spread_by_load_factor() {
+        let registry = Registry::default();
+        registry.subscribe("c", "Cmd", fake(1), 100);
+        registry.subscribe("c", "Cmd", fake(2), 300);
+        let mut counts = HashMap::new();
+        for i in 0..4000 {
+            let key = format!("key-{i}");
+            let first = registry.select("c", "Cmd", &key).unwrap().id();
+            assert_eq!(registry.select("c", "Cmd", &key).unwrap().id(), first);
+            *counts.entry(first).or_insert(0) += 1;
+        }
+        let share = f64::from(counts[&2]) / 4000.0;
+        assert!((0.6..0.9).contains(&share), "share of the 300-handler: {share}");
+        // Adding the order the other way round gives the same ring.
+        let other = Registry::default();
+        other.subscribe("c", "Cmd", fake(2), 300);
+        other.subscribe("c", "Cmd", fake(1), 100);
+        for i in 0..200 {
+            let key = format!("key-{i}");
+            assert_eq!(
+                registry.select("c", "Cmd", &key).unwrap().id(),
+                other.select("c", "Cmd", &key).unwrap().id()
+            );
+        }
+    }
+
+    #[test]
+    fn removal_and_contexts() {
+        let registry = Registry::default();
+        registry.subscribe("c", "Cmd", fake(1), 0);
+        registry.subscribe("c", "Cmd", fake(2), 0);
+        registry.subscribe("c", "Other", fake(1), 0);
+        assert!(registry.select("d", "Cmd", "k").is_none());
+        registry.remove(1);
+        assert_eq!(registry.handler_count("c", "Cmd"), 1);
+        assert_eq!(registry.handler_count("c", "Other"), 0);
+        for i in 0..50 {
+            assert_eq!(registry.select("c", "Cmd", &format!("{i}")).unwrap().id(), 2);
+        }
+        registry.unsubscribe("c", "Cmd", 2);
+        assert!(registry.select("c", "Cmd", "k").is_none());
+    }
+}

@@ -1,0 +1,176 @@
+//! Query routing: Axon's `QueryService` for the clients connected to this node.
+//!
+//! Handler applications open a stream (`OpenStream`), subscribe query names and grant permits;
+//! dispatchers send a query (`Query`) and get a stream of responses back, or open a subscription
+//! query (`Subscription`) and get an initial result and then updates.
+//!
+//! The layers, per context ([`ContextQueries`]):
+//! - [`registry`]: who handles what (query name -> handlers, grouped by component);
+//! - [`handler`]: how a message reaches a handler ([`handler::Destination`]; today a local stream
+//!   with a permit-gated bounded queue, later also a remote node);
+//! - [`dispatch`]: queries in flight by id — scatter to one handler per component, gather their
+//!   responses until each handler completed, the deadline passed, or the dispatcher went away;
+//! - [`subscription`]: subscription queries by id, their handlers and their subscriber;
+//! - [`service`]: the gRPC service, which only decodes, calls and encodes.
+//!
+//! Invariants: every query in flight ends (all handlers complete, a handler disconnects, the
+//! deadline, or a cancel) and is then removed; a state lock is never held across an await (the
+//! routing state of a context is one `std::sync::Mutex`, and sends under it are `try_send`);
+//! every queue is bounded.
+
+pub mod dispatch;
+pub mod handler;
+pub mod metrics;
+pub mod registry;
+pub mod service;
+pub mod subscription;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use myelin_proto::axon::ErrorMessage;
+use myelin_proto::errors::ErrorCode;
+
+pub use metrics::{QueryMetrics, QueryMetricsSnapshot};
+
+/// The query routing of this node: one [`ContextQueries`] per context that has been used.
+#[derive(Clone)]
+pub struct QueryRouter {
+    inner: Arc<RouterInner>,
+}
+
+struct RouterInner {
+    node_name: String,
+    contexts: Mutex<HashMap<String, Arc<ContextQueries>>>,
+    next_handler: AtomicU64,
+}
+
+impl QueryRouter {
+    pub fn new(node_name: impl Into<String>) -> QueryRouter {
+        QueryRouter {
+            inner: Arc::new(RouterInner {
+                node_name: node_name.into(),
+                contexts: Mutex::new(HashMap::new()),
+                next_handler: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The routing state of `context`, created on first use.
+    pub fn context(&self, context: &str) -> Arc<ContextQueries> {
+        let mut contexts = lock(&self.inner.contexts);
+        contexts
+            .entry(context.to_owned())
+            .or_insert_with(|| {
+                Arc::new(ContextQueries {
+                    node_name: self.inner.node_name.clone(),
+                    state: Mutex::new(State::default()),
+                    metrics: QueryMetrics::default(),
+                })
+            })
+            .clone()
+    }
+
+    /// Counters of every context that has seen query traffic.
+    pub fn metrics(&self) -> Vec<(String, QueryMetricsSnapshot)> {
+        let contexts = lock(&self.inner.contexts);
+        contexts
+            .iter()
+            .map(|(name, context)| (name.clone(), context.metrics.snapshot()))
+            .collect()
+    }
+
+    fn next_handler_id(&self) -> handler::HandlerId {
+        self.inner.next_handler.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// The query routing of one context.
+pub struct ContextQueries {
+    node_name: String,
+    state: Mutex<State>,
+    pub metrics: QueryMetrics,
+}
+
+#[derive(Default)]
+struct State {
+    registry: registry::Registry,
+    in_flight: HashMap<String, dispatch::InFlight>,
+    subscriptions: HashMap<String, subscription::ActiveSubscription>,
+}
+
+impl ContextQueries {
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// An error as Axon Server reports it in-band: code, message, this node as location.
+    fn error(&self, code: ErrorCode, message: impl Into<String>) -> ErrorMessage {
+        ErrorMessage {
+            message: message.into(),
+            location: self.node_name.clone(),
+            details: Vec::new(),
+            error_code: code.code().to_owned(),
+        }
+    }
+}
+
+/// Locks a mutex; a panic elsewhere while it was held does not poison routing for everyone.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A fresh message identifier in UUID text form (random, as Axon Server's are).
+pub fn unique_id() -> String {
+    use std::hash::BuildHasher;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let high = std::hash::RandomState::new().hash_one(n);
+    let low = std::hash::RandomState::new().hash_one(high ^ n);
+    let hex = format!("{high:016x}{low:016x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+impl ContextQueries {
+    /// A handler stream subscribed a query: route it there, and let it join the open
+    /// subscription queries for it.
+    pub fn subscribe_handler(
+        &self,
+        handler: handler::HandlerId,
+        destination: &handler::Destination,
+        subscription: &myelin_proto::axon::query::QuerySubscription,
+    ) {
+        let registration = registry::Registration {
+            component: subscription.component_name.clone(),
+            client_id: subscription.client_id.clone(),
+            result_name: subscription.result_name.clone(),
+        };
+        let added = self
+            .state()
+            .registry
+            .subscribe(handler, destination, &subscription.query, registration);
+        if added {
+            self.join_subscriptions(handler, destination, &subscription.query);
+        }
+    }
+
+    pub fn unsubscribe_handler(&self, handler: handler::HandlerId, query: &str) {
+        self.state().registry.unsubscribe(handler, query);
+    }
+
+    /// A handler stream ended: it is no longer routed to, and the queries it had count as
+    /// completed by it.
+    pub async fn handler_gone(&self, handler: handler::HandlerId) {
+        self.state().registry.remove(handler);
+        self.subscriptions_lost_handler(handler);
+        self.queries_lost_handler(handler).await;
+    }
+}

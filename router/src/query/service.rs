@@ -1,0 +1,136 @@
+//! Axon's `QueryService` over gRPC: decodes, calls the context's routing, encodes.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use myelin_proto::axon::InstructionAck;
+use myelin_proto::axon::query::query_provider_inbound::Request as Inbound;
+use myelin_proto::axon::query::query_provider_outbound::Request as Outbound;
+use myelin_proto::axon::query::query_service_server::QueryService;
+use myelin_proto::axon::query::{
+    QueryProviderInbound, QueryProviderOutbound, QueryRequest, QueryResponse, SubscriptionQueryRequest,
+    SubscriptionQueryResponse,
+};
+use myelin_proto::errors::ErrorCode;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::handler::{Destination, LocalHandler, inbound};
+use super::{ContextQueries, QueryRouter};
+use crate::context::client_context;
+
+type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[derive(Clone)]
+pub struct QueryEndpoint {
+    pub router: QueryRouter,
+}
+
+#[tonic::async_trait]
+impl QueryService for QueryEndpoint {
+    type OpenStreamStream = Boxed<QueryProviderInbound>;
+
+    #[tracing::instrument(skip_all, fields(context))]
+    async fn open_stream(
+        &self,
+        request: Request<Streaming<QueryProviderOutbound>>,
+    ) -> Result<Response<Self::OpenStreamStream>, Status> {
+        let context = client_context(&request)?;
+        tracing::Span::current().record("context", context.as_str());
+        let queries = self.router.context(&context);
+        let id = self.router.next_handler_id();
+        let (local, permits, stream) = LocalHandler::start();
+        let destination = Destination::Local(local);
+        let mut messages = request.into_inner();
+        let errors = stream.errors;
+        tokio::spawn(async move {
+            loop {
+                match messages.message().await {
+                    Ok(Some(message)) => {
+                        let instruction_id = message.instruction_id.clone();
+                        let outcome = handle(&queries, id, &destination, &permits, message).await;
+                        if let Err(error) = &outcome {
+                            tracing::debug!(%error, "bad message on a query handler stream");
+                        }
+                        if !instruction_id.is_empty() {
+                            let ack = ack(&queries, instruction_id, outcome);
+                            let _ = destination.send_control(ack);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        let _ = errors.send(Err(crate::limits::client_stream_error(status))).await;
+                        break;
+                    }
+                }
+            }
+            queries.handler_gone(id).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(stream.messages))))
+    }
+
+    type QueryStream = Boxed<QueryResponse>;
+
+    async fn query(&self, request: Request<QueryRequest>) -> Result<Response<Self::QueryStream>, Status> {
+        let context = client_context(&request)?;
+        let responses = self.router.context(&context).query(request.into_inner());
+        Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
+    }
+
+    type SubscriptionStream = Boxed<SubscriptionQueryResponse>;
+
+    async fn subscription(
+        &self,
+        request: Request<Streaming<SubscriptionQueryRequest>>,
+    ) -> Result<Response<Self::SubscriptionStream>, Status> {
+        let context = client_context(&request)?;
+        let updates = self.router.context(&context).subscription(request.into_inner());
+        Ok(Response::new(Box::pin(ReceiverStream::new(updates))))
+    }
+}
+
+/// Acts on one message from a handler; an error is a message the node cannot act on.
+async fn handle(
+    queries: &ContextQueries,
+    id: super::handler::HandlerId,
+    destination: &Destination,
+    permits: &super::handler::Permits,
+    message: QueryProviderOutbound,
+) -> Result<(), String> {
+    match message.request {
+        Some(Outbound::Subscribe(subscription)) => {
+            if subscription.query.is_empty() {
+                return Err("subscribe names no query".to_owned());
+            }
+            queries.subscribe_handler(id, destination, &subscription);
+        }
+        Some(Outbound::Unsubscribe(subscription)) => {
+            if subscription.query.is_empty() {
+                return Err("unsubscribe names no query".to_owned());
+            }
+            queries.unsubscribe_handler(id, &subscription.query);
+        }
+        Some(Outbound::FlowControl(flow)) => permits.grant(flow.permits),
+        Some(Outbound::QueryResponse(response)) => queries.relay_response(id, response).await,
+        Some(Outbound::QueryComplete(complete)) => queries.relay_complete(id, &complete.request_id).await,
+        Some(Outbound::SubscriptionQueryResponse(response)) => {
+            queries.relay_subscription_response(id, response).await;
+        }
+        Some(Outbound::Ack(_)) => {}
+        None => return Err("Unsupported instruction".to_owned()),
+    }
+    Ok(())
+}
+
+fn ack(queries: &ContextQueries, instruction_id: String, outcome: Result<(), String>) -> QueryProviderInbound {
+    let error = outcome.err().map(|message| {
+        let mut error = queries.error(ErrorCode::UnsupportedInstruction, message);
+        error.details.push("Unsupported instruction".to_owned());
+        error
+    });
+    inbound(Inbound::Ack(InstructionAck {
+        instruction_id,
+        success: error.is_none(),
+        error,
+    }))
+}

@@ -1,0 +1,629 @@
+//! Query routing between separate client applications (each its own gRPC connection) through a
+//! real node: scatter-gather, no handler, timeouts, handlers that vanish, permits, duplicate ids,
+//! subscription queries.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use myelin_proto::axon::query::query_provider_inbound::Request as Inbound;
+use myelin_proto::axon::query::query_provider_outbound::Request as Outbound;
+use myelin_proto::axon::query::query_service_client::QueryServiceClient;
+use myelin_proto::axon::query::subscription_query_request::Request as SubRequest;
+use myelin_proto::axon::query::subscription_query_response::Response as SubResponse;
+use myelin_proto::axon::query::{
+    QueryComplete, QueryProviderInbound, QueryProviderOutbound, QueryRequest, QueryResponse, QuerySubscription,
+    QueryUpdate, QueryUpdateComplete, SubscriptionQuery, SubscriptionQueryRequest, SubscriptionQueryResponse,
+};
+use myelin_proto::axon::{
+    FlowControl, InstructionAck, MetaDataValue, ProcessingInstruction, ProcessingKey, SerializedObject, meta_data_value,
+};
+use myelin_tests::{Node, Options};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A new connection, as a separate application would have.
+async fn client(node: &Node) -> QueryServiceClient<Channel> {
+    let channel = Channel::from_shared(node.url()).unwrap().connect().await.unwrap();
+    QueryServiceClient::new(channel)
+}
+
+fn payload(data: &[u8]) -> Option<SerializedObject> {
+    Some(SerializedObject {
+        r#type: "java.lang.String".into(),
+        revision: "1".into(),
+        data: bytes::Bytes::copy_from_slice(data),
+    })
+}
+
+fn query(id: &str, name: &str, timeout_ms: Option<i64>) -> QueryRequest {
+    let mut meta_data = HashMap::new();
+    meta_data.insert(
+        "trace".to_owned(),
+        MetaDataValue {
+            data: Some(meta_data_value::Data::TextValue(format!("trace-{id}"))),
+        },
+    );
+    QueryRequest {
+        message_identifier: id.into(),
+        query: name.into(),
+        payload: payload(id.as_bytes()),
+        meta_data,
+        processing_instructions: timeout_ms
+            .map(|ms| ProcessingInstruction {
+                key: ProcessingKey::Timeout as i32,
+                value: Some(MetaDataValue {
+                    data: Some(meta_data_value::Data::NumberValue(ms)),
+                }),
+            })
+            .into_iter()
+            .collect(),
+        client_id: "dispatcher".into(),
+        component_name: "dispatcher-app".into(),
+        ..Default::default()
+    }
+}
+
+/// A query handler application: its own connection and `OpenStream` call.
+struct Handler {
+    component: String,
+    tx: mpsc::Sender<QueryProviderOutbound>,
+    rx: Streaming<QueryProviderInbound>,
+    next_instruction: u32,
+}
+
+impl Handler {
+    async fn connect(node: &Node, component: &str, queries: &[&str], permits: i64) -> Handler {
+        let (tx, out) = mpsc::channel(64);
+        let rx = client(node)
+            .await
+            .open_stream(ReceiverStream::new(out))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut handler = Handler {
+            component: component.into(),
+            tx,
+            rx,
+            next_instruction: 0,
+        };
+        for query in queries {
+            let ack = handler.subscribe(query).await;
+            assert!(ack.success, "{ack:?}");
+        }
+        if permits > 0 {
+            handler.grant(permits).await;
+        }
+        handler
+    }
+
+    async fn send(&self, request: Outbound, instruction_id: &str) {
+        self.tx
+            .send(QueryProviderOutbound {
+                request: Some(request),
+                instruction_id: instruction_id.into(),
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Subscribes and waits for the node's ack.
+    async fn subscribe(&mut self, query: &str) -> InstructionAck {
+        self.next_instruction += 1;
+        let instruction = format!("{}-{}", self.component, self.next_instruction);
+        let subscription = QuerySubscription {
+            message_id: instruction.clone(),
+            query: query.into(),
+            result_name: "java.lang.String".into(),
+            component_name: self.component.clone(),
+            client_id: format!("{}-client", self.component),
+        };
+        self.send(Outbound::Subscribe(subscription), &instruction).await;
+        match self.next().await.request {
+            Some(Inbound::Ack(ack)) => {
+                assert_eq!(ack.instruction_id, instruction);
+                ack
+            }
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+
+    async fn grant(&self, permits: i64) {
+        let flow = FlowControl {
+            client_id: format!("{}-client", self.component),
+            permits,
+        };
+        self.send(Outbound::FlowControl(flow), "").await;
+    }
+
+    async fn next(&mut self) -> QueryProviderInbound {
+        tokio::time::timeout(WAIT, self.rx.message())
+            .await
+            .expect("handler waited too long")
+            .unwrap()
+            .expect("handler stream ended")
+    }
+
+    async fn next_query(&mut self) -> QueryRequest {
+        match self.next().await.request {
+            Some(Inbound::Query(query)) => query,
+            other => panic!("expected a query, got {other:?}"),
+        }
+    }
+
+    /// Nothing arrives within `within`.
+    async fn quiet(&mut self, within: Duration) {
+        if let Ok(message) = tokio::time::timeout(within, self.rx.message()).await {
+            panic!("unexpected message for {}: {message:?}", self.component);
+        }
+    }
+
+    async fn answer(&self, query: &QueryRequest, data: &[u8]) {
+        let response = QueryResponse {
+            message_identifier: format!("{}-{}", self.component, query.message_identifier),
+            payload: payload(data),
+            meta_data: query.meta_data.clone(),
+            request_identifier: query.message_identifier.clone(),
+            ..Default::default()
+        };
+        self.send(Outbound::QueryResponse(response), "").await;
+    }
+
+    async fn complete(&self, query: &QueryRequest) {
+        let complete = QueryComplete {
+            message_id: format!("done-{}", query.message_identifier),
+            request_id: query.message_identifier.clone(),
+        };
+        self.send(Outbound::QueryComplete(complete), "").await;
+    }
+
+    /// Answers every query with `<component>:<instance>` and completes it.
+    fn serve(mut self, instance: &'static str) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = self.rx.message().await {
+                if let Some(Inbound::Query(query)) = message.request {
+                    self.answer(&query, format!("{}:{instance}", self.component).as_bytes())
+                        .await;
+                    self.complete(&query).await;
+                }
+            }
+        })
+    }
+}
+
+/// Runs a query to its end and returns every response.
+async fn dispatch(node: &Node, request: QueryRequest) -> Vec<QueryResponse> {
+    let mut stream = client(node).await.query(request).await.unwrap().into_inner();
+    let mut responses = Vec::new();
+    loop {
+        let next = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("query stream did not complete");
+        match next.expect("query stream failed") {
+            Some(response) => responses.push(response),
+            None => return responses,
+        }
+    }
+}
+
+fn text(response: &QueryResponse) -> String {
+    String::from_utf8(response.payload.clone().unwrap_or_default().data.to_vec()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scatter_gather_gets_one_response_per_component() {
+    let node = Node::start(Options::default()).await;
+    let a1 = Handler::connect(&node, "inventory", &["CountStock"], 100).await;
+    let a2 = Handler::connect(&node, "inventory", &["CountStock"], 100).await;
+    let b = Handler::connect(&node, "warehouse", &["CountStock"], 100).await;
+    let _serving = [a1.serve("1"), a2.serve("2"), b.serve("1")];
+
+    let mut inventory_instances = Vec::new();
+    for round in 0..4 {
+        let request = query(&format!("q{round}"), "CountStock", None);
+        let responses = dispatch(&node, request.clone()).await;
+        let mut texts: Vec<String> = responses.iter().map(text).collect();
+        texts.sort();
+        assert_eq!(texts.len(), 2, "one response per component: {texts:?}");
+        assert!(texts[0].starts_with("inventory:"), "{texts:?}");
+        assert_eq!(texts[1], "warehouse:1");
+        inventory_instances.push(texts[0].clone());
+        for response in &responses {
+            assert!(response.error_code.is_empty(), "{response:?}");
+            assert_eq!(response.request_identifier, request.message_identifier);
+            assert_eq!(response.meta_data, request.meta_data, "metadata relayed unchanged");
+        }
+    }
+    // Round-robin among the two instances of one component.
+    assert_eq!(
+        inventory_instances,
+        ["inventory:1", "inventory:2", "inventory:1", "inventory:2"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_handler_is_an_in_band_axoniq_5000() {
+    let node = Node::start(Options::default()).await;
+    let responses = dispatch(&node, query("lonely", "NobodyAnswers", None)).await;
+    assert_eq!(responses.len(), 1, "{responses:?}");
+    let response = &responses[0];
+    assert_eq!(response.error_code, "AXONIQ-5000");
+    assert_eq!(response.request_identifier, "lonely");
+    let error = response.error_message.as_ref().unwrap();
+    assert_eq!(error.message, "No handler for query: NobodyAnswers");
+    assert_eq!(error.error_code, "AXONIQ-5000");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_never_completes_times_out_with_axoniq_5006() {
+    let node = Node::start(Options::default()).await;
+    let mut silent = Handler::connect(&node, "silent", &["Slow"], 10).await;
+    let started = Instant::now();
+    let dispatcher = tokio::spawn({
+        let url = node.url();
+        async move {
+            let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+            let mut stream = QueryServiceClient::new(channel)
+                .query(query("slow-1", "Slow", Some(500)))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut responses = Vec::new();
+            while let Some(response) = stream.message().await.unwrap() {
+                responses.push(response);
+            }
+            responses
+        }
+    });
+    let received = silent.next_query().await;
+    assert_eq!(received.message_identifier, "slow-1");
+    let responses = tokio::time::timeout(WAIT, dispatcher).await.unwrap().unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(responses.len(), 1, "{responses:?}");
+    assert_eq!(responses[0].error_code, "AXONIQ-5006");
+    assert!(elapsed >= Duration::from_millis(500), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+    // The handler is told to stop working on it.
+    match silent.next().await.request {
+        Some(Inbound::QueryCancel(reference)) => assert_eq!(reference.request_id, "slow-1"),
+        other => panic!("expected query_cancel, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_disconnecting_mid_query_does_not_hang_it() {
+    let node = Node::start(Options::default()).await;
+    let mut doomed = Handler::connect(&node, "doomed", &["Fragile"], 10).await;
+    let survivor = Handler::connect(&node, "survivor", &["Fragile"], 10).await;
+    let _serving = survivor.serve("1");
+    let url = node.url();
+    let dispatcher = tokio::spawn(async move {
+        let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+        let mut stream = QueryServiceClient::new(channel)
+            .query(query("fragile-1", "Fragile", None)) // default timeout: 300 s
+            .await
+            .unwrap()
+            .into_inner();
+        let mut responses = Vec::new();
+        while let Some(response) = stream.message().await.unwrap() {
+            responses.push(response);
+        }
+        responses
+    });
+    let received = doomed.next_query().await;
+    assert_eq!(received.message_identifier, "fragile-1");
+    drop(doomed); // the whole application goes away: stream and connection
+    let responses = tokio::time::timeout(WAIT, dispatcher)
+        .await
+        .expect("the query hung after its handler left")
+        .unwrap();
+    assert_eq!(responses.iter().map(text).collect::<Vec<_>>(), ["survivor:1"]);
+
+    // Later queries go to the survivor only and still complete.
+    let responses = dispatch(&node, query("fragile-2", "Fragile", None)).await;
+    assert_eq!(responses.iter().map(text).collect::<Vec<_>>(), ["survivor:1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_wait_for_the_handlers_permits() {
+    let node = Node::start(Options::default()).await;
+    let mut handler = Handler::connect(&node, "frugal", &["Counted"], 1).await;
+    let mut dispatchers = Vec::new();
+    for i in 0..3 {
+        let url = node.url();
+        dispatchers.push(tokio::spawn(async move {
+            let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+            let mut stream = QueryServiceClient::new(channel)
+                .query(query(&format!("counted-{i}"), "Counted", None))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut responses = Vec::new();
+            while let Some(response) = stream.message().await.unwrap() {
+                responses.push(response);
+            }
+            responses
+        }));
+    }
+    let first = handler.next_query().await;
+    handler.quiet(Duration::from_millis(400)).await;
+    handler.grant(2).await;
+    let second = handler.next_query().await;
+    let third = handler.next_query().await;
+    handler.quiet(Duration::from_millis(200)).await;
+    for query in [&first, &second, &third] {
+        handler.answer(query, b"ok").await;
+        handler.complete(query).await;
+    }
+    for dispatcher in dispatchers {
+        let responses = tokio::time::timeout(WAIT, dispatcher).await.unwrap().unwrap();
+        assert_eq!(responses.iter().map(text).collect::<Vec<_>>(), ["ok"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_subscribe_is_nacked_and_the_stream_stays_up() {
+    let node = Node::start(Options::default()).await;
+    let mut handler = Handler::connect(&node, "careless", &[], 10).await;
+    let ack = handler.subscribe("").await;
+    assert!(!ack.success);
+    assert_eq!(ack.error.unwrap().error_code, "AXONIQ-1002");
+    assert!(handler.subscribe("Fine").await.success);
+    // A response and a completion for a query it never got are ignored.
+    let stranger = query("never-sent", "Fine", None);
+    handler.answer(&stranger, b"stray").await;
+    handler.complete(&stranger).await;
+    // An unknown kind of message is refused, the stream stays up.
+    handler
+        .tx
+        .send(QueryProviderOutbound {
+            request: None,
+            instruction_id: "empty".into(),
+        })
+        .await
+        .unwrap();
+    match handler.next().await.request {
+        Some(Inbound::Ack(ack)) => assert!(!ack.success && ack.instruction_id == "empty", "{ack:?}"),
+        other => panic!("expected an ack, got {other:?}"),
+    }
+    let _serving = handler.serve("1");
+    let responses = dispatch(&node, query("fine-1", "Fine", None)).await;
+    assert_eq!(responses.iter().map(text).collect::<Vec<_>>(), ["careless:1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_query_id_in_flight_is_axoniq_5007() {
+    let node = Node::start(Options::default()).await;
+    let mut handler = Handler::connect(&node, "holder", &["Held"], 10).await;
+    let url = node.url();
+    let first = tokio::spawn(async move {
+        let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+        let mut stream = QueryServiceClient::new(channel)
+            .query(query("same-id", "Held", None))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut responses = Vec::new();
+        while let Some(response) = stream.message().await.unwrap() {
+            responses.push(response);
+        }
+        responses
+    });
+    let held = handler.next_query().await;
+    let duplicate = dispatch(&node, query("same-id", "Held", None)).await;
+    assert_eq!(duplicate.len(), 1);
+    assert_eq!(duplicate[0].error_code, "AXONIQ-5007");
+    handler.answer(&held, b"first").await;
+    handler.complete(&held).await;
+    let responses = tokio::time::timeout(WAIT, first).await.unwrap().unwrap();
+    assert_eq!(responses.iter().map(text).collect::<Vec<_>>(), ["first"]);
+}
+
+fn subscription_query(id: &str, permits: i64) -> SubscriptionQuery {
+    SubscriptionQuery {
+        subscription_identifier: id.into(),
+        number_of_permits: permits,
+        query_request: Some(query(&format!("{id}-query"), "WatchPrice", None)),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(deprecated)] // get_initial_result
+async fn subscription_query_gets_initial_result_then_updates_within_permits() {
+    let node = Node::start(Options::default()).await;
+    let mut handler = Handler::connect(&node, "prices", &["WatchPrice"], 10).await;
+
+    let (tx, rx) = mpsc::channel(16);
+    let mut updates = client(&node)
+        .await
+        .subscription(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let send = |request: SubRequest| {
+        let tx = tx.clone();
+        async move {
+            tx.send(SubscriptionQueryRequest { request: Some(request) })
+                .await
+                .unwrap()
+        }
+    };
+    send(SubRequest::Subscribe(subscription_query("sub-1", 0))).await;
+    send(SubRequest::FlowControl(subscription_query("sub-1", 2))).await;
+    send(SubRequest::GetInitialResult(subscription_query("sub-1", 0))).await;
+
+    let respond = |response: SubResponse| SubscriptionQueryResponse {
+        message_identifier: "m".into(),
+        subscription_identifier: "sub-1".into(),
+        response: Some(response),
+    };
+    let mut got_initial_request = false;
+    let mut got_subscribe = false;
+    while !(got_initial_request && got_subscribe) {
+        match handler.next().await.request {
+            Some(Inbound::SubscriptionQueryRequest(SubscriptionQueryRequest { request })) => match request {
+                Some(SubRequest::Subscribe(s)) => {
+                    assert_eq!(s.subscription_identifier, "sub-1");
+                    got_subscribe = true;
+                }
+                Some(SubRequest::GetInitialResult(s)) => {
+                    assert_eq!(s.subscription_identifier, "sub-1");
+                    got_initial_request = true;
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let initial = QueryResponse {
+        message_identifier: "initial".into(),
+        payload: payload(b"price=10"),
+        request_identifier: "sub-1-query".into(),
+        ..Default::default()
+    };
+    handler
+        .send(
+            Outbound::SubscriptionQueryResponse(respond(SubResponse::InitialResult(initial))),
+            "",
+        )
+        .await;
+    for price in 11..=14 {
+        let update = QueryUpdate {
+            message_identifier: format!("u{price}"),
+            payload: payload(format!("price={price}").as_bytes()),
+            ..Default::default()
+        };
+        handler
+            .send(
+                Outbound::SubscriptionQueryResponse(respond(SubResponse::Update(update))),
+                "",
+            )
+            .await;
+    }
+    let complete = QueryUpdateComplete {
+        client_id: "prices-client".into(),
+        component_name: "prices".into(),
+    };
+    handler
+        .send(
+            Outbound::SubscriptionQueryResponse(respond(SubResponse::Complete(complete))),
+            "",
+        )
+        .await;
+
+    let mut next = async || {
+        tokio::time::timeout(WAIT, updates.message())
+            .await
+            .expect("subscriber waited too long")
+            .unwrap()
+            .expect("subscription ended")
+    };
+    let data = |response: &SubscriptionQueryResponse| match &response.response {
+        Some(SubResponse::InitialResult(r)) => {
+            format!("initial {}", String::from_utf8_lossy(&r.payload.as_ref().unwrap().data))
+        }
+        Some(SubResponse::Update(u)) => {
+            format!("update {}", String::from_utf8_lossy(&u.payload.as_ref().unwrap().data))
+        }
+        Some(SubResponse::Complete(_)) => "complete".to_owned(),
+        other => format!("{other:?}"),
+    };
+    assert_eq!(data(&next().await), "initial price=10");
+    assert_eq!(data(&next().await), "update price=11");
+    assert_eq!(data(&next().await), "update price=12");
+    // Two permits used: the rest waits.
+    let early = tokio::time::timeout(Duration::from_millis(400), updates.message()).await;
+    assert!(early.is_err(), "an update arrived without a permit: {early:?}");
+    send(SubRequest::FlowControl(subscription_query("sub-1", 5))).await;
+    let mut next = async || {
+        tokio::time::timeout(WAIT, updates.message())
+            .await
+            .expect("subscriber waited too long")
+            .unwrap()
+            .expect("subscription ended")
+    };
+    assert_eq!(data(&next().await), "update price=13");
+    assert_eq!(data(&next().await), "update price=14");
+    assert_eq!(data(&next().await), "complete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_leaving_unsubscribes_its_handlers() {
+    let node = Node::start(Options::default()).await;
+    let mut first = Handler::connect(&node, "prices", &["WatchPrice"], 10).await;
+    let (tx, rx) = mpsc::channel(16);
+    let _updates = client(&node)
+        .await
+        .subscription(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(SubscriptionQueryRequest {
+        request: Some(SubRequest::Subscribe(subscription_query("sub-2", 0))),
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        first.next().await.request,
+        Some(Inbound::SubscriptionQueryRequest(SubscriptionQueryRequest {
+            request: Some(SubRequest::Subscribe(_))
+        }))
+    ));
+    // A handler that subscribes later joins the open subscription.
+    let mut late = Handler::connect(&node, "prices-replica", &[], 10).await;
+    late.next_instruction += 1;
+    let subscription = QuerySubscription {
+        message_id: "late".into(),
+        query: "WatchPrice".into(),
+        component_name: "prices-replica".into(),
+        ..Default::default()
+    };
+    late.send(Outbound::Subscribe(subscription), "late-1").await;
+    let mut saw_subscribe = false;
+    for _ in 0..2 {
+        if let Some(Inbound::SubscriptionQueryRequest(SubscriptionQueryRequest {
+            request: Some(SubRequest::Subscribe(s)),
+        })) = late.next().await.request
+        {
+            assert_eq!(s.subscription_identifier, "sub-2");
+            saw_subscribe = true;
+        }
+    }
+    assert!(saw_subscribe);
+    drop(tx); // the subscriber half-closes
+    for handler in [&mut first, &mut late] {
+        match handler.next().await.request {
+            Some(Inbound::SubscriptionQueryRequest(SubscriptionQueryRequest {
+                request: Some(SubRequest::Unsubscribe(s)),
+            })) => assert_eq!(s.subscription_identifier, "sub-2"),
+            other => panic!("expected unsubscribe, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_query_without_handler_fails_with_axoniq_5000() {
+    let node = Node::start(Options::default()).await;
+    let (tx, rx) = mpsc::channel(4);
+    let mut updates = client(&node)
+        .await
+        .subscription(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(SubscriptionQueryRequest {
+        request: Some(SubRequest::Subscribe(subscription_query("sub-none", 10))),
+    })
+    .await
+    .unwrap();
+    let status = tokio::time::timeout(WAIT, updates.message())
+        .await
+        .unwrap()
+        .expect_err("no handler must fail the call");
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    assert_eq!(status.metadata().get("axoniq-errorcode").unwrap(), "AXONIQ-5000");
+}
