@@ -47,6 +47,18 @@ pub struct Args {
     /// (Axon's `default-command-timeout`); a command's TIMEOUT instruction overrides it.
     #[arg(long, default_value_t = 300_000)]
     pub command_timeout_ms: u64,
+    /// Whether the node exchanges heartbeats with clients on their control streams and
+    /// disconnects clients that stop sending them (Axon's `heartbeat.enabled`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub heartbeats: bool,
+    /// How often the node sends a client a heartbeat, in milliseconds
+    /// (Axon's `client-heartbeat-frequency`).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_interval_ms: u64,
+    /// How long a client that has sent heartbeats may stay silent before it is disconnected, in
+    /// milliseconds (Axon's `client-heartbeat-timeout`).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_timeout_ms: u64,
 }
 
 /// Runs the router until SIGTERM or SIGINT.
@@ -79,19 +91,27 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         storage,
         max_transaction_bytes: args.max_message_size.saturating_sub(10_000).max(1024),
     };
-    let platform = platform::Platform {
-        node: myelin_proto::axon::control::NodeInfo {
+    let disconnects = platform::Disconnects::new();
+    let platform = platform::Platform::new(
+        myelin_proto::axon::control::NodeInfo {
             host_name: args.hostname.clone(),
             grpc_port: i32::from(args.grpc_port),
             http_port: i32::from(args.http_port),
             version: 0,
             node_name: args.node_name.clone(),
         },
-    };
+        platform::Heartbeats {
+            enabled: args.heartbeats,
+            interval: std::time::Duration::from_millis(args.heartbeat_interval_ms),
+            timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
+        },
+        disconnects.clone(),
+    );
     let commands = command::Commands::new(
         args.node_name.clone(),
         std::time::Duration::from_millis(args.command_timeout_ms),
-    );
+    )
+    .with_disconnects(disconnects.clone());
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -140,6 +160,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         .add_service(
             myelin_proto::axon::query::query_service_server::QueryServiceServer::new(query::service::QueryEndpoint {
                 router: query::QueryRouter::new(args.node_name.clone()),
+                disconnects,
             })
             .max_decoding_message_size(max),
         )

@@ -30,6 +30,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::context::client_context;
+use crate::platform::Disconnects;
 use dispatch::Dispatcher;
 use handler::LocalHandler;
 use registry::HandlerLink;
@@ -42,6 +43,7 @@ const OUTBOUND_BUFFER: usize = 64;
 pub struct Commands {
     dispatcher: Arc<Dispatcher>,
     node_name: String,
+    disconnects: Disconnects,
 }
 
 impl Commands {
@@ -49,7 +51,14 @@ impl Commands {
         Commands {
             dispatcher: Arc::new(Dispatcher::new(default_timeout)),
             node_name,
+            disconnects: Disconnects::new(),
         }
+    }
+
+    /// Ends a client's handler streams when its control stream gives up on it.
+    pub fn with_disconnects(mut self, disconnects: Disconnects) -> Commands {
+        self.disconnects = disconnects;
+        self
     }
 
     pub fn dispatcher(&self) -> &Arc<Dispatcher> {
@@ -76,6 +85,7 @@ impl CommandService for Commands {
         });
         let dispatcher = self.dispatcher.clone();
         let node_name = self.node_name.clone();
+        let mut disconnects = self.disconnects.listen();
         tokio::spawn(async move {
             let stream = HandlerStream {
                 context,
@@ -84,7 +94,19 @@ impl CommandService for Commands {
                 node_name,
             };
             loop {
-                match inbound.message().await {
+                let message = tokio::select! {
+                    message = inbound.message() => message,
+                    disconnect = disconnects.next() => {
+                        if !disconnect.concerns(&stream.context, &stream.link.client_id()) {
+                            continue;
+                        }
+                        let message = format!("Command stream inactivity for {}", disconnect.client_stream_id);
+                        tracing::info!(client_id = %disconnect.client_id, "{message}");
+                        let _ = tx.try_send(Err(ErrorCode::Other.status(message)));
+                        break;
+                    }
+                };
+                match message {
                     Ok(Some(message)) => {
                         if let Some(ack) = stream.on_message(message)
                             && tx.send(Ok(ack)).await.is_err()

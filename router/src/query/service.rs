@@ -18,12 +18,15 @@ use tonic::{Request, Response, Status, Streaming};
 use super::handler::{Destination, LocalHandler, inbound};
 use super::{ContextQueries, QueryRouter};
 use crate::context::client_context;
+use crate::platform::Disconnects;
 
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[derive(Clone)]
 pub struct QueryEndpoint {
     pub router: QueryRouter,
+    /// Ends a client's handler streams when its control stream gives up on it.
+    pub disconnects: Disconnects,
 }
 
 #[tonic::async_trait]
@@ -43,10 +46,28 @@ impl QueryService for QueryEndpoint {
         let destination = Destination::Local(local);
         let mut messages = request.into_inner();
         let errors = stream.errors;
+        let mut disconnects = self.disconnects.listen();
         tokio::spawn(async move {
+            // The client this stream serves: the first client id its messages name.
+            let mut client_id = String::new();
             loop {
-                match messages.message().await {
+                let message = tokio::select! {
+                    message = messages.message() => message,
+                    disconnect = disconnects.next() => {
+                        if !disconnect.concerns(&context, &client_id) {
+                            continue;
+                        }
+                        let message = format!("Query stream inactivity for {}", disconnect.client_stream_id);
+                        tracing::info!(client_id = %disconnect.client_id, "{message}");
+                        let _ = errors.try_send(Err(ErrorCode::Other.status(message)));
+                        break;
+                    }
+                };
+                match message {
                     Ok(Some(message)) => {
+                        if client_id.is_empty() {
+                            client_id = named_client(&message).to_owned();
+                        }
                         let instruction_id = message.instruction_id.clone();
                         let outcome = handle(&queries, id, &destination, &permits, message).await;
                         if let Err(error) = &outcome {
@@ -86,6 +107,15 @@ impl QueryService for QueryEndpoint {
         let context = client_context(&request)?;
         let updates = self.router.context(&context).subscription(request.into_inner());
         Ok(Response::new(Box::pin(ReceiverStream::new(updates))))
+    }
+}
+
+/// The client id a handler's message names, if any.
+fn named_client(message: &QueryProviderOutbound) -> &str {
+    match &message.request {
+        Some(Outbound::Subscribe(subscription)) => &subscription.client_id,
+        Some(Outbound::FlowControl(flow)) => &flow.client_id,
+        _ => "",
     }
 }
 

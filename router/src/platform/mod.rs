@@ -1,0 +1,85 @@
+//! `PlatformService`: tells clients which node to use, and keeps their control stream.
+//!
+//! - `GetPlatformServer` answers with this node and `same_connection` (a single node is always
+//!   the right one; choosing among cluster nodes comes with clustering).
+//! - `OpenStream` is a client application's control channel ([`stream`]): it registers the
+//!   client in the context's list of connected applications ([`clients`]), exchanges heartbeats,
+//!   keeps the client's event-processor reports and acknowledges instructions.
+//! - A client that stops heartbeating is disconnected: its control stream ends with an error and
+//!   a [`disconnect::Disconnect`] ends its command and query handler streams, whose own
+//!   end-of-stream handling unsubscribes the handlers and fails the commands they held.
+
+pub mod clients;
+pub mod disconnect;
+pub mod stream;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use myelin_proto::axon::control::platform_service_server::PlatformService;
+use myelin_proto::axon::control::{
+    ClientIdentification, NodeInfo, PlatformInboundInstruction, PlatformInfo, PlatformOutboundInstruction,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::context::client_context;
+pub use clients::{ClientSnapshot, Clients};
+pub use disconnect::{Disconnect, Disconnects};
+pub use stream::Heartbeats;
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct Platform {
+    node: NodeInfo,
+    shared: stream::Shared,
+}
+
+impl Platform {
+    /// `disconnects` is shared with the command and query services.
+    pub fn new(node: NodeInfo, heartbeats: Heartbeats, disconnects: Disconnects) -> Platform {
+        Platform {
+            shared: stream::Shared {
+                node_name: node.node_name.clone(),
+                clients: Arc::new(Clients::default()),
+                disconnects,
+                heartbeats,
+            },
+            node,
+        }
+    }
+
+    /// The connected client applications (for the admin API).
+    pub fn clients(&self) -> &Arc<Clients> {
+        &self.shared.clients
+    }
+}
+
+#[tonic::async_trait]
+impl PlatformService for Platform {
+    async fn get_platform_server(
+        &self,
+        request: Request<ClientIdentification>,
+    ) -> Result<Response<PlatformInfo>, Status> {
+        let client = request.into_inner();
+        tracing::debug!(client_id = %client.client_id, component = %client.component_name, "platform server asked");
+        Ok(Response::new(PlatformInfo {
+            primary: Some(self.node.clone()),
+            same_connection: true,
+        }))
+    }
+
+    type OpenStreamStream = Pin<Box<dyn Stream<Item = Result<PlatformOutboundInstruction, Status>> + Send>>;
+
+    async fn open_stream(
+        &self,
+        request: Request<Streaming<PlatformInboundInstruction>>,
+    ) -> Result<Response<Self::OpenStreamStream>, Status> {
+        let context = client_context(&request)?;
+        let (outbox, rx) = mpsc::channel(stream::OUTBOUND_BUFFER);
+        stream::spawn(self.shared.clone(), context, request.into_inner(), outbox);
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
