@@ -10,6 +10,10 @@
 #   APPEND_SECS         measured seconds per append run (default 10)
 #   APPEND_WARMUP       warm-up seconds per append run (default 2)
 #   READ_SAMPLES        aggregate reads measured (default 2000)
+#   MSG_SECS            measured seconds per command/query round-trip run (default 10)
+#   MSG_WARMUP          warm-up seconds per command/query run (default 2)
+#   ONLY                `eventstore`: only the event-store steps; `messaging`: only the command and
+#                       query round trips (default: all)
 #   SKIP_BUILD=1        use the binaries already in target/release
 #   KEEP=1              keep the temp dir (data + node log) afterwards
 set -euo pipefail
@@ -21,7 +25,11 @@ FILL_EVENTS="${FILL_EVENTS:-1000000}"
 APPEND_SECS="${APPEND_SECS:-10}"
 APPEND_WARMUP="${APPEND_WARMUP:-2}"
 READ_SAMPLES="${READ_SAMPLES:-2000}"
+MSG_SECS="${MSG_SECS:-10}"
+MSG_WARMUP="${MSG_WARMUP:-2}"
+ONLY="${ONLY:-all}"
 AGG_SIZE=50
+case "$ONLY" in all | eventstore | messaging) ;; *) echo "ONLY must be eventstore or messaging" >&2; exit 2 ;; esac
 
 log() { printf '\n== %s\n' "$*" >&2; }
 
@@ -43,9 +51,14 @@ DATA="$WORK/data"
 mkdir -p "$DATA"
 NODE_PID=""
 BENCH_PID=""
+HANDLER_PID=""
 
 cleanup() {
     local rc=$?
+    if [[ -n "$HANDLER_PID" ]] && kill -0 "$HANDLER_PID" 2>/dev/null; then
+        kill -TERM "$HANDLER_PID" 2>/dev/null || true
+        wait "$HANDLER_PID" 2>/dev/null || true
+    fi
     if [[ -n "$BENCH_PID" ]] && kill -0 "$BENCH_PID" 2>/dev/null; then
         kill -TERM "$BENCH_PID" 2>/dev/null || true
         wait "$BENCH_PID" 2>/dev/null || true
@@ -98,10 +111,10 @@ jq -nc --arg date "$STAMP" --arg host "$(hostname)" --argjson nproc "$(nproc)" -
     --arg kernel "$(uname -r)" --arg fs "$FS_TYPE" --arg dev "$FS_DEV" --arg dir "$WORK" \
     --arg mem "$(free -m | awk '/^Mem:/ {print $2}')" --arg load "$LOAD_START" \
     --arg commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
-    --arg dirty "$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -qv '^??' && echo yes || echo no)" \
+    --arg only "$ONLY" --arg dirty "$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -qv '^??' && echo yes || echo no)" \
     '{workload:"machine", date:$date, host:$host, nproc:$nproc, cpu:$cpu, kernel:$kernel, fs:$fs,
       device:$dev, tmpdir:$dir, mem_mb:($mem|tonumber), loadavg_start:$load, commit:$commit,
-      uncommitted_changes:$dirty}' >>"$RESULTS"
+      uncommitted_changes:$dirty, only:$only}' >>"$RESULTS"
 log "machine: $(nproc) CPUs ($CPU_MODEL), kernel $(uname -r), $FS_TYPE on $FS_DEV, load $LOAD_START"
 if awk -v l="${LOAD_START%% *}" 'BEGIN {exit !(l >= 1)}'; then
     echo "WARNING: 1-minute load average is $LOAD_START (>= 1): other work is running; figures may be disturbed" >&2
@@ -166,7 +179,8 @@ record_disk() {
         '{workload:"disk", "label":$lbl, data_dir_mb:(($b/1048576*10|round)/10), data_dir_bytes:$b}' \
         | tee -a "$RESULTS" >&2
 }
-# CPU ticks (1/100 s) used so far by the eventstore, the router, and the whole node.
+# CPU ticks (1/100 s) used so far by the eventstore, the router, the whole node, the machine
+# (busy) and the handler application (0 when none runs).
 node_ticks() {
     local es=0 router=0 total p t cmd
     total="$(awk '{print $14+$15}' "/proc/$NODE_PID/stat" 2>/dev/null || echo 0)"
@@ -179,7 +193,14 @@ node_ticks() {
             *" router "*) router="$t" ;;
         esac
     done
-    echo "$es $router $total $(sys_busy_ticks)"
+    echo "$es $router $total $(sys_busy_ticks) $(handler_ticks)"
+}
+handler_ticks() {
+    if [[ -n "$HANDLER_PID" ]]; then
+        awk '{print $14+$15}' "/proc/$HANDLER_PID/stat" 2>/dev/null || echo 0
+    else
+        echo 0
+    fi
 }
 # Busy CPU ticks of the whole machine (all processes, all CPUs).
 sys_busy_ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
@@ -199,13 +220,42 @@ bench() {
     read -r -a after <<<"$(node_ticks)"
     jq -nc --arg lbl "$label" --argjson es "$((after[0] - before[0]))" --argjson r "$((after[1] - before[1]))" \
         --argjson n "$((after[2] - before[2]))" --argjson sys "$((after[3] - before[3]))" --argjson wall "$(echo "$t1 - $t0" | bc -l)" \
-        --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" \
+        --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" --argjson h "$((after[4] - before[4]))" \
+        --arg hpid "$HANDLER_PID" \
         '{workload:"cpu", "label":$lbl, wall_s:(($wall*100|round)/100), eventstore_cpu_s:($es/100),
-          router_cpu_s:($r/100), node_cpu_s:($n/100), machine_busy_cpu_s:($sys/100), loadavg:$load}' | tee -a "$RESULTS" >&2
+          router_cpu_s:($r/100), node_cpu_s:($n/100), machine_busy_cpu_s:($sys/100), loadavg:$load}
+         + (if $hpid == "" then {} else {handler_cpu_s:($h/100)} end)' | tee -a "$RESULTS" >&2
+}
+# Starts a handler application (`myelin-bench command-handler|query-handler ARGS`) as its own
+# process; returns once all its streams are subscribed. Stopped by stop_handler or cleanup.
+start_handler() {
+    local label="$1" ready="$WORK/handler.ready"
+    shift
+    rm -f "$ready"
+    log "$label: myelin-bench $* (separate process)"
+    "$BENCH" "$@" --server "$SERVER" --json --label "$label" --ready-file "$ready" \
+        >>"$RESULTS" 2>>"$WORK/handler.log" &
+    HANDLER_PID=$!
+    for i in $(seq 1 300); do
+        [[ -e "$ready" ]] && break
+        if ! kill -0 "$HANDLER_PID" 2>/dev/null || [[ "$i" == 300 ]]; then
+            echo "handler did not become ready; its log:" >&2
+            tail -20 "$WORK/handler.log" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    echo "handler ready (pid $HANDLER_PID)" >&2
+}
+stop_handler() {
+    kill -TERM "$HANDLER_PID" 2>/dev/null || true
+    wait "$HANDLER_PID" || { echo "handler exited with an error; its log:" >&2; tail -20 "$WORK/handler.log" >&2; }
+    HANDLER_PID=""
 }
 
 record_memory idle
 
+if [[ "$ONLY" != messaging ]]; then
 log "fsync: raw write+fdatasync rate of the data dir's disk"
 "$BENCH" fsync --dir "$DATA" --duration 3 --json --label fsync-4k >>"$RESULTS"
 
@@ -229,6 +279,26 @@ bench aggregate-read-1 aggregate-read --aggregate-prefix agg --aggregate-count "
     --samples "$READ_SAMPLES" --concurrency 1 --expect "$AGG_SIZE"
 bench aggregate-read-8 aggregate-read --aggregate-prefix agg --aggregate-count "$AGGS" \
     --samples "$READ_SAMPLES" --concurrency 8 --expect "$AGG_SIZE"
+fi
+
+if [[ "$ONLY" != eventstore ]]; then
+    # Command and query round trips: the handler is a separate application (process) on its own
+    # connection; the dispatcher is another. Each dispatch run first waits until the handler's
+    # subscription routes (retrying AXONIQ-4000 / AXONIQ-5000 answers).
+    start_handler command-handler command-handler --command BenchCommand --handlers 1 --permits 5000
+    for k in 1 64; do
+        bench "command-$k" command-dispatch --command BenchCommand --in-flight "$k" \
+            --duration "$MSG_SECS" --warmup "$MSG_WARMUP" --payload-bytes 200
+    done
+    stop_handler
+    start_handler query-handler query-handler --query BenchQuery --handlers 1 --permits 5000
+    for k in 1 64; do
+        bench "query-$k" query-dispatch --query BenchQuery --in-flight "$k" \
+            --duration "$MSG_SECS" --warmup "$MSG_WARMUP" --payload-bytes 200
+    done
+    stop_handler
+    record_memory after-messaging
+fi
 record_memory end
 
 LOAD_END="$(cut -d' ' -f1-3 /proc/loadavg)"

@@ -33,3 +33,21 @@ jq -rs '
         "| disk \(.label) | data dir size | \(.data_dir_mb) MB | – | – | – |"
       else empty end )
 ' "$FILE"
+# Command and query round trips (a second table, only when the run has them).
+if jq -e -s 'any(.[]; .workload=="command-dispatch" or .workload=="query-dispatch")' "$FILE" >/dev/null; then
+    echo
+    jq -rs '
+      def r(x): (x*10|round)/10;
+      (map(select(.workload=="cpu") | {key:.label, value:.}) | from_entries) as $cpu
+      | "| step | workload | result | latency p50 / p90 / p99 / max (ms) | errors | CPU s: router / handler / dispatcher / eventstore / other (wall) | CPU µs per round trip: router / handler / dispatcher |",
+        "|---|---|---|---|---|---|---|",
+        ( .[] | select(.workload=="command-dispatch" or .workload=="query-dispatch")
+          | ($cpu[.label]) as $c
+          | (.round_trips_per_s * (.duration_s + .warmup_s)) as $n
+          | "| \(.label) | \(if .workload=="command-dispatch" then "command Dispatch" else "point-to-point query" end), \(.in_flight) in flight / \(.connections) conn, \(.payload_bytes) B, handler in its own process, \(.duration_s) s | **\(.round_trips_per_s) round trips/s** | \(.p50_ms) / \(.p90_ms) / \(.p99_ms) / \(.max_ms) | \(.errors) | "
+            + (if $c == null then "– | –" else
+                "\($c.router_cpu_s) / \($c.handler_cpu_s // "?") / \(.client_cpu_s) / \($c.eventstore_cpu_s) / \(r($c.machine_busy_cpu_s - $c.node_cpu_s - .client_cpu_s - ($c.handler_cpu_s // 0))) (\($c.wall_s) s) | "
+                + (if $n > 0 then "\($c.router_cpu_s*1e6/$n|round) / \(($c.handler_cpu_s // 0)*1e6/$n|round) / \(.client_cpu_s*1e6/$n|round)" else "–" end)
+              end) + " |" )
+    ' "$FILE"
+fi

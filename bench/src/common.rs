@@ -226,3 +226,58 @@ impl Rng {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
+
+/// Opens one HTTP/2 connection as a plain channel (for the command and query services).
+pub async fn channel(server: &str) -> anyhow::Result<Channel> {
+    Endpoint::from_shared(server.to_owned())?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {server}"))
+}
+
+/// Resolves when the process gets SIGTERM or SIGINT, or after `duration` seconds (when given).
+pub async fn stop_signal(duration: Option<f64>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let timer = async {
+        match duration {
+            Some(s) => tokio::time::sleep(Duration::from_secs_f64(s)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        _ = timer => {}
+    }
+}
+
+/// Permits a handler stream holds: starts with `initial` and grants the used ones again once half
+/// are used (as Axon Framework does). `take` returns the permits to grant now, if any.
+pub struct Permits {
+    initial: i64,
+    left: i64,
+}
+
+impl Permits {
+    pub fn new(initial: i64) -> Permits {
+        Permits {
+            initial: initial.max(1),
+            left: initial.max(1),
+        }
+    }
+
+    pub fn take(&mut self) -> Option<i64> {
+        self.left -= 1;
+        if self.left <= self.initial / 2 {
+            let grant = self.initial - self.left;
+            self.left = self.initial;
+            Some(grant)
+        } else {
+            None
+        }
+    }
+}

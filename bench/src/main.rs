@@ -1,15 +1,19 @@
 //! `myelin-bench`: load generator for Myelin benchmarks. Talks to a node over its client gRPC
-//! API (Axon Server's EventStore service) exactly as an application would.
+//! API (Axon Server's EventStore, CommandService and QueryService) exactly as an application
+//! would.
 //!
 //! Every subcommand prints a human summary on stderr and, with `--json`, one JSON line of
 //! results on stdout. See docs/benchmarks.md and bench/run.sh.
 
 mod aggregate_read;
 mod append;
+mod command;
 mod common;
 mod fill;
 mod fsync;
+mod query;
 mod replay;
+mod roundtrip;
 
 use clap::{Parser, Subcommand};
 
@@ -21,11 +25,11 @@ use clap::{Parser, Subcommand};
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Workload,
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {
+enum Workload {
     /// Durable appends by N concurrent clients, one transaction outstanding each.
     Append(append::Args),
     /// Load a store: N events in aggregates of a fixed size (`<prefix>-<k>`).
@@ -36,6 +40,14 @@ enum Command {
     AggregateRead(aggregate_read::Args),
     /// Raw write+fdatasync rate of a directory's disk (no server involved).
     Fsync(fsync::Args),
+    /// A command-handling application: H handler streams answering every command at once.
+    CommandHandler(command::HandlerArgs),
+    /// Command round trips (Dispatch) by K concurrent loops; needs a running command-handler.
+    CommandDispatch(command::DispatchArgs),
+    /// A query-handling application: H handler streams answering every query (response + complete).
+    QueryHandler(query::HandlerArgs),
+    /// Point-to-point query round trips by K concurrent loops; needs a running query-handler.
+    QueryDispatch(query::DispatchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,11 +55,15 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Append(a) => append::run(a).await,
-            Command::Fill(a) => fill::run(a).await,
-            Command::Replay(a) => replay::run(a).await,
-            Command::AggregateRead(a) => aggregate_read::run(a).await,
-            Command::Fsync(a) => fsync::run(a).await,
+            Workload::Append(a) => append::run(a).await,
+            Workload::Fill(a) => fill::run(a).await,
+            Workload::Replay(a) => replay::run(a).await,
+            Workload::AggregateRead(a) => aggregate_read::run(a).await,
+            Workload::Fsync(a) => fsync::run(a).await,
+            Workload::CommandHandler(a) => command::run_handler(a).await,
+            Workload::CommandDispatch(a) => command::run_dispatch(a).await,
+            Workload::QueryHandler(a) => query::run_handler(a).await,
+            Workload::QueryDispatch(a) => query::run_dispatch(a).await,
         }
     })
 }

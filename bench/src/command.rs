@@ -1,0 +1,288 @@
+//! `command-handler` and `command-dispatch`: command round trips through the router's
+//! CommandService, the handler being a separate application (process) as in production.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use myelin_proto::axon::command::command_provider_inbound::Request as Inbound;
+use myelin_proto::axon::command::command_provider_outbound::Request as Outbound;
+use myelin_proto::axon::command::command_service_client::CommandServiceClient;
+use myelin_proto::axon::command::{Command, CommandProviderOutbound, CommandResponse, CommandSubscription};
+use myelin_proto::axon::{ErrorMessage, FlowControl, SerializedObject};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::common::{self, Common, Permits};
+use crate::roundtrip::{self, Load};
+
+/// The error code of a dispatch that found no handler.
+const NO_HANDLER: &str = "AXONIQ-4000";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct HandlerArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Command name the handlers subscribe to.
+    #[arg(long, default_value = "BenchCommand")]
+    pub command: String,
+    /// Component (application) name of the handlers.
+    #[arg(long, default_value = "bench-command-handler")]
+    pub component: String,
+    /// Load factor of each subscription.
+    #[arg(long, default_value_t = 100)]
+    pub load_factor: i32,
+    /// Permits each stream grants first; the used ones are granted again once half are used.
+    #[arg(long, default_value_t = 5000)]
+    pub permits: i64,
+    /// Handler streams, each on its own connection with its own client id.
+    #[arg(long, default_value_t = 1)]
+    pub handlers: usize,
+    /// Payload size of each response in bytes.
+    #[arg(long, default_value_t = 16)]
+    pub response_bytes: usize,
+    /// Stop after this many seconds (default: run until SIGTERM/SIGINT).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Create this file once every stream is subscribed (the server acknowledged).
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DispatchArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Command name to dispatch.
+    #[arg(long, default_value = "BenchCommand")]
+    pub command: String,
+    #[command(flatten)]
+    pub load: Load,
+}
+
+fn with_context<T>(context: &str, message: T) -> tonic::Request<T> {
+    common::request(context, message)
+}
+
+fn out(request: Outbound, instruction_id: String) -> CommandProviderOutbound {
+    CommandProviderOutbound {
+        request: Some(request),
+        instruction_id,
+    }
+}
+
+/// Opens one handler stream; returns when the server acknowledged its subscription, with the
+/// task that serves it (ends with an error when the stream ends).
+async fn start_handler(
+    args: &HandlerArgs,
+    index: usize,
+    handled: Arc<AtomicU64>,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let channel = common::channel(&args.common.server).await?;
+    let mut client = CommandServiceClient::new(channel);
+    let client_id = format!("bench-command-handler-{}-{index}", std::process::id());
+    let (tx, rx) = mpsc::channel::<CommandProviderOutbound>(4096);
+    tx.send(out(
+        Outbound::Subscribe(CommandSubscription {
+            message_id: format!("{client_id}-sub"),
+            command: args.command.clone(),
+            component_name: args.component.clone(),
+            client_id: client_id.clone(),
+            load_factor: args.load_factor,
+        }),
+        String::new(),
+    ))
+    .await?;
+    let ready_id = format!("{client_id}-ready");
+    tx.send(out(
+        Outbound::FlowControl(FlowControl {
+            client_id: client_id.clone(),
+            permits: args.permits,
+        }),
+        ready_id.clone(),
+    ))
+    .await?;
+    let mut inbound = client
+        .open_stream(with_context(&args.common.context, ReceiverStream::new(rx)))
+        .await?
+        .into_inner();
+    // Messages are handled in order, so the acknowledgement of the flow control means the
+    // subscription before it is in.
+    let deadline = Duration::from_secs(30);
+    let ack = tokio::time::timeout(deadline, async {
+        while let Some(message) = inbound.next().await {
+            if let Some(Inbound::Ack(ack)) = message?.request
+                && ack.instruction_id == ready_id
+            {
+                return Ok::<_, anyhow::Error>(ack);
+            }
+        }
+        anyhow::bail!("stream ended before the subscription was acknowledged")
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no acknowledgement of the subscription within {deadline:?}"))??;
+    anyhow::ensure!(ack.success, "subscription refused: {:?}", ack.error);
+
+    let data = common::payload(args.response_bytes);
+    let permits = args.permits;
+    Ok(tokio::spawn(async move {
+        let _client = client; // the connection lives as long as the stream
+        let mut permits = Permits::new(permits);
+        let mut n = 0u64;
+        while let Some(message) = inbound.next().await {
+            let Some(Inbound::Command(command)) = message?.request else {
+                continue;
+            };
+            n += 1;
+            let response = CommandResponse {
+                message_identifier: format!("{client_id}-r{n}"),
+                request_identifier: command.message_identifier,
+                payload: Some(SerializedObject {
+                    r#type: "io.myelin.bench.Done".to_owned(),
+                    revision: String::new(),
+                    data: data.clone(),
+                }),
+                ..Default::default()
+            };
+            tx.send(out(Outbound::CommandResponse(response), String::new())).await?;
+            if let Some(grant) = permits.take() {
+                let flow = FlowControl {
+                    client_id: client_id.clone(),
+                    permits: grant,
+                };
+                tx.send(out(Outbound::FlowControl(flow), String::new())).await?;
+            }
+            handled.fetch_add(1, Ordering::Relaxed);
+        }
+        anyhow::bail!("handler stream {client_id} ended by the server")
+    }))
+}
+
+pub async fn run_handler(args: HandlerArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.handlers > 0, "--handlers must be > 0");
+    let handled = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..args.handlers {
+        tasks.push(start_handler(&args, i, handled.clone()).await?);
+    }
+    let ready_ms = start.elapsed().as_secs_f64() * 1000.0;
+    if let Some(path) = &args.ready_file {
+        std::fs::write(path, format!("{}\n", std::process::id()))?;
+    }
+    eprintln!(
+        "command-handler: {} stream(s) subscribed to '{}' in {ready_ms:.0} ms",
+        args.handlers, args.command
+    );
+    let failed = futures::future::select_all(tasks.iter_mut());
+    let error = tokio::select! {
+        _ = common::stop_signal(args.duration) => None,
+        (r, _, _) = failed => Some(match r {
+            Ok(Ok(())) => "handler task ended".to_owned(),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        }),
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    let count = handled.load(Ordering::Relaxed);
+    let mut fields = serde_json::Map::new();
+    fields.insert("name".into(), json!(args.command));
+    fields.insert("handlers".into(), json!(args.handlers));
+    fields.insert("load_factor".into(), json!(args.load_factor));
+    fields.insert("permits".into(), json!(args.permits));
+    fields.insert("handled".into(), json!(count));
+    fields.insert("seconds".into(), json!((seconds * 100.0).round() / 100.0));
+    fields.insert("error".into(), json!(error));
+    let summary = format!("command-handler: handled {count} commands in {seconds:.1} s");
+    common::emit(&args.common, "command-handler", fields, &summary);
+    match error {
+        Some(e) => anyhow::bail!(e),
+        None => Ok(()),
+    }
+}
+
+fn error_text(code: &str, message: Option<&ErrorMessage>) -> String {
+    format!("{code}: {}", message.map(|m| m.message.as_str()).unwrap_or(""))
+}
+
+async fn dispatch_once(
+    client: &mut CommandServiceClient<Channel>,
+    context: &str,
+    command: Command,
+) -> Result<(), String> {
+    match client.dispatch(with_context(context, command)).await {
+        Ok(response) => {
+            let response = response.into_inner();
+            if response.error_code.is_empty() {
+                Ok(())
+            } else {
+                Err(error_text(&response.error_code, response.error_message.as_ref()))
+            }
+        }
+        Err(status) => Err(format!("{:?}: {}", status.code(), status.message())),
+    }
+}
+
+pub async fn run_dispatch(args: DispatchArgs) -> anyhow::Result<()> {
+    let load = &args.load;
+    anyhow::ensure!(
+        load.in_flight > 0 && load.connections > 0,
+        "in-flight and connections must be > 0"
+    );
+    let mut clients = Vec::new();
+    for _ in 0..load.connections {
+        clients.push(CommandServiceClient::new(common::channel(&args.common.server).await?));
+    }
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let data = common::payload(load.payload_bytes);
+    let make = {
+        let name = args.command.clone();
+        let run_id = run_id.clone();
+        move |i: usize, n: u64| Command {
+            message_identifier: format!("{run_id}-{i}-{n}"),
+            name: name.clone(),
+            timestamp: common::now_millis(),
+            payload: Some(SerializedObject {
+                r#type: "io.myelin.bench.DoSomething".to_owned(),
+                revision: String::new(),
+                data: data.clone(),
+            }),
+            client_id: format!("bench-dispatcher-{run_id}"),
+            component_name: "bench-dispatcher".to_owned(),
+            ..Default::default()
+        }
+    };
+
+    let probe = clients[0].clone();
+    let context = args.common.context.clone();
+    let mut k = 0u64;
+    let ready_after_ms = roundtrip::wait_ready(load.ready_timeout, NO_HANDLER, || {
+        k += 1;
+        let command = make(usize::MAX, k);
+        let mut client = probe.clone();
+        let context = context.clone();
+        async move { dispatch_once(&mut client, &context, command).await }
+    })
+    .await?;
+
+    let clients = Arc::new(clients);
+    let mut outcome = roundtrip::drive(load, {
+        let clients = clients.clone();
+        let context = context.clone();
+        move |i, n| {
+            let mut client = clients[i % clients.len()].clone();
+            let command = make(i, n);
+            let context = context.clone();
+            async move { dispatch_once(&mut client, &context, command).await }
+        }
+    })
+    .await?;
+    outcome.ready_after_ms = ready_after_ms;
+    let (fields, summary) = roundtrip::report(load, "command-dispatch", &args.command, &outcome);
+    common::emit(&args.common, "command-dispatch", fields, &summary);
+    Ok(())
+}
