@@ -6,6 +6,11 @@
 //! error response held back, the deadline. It removes the query when it ends, whatever the
 //! reason, so nothing stays in flight.
 //!
+//! A handler's stream never waits for a dispatcher: its messages are handed to the gather task
+//! without blocking, and a query whose dispatcher reads so slowly that they pile up beyond
+//! `GATHER_BUFFER` is ended with AXONIQ-1900 (and cancelled at its handlers) instead of stalling
+//! every other query on those handler streams.
+//!
 //! Axon's rule for errors: a response carrying an error is held back; a later good response
 //! discards it; one still held when the last handler completes is sent just before completion.
 
@@ -19,6 +24,7 @@ use myelin_proto::axon::{ProcessingKey, meta_data_value};
 use myelin_proto::errors::ErrorCode;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use super::ContextQueries;
@@ -37,6 +43,16 @@ pub type ResponseStream = mpsc::Receiver<Result<QueryResponse, Status>>;
 pub struct InFlight {
     events: mpsc::Sender<Gathered>,
     targets: Vec<HandlerId>,
+    /// Cancelled when the gather task could not keep up with the handlers' messages.
+    overflow: CancellationToken,
+}
+
+/// Hands a handler's message to a query's gather task without waiting.
+fn hand_over(events: &mpsc::Sender<Gathered>, overflow: &CancellationToken, message: Gathered) {
+    if let Err(mpsc::error::TrySendError::Full(_)) = events.try_send(message) {
+        tracing::warn!("a dispatcher does not read its query responses; ending that query");
+        overflow.cancel();
+    }
 }
 
 enum Gathered {
@@ -49,6 +65,7 @@ enum End {
     Completed,
     TimedOut,
     Cancelled,
+    Overflowed,
 }
 
 impl ContextQueries {
@@ -59,6 +76,7 @@ impl ContextQueries {
         let started = Instant::now();
         let timeout = timeout_of(&request);
         let (events, events_rx) = mpsc::channel(GATHER_BUFFER);
+        let overflow = CancellationToken::new();
         let chosen = {
             let mut state = self.state();
             if state.in_flight.contains_key(&id) {
@@ -75,7 +93,14 @@ impl ContextQueries {
                     ))
                 } else {
                     let targets = chosen.iter().map(|(handler, _)| *handler).collect();
-                    state.in_flight.insert(id.clone(), InFlight { events, targets });
+                    state.in_flight.insert(
+                        id.clone(),
+                        InFlight {
+                            events,
+                            targets,
+                            overflow: overflow.clone(),
+                        },
+                    );
                     Ok(chosen)
                 }
             }
@@ -118,6 +143,7 @@ impl ContextQueries {
                 pending,
                 held,
                 out,
+                overflow,
             };
             gather.run(events_rx, started, timeout).await;
         });
@@ -128,17 +154,15 @@ impl ContextQueries {
     pub(super) async fn relay_response(&self, handler: HandlerId, response: QueryResponse) {
         let events = self.gatherer(handler, &response.request_identifier);
         match events {
-            Some(events) => {
-                let _ = events.send(Gathered::Response(Box::new(response))).await;
-            }
+            Some((events, overflow)) => hand_over(&events, &overflow, Gathered::Response(Box::new(response))),
             None => tracing::debug!(request_id = %response.request_identifier, "response for no query of this handler"),
         }
     }
 
     /// A handler's `query_complete`.
     pub(super) async fn relay_complete(&self, handler: HandlerId, request_id: &str) {
-        if let Some(events) = self.gatherer(handler, request_id) {
-            let _ = events.send(Gathered::Done(handler)).await;
+        if let Some((events, overflow)) = self.gatherer(handler, request_id) {
+            hand_over(&events, &overflow, Gathered::Done(handler));
         }
     }
 
@@ -150,21 +174,21 @@ impl ContextQueries {
                 .in_flight
                 .values()
                 .filter(|query| query.targets.contains(&handler))
-                .map(|query| query.events.clone())
+                .map(|query| (query.events.clone(), query.overflow.clone()))
                 .collect()
         };
-        for events in waiting {
-            let _ = events.send(Gathered::Done(handler)).await;
+        for (events, overflow) in waiting {
+            hand_over(&events, &overflow, Gathered::Done(handler));
         }
     }
 
-    fn gatherer(&self, handler: HandlerId, request_id: &str) -> Option<mpsc::Sender<Gathered>> {
+    fn gatherer(&self, handler: HandlerId, request_id: &str) -> Option<(mpsc::Sender<Gathered>, CancellationToken)> {
         let state = self.state();
         state
             .in_flight
             .get(request_id)
             .filter(|query| query.targets.contains(&handler))
-            .map(|query| query.events.clone())
+            .map(|query| (query.events.clone(), query.overflow.clone()))
     }
 
     fn error_response(&self, request_id: &str, code: ErrorCode, message: String) -> QueryResponse {
@@ -184,6 +208,7 @@ struct Gather {
     pending: HashMap<HandlerId, Destination>,
     held: Option<QueryResponse>,
     out: mpsc::Sender<Result<QueryResponse, Status>>,
+    overflow: CancellationToken,
 }
 
 impl Gather {
@@ -201,8 +226,11 @@ impl Gather {
                     }
                     Some(Gathered::Response(response)) => {
                         self.held = None;
-                        if self.out.send(Ok(*response)).await.is_err() {
-                            break End::Cancelled;
+                        // The deadline and an overflow still count while the dispatcher is slow.
+                        tokio::select! {
+                            sent = self.out.send(Ok(*response)) => if sent.is_err() { break End::Cancelled },
+                            () = tokio::time::sleep_until(deadline) => break End::TimedOut,
+                            () = self.overflow.cancelled() => break End::Overflowed,
                         }
                     }
                     Some(Gathered::Done(handler)) => {
@@ -212,6 +240,7 @@ impl Gather {
                 },
                 () = tokio::time::sleep_until(deadline) => break End::TimedOut,
                 () = self.out.closed() => break End::Cancelled,
+                () = self.overflow.cancelled() => break End::Overflowed,
             }
         };
         self.context.state().in_flight.remove(&self.id);
@@ -235,13 +264,19 @@ impl Gather {
                     format!("Query cancelled due to timeout after {} ms", timeout.as_millis()),
                 ))
             }
+            End::Overflowed => Some(self.context.error_response(
+                &self.id,
+                ErrorCode::TooManyRequests,
+                "Query cancelled: its responses were not read fast enough".to_owned(),
+            )),
             End::Cancelled => None,
         };
         if last.as_ref().is_some_and(|response| !response.error_code.is_empty()) {
             self.context.metrics.failed();
         }
         if let Some(last) = last {
-            let _ = self.out.send(Ok(last)).await;
+            // A dispatcher that does not read at all must not keep this task forever.
+            let _ = tokio::time::timeout(Duration::from_secs(10), self.out.send(Ok(last))).await;
         }
         self.context.metrics.finished(started.elapsed());
     }
@@ -331,6 +366,48 @@ mod tests {
         let metrics = context.metrics.snapshot();
         assert_eq!((metrics.routed, metrics.completed, metrics.in_flight), (2, 2, 0));
         assert_eq!(metrics.failed, 2);
+        assert!(context.state().in_flight.is_empty());
+    }
+
+    /// A dispatcher that does not read never stalls the handler's stream: relaying stays
+    /// immediate, and the query ends with AXONIQ-1900, cancelled at its handler.
+    #[tokio::test]
+    async fn a_dispatcher_that_does_not_read_does_not_stall_the_handler() {
+        let context = QueryRouter::new("node").context("default");
+        let (local, permits, mut stream) = LocalHandler::start();
+        let destination = Destination::Local(local);
+        let subscription = QuerySubscription {
+            query: "q".into(),
+            component_name: "c".into(),
+            ..Default::default()
+        };
+        context.subscribe_handler(7, &destination, &subscription);
+        permits.grant(10);
+        let mut responses = context.query(request("slow", Some(60_000)));
+        stream.messages.recv().await.unwrap().unwrap();
+        let response = QueryResponse {
+            request_identifier: "slow".into(),
+            message_identifier: "r".into(),
+            ..Default::default()
+        };
+        // Far more than the buffers hold; each relay must return at once.
+        for _ in 0..(GATHER_BUFFER + CLIENT_BUFFER) * 4 {
+            tokio::time::timeout(Duration::from_millis(500), context.relay_response(7, response.clone()))
+                .await
+                .expect("relaying a response never waits for the dispatcher");
+        }
+        // The handler is told to stop, and the dispatcher finally sees why its query ended.
+        let cancel = tokio::time::timeout(Duration::from_secs(5), stream.messages.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(matches!(cancel.request, Some(Inbound::QueryCancel(r)) if r.request_id == "slow"));
+        let mut last = None;
+        while let Some(item) = responses.recv().await {
+            last = Some(item.unwrap());
+        }
+        assert_eq!(last.unwrap().error_code, "AXONIQ-1900");
         assert!(context.state().in_flight.is_empty());
     }
 
