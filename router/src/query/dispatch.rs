@@ -320,14 +320,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn routes_gathers_and_counts() {
-        let context = QueryRouter::new("node").context("default");
-        let mut none = context.query(request("a", None));
-        assert_eq!(none.recv().await.unwrap().unwrap().error_code, "AXONIQ-5000");
-        assert!(none.recv().await.is_none());
-
-        let (local, permits, mut stream) = LocalHandler::start();
+    /// Handler 7 of query "q" in component "c", with 10 permits.
+    fn handler_7(context: &ContextQueries) -> (Destination, crate::query::handler::HandlerStream) {
+        let (local, permits, stream) = LocalHandler::start();
         let destination = Destination::Local(local);
         let subscription = QuerySubscription {
             query: "q".into(),
@@ -336,6 +331,17 @@ mod tests {
         };
         context.subscribe_handler(7, &destination, &subscription);
         permits.grant(10);
+        (destination, stream)
+    }
+
+    #[tokio::test]
+    async fn routes_gathers_and_counts() {
+        let context = QueryRouter::new("node").context("default");
+        let mut none = context.query(request("a", None));
+        assert_eq!(none.recv().await.unwrap().unwrap().error_code, "AXONIQ-5000");
+        assert!(none.recv().await.is_none());
+
+        let (_destination, mut stream) = handler_7(&context);
         let mut responses = context.query(request("b", None));
         let sent = stream.messages.recv().await.unwrap().unwrap();
         assert!(matches!(sent.request, Some(Inbound::Query(q)) if q.message_identifier == "b"));
@@ -374,15 +380,7 @@ mod tests {
     #[tokio::test]
     async fn a_dispatcher_that_does_not_read_does_not_stall_the_handler() {
         let context = QueryRouter::new("node").context("default");
-        let (local, permits, mut stream) = LocalHandler::start();
-        let destination = Destination::Local(local);
-        let subscription = QuerySubscription {
-            query: "q".into(),
-            component_name: "c".into(),
-            ..Default::default()
-        };
-        context.subscribe_handler(7, &destination, &subscription);
-        permits.grant(10);
+        let (_destination, mut stream) = handler_7(&context);
         let mut responses = context.query(request("slow", Some(60_000)));
         stream.messages.recv().await.unwrap().unwrap();
         let response = QueryResponse {
