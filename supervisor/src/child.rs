@@ -133,6 +133,15 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
                 arg("--hostname", &hostname);
                 arg("--grpc-port", &config.port.to_string());
                 arg("--http-port", &config.http_port.to_string());
+                if let Some(enabled) = config.heartbeat.enabled {
+                    arg("--heartbeats", &enabled.to_string());
+                }
+                if let Some(ms) = config.heartbeat.frequency_ms {
+                    arg("--heartbeat-interval-ms", &ms.to_string());
+                }
+                if let Some(ms) = config.heartbeat.timeout_ms {
+                    arg("--heartbeat-timeout-ms", &ms.to_string());
+                }
             }
             (ChildMode::Real, Role::Admin) => {
                 let listen = SocketAddr::new(config.bind_address, config.http_port);

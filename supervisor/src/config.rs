@@ -33,6 +33,8 @@ enum Kind {
     Path,
     Address,
     List,
+    /// A duration in milliseconds.
+    Millis,
 }
 
 /// Every key Myelin understands, with its kind. Defaults live in [`Config::from_settings`].
@@ -61,6 +63,9 @@ const KEYS: &[(&str, Kind)] = &[
     ("axoniq.axonserver.ssl.internal-cert-chain-file", Kind::Path),
     ("axoniq.axonserver.ssl.internal-private-key-file", Kind::Path),
     ("axoniq.axonserver.ssl.internal-trust-manager-file", Kind::Path),
+    ("axoniq.axonserver.heartbeat.enabled", Kind::Bool),
+    ("axoniq.axonserver.client-heartbeat-frequency", Kind::Millis),
+    ("axoniq.axonserver.client-heartbeat-timeout", Kind::Millis),
     ("myelin.runtime-directory", Kind::Path),
     ("myelin.bind-address", Kind::Address),
     ("myelin.contexts", Kind::List),
@@ -177,6 +182,17 @@ pub struct Config {
     pub contexts: Vec<String>,
     pub access_control: AccessControl,
     pub ssl: Ssl,
+    pub heartbeat: Heartbeat,
+}
+
+/// Application-level heartbeats with clients (Axon's `heartbeat.enabled`,
+/// `client-heartbeat-frequency`, `client-heartbeat-timeout`). `None` leaves the router's default
+/// (on, 500 ms, 5000 ms — what current Axon servers do).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub enabled: Option<bool>,
+    pub frequency_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
 }
 
 impl Config {
@@ -415,6 +431,14 @@ impl Settings {
         Ok(size.unwrap_or(default))
     }
 
+    fn millis(&self, key: &'static str) -> Result<Option<u64>, ConfigError> {
+        debug_assert_eq!(kind_of(key), Kind::Millis);
+        self.parse(key, |v| match v.trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => Ok(ms),
+            _ => Err("not a positive number of milliseconds".to_string()),
+        })
+    }
+
     fn flag(&self, key: &'static str) -> Result<bool, ConfigError> {
         debug_assert_eq!(kind_of(key), Kind::Bool);
         Ok(self.parse(key, parse_bool)?.unwrap_or(false))
@@ -535,6 +559,11 @@ impl Config {
             contexts: settings
                 .parse("myelin.contexts", parse_contexts)?
                 .unwrap_or_else(|| vec!["default".to_string()]),
+            heartbeat: Heartbeat {
+                enabled: settings.parse("axoniq.axonserver.heartbeat.enabled", parse_bool)?,
+                frequency_ms: settings.millis("axoniq.axonserver.client-heartbeat-frequency")?,
+                timeout_ms: settings.millis("axoniq.axonserver.client-heartbeat-timeout")?,
+            },
             access_control: AccessControl {
                 enabled: settings.flag("axoniq.axonserver.accesscontrol.enabled")?,
                 internal_token: settings.text("axoniq.axonserver.accesscontrol.internal-token"),
@@ -632,6 +661,36 @@ mod tests {
         assert!(c.access_control.enabled);
         assert_eq!(c.access_control.internal_token.as_deref(), Some("s3cret"));
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    }
+
+    #[test]
+    fn heartbeat_settings_reach_the_config_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load(&inputs(dir.path())).unwrap().config;
+        assert_eq!(c.heartbeat, Heartbeat::default(), "unset: the router's defaults apply");
+        write(
+            dir.path(),
+            "axonserver.properties",
+            "axoniq.axonserver.heartbeat.enabled=false\n\
+             axoniq.axonserver.client-heartbeat-frequency=250\n\
+             axoniq.axonserver.client-heartbeat-timeout=2000\n",
+        );
+        let c = load(&inputs(dir.path())).unwrap().config;
+        assert_eq!(
+            c.heartbeat,
+            Heartbeat {
+                enabled: Some(false),
+                frequency_ms: Some(250),
+                timeout_ms: Some(2000)
+            }
+        );
+        write(
+            dir.path(),
+            "axonserver.properties",
+            "axoniq.axonserver.client-heartbeat-timeout=soon\n",
+        );
+        let error = load(&inputs(dir.path())).unwrap_err().to_string();
+        assert!(error.contains("axoniq.axonserver.client-heartbeat-timeout"), "{error}");
     }
 
     #[test]
