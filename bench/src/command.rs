@@ -210,11 +210,11 @@ fn error_text(code: &str, message: Option<&ErrorMessage>) -> String {
 }
 
 async fn dispatch_once(
-    client: &mut CommandServiceClient<Channel>,
-    context: &str,
+    mut client: CommandServiceClient<Channel>,
+    context: String,
     command: Command,
 ) -> Result<(), String> {
-    match client.dispatch(with_context(context, command)).await {
+    match client.dispatch(with_context(&context, command)).await {
         Ok(response) => {
             let response = response.into_inner();
             if response.error_code.is_empty() {
@@ -257,32 +257,15 @@ pub async fn run_dispatch(args: DispatchArgs) -> anyhow::Result<()> {
         }
     };
 
-    let probe = clients[0].clone();
-    let context = args.common.context.clone();
-    let mut k = 0u64;
-    let ready_after_ms = roundtrip::wait_ready(load.ready_timeout, NO_HANDLER, || {
-        k += 1;
-        let command = make(usize::MAX, k);
-        let mut client = probe.clone();
-        let context = context.clone();
-        async move { dispatch_once(&mut client, &context, command).await }
-    })
-    .await?;
-
-    let clients = Arc::new(clients);
-    let mut outcome = roundtrip::drive(load, {
-        let clients = clients.clone();
-        let context = context.clone();
-        move |i, n| {
-            let mut client = clients[i % clients.len()].clone();
-            let command = make(i, n);
-            let context = context.clone();
-            async move { dispatch_once(&mut client, &context, command).await }
-        }
-    })
-    .await?;
-    outcome.ready_after_ms = ready_after_ms;
-    let (fields, summary) = roundtrip::report(load, "command-dispatch", &args.command, &outcome);
-    common::emit(&args.common, "command-dispatch", fields, &summary);
-    Ok(())
+    roundtrip::dispatcher(
+        &args.common,
+        load,
+        "command-dispatch",
+        &args.command,
+        NO_HANDLER,
+        clients,
+        make,
+        dispatch_once,
+    )
+    .await
 }

@@ -206,13 +206,13 @@ pub async fn run_handler(args: HandlerArgs) -> anyhow::Result<()> {
 
 /// One query: every response must be free of an error and at least one must arrive.
 async fn query_once(
-    client: &mut QueryServiceClient<Channel>,
-    context: &str,
+    mut client: QueryServiceClient<Channel>,
+    context: String,
     query: QueryRequest,
 ) -> Result<(), String> {
     let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     let mut stream = client
-        .query(common::request(context, query))
+        .query(common::request(&context, query))
         .await
         .map_err(status)?
         .into_inner();
@@ -261,32 +261,15 @@ pub async fn run_dispatch(args: DispatchArgs) -> anyhow::Result<()> {
         }
     };
 
-    let probe = clients[0].clone();
-    let context = args.common.context.clone();
-    let mut k = 0u64;
-    let ready_after_ms = roundtrip::wait_ready(load.ready_timeout, NO_HANDLER, || {
-        k += 1;
-        let query = make(usize::MAX, k);
-        let mut client = probe.clone();
-        let context = context.clone();
-        async move { query_once(&mut client, &context, query).await }
-    })
-    .await?;
-
-    let clients = Arc::new(clients);
-    let mut outcome = roundtrip::drive(load, {
-        let clients = clients.clone();
-        let context = context.clone();
-        move |i, n| {
-            let mut client = clients[i % clients.len()].clone();
-            let query = make(i, n);
-            let context = context.clone();
-            async move { query_once(&mut client, &context, query).await }
-        }
-    })
-    .await?;
-    outcome.ready_after_ms = ready_after_ms;
-    let (fields, summary) = roundtrip::report(load, "query-dispatch", &args.query, &outcome);
-    common::emit(&args.common, "query-dispatch", fields, &summary);
-    Ok(())
+    roundtrip::dispatcher(
+        &args.common,
+        load,
+        "query-dispatch",
+        &args.query,
+        NO_HANDLER,
+        clients,
+        make,
+        query_once,
+    )
+    .await
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde_json::{Map, Value, json};
 
-use crate::common::{self, Errors};
+use crate::common::{self, Common, Errors};
 
 /// Options of a dispatching workload.
 #[derive(clap::Args, Debug, Clone)]
@@ -151,4 +151,46 @@ pub fn report(load: &Load, what: &str, name: &str, outcome: &Outcome) -> (Map<St
         },
     );
     (fields, summary)
+}
+
+/// The whole dispatcher side of a round-trip benchmark (commands and queries alike): wait until
+/// a handler answers, drive the load over the clients, report. `make(i, n)` builds loop `i`'s
+/// `n`-th message; `once(client, context, message)` sends it and waits for its answer.
+#[allow(clippy::too_many_arguments)]
+pub async fn dispatcher<C, M, Make, Once, Fut>(
+    common: &Common,
+    load: &Load,
+    what: &str,
+    name: &str,
+    no_handler_code: &str,
+    clients: Vec<C>,
+    make: Make,
+    once: Once,
+) -> anyhow::Result<()>
+where
+    C: Clone + Send + Sync + 'static,
+    M: Send + 'static,
+    Make: Fn(usize, u64) -> M + Clone + Send + Sync + 'static,
+    Once: Fn(C, String, M) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    anyhow::ensure!(!clients.is_empty(), "connections must be > 0");
+    let context = common.context.clone();
+    let probe = clients[0].clone();
+    let mut k = 0u64;
+    let ready_after_ms = wait_ready(load.ready_timeout, no_handler_code, || {
+        k += 1;
+        once(probe.clone(), context.clone(), make(usize::MAX, k))
+    })
+    .await?;
+    let clients = std::sync::Arc::new(clients);
+    let mut outcome = drive(load, {
+        let once = once.clone();
+        move |i, n| once(clients[i % clients.len()].clone(), context.clone(), make(i, n))
+    })
+    .await?;
+    outcome.ready_after_ms = ready_after_ms;
+    let (fields, summary) = report(load, what, name, &outcome);
+    common::emit(common, what, fields, &summary);
+    Ok(())
 }
