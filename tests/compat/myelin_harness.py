@@ -327,7 +327,18 @@ class EventStore:
         return EventStream(self, start, permits, blacklist, **kw)
 
 
-_END = object()
+END = object()
+"""Put on a request queue, ends the request stream of a call fed by `queue_requests`."""
+_END = END
+
+
+def queue_requests(requests: queue.Queue):
+    """The request side of a streaming call: yields what is put on `requests` until `END`."""
+    while True:
+        item = requests.get()
+        if item is END:
+            return
+        yield item
 
 
 class EventStream:
@@ -352,16 +363,10 @@ class EventStream:
                 blacklist=[event_pb2.PayloadDescription(type=t, revision=r) for t, r in blacklist],
             )
         )
-        self.call = store.stub.ListEvents(self._request_iter(), metadata=store.md)
+        self.call = store.stub.ListEvents(queue_requests(self._requests), metadata=store.md)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
-    def _request_iter(self):
-        while True:
-            item = self._requests.get()
-            if item is _END:
-                return
-            yield item
 
     def _read(self):
         try:

@@ -13,7 +13,7 @@ import pytest
 from axonclient.protos import control_pb2, control_pb2_grpc
 
 from conftest import start_node
-from myelin_harness import EventStore, agg_events, error_code, event, rpc_error, unique
+from myelin_harness import END, EventStore, agg_events, error_code, event, queue_requests, rpc_error, unique
 
 MAX_MESSAGE = 64 * 1024
 
@@ -122,21 +122,14 @@ def test_cancelled_append_stores_nothing(store):
     before = store.last_token()
     requests: queue.Queue = queue.Queue()
 
-    def request_iter():
-        while True:
-            item = requests.get()
-            if item is None:
-                return
-            yield item
-
-    future = store.stub.AppendEvent.future(request_iter(), metadata=store.md, timeout=10)
+    future = store.stub.AppendEvent.future(queue_requests(requests), metadata=store.md, timeout=10)
     for e in agg_events(agg, 0, 3):
         requests.put(e)
     time.sleep(0.5)
     assert not future.done()  # not committed before half-close
     assert store.last_token() == before
     future.cancel()
-    requests.put(None)
+    requests.put(END)
     time.sleep(0.5)
     assert store.last_token() == before
     assert store.aggregate(agg) == []

@@ -12,9 +12,8 @@ import grpc
 import pytest
 from axonclient.protos import command_pb2, command_pb2_grpc, common_pb2
 
-from myelin_harness import ctx_md, unique
+from myelin_harness import END as _END, ctx_md, unique, queue_requests
 
-_END = object()
 
 
 class CommandHandler:
@@ -45,19 +44,13 @@ class CommandHandler:
                 instruction_id="permits",
             )
         )
-        self.call = self.stub.OpenStream(self._iter(), metadata=ctx_md(context))
+        self.call = self.stub.OpenStream(queue_requests(self.requests), metadata=ctx_md(context))
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
     def send(self, message):
         self.requests.put(message)
 
-    def _iter(self):
-        while True:
-            item = self.requests.get()
-            if item is _END:
-                return
-            yield item
 
     def _read(self):
         try:

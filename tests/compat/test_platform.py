@@ -10,9 +10,8 @@ import time
 
 from axonclient.protos import common_pb2, control_pb2, control_pb2_grpc
 
-from myelin_harness import ctx_md, unique
+from myelin_harness import END as _END, ctx_md, unique, queue_requests
 
-_END = object()
 
 
 class ControlStream:
@@ -22,16 +21,10 @@ class ControlStream:
         self.requests: queue.Queue = queue.Queue()
         self.received: queue.Queue = queue.Queue()
         stub = control_pb2_grpc.PlatformServiceStub(channel)
-        self.call = stub.OpenStream(self._iter(), metadata=ctx_md(context))
+        self.call = stub.OpenStream(queue_requests(self.requests), metadata=ctx_md(context))
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
-    def _iter(self):
-        while True:
-            item = self.requests.get()
-            if item is _END:
-                return
-            yield item
 
     def _read(self):
         try:

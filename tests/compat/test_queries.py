@@ -10,9 +10,8 @@ import threading
 import grpc
 from axonclient.protos import common_pb2, query_pb2, query_pb2_grpc
 
-from myelin_harness import ctx_md, unique
+from myelin_harness import END as _END, ctx_md, unique, queue_requests
 
-_END = object()
 WAIT = 10
 
 
@@ -25,15 +24,9 @@ class QueryHandlerApp:
         self._requests: queue.Queue = queue.Queue()
         self.inbound: queue.Queue = queue.Queue()
         stub = query_pb2_grpc.QueryServiceStub(self.channel)
-        self.call = stub.OpenStream(self._request_iter(), metadata=ctx_md(context))
+        self.call = stub.OpenStream(queue_requests(self._requests), metadata=ctx_md(context))
         threading.Thread(target=self._read, daemon=True).start()
 
-    def _request_iter(self):
-        while True:
-            item = self._requests.get()
-            if item is _END:
-                return
-            yield item
 
     def _read(self):
         try:
@@ -191,13 +184,6 @@ def test_subscription_query_initial_result_and_update(node):
     channel = node.channel()
     requests: queue.Queue = queue.Queue()
 
-    def request_iter():
-        while True:
-            item = requests.get()
-            if item is _END:
-                return
-            yield item
-
     try:
         handler.subscribe("WatchPrice")
         sub_id = unique("s")
@@ -206,7 +192,7 @@ def test_subscription_query_initial_result_and_update(node):
             number_of_permits=10,
             query_request=query_pb2.QueryRequest(message_identifier=unique("q"), query="WatchPrice"),
         )
-        call = query_pb2_grpc.QueryServiceStub(channel).Subscription(request_iter(), timeout=WAIT)
+        call = query_pb2_grpc.QueryServiceStub(channel).Subscription(queue_requests(requests), timeout=WAIT)
         requests.put(query_pb2.SubscriptionQueryRequest(subscribe=subscription))
         requests.put(query_pb2.SubscriptionQueryRequest(flow_control=subscription))
         requests.put(query_pb2.SubscriptionQueryRequest(get_initial_result=subscription))
