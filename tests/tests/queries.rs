@@ -196,7 +196,17 @@ impl Handler {
 
 /// Runs a query to its end and returns every response.
 async fn dispatch(node: &Node, request: QueryRequest) -> Vec<QueryResponse> {
-    let mut stream = client(node).await.query(request).await.unwrap().into_inner();
+    dispatch_at(node.url(), request).await
+}
+
+/// [`dispatch`] from a node's address, for a dispatcher running in its own task.
+async fn dispatch_at(url: String, request: QueryRequest) -> Vec<QueryResponse> {
+    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+    let mut stream = QueryServiceClient::new(channel)
+        .query(request)
+        .await
+        .unwrap()
+        .into_inner();
     let mut responses = Vec::new();
     loop {
         let next = tokio::time::timeout(WAIT, stream.message())
@@ -262,22 +272,7 @@ async fn a_handler_that_never_completes_times_out_with_axoniq_5006() {
     let node = Node::start(Options::default()).await;
     let mut silent = Handler::connect(&node, "silent", &["Slow"], 10).await;
     let started = Instant::now();
-    let dispatcher = tokio::spawn({
-        let url = node.url();
-        async move {
-            let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
-            let mut stream = QueryServiceClient::new(channel)
-                .query(query("slow-1", "Slow", Some(500)))
-                .await
-                .unwrap()
-                .into_inner();
-            let mut responses = Vec::new();
-            while let Some(response) = stream.message().await.unwrap() {
-                responses.push(response);
-            }
-            responses
-        }
-    });
+    let dispatcher = tokio::spawn(dispatch_at(node.url(), query("slow-1", "Slow", Some(500))));
     let received = silent.next_query().await;
     assert_eq!(received.message_identifier, "slow-1");
     let responses = tokio::time::timeout(WAIT, dispatcher).await.unwrap().unwrap();
@@ -300,19 +295,8 @@ async fn a_handler_disconnecting_mid_query_does_not_hang_it() {
     let survivor = Handler::connect(&node, "survivor", &["Fragile"], 10).await;
     let _serving = survivor.serve("1");
     let url = node.url();
-    let dispatcher = tokio::spawn(async move {
-        let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
-        let mut stream = QueryServiceClient::new(channel)
-            .query(query("fragile-1", "Fragile", None)) // default timeout: 300 s
-            .await
-            .unwrap()
-            .into_inner();
-        let mut responses = Vec::new();
-        while let Some(response) = stream.message().await.unwrap() {
-            responses.push(response);
-        }
-        responses
-    });
+    // Default timeout (300 s): only the handler leaving can end this query.
+    let dispatcher = tokio::spawn(dispatch_at(url, query("fragile-1", "Fragile", None)));
     let received = doomed.next_query().await;
     assert_eq!(received.message_identifier, "fragile-1");
     drop(doomed); // the whole application goes away: stream and connection
@@ -334,19 +318,10 @@ async fn queries_wait_for_the_handlers_permits() {
     let mut dispatchers = Vec::new();
     for i in 0..3 {
         let url = node.url();
-        dispatchers.push(tokio::spawn(async move {
-            let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
-            let mut stream = QueryServiceClient::new(channel)
-                .query(query(&format!("counted-{i}"), "Counted", None))
-                .await
-                .unwrap()
-                .into_inner();
-            let mut responses = Vec::new();
-            while let Some(response) = stream.message().await.unwrap() {
-                responses.push(response);
-            }
-            responses
-        }));
+        dispatchers.push(tokio::spawn(dispatch_at(
+            url,
+            query(&format!("counted-{i}"), "Counted", None),
+        )));
     }
     let first = handler.next_query().await;
     handler.quiet(Duration::from_millis(400)).await;
@@ -399,19 +374,7 @@ async fn a_duplicate_query_id_in_flight_is_axoniq_5007() {
     let node = Node::start(Options::default()).await;
     let mut handler = Handler::connect(&node, "holder", &["Held"], 10).await;
     let url = node.url();
-    let first = tokio::spawn(async move {
-        let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
-        let mut stream = QueryServiceClient::new(channel)
-            .query(query("same-id", "Held", None))
-            .await
-            .unwrap()
-            .into_inner();
-        let mut responses = Vec::new();
-        while let Some(response) = stream.message().await.unwrap() {
-            responses.push(response);
-        }
-        responses
-    });
+    let first = tokio::spawn(dispatch_at(url, query("same-id", "Held", None)));
     let held = handler.next_query().await;
     let duplicate = dispatch(&node, query("same-id", "Held", None)).await;
     assert_eq!(duplicate.len(), 1);
