@@ -21,6 +21,9 @@ pub struct Args {
     /// The eventstore's Unix socket.
     #[arg(long)]
     pub eventstore_socket: PathBuf,
+    /// The router's Unix socket (connected clients, processors, instructions, metrics).
+    #[arg(long)]
+    pub router_socket: Option<PathBuf>,
     /// This node's name.
     #[arg(long, default_value = "myelin")]
     pub node_name: String,

@@ -13,6 +13,7 @@ pub mod append;
 pub mod command;
 pub mod consensus;
 pub mod context;
+pub mod control;
 pub mod crash;
 pub mod segment;
 pub mod service;
@@ -104,7 +105,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
     })
     .max_decoding_message_size(args.max_message_size + 64 * 1024)
     .max_encoding_message_size(usize::MAX);
-    let control = myelin_proto::internal::storage_control_server::StorageControlServer::new(service::Control {
+    let control = myelin_proto::internal::storage_control_server::StorageControlServer::new(control::Control {
         contexts: contexts.clone(),
     });
     tracing::info!(socket = %args.socket.display(), contexts = ?names, "eventstore serving");

@@ -12,8 +12,7 @@ use myelin_proto::axon::event::{
 };
 use myelin_proto::errors::ErrorCode;
 use myelin_proto::internal::event_storage_server::EventStorage;
-use myelin_proto::internal::storage_control_server::StorageControl;
-use myelin_proto::internal::{AppendRequest, AppendResponse, ContextStatus, ListContextsRequest, ListContextsResponse};
+use myelin_proto::internal::{AppendRequest, AppendResponse};
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -389,28 +388,5 @@ impl EventStorage for Service {
         let stored = context.stored.clone();
         let token = blocking(move || tracking::token_at(&stored.events, instant)).await?;
         Ok(Response::new(TrackingToken { token }))
-    }
-}
-
-pub struct Control {
-    pub contexts: Arc<Contexts>,
-}
-
-#[tonic::async_trait]
-impl StorageControl for Control {
-    async fn list_contexts(&self, _: Request<ListContextsRequest>) -> Result<Response<ListContextsResponse>, Status> {
-        let contexts = self
-            .contexts
-            .all()
-            .into_iter()
-            .map(|c| ContextStatus {
-                name: c.name.clone(),
-                first_token: c.stored.events.first_token(),
-                last_token: c.stored.events.next_token() - 1,
-                last_snapshot_token: c.stored.snapshots.next_token() - 1,
-                applied_index: c.raft.metrics().borrow().last_applied.map_or(0, |l| l.index),
-            })
-            .collect();
-        Ok(Response::new(ListContextsResponse { contexts }))
     }
 }

@@ -28,6 +28,10 @@ pub struct Args {
     /// The eventstore's Unix socket.
     #[arg(long)]
     pub eventstore_socket: PathBuf,
+    /// Admin's Unix socket, where the router follows the access rules it enforces. Without it
+    /// access control stays off.
+    #[arg(long)]
+    pub admin_socket: Option<PathBuf>,
     /// Largest message accepted from a client, in bytes (Axon's `max-message-size`).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub max_message_size: usize,

@@ -96,6 +96,8 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
         Ok(path)
     };
     let es_socket = socket(Role::Eventstore)?;
+    let router_socket = socket(Role::Router)?;
+    let admin_socket = socket(Role::Admin)?;
     let hostname = config.advertised_hostname();
 
     let mut launches = Vec::new();
@@ -128,6 +130,7 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
                 arg("--listen", &listen.to_string());
                 arg("--socket", &own_socket);
                 arg("--eventstore-socket", &es_socket);
+                arg("--admin-socket", &admin_socket);
                 arg("--max-message-size", &config.max_message_size.to_string());
                 arg("--node-name", &config.name);
                 arg("--hostname", &hostname);
@@ -148,6 +151,7 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
                 arg("--listen", &listen.to_string());
                 arg("--socket", &own_socket);
                 arg("--eventstore-socket", &es_socket);
+                arg("--router-socket", &router_socket);
                 arg("--node-name", &config.name);
                 arg("--hostname", &hostname);
                 arg("--grpc-port", &config.port.to_string());
@@ -247,7 +251,8 @@ mod tests {
             strings(&l[1]).join(" "),
             format!(
                 "router --listen 127.0.0.1:8124 --socket {run}/router.sock \
-                 --eventstore-socket {run}/eventstore.sock --max-message-size 4194304 \
+                 --eventstore-socket {run}/eventstore.sock --admin-socket {run}/admin.sock \
+                 --max-message-size 4194304 \
                  --node-name box1 --hostname box1.example.org --grpc-port 8124 --http-port 8024"
             )
         );
@@ -255,7 +260,7 @@ mod tests {
             strings(&l[2]).join(" "),
             format!(
                 "admin --listen 127.0.0.1:8024 --socket {run}/admin.sock \
-                 --eventstore-socket {run}/eventstore.sock --node-name box1 \
+                 --eventstore-socket {run}/eventstore.sock --router-socket {run}/router.sock --node-name box1 \
                  --hostname box1.example.org --grpc-port 8124"
             )
         );
