@@ -38,8 +38,11 @@ macro_rules! codes {
 
 codes! {
     Other = "AXONIQ-0001", Cancelled, 500;
-    AuthenticationTokenMissing = "AXONIQ-1000", PermissionDenied, 403;
-    AuthenticationInvalidToken = "AXONIQ-1001", PermissionDenied, 403;
+    // Axon Server answers PERMISSION_DENIED/403 to a missing or wrong token; we answer
+    // UNAUTHENTICATED/401 with the same codes, as the caller failed to prove who it is
+    // (docs/decisions/0005-access-control.md). A known caller lacking a role gets 403.
+    AuthenticationTokenMissing = "AXONIQ-1000", Unauthenticated, 401;
+    AuthenticationInvalidToken = "AXONIQ-1001", Unauthenticated, 401;
     UnsupportedInstruction = "AXONIQ-1002", Unknown, 400;
     NoSuchApplication = "AXONIQ-1300", NotFound, 404;
     ContextNotFound = "AXONIQ-1302", NotFound, 404;

@@ -45,6 +45,7 @@ pub use io::axoniq::axonserver::grpc as axon;
 pub use myelin::internal;
 
 pub mod errors;
+pub mod roles;
 
 /// Request metadata key naming the context on internal calls.
 pub const CONTEXT_KEY: &str = "myelin-context";
