@@ -44,16 +44,26 @@ codes! {
     AuthenticationTokenMissing = "AXONIQ-1000", Unauthenticated, 401;
     AuthenticationInvalidToken = "AXONIQ-1001", Unauthenticated, 401;
     UnsupportedInstruction = "AXONIQ-1002", Unknown, 400;
+    InstructionExecutionError = "AXONIQ-1003", Internal, 500;
+    InstructionResultTimeout = "AXONIQ-1004", Internal, 500;
+    NodeIsReplica = "AXONIQ-1100", Unavailable, 503;
     NoSuchApplication = "AXONIQ-1300", NotFound, 404;
+    NoSuchNode = "AXONIQ-1301", NotFound, 404;
     ContextNotFound = "AXONIQ-1302", NotFound, 404;
     ContextExists = "AXONIQ-1304", AlreadyExists, 400;
     NoAxonServerForContext = "AXONIQ-1400", Unavailable, 503;
+    AxonserverNodeNotConnected = "AXONIQ-1500", Unavailable, 503;
     TooManyRequests = "AXONIQ-1900", ResourceExhausted, 429;
     InvalidSequence = "AXONIQ-2000", OutOfRange, 409;
     PayloadTooLarge = "AXONIQ-2001", InvalidArgument, 400;
     TooManyEvents = "AXONIQ-2002", InvalidArgument, 400;
     NoLeaderAvailable = "AXONIQ-2100", NotFound, 404;
+    CannotDeleteInternalContext = "AXONIQ-2304", PermissionDenied, 403;
     InvalidContextName = "AXONIQ-2308", InvalidArgument, 400;
+    InvalidPropertyValue = "AXONIQ-2311", InvalidArgument, 400;
+    UnknownRole = "AXONIQ-2510", InvalidArgument, 400;
+    InvalidQuery = "AXONIQ-2511", InvalidArgument, 400;
+    EventProcessorNotFound = "AXONIQ-2800", NotFound, 404;
     NoHandlerForCommand = "AXONIQ-4000", NotFound, 500;
     ConnectionToHandlerLost = "AXONIQ-4001", Cancelled, 500;
     CommandTimeout = "AXONIQ-4002", Cancelled, 504;
@@ -62,8 +72,11 @@ codes! {
     QueryTimeout = "AXONIQ-5006", Cancelled, 504;
     QueryDuplicated = "AXONIQ-5007", InvalidArgument, 400;
     NoEventStore = "AXONIQ-6000", NotFound, 503;
+    ClientDisconnected = "AXONIQ-6001", NotFound, 500;
+    NodeNotReadyForBackup = "AXONIQ-7000", Unavailable, 503;
     DatafileReadError = "AXONIQ-9000", Cancelled, 500;
     DatafileWriteError = "AXONIQ-9100", Cancelled, 500;
+    InstructionTimeout = "AXONIQ-11000", DeadlineExceeded, 504;
 }
 
 impl ErrorCode {

@@ -5,6 +5,7 @@
 //! `default`). It holds no event data itself; command/query routing and node-to-node forwarding
 //! land here next.
 
+pub mod access;
 pub mod append_pipe;
 pub mod command;
 pub mod context;
@@ -32,6 +33,10 @@ pub struct Args {
     /// access control stays off.
     #[arg(long)]
     pub admin_socket: Option<PathBuf>,
+    /// Whether calls must carry a token (Axon's `accesscontrol.enabled`). The rules themselves
+    /// come from admin; until they arrive every call is refused.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub access_control: bool,
     /// Largest message accepted from a client, in bytes (Axon's `max-message-size`).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub max_message_size: usize,
@@ -116,6 +121,11 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         std::time::Duration::from_millis(args.command_timeout_ms),
     )
     .with_disconnects(disconnects.clone());
+    let access_rules = access::AccessRules::new(args.access_control);
+    let _follow_access = args
+        .admin_socket
+        .clone()
+        .map(|socket| access::follow(socket, access_rules.clone()));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -145,6 +155,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         .layer(tower::util::MapResponseLayer::new(
             limits::rewrite_response::<tonic::body::Body>,
         ))
+        .layer(access::AccessLayer::new(access_rules))
         .http2_keepalive_interval(Some(std::time::Duration::from_millis(2500)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_millis(5000)))
         .add_service(
