@@ -4,6 +4,7 @@
 //! status as JSON, reading context positions from the eventstore over its Unix socket. The
 //! control DB, REST API and backups arrive with issue #4.
 
+pub mod access;
 pub mod status;
 
 use std::net::SocketAddr;
