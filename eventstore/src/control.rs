@@ -46,22 +46,53 @@ impl StorageControl for Control {
         Err(Status::unimplemented("DeleteContext arrives with the control DB"))
     }
 
-    async fn list_segments(&self, _: Request<ListSegmentsRequest>) -> Result<Response<ListSegmentsResponse>, Status> {
-        Err(Status::unimplemented("ListSegments arrives with backups"))
+    #[tracing::instrument(skip_all, fields(context))]
+    async fn list_segments(
+        &self,
+        request: Request<ListSegmentsRequest>,
+    ) -> Result<Response<ListSegmentsResponse>, Status> {
+        let request = request.into_inner();
+        tracing::Span::current().record("context", request.context.as_str());
+        let context = crate::backup::find_context(&self.contexts, &request.context)?;
+        let store = match myelin_proto::internal::SegmentKind::try_from(request.kind) {
+            Ok(myelin_proto::internal::SegmentKind::Event) => &context.stored.events,
+            Ok(myelin_proto::internal::SegmentKind::Snapshot) => &context.stored.snapshots,
+            Err(_) => return Err(Status::invalid_argument(format!("unknown segment kind {}", request.kind))),
+        };
+        Ok(Response::new(crate::backup::list_segments(
+            store.segment_files(),
+            request.last_segment_backed_up,
+        )))
     }
 
+    #[tracing::instrument(skip_all, fields(context))]
     async fn list_log_segments(
         &self,
-        _: Request<ListLogSegmentsRequest>,
+        request: Request<ListLogSegmentsRequest>,
     ) -> Result<Response<ListLogSegmentsResponse>, Status> {
-        Err(Status::unimplemented("ListLogSegments arrives with backups"))
+        let request = request.into_inner();
+        tracing::Span::current().record("context", request.context.as_str());
+        let context = crate::backup::find_context(&self.contexts, &request.context)?;
+        let dir = context.stored.dir.clone();
+        let listed = tokio::task::spawn_blocking(move || crate::backup::list_log_segments(&dir))
+            .await
+            .map_err(|e| Status::internal(format!("listing log segments: {e}")))?;
+        listed
+            .map(Response::new)
+            .map_err(|e| {
+                myelin_proto::errors::ErrorCode::DatafileReadError.status(format!("listing the log segments: {e}"))
+            })
     }
 
     async fn hold_log_compaction(
         &self,
-        _: Request<HoldLogCompactionRequest>,
+        request: Request<HoldLogCompactionRequest>,
     ) -> Result<Response<HoldLogCompactionResponse>, Status> {
-        Err(Status::unimplemented("HoldLogCompaction arrives with backups"))
+        let until = request.into_inner().until_unix_millis;
+        let held = crate::backup::hold_log_compaction(crate::backup::node_hold(), until)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(until_unix_millis = until, on = held.is_some(), "log compaction hold");
+        Ok(Response::new(HoldLogCompactionResponse {}))
     }
 
     async fn metrics(&self, _: Request<MetricsRequest>) -> Result<Response<MetricsText>, Status> {

@@ -10,6 +10,7 @@
 //! crash keeps every confirmed event (see `segment::store` and `consensus::state_machine`).
 
 pub mod append;
+pub mod backup;
 pub mod command;
 pub mod consensus;
 pub mod context;

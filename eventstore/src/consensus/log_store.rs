@@ -85,6 +85,7 @@ use parking_lot::RwLock;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Entry, LogId, NodeId, StorageError, TypeConfig};
+use crate::backup::CompactionHold;
 use crate::command::Command;
 
 const MAGIC: &[u8; 8] = b"MYLNRLOG";
@@ -127,6 +128,9 @@ pub struct LogStoreOptions {
     /// Byte budget of the cache of recently appended entries. Entries not yet fsynced are always
     /// kept, whatever the budget; the oldest flushed entries are evicted first.
     pub cache_bytes: u64,
+    /// While this hold is on, a purge deletes no segment file (a backup is copying them); the
+    /// deletions wait until it ends. The eventstore passes the node's hold (`backup::node_hold`).
+    pub hold: Arc<CompactionHold>,
 }
 
 impl Default for LogStoreOptions {
@@ -134,6 +138,7 @@ impl Default for LogStoreOptions {
         LogStoreOptions {
             segment_size: 64 * 1024 * 1024,
             cache_bytes: 64 * 1024 * 1024,
+            hold: Arc::default(),
         }
     }
 }
@@ -275,6 +280,8 @@ enum Request {
     SaveCommitted {
         committed: Option<LogId>,
     },
+    /// The compaction hold may have ended: delete the segments purges left behind.
+    ReleaseHeld,
     /// Test hook: the writer blocks until the sender is dropped or sends.
     #[cfg(test)]
     Pause(std::sync::mpsc::Receiver<()>),
@@ -371,6 +378,7 @@ impl LogStore {
             #[cfg(test)]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
         });
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let writer = Writer {
             shared: shared.clone(),
             dir: dir.to_path_buf(),
@@ -378,8 +386,11 @@ impl LogStore {
             files,
             unsaved_committed: None,
             committed_saved_at: std::time::Instant::now(),
+            hold: options.hold.clone(),
+            held: Vec::new(),
+            release_scheduled: false,
+            requests: tx.downgrade(),
         };
-        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let writer = std::thread::Builder::new()
             .name("raft-log-writer".into())
             .spawn(move || writer.run(rx))?;
@@ -925,11 +936,13 @@ struct Recovered {
     segments: Vec<RecoveredSegment>,
 }
 
-fn segment_path(dir: &Path, first: u64) -> PathBuf {
+/// The path of the segment whose first entry is `first`.
+pub(crate) fn segment_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("{first:020}.log"))
 }
 
-fn parse_segment_name(name: &str) -> Option<u64> {
+/// The first index of a segment file named `name`, if it is one.
+pub(crate) fn parse_segment_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(".log")?;
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -1170,6 +1183,16 @@ struct Writer {
     /// entry cost as much as the fsync that group commit is built around.
     unsaved_committed: Option<Option<LogId>>,
     committed_saved_at: std::time::Instant,
+    /// The node's compaction hold (see `LogStoreOptions::hold`).
+    hold: Arc<CompactionHold>,
+    /// Purged segments whose files a hold kept on disk, to delete once it ends. Openraft's view
+    /// is unaffected: they are out of the index, and recovery deletes them if the process stops
+    /// first (they are wholly covered by the `purged` file, written before they were deferred).
+    held: Vec<u64>,
+    /// A timer thread will send `ReleaseHeld` when the hold ends.
+    release_scheduled: bool,
+    /// For that timer: a weak sender, so it never keeps the queue (and the writer) alive.
+    requests: mpsc::WeakSender<Request>,
 }
 
 const COMMITTED_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
@@ -1265,6 +1288,12 @@ impl Writer {
                 // Written later, after a flush (see `unsaved_committed`).
                 self.unsaved_committed = Some(committed);
             }
+            Request::ReleaseHeld => {
+                self.release_scheduled = false;
+                if let Err(e) = self.guarded(|w| w.delete_held()) {
+                    tracing::error!("cannot delete purged log segments: {e}");
+                }
+            }
             #[cfg(test)]
             Request::Pause(resume) => {
                 self.flush(pending);
@@ -1295,6 +1324,9 @@ impl Writer {
 
     fn write(&mut self, write: &SegmentWrite, pending: &mut Pending) -> io::Result<()> {
         let file = if write.create {
+            // A new segment never takes the name of a held one (names are first indexes, which
+            // only grow past a purge), but never delete a file in use, whatever happens.
+            self.held.retain(|&held| held != write.segment);
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -1399,14 +1431,67 @@ impl Writer {
         Ok(())
     }
 
-    /// Persists the purged id first, then deletes segments. The deletions need no fsync: a
-    /// segment that comes back after a crash is wholly covered by `purged` and recovery deletes it.
+    /// Persists the purged id first, then deletes segments — unless the compaction hold is on,
+    /// in which case the files stay until it ends. The deletions need no fsync: a segment that
+    /// comes back after a crash is wholly covered by `purged` and recovery deletes it.
     fn purge(&mut self, purged: PurgedFile, remove: &[u64]) -> io::Result<()> {
         self.write_atomically(PURGED_FILE, &to_json(&purged)?, true)?;
         for &segment in remove {
-            self.remove_segment(segment)?;
+            self.files.remove(&segment);
+            self.shared.state.write().segments.remove(&segment);
+            self.held.push(segment);
         }
-        Ok(())
+        self.delete_held()
+    }
+
+    /// Deletes the purged segments left on disk, if no hold is on; otherwise makes sure a timer
+    /// will bring the writer back when the hold ends.
+    fn delete_held(&mut self) -> io::Result<()> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let hold = self.hold.clone();
+        let deleted = hold.unless_held(|| -> io::Result<()> {
+            for segment in std::mem::take(&mut self.held) {
+                match fs::remove_file(segment_path(&self.dir, segment)) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            Ok(())
+        });
+        match deleted {
+            Ok(result) => result,
+            Err(until) => {
+                self.schedule_release(until);
+                Ok(())
+            }
+        }
+    }
+
+    fn schedule_release(&mut self, until: std::time::SystemTime) {
+        if self.release_scheduled {
+            return;
+        }
+        self.release_scheduled = true;
+        tracing::info!(segments = self.held.len(), "log compaction on hold for a backup; deleting later");
+        let requests = self.requests.clone();
+        let spawned = std::thread::Builder::new()
+            .name("raft-log-hold".into())
+            .spawn(move || {
+                if let Ok(wait) = until.duration_since(std::time::SystemTime::now()) {
+                    std::thread::sleep(wait);
+                }
+                // The store may be gone by now; then there is nothing left to do.
+                if let Some(requests) = requests.upgrade() {
+                    let _ = requests.blocking_send(Request::ReleaseHeld);
+                }
+            });
+        if let Err(e) = spawned {
+            // The next purge tries again; until then the files just stay.
+            tracing::warn!("cannot start the log hold timer: {e}");
+            self.release_scheduled = false;
+        }
     }
 
     fn save_vote(&mut self, vote: &Vote<NodeId>) -> io::Result<()> {
@@ -1472,6 +1557,7 @@ mod tests {
         LogStoreOptions {
             segment_size,
             cache_bytes,
+            ..LogStoreOptions::default()
         }
     }
 
@@ -2040,5 +2126,56 @@ mod tests {
             .map(|p| p.file_name().unwrap().to_str().unwrap().to_string())
             .collect();
         assert_eq!(names, ["00000000000000000041.log"]);
+    }
+
+    /// A purge during a compaction hold changes openraft's view at once but deletes no file
+    /// until the hold ends; after a restart (no hold) recovery finishes the purge.
+    #[tokio::test]
+    async fn a_hold_defers_deleting_purged_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let hold = Arc::new(CompactionHold::default());
+        let opts = LogStoreOptions {
+            hold: hold.clone(),
+            ..options(SEGMENT, 0)
+        };
+        let mut store = open(dir.path(), opts.clone());
+        append(&mut store, mixed(1, 0, 30)).await;
+        let before = segment_files(dir.path());
+        assert!(before.len() > 3);
+
+        let until = std::time::SystemTime::now() + std::time::Duration::from_millis(700);
+        hold.hold_until(until);
+        store.purge(log_id(1, 20)).await.unwrap();
+        assert_eq!(store.get_log_state().await.unwrap().last_purged_log_id, Some(log_id(1, 20)));
+        assert_eq!(read_all(&mut store).await, mixed(1, 21, 30));
+        assert_eq!(segment_files(dir.path()), before, "no file deleted during the hold");
+        // Appends and further purges go on meanwhile.
+        append(&mut store, mixed(1, 30, 35)).await;
+        store.purge(log_id(1, 25)).await.unwrap();
+        assert!(segment_files(dir.path()).starts_with(&before));
+
+        // The writer deletes them by itself once the hold ends.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let now = segment_files(dir.path());
+            let first = parse_segment_name(now[0].file_name().unwrap().to_str().unwrap()).unwrap();
+            if first > 0 {
+                assert!(std::time::SystemTime::now() >= until, "deleted before the hold ended");
+                assert!(first <= 26, "the segment holding index 26 stays");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "held segments never deleted");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(read_all(&mut store).await, mixed(1, 26, 35));
+
+        // A hold does not survive a restart: recovery deletes what a held purge left behind.
+        hold.hold_until(std::time::SystemTime::now() + std::time::Duration::from_secs(600));
+        store.purge(log_id(1, 31)).await.unwrap();
+        let held = segment_files(dir.path());
+        drop(store);
+        let mut store = open(dir.path(), options(SEGMENT, 0));
+        assert!(segment_files(dir.path()).len() < held.len());
+        assert_eq!(read_all(&mut store).await, mixed(1, 32, 35));
     }
 }

@@ -48,16 +48,18 @@ pub async fn start_group(
 ) -> anyhow::Result<Raft> {
     use anyhow::Context as _;
     let log_dir = stored.dir.join("log");
-    let log = log_store::LogStore::open(
+    let mut log = log_store::LogStore::open(
         &log_dir,
         log_store::LogStoreOptions {
             segment_size: log_segment_size,
             cache_bytes: 64 << 20,
+            hold: crate::backup::node_hold().clone(),
         },
     )
     .with_context(|| format!("opening the Raft log of context {context}"))?;
-    let sm = state_machine::StateMachine::open(stored)
+    let mut sm = state_machine::StateMachine::open(stored)
         .with_context(|| format!("opening the state machine of context {context}"))?;
+    reconcile_restored(context, &mut log, &mut sm).await?;
     let config = openraft::Config {
         cluster_name: context.to_owned(),
         // A lone voter elects itself after one election timeout: keep start-up quick.
@@ -84,4 +86,237 @@ pub async fn start_group(
             .with_context(|| format!("initializing the Raft group of context {context}"))?;
     }
     Ok(raft)
+}
+
+/// Makes a context whose segments are ahead of its Raft log startable. That happens only in a data
+/// directory restored from a backup, which copies the log before the segments: the segments then
+/// hold entries applied after the log copy (normally an entry is applied only after it is durable
+/// in the log, so the log is never behind). openraft would purge its log up to the applied entry
+/// but insists on a snapshot that covers it, and its vote may be older than those entries' term.
+/// So: the applied state becomes the snapshot (the segments are fsynced and `snapshot.json`
+/// points at the applied entry), and the vote is raised to the term of the applied entry.
+///
+/// The opposite case — the log holds entries the segments lack — needs nothing: openraft
+/// re-applies them once the node leads again.
+async fn reconcile_restored(
+    context: &str,
+    log: &mut log_store::LogStore,
+    sm: &mut state_machine::StateMachine,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use openraft::storage::{RaftLogStorage, RaftStateMachine};
+    let (applied, _) = sm.applied_state().await.context("reading the applied state")?;
+    let Some(applied) = applied else {
+        return Ok(());
+    };
+    let log_state = log.get_log_state().await.context("reading the log state")?;
+    if log_state.last_log_id >= Some(applied) {
+        return Ok(());
+    }
+    tracing::warn!(
+        context,
+        applied = %applied,
+        log_ends = ?log_state.last_log_id,
+        "the segments are ahead of the Raft log (a restored backup): taking them as the snapshot"
+    );
+    tokio::task::block_in_place(|| sm.snapshot_applied_state()).context("snapshot of the applied state")?;
+    let vote = log.read_vote().await.context("reading the vote")?;
+    if vote.is_none_or(|v| v.leader_id().term < applied.leader_id.term) {
+        let raised = openraft::Vote::new_committed(applied.leader_id.term, applied.leader_id.node_id);
+        log.save_vote(&raised).await.context("saving the vote")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! Restoring a context from copies taken while it runs, the way a backup takes them: the Raft
+    //! log first, the segments later (see `crate::backup`).
+
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use myelin_proto::axon::event::Event;
+    use prost::Message;
+
+    use super::*;
+    use crate::command::Transaction;
+    use crate::stored::{Limits, StoredContext};
+
+    const LIMITS: Limits = Limits {
+        event_segment_size: 1500,
+        snapshot_segment_size: 1500,
+    };
+    const LOG_SEGMENT: u64 = 2000;
+
+    async fn open(dir: &Path) -> (Arc<StoredContext>, Raft) {
+        let stored = Arc::new(StoredContext::open("ctx", dir, LIMITS).unwrap());
+        let raft = start_group("ctx", stored.clone(), LOG_SEGMENT).await.unwrap();
+        raft.wait(Some(std::time::Duration::from_secs(10)))
+            .current_leader(LOCAL_NODE, "leader")
+            .await
+            .unwrap();
+        (stored, raft)
+    }
+
+    async fn append(raft: &Raft, from: i64, to: i64) {
+        for seq in from..to {
+            let event = Event {
+                aggregate_identifier: "agg".into(),
+                aggregate_sequence_number: seq,
+                aggregate_type: "T".into(),
+                ..Default::default()
+            };
+            let record = crate::stored::record_of(&event, crate::segment::Kind::Events);
+            let result = raft
+                .client_write(Command::AppendEvents(vec![Transaction { events: vec![record] }]))
+                .await
+                .unwrap();
+            assert_eq!(
+                result.data.outcomes,
+                vec![crate::command::Outcome::Stored {
+                    first_token: seq,
+                    count: 1
+                }]
+            );
+        }
+    }
+
+    async fn snapshot_and_purge(raft: &Raft) {
+        let applied = raft.metrics().borrow().last_applied;
+        raft.trigger().snapshot().await.unwrap();
+        let wait = || raft.wait(Some(std::time::Duration::from_secs(10)));
+        wait()
+            .metrics(|m| m.snapshot.is_some() && m.snapshot >= applied, "snapshot built")
+            .await
+            .unwrap();
+        let upto = raft.metrics().borrow().snapshot.unwrap().index - 5;
+        raft.trigger().purge_log(upto).await.unwrap();
+        wait()
+            .metrics(|m| m.purged.is_some_and(|p| p.index == upto), "log purged")
+            .await
+            .unwrap();
+    }
+
+    fn copy(path: &str, context_dir: &Path, to: &Path) {
+        let from = Path::new(path);
+        let rel = from.strip_prefix(std::path::absolute(context_dir).unwrap()).unwrap();
+        let target = to.join(rel);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(from, target).unwrap();
+    }
+
+    fn copy_log(from: &Path, to: &Path) {
+        let listed = crate::backup::list_log_segments(from).unwrap();
+        for segment in &listed.segments {
+            for path in &segment.paths {
+                copy(path, from, to);
+            }
+        }
+        for path in &listed.state_files {
+            copy(path, from, to);
+        }
+    }
+
+    fn copy_segments(stored: &StoredContext, from: &Path, to: &Path) {
+        for store in [&stored.snapshots, &stored.events] {
+            for files in store.segment_files() {
+                for path in &files.paths {
+                    copy(&std::path::absolute(path).unwrap().display().to_string(), from, to);
+                }
+            }
+        }
+    }
+
+    fn sequences(stored: &StoredContext) -> Vec<i64> {
+        stored
+            .events
+            .read_from(0, usize::MAX, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(token, bytes)| {
+                let event = Event::decode(bytes).unwrap();
+                assert_eq!(token, event.aggregate_sequence_number, "tokens are unchanged");
+                event.aggregate_sequence_number
+            })
+            .collect()
+    }
+
+    /// Segments copied after the log hold entries the log copy lacks (and the log was purged
+    /// before): the restored context starts from the segments and goes on after them.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn segments_ahead_of_the_log() {
+        let live = tempfile::tempdir().unwrap();
+        let restored = tempfile::tempdir().unwrap();
+        let (stored, raft) = open(live.path()).await;
+        append(&raft, 0, 60).await;
+        snapshot_and_purge(&raft).await;
+        append(&raft, 60, 80).await;
+        copy_log(live.path(), restored.path());
+        append(&raft, 80, 120).await;
+        copy_segments(&stored, live.path(), restored.path());
+        raft.shutdown().await.unwrap();
+        drop(raft);
+
+        let (stored, raft) = open(restored.path()).await;
+        assert_eq!(sequences(&stored), (0..120).collect::<Vec<_>>());
+        append(&raft, 120, 125).await;
+        raft.shutdown().await.unwrap();
+        drop(raft);
+        let (stored, raft) = open(restored.path()).await;
+        assert_eq!(sequences(&stored), (0..125).collect::<Vec<_>>());
+        raft.shutdown().await.unwrap();
+    }
+
+    /// The log copy holds entries the segment copy lacks: they are applied again at start.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn log_ahead_of_the_segments() {
+        let live = tempfile::tempdir().unwrap();
+        let restored = tempfile::tempdir().unwrap();
+        let (stored, raft) = open(live.path()).await;
+        append(&raft, 0, 50).await;
+        copy_segments(&stored, live.path(), restored.path());
+        append(&raft, 50, 70).await;
+        copy_log(live.path(), restored.path());
+        raft.shutdown().await.unwrap();
+        drop(raft);
+
+        let (stored, raft) = open(restored.path()).await;
+        raft.wait(Some(std::time::Duration::from_secs(10)))
+            .applied_index_at_least(Some(71), "re-applied")
+            .await
+            .unwrap();
+        assert_eq!(sequences(&stored), (0..70).collect::<Vec<_>>());
+        append(&raft, 70, 72).await;
+        raft.shutdown().await.unwrap();
+    }
+
+    /// A restored vote (or none at all) older than the newest applied entry's term is raised to
+    /// it, so that this node never leads in a term below entries it already holds.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_vote_is_raised_to_the_applied_term() {
+        use openraft::storage::RaftLogStorage;
+        let dir = tempfile::tempdir().unwrap();
+        let stored = Arc::new(StoredContext::open("ctx", dir.path(), LIMITS).unwrap());
+        let event = Event {
+            aggregate_identifier: "agg".into(),
+            aggregate_type: "T".into(),
+            ..Default::default()
+        };
+        let record = crate::stored::record_of(&event, crate::segment::Kind::Events);
+        let entry = crate::segment::EntryRef {
+            term: 3,
+            leader: 1,
+            index: 7,
+        };
+        stored
+            .apply(entry, &Command::AppendEvents(vec![Transaction { events: vec![record] }]))
+            .unwrap();
+        let mut log = log_store::LogStore::open(&dir.path().join("log"), Default::default()).unwrap();
+        log.save_vote(&openraft::Vote::new_committed(1, 1)).await.unwrap();
+        let mut sm = state_machine::StateMachine::open(stored).unwrap();
+        reconcile_restored("ctx", &mut log, &mut sm).await.unwrap();
+        assert_eq!(log.read_vote().await.unwrap(), Some(openraft::Vote::new_committed(3, 1)));
+        assert!(dir.path().join("snapshot.json").is_file());
+    }
 }

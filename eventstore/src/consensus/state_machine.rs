@@ -122,6 +122,19 @@ impl StateMachine {
         })
     }
 
+    /// Makes the applied state a snapshot: fsyncs the segments and points `snapshot.json` at the
+    /// last applied entry.
+    ///
+    /// Used at start when the segments hold entries the Raft log does not: a data directory
+    /// restored from a backup, whose log was copied before its segments (docs/backups.md).
+    /// openraft then purges its log up to the applied entry, which it allows only behind a
+    /// snapshot that covers it; the segments are that snapshot.
+    pub fn snapshot_applied_state(&self) -> std::io::Result<()> {
+        write_snapshot(&self.stored, &self.snapshot_path, &self.state)
+            .map(|_| ())
+            .map_err(std::io::Error::other)
+    }
+
     fn persist(&self) -> Result<(), StorageError<NodeId>> {
         let bytes = serde_json::to_vec_pretty(&self.state).map_err(sm_write_error)?;
         write_atomically(&self.state_path, &bytes).map_err(sm_write_error)
@@ -208,26 +221,37 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let event_tokens = self.stored.events.next_token();
-        let snapshot_tokens = self.stored.snapshots.next_token();
-        tokio::task::block_in_place(|| self.stored.sync()).map_err(sm_write_error)?;
-        crate::crash::point("snapshot-after-sync");
-        let last = self.state.last_applied;
-        let meta = SnapshotMeta {
-            last_log_id: last,
-            last_membership: self.state.membership.clone(),
-            snapshot_id: format!("{}-{}", last.map_or(0, |l| l.index), event_tokens),
-        };
-        let pointer = SnapshotPointer {
-            meta: meta.clone(),
-            event_tokens,
-            snapshot_tokens,
-        };
-        let bytes = serde_json::to_vec_pretty(&pointer).map_err(sm_write_error)?;
-        write_atomically(&self.snapshot_path, &bytes).map_err(sm_write_error)?;
+        let meta = tokio::task::block_in_place(|| write_snapshot(&self.stored, &self.snapshot_path, &self.state))?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(Vec::new())),
         })
     }
+}
+
+/// Fsyncs the segments, then records in `snapshot.json` that everything up to `state`'s last
+/// applied entry (and the token counts read before the fsync) is durable in them.
+fn write_snapshot(
+    stored: &StoredContext,
+    snapshot_path: &std::path::Path,
+    state: &PersistedState,
+) -> Result<SnapshotMeta<NodeId, openraft::BasicNode>, StorageError<NodeId>> {
+    let event_tokens = stored.events.next_token();
+    let snapshot_tokens = stored.snapshots.next_token();
+    stored.sync().map_err(sm_write_error)?;
+    crate::crash::point("snapshot-after-sync");
+    let last = state.last_applied;
+    let meta = SnapshotMeta {
+        last_log_id: last,
+        last_membership: state.membership.clone(),
+        snapshot_id: format!("{}-{}", last.map_or(0, |l| l.index), event_tokens),
+    };
+    let pointer = SnapshotPointer {
+        meta: meta.clone(),
+        event_tokens,
+        snapshot_tokens,
+    };
+    let bytes = serde_json::to_vec_pretty(&pointer).map_err(sm_write_error)?;
+    write_atomically(snapshot_path, &bytes).map_err(sm_write_error)?;
+    Ok(meta)
 }

@@ -121,6 +121,17 @@ pub struct SegmentStore {
 /// One event read back: its token and its bytes.
 pub type TokenEvent = (i64, Bytes);
 
+/// The files of one segment (see [`SegmentStore::segment_files`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentFiles {
+    /// The segment's first token.
+    pub base: i64,
+    /// The segment file, then (closed segments only) its index and bloom filter.
+    pub paths: Vec<PathBuf>,
+    /// False for the open segment, which may still grow.
+    pub closed: bool,
+}
+
 impl SegmentStore {
     /// Opens (or creates) the store in `dir`, recovering the open segment.
     pub fn open(dir: &Path, kind: Kind, max_size: u64, inspect: Inspect) -> Result<SegmentStore, StoreError> {
@@ -336,6 +347,37 @@ impl SegmentStore {
     /// Watches the next token as records are written (for live tailing).
     pub fn subscribe(&self) -> watch::Receiver<i64> {
         self.visible.subscribe()
+    }
+
+    /// Every segment's files for a backup: closed segments oldest first, then the open one,
+    /// read under one lock so the open segment listed is the one right after the last closed.
+    ///
+    /// A segment is in the closed list only once its data was fsynced and its index and bloom
+    /// filter were written durably (`roll` does all of that before it moves the segment there,
+    /// under the write lock), and a closed segment never changes again: a copy of one is final.
+    /// The open segment's copy is a prefix of whole records plus at most one partial record,
+    /// which recovery cuts off.
+    pub fn segment_files(&self) -> Vec<SegmentFiles> {
+        let state = self.state.read();
+        let mut files: Vec<SegmentFiles> = state
+            .closed
+            .iter()
+            .map(|(base, closed)| SegmentFiles {
+                base: *base,
+                paths: vec![
+                    closed.path.clone(),
+                    side_path(&self.dir, *base, "index", self.kind),
+                    side_path(&self.dir, *base, "bloom", self.kind),
+                ],
+                closed: true,
+            })
+            .collect();
+        files.push(SegmentFiles {
+            base: state.open.base,
+            paths: vec![state.open.path.clone()],
+            closed: false,
+        });
+        files
     }
 
     /// Base token and path of every closed segment, oldest first.
