@@ -9,11 +9,14 @@ mod aggregate_read;
 mod append;
 mod command;
 mod common;
+mod compare;
+mod cpu;
 mod fill;
 mod fsync;
 mod query;
 mod replay;
 mod roundtrip;
+mod system;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +33,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Workload {
+    /// One workload against Myelin or a peer (Redis, PostgreSQL, NATS JetStream) in the shape
+    /// shared by all systems; see bench/compare.sh.
+    Compare(compare::Args),
     /// Durable appends by N concurrent clients, one transaction outstanding each.
     Append(append::Args),
     /// Load a store: N events in aggregates of a fixed size (`<prefix>-<k>`).
@@ -55,6 +61,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
+            Workload::Compare(a) => compare::run(a).await,
             Workload::Append(a) => append::run(a).await,
             Workload::Fill(a) => fill::run(a).await,
             Workload::Replay(a) => replay::run(a).await,
