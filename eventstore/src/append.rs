@@ -65,13 +65,31 @@ struct Pending {
 #[derive(Clone)]
 pub struct Appender {
     queue: mpsc::Sender<Pending>,
+    closing: tokio_util::sync::CancellationToken,
+    task: Arc<parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Appender {
     pub fn start(raft: Raft, stored: Arc<StoredContext>) -> Appender {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(batch_loop(raft, stored, rx));
-        Appender { queue }
+        let closing = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(batch_loop(raft, stored, rx, closing.clone()));
+        Appender {
+            queue,
+            closing,
+            task: Arc::new(parking_lot::Mutex::new(Some(task))),
+        }
+    }
+
+    /// Stops taking work (the context is being deleted): appends still queued are answered
+    /// `Closed` (definite: not proposed), and this returns once the batches already proposed
+    /// have their outcome, so the Raft group can be stopped without an entry in flight.
+    pub async fn close(&self) {
+        self.closing.cancel();
+        let task = self.task.lock().take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 
     /// Stores `work` and returns its outcome once committed and applied.
@@ -88,7 +106,12 @@ impl Appender {
 /// Sequences reserved by batches in flight: aggregate -> (highest sequence, batch number).
 type Reservations = HashMap<String, (i64, u64)>;
 
-async fn batch_loop(raft: Raft, stored: Arc<StoredContext>, mut rx: mpsc::Receiver<Pending>) {
+async fn batch_loop(
+    raft: Raft,
+    stored: Arc<StoredContext>,
+    mut rx: mpsc::Receiver<Pending>,
+    closing: tokio_util::sync::CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
     let mut reservations = Reservations::new();
@@ -98,6 +121,7 @@ async fn batch_loop(raft: Raft, stored: Arc<StoredContext>, mut rx: mpsc::Receiv
         let first = match carry.take() {
             Some(p) => p,
             None => tokio::select! {
+                _ = closing.cancelled() => break,
                 Some(done) = done_rx.recv() => {
                     reservations.retain(|_, (_, b)| *b != done);
                     continue;
@@ -164,6 +188,12 @@ async fn batch_loop(raft: Raft, stored: Arc<StoredContext>, mut rx: mpsc::Receiv
             drop(slot);
         });
     }
+    // Closing: refuse what is queued, then wait for the batches in flight.
+    rx.close();
+    while let Ok(pending) = rx.try_recv() {
+        let _ = pending.reply.send(Err(AppendError::Closed));
+    }
+    let _ = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
 }
 
 /// Checks a transaction's sequences; on success returns the highest sequence per aggregate.

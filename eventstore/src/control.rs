@@ -35,15 +35,26 @@ impl StorageControl for Control {
         Ok(Response::new(ListContextsResponse { contexts }))
     }
 
-    async fn create_context(&self, _: Request<CreateContextRequest>) -> Result<Response<ContextStatus>, Status> {
-        Err(Status::unimplemented("CreateContext arrives with the control DB"))
+    #[tracing::instrument(skip_all, fields(context))]
+    async fn create_context(&self, request: Request<CreateContextRequest>) -> Result<Response<ContextStatus>, Status> {
+        let name = request.into_inner().name;
+        tracing::Span::current().record("context", name.as_str());
+        let context = self.contexts.create(&name).await.map_err(|e| e.status())?;
+        Ok(Response::new(context_status(&context)))
     }
 
+    #[tracing::instrument(skip_all, fields(context))]
     async fn delete_context(
         &self,
-        _: Request<DeleteContextRequest>,
+        request: Request<DeleteContextRequest>,
     ) -> Result<Response<DeleteContextResponse>, Status> {
-        Err(Status::unimplemented("DeleteContext arrives with the control DB"))
+        let request = request.into_inner();
+        tracing::Span::current().record("context", request.name.as_str());
+        self.contexts
+            .delete(&request.name, request.preserve_files)
+            .await
+            .map_err(|e| e.status())?;
+        Ok(Response::new(DeleteContextResponse {}))
     }
 
     #[tracing::instrument(skip_all, fields(context))]

@@ -77,21 +77,8 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
         snapshot_segment_size: args.snapshot_segment_size,
     };
     let contexts = std::sync::Arc::new(context::Contexts::new(&args.data_dir, limits, LOG_SEGMENT_SIZE));
-    let mut names = args.contexts.clone();
-    // Contexts created earlier are stored as directories with a Raft log.
-    for entry in std::fs::read_dir(&args.data_dir)? {
-        let entry = entry?;
-        if entry.path().join("log").is_dir()
-            && let Some(name) = entry.file_name().to_str()
-            && context::valid_context_name(name)
-            && !names.iter().any(|n| n == name)
-        {
-            names.push(name.to_owned());
-        }
-    }
-    for name in &names {
-        contexts.open(name).await?;
-    }
+    // Contexts stored earlier, plus the configured ones not deleted through the API.
+    let names = contexts.open_at_start(&args.contexts).await?;
 
     let _ = std::fs::remove_file(&args.socket);
     let listener =

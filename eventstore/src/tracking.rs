@@ -79,10 +79,20 @@ async fn run(context: Arc<Context>, first: GetEventsRequest, mut requests: Strea
     };
     tracker.grant(&first);
     let mut visible = context.stored.events.subscribe();
+    let closed = context.closed.clone();
     loop {
+        if closed.is_cancelled() {
+            // The context was deleted.
+            let _ = out.send(Err(context_gone(&context))).await;
+            return;
+        }
         if tracker.permits == 0 {
-            // Wait for permits (or the client's end).
-            match tokio::time::timeout(PERMITS_TIMEOUT, requests.message()).await {
+            // Wait for permits (or the client's end, or the context's).
+            let message = tokio::select! {
+                _ = closed.cancelled() => continue,
+                message = tokio::time::timeout(PERMITS_TIMEOUT, requests.message()) => message,
+            };
+            match message {
                 Ok(Ok(Some(request))) => tracker.grant(&request),
                 Ok(Ok(None)) | Ok(Err(_)) => return,
                 Err(_) => {
@@ -115,6 +125,7 @@ async fn run(context: Arc<Context>, first: GetEventsRequest, mut requests: Strea
         if batch.is_empty() {
             // Caught up: wait for new events, more requests, or the client's end.
             tokio::select! {
+                _ = closed.cancelled() => {}
                 changed = visible.changed() => if changed.is_err() { return },
                 message = requests.message() => match message {
                     Ok(Some(request)) => tracker.grant(&request),
@@ -173,6 +184,10 @@ async fn run(context: Arc<Context>, first: GetEventsRequest, mut requests: Strea
             }
         }
     }
+}
+
+fn context_gone(context: &Context) -> Status {
+    ErrorCode::ContextNotFound.status(format!("{}: context not found", context.name))
 }
 
 fn read_error(e: StoreError) -> Status {
