@@ -12,6 +12,7 @@ const BUCKET_BOUNDS_MICROS: [u64; 12] = [
 #[derive(Default)]
 pub struct QueryMetrics {
     routed: AtomicU64,
+    streaming: AtomicU64,
     in_flight: AtomicI64,
     failed: AtomicU64,
     timed_out: AtomicU64,
@@ -26,8 +27,12 @@ pub struct QueryMetrics {
 pub struct QueryMetricsSnapshot {
     /// Queries that reached at least one handler.
     pub routed: u64,
+    /// Of the routed queries, those the dispatcher asked to stream (CLIENT_SUPPORTS_STREAMING);
+    /// they count in every other counter like any query.
+    pub streaming: u64,
     pub in_flight: i64,
-    /// Queries that ended with an error: no handler, duplicate id, queue full, timeout.
+    /// Queries that ended with an error: no handler, duplicate id, queue full, timeout, overflow,
+    /// or the error a handler answered last.
     pub failed: u64,
     pub timed_out: u64,
     /// Queries whose latency was recorded (routed and finished).
@@ -42,6 +47,11 @@ impl QueryMetrics {
     pub fn started(&self) {
         self.routed.fetch_add(1, Relaxed);
         self.in_flight.fetch_add(1, Relaxed);
+    }
+
+    /// Marks a query counted by [`started`](Self::started) as a streaming one.
+    pub fn streamed(&self) {
+        self.streaming.fetch_add(1, Relaxed);
     }
 
     pub fn failed(&self) {
@@ -70,6 +80,7 @@ impl QueryMetrics {
         let bounds = BUCKET_BOUNDS_MICROS.iter().copied().chain([u64::MAX]);
         QueryMetricsSnapshot {
             routed: self.routed.load(Relaxed),
+            streaming: self.streaming.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
             failed: self.failed.load(Relaxed),
             timed_out: self.timed_out.load(Relaxed),

@@ -10,16 +10,32 @@
 //!   with a permit-gated bounded queue, later also a remote node);
 //! - [`dispatch`]: queries in flight by id — scatter to one handler per component, gather their
 //!   responses until each handler completed, the deadline passed, or the dispatcher went away;
+//! - [`demand`]: the dispatcher's response stream, and what it shows of the dispatcher's demand;
+//! - [`instructions`]: the processing instructions read from queries and written onto them;
 //! - [`subscription`]: subscription queries by id, their handlers and their subscriber;
 //! - [`service`]: the gRPC service, which only decodes, calls and encodes.
 //!
+//! What follows Axon Server, and where:
+//! - matching: by query name only; the `result_name` a handler subscribes with is recorded for
+//!   display and the query's `response_type` is not consulted ([`registry`]);
+//! - streaming queries (CLIENT_SUPPORTS_STREAMING=true): forwarded with
+//!   SERVER_SUPPORTS_STREAMING=true (false for every other query), the first handler to answer
+//!   is streamed and the others get `query_cancel`, per-query `query_flow_control` permits follow
+//!   the dispatcher's gRPC demand, and a dispatcher's cancel becomes `query_cancel` ([`dispatch`]);
+//! - deadlines: TIMEOUT bounds the wait for a handler's permit (AXONIQ-5006 "Timeout for
+//!   message"), a query that waited 10 ms or more is forwarded with the time it has left as its
+//!   TIMEOUT ([`handler`]), and plain queries (not streaming ones) also end at their deadline.
+//!
 //! Invariants: every query in flight ends (all handlers complete, a handler disconnects, the
-//! deadline, or a cancel) and is then removed; a state lock is never held across an await (the
-//! routing state of a context is one `std::sync::Mutex`, and sends under it are `try_send`);
-//! every queue is bounded.
+//! deadline of a plain query, a cancel, or an overflow) and is then removed; a state lock is never
+//! held across an await (the routing state of a context is one `std::sync::Mutex`, and sends
+//! under it are `try_send`); every queue is bounded, and a streaming query holds at most
+//! [`dispatch::STREAM_WINDOW`] responses for its dispatcher.
 
+pub mod demand;
 pub mod dispatch;
 pub mod handler;
+pub mod instructions;
 pub mod metrics;
 pub mod registry;
 pub mod service;
@@ -79,6 +95,25 @@ impl QueryRouter {
             .iter()
             .map(|(name, context)| (name.clone(), context.metrics.snapshot()))
             .collect()
+    }
+
+    /// Every handler subscription of every context: (context, query name, handler,
+    /// registration), for the admin API.
+    pub fn registrations(&self) -> Vec<(String, String, handler::HandlerId, registry::Registration)> {
+        let contexts: Vec<(String, Arc<ContextQueries>)> = lock(&self.inner.contexts)
+            .iter()
+            .map(|(name, context)| (name.clone(), context.clone()))
+            .collect();
+        let mut all = Vec::new();
+        for (name, context) in contexts {
+            let registrations = context.state().registry.registrations();
+            all.extend(
+                registrations
+                    .into_iter()
+                    .map(|(query, id, r)| (name.clone(), query, id, r)),
+            );
+        }
+        all
     }
 
     fn next_handler_id(&self) -> handler::HandlerId {
@@ -151,7 +186,9 @@ impl ContextQueries {
         let registration = registry::Registration {
             component: subscription.component_name.clone(),
             client_id: subscription.client_id.clone(),
-            result_name: subscription.result_name.clone(),
+            result_names: std::iter::once(subscription.result_name.clone())
+                .filter(|name| !name.is_empty())
+                .collect(),
         };
         let added = self
             .state()

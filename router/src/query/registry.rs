@@ -3,8 +3,16 @@
 //! Routing picks one handler per component (an application may run several instances; any one
 //! of them answers for the component), round-robin among a component's instances. How a chosen
 //! handler is reached is its [`Destination`]'s business, not the registry's.
+//!
+//! Handlers are matched by query name only, as Axon Server does: it keys registrations by
+//! (context, query name) and keeps the `result_name`s handlers subscribe with only to show them.
+//! A query's `response_type` is not consulted either: the handling application picks the
+//! handler method that fits the response type itself (Axon Framework registers one subscription
+//! per query name and result type, all on the same stream). So a handler is never skipped
+//! because its result name differs from what the dispatcher expects; the result names are kept
+//! per handler and query for the admin API ([`Registry::result_names`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::handler::{Destination, HandlerId};
 
@@ -13,7 +21,8 @@ use super::handler::{Destination, HandlerId};
 pub struct Registration {
     pub component: String,
     pub client_id: String,
-    pub result_name: String,
+    /// Result types the handler said it produces for this query (informational).
+    pub result_names: BTreeSet<String>,
 }
 
 #[derive(Default)]
@@ -26,7 +35,8 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Records that `handler` answers `query`; returns false if it already did.
+    /// Records that `handler` answers `query`; returns false if it already did (a second
+    /// subscription, e.g. for another result type, only adds its result names).
     pub fn subscribe(
         &mut self,
         handler: HandlerId,
@@ -35,11 +45,19 @@ impl Registry {
         registration: Registration,
     ) -> bool {
         self.destinations.entry(handler).or_insert_with(|| destination.clone());
-        self.by_query
-            .entry(query.to_owned())
-            .or_default()
-            .insert(handler, registration)
-            .is_none()
+        let handlers = self.by_query.entry(query.to_owned()).or_default();
+        match handlers.get_mut(&handler) {
+            Some(existing) => {
+                existing.result_names.extend(registration.result_names);
+                existing.component = registration.component;
+                existing.client_id = registration.client_id;
+                false
+            }
+            None => {
+                handlers.insert(handler, registration);
+                true
+            }
+        }
     }
 
     pub fn unsubscribe(&mut self, handler: HandlerId, query: &str) {
@@ -101,6 +119,24 @@ impl Registry {
         self.destinations.get(&handler).cloned()
     }
 
+    /// Result names the handlers of `query` subscribed with, for display.
+    pub fn result_names(&self, query: &str) -> BTreeSet<String> {
+        self.by_query
+            .get(query)
+            .into_iter()
+            .flat_map(|handlers| handlers.values())
+            .flat_map(|registration| registration.result_names.iter().cloned())
+            .collect()
+    }
+
+    /// Every subscription: (query name, handler, registration), for the admin API.
+    pub fn registrations(&self) -> Vec<(String, HandlerId, Registration)> {
+        self.by_query
+            .iter()
+            .flat_map(|(query, handlers)| handlers.iter().map(move |(id, r)| (query.clone(), *id, r.clone())))
+            .collect()
+    }
+
     /// Query names a handler answers.
     pub fn queries_of(&self, handler: HandlerId) -> Vec<String> {
         self.by_query
@@ -117,11 +153,38 @@ mod tests {
     use crate::query::handler::LocalHandler;
 
     fn registration(component: &str) -> Registration {
+        registration_of(component, "")
+    }
+
+    fn registration_of(component: &str, result_name: &str) -> Registration {
         Registration {
             component: component.into(),
             client_id: String::new(),
-            result_name: String::new(),
+            result_names: [result_name.to_owned()].into(),
         }
+    }
+
+    /// Result names do not take part in routing: every component of the query is picked,
+    /// whatever result name it subscribed with; a second subscription of the same handler with
+    /// another result name adds the name without making it a second handler.
+    #[tokio::test]
+    async fn result_names_are_recorded_not_routed_on() {
+        let mut registry = Registry::default();
+        let destination = Destination::Local(LocalHandler::start().0);
+        assert!(registry.subscribe(1, &destination, "q", registration_of("a", "java.util.List")));
+        assert!(!registry.subscribe(1, &destination, "q", registration_of("a", "java.lang.String")));
+        assert!(registry.subscribe(2, &destination, "q", registration_of("b", "com.example.Other")));
+        let ids: Vec<HandlerId> = registry.pick("q").into_iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, [1, 2]);
+        assert_eq!(
+            registry.result_names("q"),
+            BTreeSet::from([
+                "com.example.Other".to_owned(),
+                "java.lang.String".into(),
+                "java.util.List".into()
+            ])
+        );
+        assert_eq!(registry.all("q").len(), 2);
     }
 
     #[tokio::test]

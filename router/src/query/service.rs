@@ -92,10 +92,13 @@ impl QueryService for QueryEndpoint {
 
     type QueryStream = Boxed<QueryResponse>;
 
+    #[tracing::instrument(skip_all, fields(context, query))]
     async fn query(&self, request: Request<QueryRequest>) -> Result<Response<Self::QueryStream>, Status> {
         let context = client_context(&request)?;
+        tracing::Span::current().record("context", context.as_str());
+        tracing::Span::current().record("query", request.get_ref().query.as_str());
         let responses = self.router.context(&context).query(request.into_inner());
-        Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
+        Ok(Response::new(Box::pin(responses)))
     }
 
     type SubscriptionStream = Boxed<SubscriptionQueryResponse>;
