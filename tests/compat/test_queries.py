@@ -1,6 +1,12 @@
 """QueryService seen through AxonIQ's own generated stubs (axonclient.protos.query_pb2): a handler
 application and a dispatcher application, each on its own channel, round-trip queries through
-the node. What the dispatcher sends must reach the handler byte for byte, and back."""
+the node. What the dispatcher sends must reach the handler byte for byte, and back.
+
+axonclient's protos predate streaming queries: its ProcessingKey stops at NR_OF_RESULTS and its
+QueryProviderInbound has no query_cancel (5) / query_flow_control (6). The streaming test sends
+CLIENT_SUPPORTS_STREAMING by its number (8) and reads the newer inbound messages from the unknown
+fields the stubs keep, with a small wire decoder, so what is checked is the bytes on the wire
+against the numbers of AxonIQ's current query.proto / common.proto."""
 
 from __future__ import annotations
 
@@ -84,6 +90,54 @@ def meta(**values) -> dict:
         else:
             out[key] = common_pb2.MetaDataValue(text_value=value)
     return out
+
+
+# Numbers from AxonIQ's current protos that axonclient's older stubs lack.
+SERVER_SUPPORTS_STREAMING = 7
+CLIENT_SUPPORTS_STREAMING = 8
+INBOUND_QUERY_CANCEL = 5
+INBOUND_QUERY_FLOW_CONTROL = 6
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, at
+
+
+def wire_fields(data: bytes) -> dict[int, list]:
+    """Field number -> values (int for varints, bytes for length-delimited) of one message."""
+    fields: dict[int, list] = {}
+    at = 0
+    while at < len(data):
+        key, at = _varint(data, at)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, at = _varint(data, at)
+        elif wire_type == 2:
+            length, at = _varint(data, at)
+            value, at = data[at : at + length], at + length
+        else:
+            raise AssertionError(f"unexpected wire type {wire_type} for field {number}")
+        fields.setdefault(number, []).append(value)
+    return fields
+
+
+def newer_inbound(message: query_pb2.QueryProviderInbound) -> tuple[str, str, int]:
+    """(kind, request_id, permits) of a query_cancel / query_flow_control the stubs cannot name."""
+    assert message.WhichOneof("request") is None, message
+    fields = wire_fields(message.SerializeToString())
+    if INBOUND_QUERY_CANCEL in fields:
+        reference = wire_fields(fields[INBOUND_QUERY_CANCEL][0])
+        return "query_cancel", reference[1][0].decode(), 0
+    flow = wire_fields(fields[INBOUND_QUERY_FLOW_CONTROL][0])
+    reference = wire_fields(flow[1][0])
+    return "query_flow_control", reference[1][0].decode(), flow[2][0]
 
 
 def dispatch(node, request, context: str | None = None) -> list[query_pb2.QueryResponse]:
@@ -233,3 +287,103 @@ def test_subscription_query_initial_result_and_update(node):
         requests.put(_END)
         handler.close()
         channel.close()
+
+
+def test_streaming_query_round_trip(node):
+    """A streaming query: the handler hears SERVER_SUPPORTS_STREAMING=true, gets per-query
+    permits after the query, answers within them; the dispatcher gets every response byte for byte
+    and in order; the other component's handler is cancelled once the first one answered."""
+    streamer = QueryHandlerApp(node, "compat-streamer")
+    bystander = QueryHandlerApp(node, "compat-bystander")
+    try:
+        streamer.subscribe("StreamOrders")
+        bystander.subscribe("StreamOrders")
+        request = query_pb2.QueryRequest(
+            message_identifier=unique("q"),
+            query="StreamOrders",
+            payload=common_pb2.SerializedObject(type="com.example.StreamOrders", data=b"all"),
+            processing_instructions=[
+                common_pb2.ProcessingInstruction(
+                    key=common_pb2.TIMEOUT, value=common_pb2.MetaDataValue(number_value=60_000)
+                ),
+                common_pb2.ProcessingInstruction(
+                    key=CLIENT_SUPPORTS_STREAMING, value=common_pb2.MetaDataValue(boolean_value=True)
+                ),
+            ],
+            client_id="compat-dispatcher",
+            component_name="compat-dispatch-app",
+        )
+        result: dict = {}
+        dispatcher = threading.Thread(target=lambda: result.update(responses=dispatch(node, request)))
+        dispatcher.start()
+
+        received = {}
+        permits = {}
+        for app in (streamer, bystander):
+            message = app.next()
+            assert message.WhichOneof("request") == "query"
+            query = message.query
+            assert query.message_identifier == request.message_identifier
+            assert query.payload.SerializeToString() == request.payload.SerializeToString()
+            streaming = [
+                p.value.boolean_value for p in query.processing_instructions if p.key == SERVER_SUPPORTS_STREAMING
+            ]
+            assert streaming == [True], query.processing_instructions
+            received[app.component] = query
+            # Permits for this query come after the query itself.
+            kind, request_id, granted = newer_inbound(app.next())
+            assert (kind, request_id) == ("query_flow_control", request.message_identifier)
+            assert granted > 0
+            permits[app.component] = granted
+
+        count = min(permits["compat-streamer"], 8)
+        sent = []
+        for n in range(count):
+            response = query_pb2.QueryResponse(
+                message_identifier=unique("r"),
+                payload=common_pb2.SerializedObject(type="com.example.Order", data=f"order-{n}".encode()),
+                meta_data=meta(position=n),
+                request_identifier=request.message_identifier,
+            )
+            streamer.send(query_response=response)
+            sent.append(response)
+
+        kind, request_id, _ = newer_inbound(bystander.next())
+        assert (kind, request_id) == ("query_cancel", request.message_identifier)
+
+        streamer.send(
+            query_complete=query_pb2.QueryComplete(message_id=unique("c"), request_id=request.message_identifier)
+        )
+        dispatcher.join(WAIT)
+        assert not dispatcher.is_alive(), "the query stream did not complete"
+        responses = result["responses"]
+        assert [r.SerializeToString(deterministic=True) for r in responses] == [
+            s.SerializeToString(deterministic=True) for s in sent
+        ]
+    finally:
+        streamer.close()
+        bystander.close()
+
+
+def test_plain_query_tells_the_handler_the_server_does_not_stream(node):
+    handler = QueryHandlerApp(node, "compat-plain")
+    try:
+        handler.subscribe("PlainOrders")
+        request = query_pb2.QueryRequest(message_identifier=unique("q"), query="PlainOrders")
+        dispatcher = threading.Thread(target=lambda: dispatch(node, request))
+        dispatcher.start()
+        message = handler.next()
+        assert message.WhichOneof("request") == "query"
+        streaming = [
+            p.value.boolean_value
+            for p in message.query.processing_instructions
+            if p.key == SERVER_SUPPORTS_STREAMING
+        ]
+        assert streaming == [False]
+        handler.send(
+            query_complete=query_pb2.QueryComplete(message_id=unique("c"), request_id=request.message_identifier)
+        )
+        dispatcher.join(WAIT)
+        assert not dispatcher.is_alive()
+    finally:
+        handler.close()

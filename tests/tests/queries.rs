@@ -1,8 +1,11 @@
 //! Query routing between separate client applications (each its own gRPC connection) through a
 //! real node: scatter-gather, no handler, timeouts, handlers that vanish, permits, duplicate ids,
-//! subscription queries.
+//! subscription queries, streaming queries (demand-driven permits, cancels, floods) and the
+//! TIMEOUT of queries that waited for permits.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use myelin_proto::axon::query::query_provider_inbound::Request as Inbound;
@@ -112,12 +115,17 @@ impl Handler {
 
     /// Subscribes and waits for the node's ack.
     async fn subscribe(&mut self, query: &str) -> InstructionAck {
+        self.subscribe_as(query, "java.lang.String").await
+    }
+
+    /// Subscribes, naming the result type the handler produces, and waits for the ack.
+    async fn subscribe_as(&mut self, query: &str, result_name: &str) -> InstructionAck {
         self.next_instruction += 1;
         let instruction = format!("{}-{}", self.component, self.next_instruction);
         let subscription = QuerySubscription {
             message_id: instruction.clone(),
             query: query.into(),
-            result_name: "java.lang.String".into(),
+            result_name: result_name.into(),
             component_name: self.component.clone(),
             client_id: format!("{}-client", self.component),
         };
@@ -589,4 +597,353 @@ async fn subscription_query_without_handler_fails_with_axoniq_5000() {
         .expect_err("no handler must fail the call");
     assert_eq!(status.code(), tonic::Code::NotFound);
     assert_eq!(status.metadata().get("axoniq-errorcode").unwrap(), "AXONIQ-5000");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming queries and queue deadlines.
+
+/// Responses big enough that HTTP/2's flow-control windows hold only a few of them.
+const BIG: usize = 16 * 1024;
+/// How far the node may let a handler's permits run ahead of what the dispatcher read: the
+/// router's own window (16 responses) plus what tonic and HTTP/2 buffer for 16 KiB responses in
+/// 64 KiB windows (a few responses; 24 is generous). Without demand-driven permits the handler
+/// of `streaming_query_follows_the_dispatchers_demand` would get all 100 at once.
+const AHEAD: u64 = 16 + 24;
+
+fn instruction(key: ProcessingKey, data: meta_data_value::Data) -> ProcessingInstruction {
+    ProcessingInstruction {
+        key: key as i32,
+        value: Some(MetaDataValue { data: Some(data) }),
+    }
+}
+
+fn streaming_query(id: &str, name: &str, timeout_ms: Option<i64>) -> QueryRequest {
+    let mut request = query(id, name, timeout_ms);
+    request.processing_instructions.push(instruction(
+        ProcessingKey::ClientSupportsStreaming,
+        meta_data_value::Data::BooleanValue(true),
+    ));
+    request
+}
+
+fn flag(query: &QueryRequest, key: ProcessingKey) -> Vec<bool> {
+    query
+        .processing_instructions
+        .iter()
+        .filter(|i| i.key == key as i32)
+        .filter_map(|i| match i.value.as_ref()?.data.as_ref()? {
+            meta_data_value::Data::BooleanValue(b) => Some(*b),
+            _ => None,
+        })
+        .collect()
+}
+
+fn timeouts(query: &QueryRequest) -> Vec<i64> {
+    query
+        .processing_instructions
+        .iter()
+        .filter(|i| i.key == ProcessingKey::Timeout as i32)
+        .filter_map(|i| match i.value.as_ref()?.data.as_ref()? {
+            meta_data_value::Data::NumberValue(ms) => Some(*ms),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Response `n` of a streamed result: its number, padded to `size` bytes.
+fn numbered(query: &QueryRequest, n: u64, size: usize) -> QueryResponse {
+    let mut data = n.to_be_bytes().to_vec();
+    data.resize(size.max(8), b'.');
+    QueryResponse {
+        message_identifier: format!("{}-{n}", query.message_identifier),
+        payload: Some(SerializedObject {
+            r#type: "java.lang.Long".into(),
+            revision: String::new(),
+            data: data.into(),
+        }),
+        request_identifier: query.message_identifier.clone(),
+        ..Default::default()
+    }
+}
+
+fn number_of(response: &QueryResponse) -> u64 {
+    let data = &response.payload.as_ref().expect("a payload").data;
+    u64::from_be_bytes(data[..8].try_into().unwrap())
+}
+
+/// A dispatcher connection whose HTTP/2 windows are small (64 KiB), like a client that takes
+/// responses one by one.
+async fn small_window_client(node: &Node) -> QueryServiceClient<Channel> {
+    let channel = Channel::from_shared(node.url())
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    QueryServiceClient::new(channel)
+}
+
+async fn next_response(stream: &mut Streaming<QueryResponse>) -> Option<QueryResponse> {
+    tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("the dispatcher waited too long")
+        .expect("query stream failed")
+}
+
+impl Handler {
+    /// Skips per-query flow control until the next other message.
+    async fn next_but_flow_control(&mut self) -> QueryProviderInbound {
+        loop {
+            let message = self.next().await;
+            if !matches!(message.request, Some(Inbound::QueryFlowControl(_))) {
+                return message;
+            }
+        }
+    }
+
+    async fn expect_cancel(&mut self, request_id: &str) {
+        match self.next_but_flow_control().await.request {
+            Some(Inbound::QueryCancel(reference)) => assert_eq!(reference.request_id, request_id),
+            other => panic!("expected query_cancel for {request_id}, got {other:?}"),
+        }
+    }
+}
+
+/// What a permit-respecting streaming handler saw.
+#[derive(Debug, Default)]
+struct StreamedBy {
+    granted: u64,
+    sent: u64,
+    /// Largest (granted - read by the dispatcher) seen when a grant arrived.
+    most_ahead: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_query_follows_the_dispatchers_demand() {
+    const TOTAL: u64 = 100;
+    let node = Node::start(Options::default()).await;
+    let mut streamer = Handler::connect(&node, "streamer", &["Numbers"], 10).await;
+    let mut bystander = Handler::connect(&node, "bystander", &["Numbers"], 10).await;
+
+    let mut responses = small_window_client(&node)
+        .await
+        .query(streaming_query("numbers-1", "Numbers", Some(60_000)))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Both components get the query, marked as streamed by the server.
+    let received = streamer.next_query().await;
+    assert_eq!(flag(&received, ProcessingKey::ServerSupportsStreaming), [true]);
+    let seen = bystander.next_query().await;
+    assert_eq!(seen.message_identifier, "numbers-1");
+
+    // The streamer answers within its permits only, and notes how far the permits ran ahead of
+    // what the dispatcher had read.
+    let read = Arc::new(AtomicU64::new(0));
+    let streaming = {
+        let read = read.clone();
+        tokio::spawn(async move {
+            let mut seen = StreamedBy::default();
+            while seen.sent < TOTAL {
+                match streamer.next().await.request {
+                    Some(Inbound::QueryFlowControl(flow)) => {
+                        assert_eq!(flow.query_reference.unwrap().request_id, "numbers-1");
+                        assert!(flow.permits > 0, "{}", flow.permits);
+                        seen.granted += flow.permits as u64;
+                        let ahead = seen.granted.saturating_sub(read.load(Ordering::SeqCst));
+                        seen.most_ahead = seen.most_ahead.max(ahead);
+                    }
+                    other => panic!("unexpected message for the streamer: {other:?}"),
+                }
+                while seen.sent < seen.granted.min(TOTAL) {
+                    let response = numbered(&received, seen.sent, BIG);
+                    streamer.send(Outbound::QueryResponse(response), "").await;
+                    seen.sent += 1;
+                }
+            }
+            streamer.complete(&received).await;
+            streamer.quiet(Duration::from_millis(300)).await;
+            seen
+        })
+    };
+
+    // The bystander is cancelled once the streamer answered.
+    bystander.expect_cancel("numbers-1").await;
+
+    let mut numbers = Vec::new();
+    for _ in 0..5 {
+        numbers.push(number_of(&next_response(&mut responses).await.unwrap()));
+        read.fetch_add(1, Ordering::SeqCst);
+    }
+    // The dispatcher stops reading for a while: the handler is not asked for everything.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    while let Some(response) = next_response(&mut responses).await {
+        assert!(response.error_code.is_empty(), "{response:?}");
+        numbers.push(number_of(&response));
+        read.fetch_add(1, Ordering::SeqCst);
+    }
+    assert_eq!(numbers, (0..TOTAL).collect::<Vec<_>>(), "all responses, in order");
+
+    let seen = tokio::time::timeout(WAIT, streaming).await.unwrap().unwrap();
+    assert_eq!(seen.sent, TOTAL);
+    assert!(seen.granted >= TOTAL, "{seen:?}");
+    assert!(
+        seen.most_ahead <= AHEAD,
+        "permits ran {} ahead of what the dispatcher read: {seen:?}",
+        seen.most_ahead
+    );
+    bystander.quiet(Duration::from_millis(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_cancel_reaches_the_streaming_handler() {
+    let node = Node::start(Options::default()).await;
+    let mut handler = Handler::connect(&node, "endless", &["Ticks"], 10).await;
+    let mut responses = client(&node)
+        .await
+        .query(streaming_query("ticks-1", "Ticks", None))
+        .await
+        .unwrap()
+        .into_inner();
+    let received = handler.next_query().await;
+    handler.answer(&received, b"tick").await;
+    assert_eq!(text(&next_response(&mut responses).await.unwrap()), "tick");
+    drop(responses); // the dispatcher cancels its call
+    handler.expect_cancel("ticks-1").await;
+
+    // The handler still serves.
+    let _serving = handler.serve("1");
+    let answers = dispatch(&node, query("ticks-2", "Ticks", None)).await;
+    assert_eq!(answers.iter().map(text).collect::<Vec<_>>(), ["endless:1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_handler_that_floods_is_stopped_and_the_node_carries_on() {
+    let node = Node::start(Options::default()).await;
+    let mut flood = Handler::connect(&node, "flood", &["Flood"], 10).await;
+    let mut responses = small_window_client(&node)
+        .await
+        .query(streaming_query("flood-1", "Flood", None))
+        .await
+        .unwrap()
+        .into_inner();
+    let received = flood.next_query().await;
+    // Far more than it was granted, without waiting for permits.
+    for n in 0..300 {
+        flood
+            .send(Outbound::QueryResponse(numbered(&received, n, BIG)), "")
+            .await;
+    }
+    flood.expect_cancel("flood-1").await;
+
+    let mut numbers = Vec::new();
+    let last = loop {
+        let response = next_response(&mut responses).await.expect("an error before the end");
+        if !response.error_code.is_empty() {
+            break response;
+        }
+        numbers.push(number_of(&response));
+    };
+    assert_eq!(last.error_code, "AXONIQ-1900", "{last:?}");
+    assert!(next_response(&mut responses).await.is_none());
+    assert!(numbers.len() < 300, "{} responses relayed", numbers.len());
+    assert_eq!(
+        numbers,
+        (0..numbers.len() as u64).collect::<Vec<_>>(),
+        "in order until the end"
+    );
+
+    // The same handler (its stream is still up) and the node serve the next query.
+    flood.quiet(Duration::from_millis(200)).await;
+    let _serving = flood.serve("1");
+    let answers = dispatch(&node, query("flood-2", "Flood", None)).await;
+    assert_eq!(answers.iter().map(text).collect::<Vec<_>>(), ["flood:1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_that_waited_for_permits_carries_the_time_it_has_left() {
+    let node = Node::start(Options::default()).await;
+    let mut handler = Handler::connect(&node, "busy", &["Patient"], 0).await;
+    let dispatcher = tokio::spawn(dispatch_at(node.url(), query("patient-1", "Patient", Some(5_000))));
+    handler.quiet(Duration::from_millis(300)).await; // no permit: it waits in the node
+    handler.grant(1).await;
+    let waited = handler.next_query().await;
+    let left = timeouts(&waited);
+    assert_eq!(left.len(), 1, "one TIMEOUT instruction: {left:?}");
+    assert!(
+        left[0] > 0 && left[0] <= 4_700,
+        "TIMEOUT after 300 ms in the queue: {left:?}"
+    );
+    assert_eq!(flag(&waited, ProcessingKey::ServerSupportsStreaming), [false]);
+    handler.answer(&waited, b"late but fine").await;
+    handler.complete(&waited).await;
+    let answers = tokio::time::timeout(WAIT, dispatcher).await.unwrap().unwrap();
+    assert_eq!(answers.iter().map(text).collect::<Vec<_>>(), ["late but fine"]);
+
+    // Sent at once: the TIMEOUT is the dispatcher's own.
+    handler.grant(1).await;
+    let dispatcher = tokio::spawn(dispatch_at(node.url(), query("patient-2", "Patient", Some(5_000))));
+    let prompt = handler.next_query().await;
+    assert_eq!(timeouts(&prompt), [5_000]);
+    handler.complete(&prompt).await;
+    tokio::time::timeout(WAIT, dispatcher).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_queued_past_its_deadline_fails_with_axoniq_5006_and_is_never_sent() {
+    let node = Node::start(Options::default()).await;
+    let mut handler = Handler::connect(&node, "stuck", &["Stuck"], 0).await;
+
+    // Streaming: no overall deadline, but the wait for a permit is bounded by TIMEOUT.
+    let started = Instant::now();
+    let mut responses = client(&node)
+        .await
+        .query(streaming_query("stuck-1", "Stuck", Some(300)))
+        .await
+        .unwrap()
+        .into_inner();
+    let expired = next_response(&mut responses).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(expired.error_code, "AXONIQ-5006", "{expired:?}");
+    assert_eq!(expired.request_identifier, "stuck-1");
+    let message = expired.error_message.unwrap().message;
+    assert!(message.starts_with("Timeout for message: stuck-1 - "), "{message}");
+    assert!(next_response(&mut responses).await.is_none());
+
+    // Plain: the query ends at its deadline too.
+    let plain = dispatch(&node, query("stuck-2", "Stuck", Some(300))).await;
+    assert_eq!(
+        plain.iter().map(|r| r.error_code.as_str()).collect::<Vec<_>>(),
+        ["AXONIQ-5006"]
+    );
+
+    // Permits come too late: neither query is delivered, the next one is.
+    handler.grant(5).await;
+    handler.quiet(Duration::from_millis(300)).await;
+    let _serving = handler.serve("1");
+    let answers = dispatch(&node, query("stuck-3", "Stuck", None)).await;
+    assert_eq!(answers.iter().map(text).collect::<Vec<_>>(), ["stuck:1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_are_matched_by_query_name_not_result_type() {
+    let node = Node::start(Options::default()).await;
+    let mut listy = Handler::connect(&node, "listy", &[], 10).await;
+    assert!(listy.subscribe_as("Typed", "java.util.List").await.success);
+    let mut stringy = Handler::connect(&node, "stringy", &[], 10).await;
+    assert!(stringy.subscribe_as("Typed", "java.lang.String").await.success);
+    let _serving = [listy.serve("1"), stringy.serve("1")];
+    #[allow(deprecated)]
+    let typed = QueryRequest {
+        response_type: Some(SerializedObject {
+            r#type: "java.lang.String".into(),
+            ..Default::default()
+        }),
+        ..query("typed-1", "Typed", None)
+    };
+    let mut texts: Vec<String> = dispatch(&node, typed).await.iter().map(text).collect();
+    texts.sort();
+    assert_eq!(texts, ["listy:1", "stringy:1"]);
 }
