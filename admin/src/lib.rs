@@ -1,14 +1,30 @@
-//! The admin process: the operators' HTTP API (port 8024).
+//! The admin process: the operators' HTTP API (port 8024) over the control DB.
 //!
-//! For now it answers `GET /` with a status page and `GET /v1/public/me` with this node's
-//! status as JSON, reading context positions from the eventstore over its Unix socket. The
-//! control DB, REST API and backups arrive with issue #4.
+//! - `control_db`: the SQLite file holding nodes, contexts and members, applications, users and
+//!   backup pointers; migrations in code; every access on one dedicated thread.
+//! - `api`: the REST API (Axon Server's paths), its OpenAPI document and Swagger UI, health and
+//!   Prometheus metrics. `api::router` builds the whole HTTP service in one place.
+//! - `reconcile`: at start, the control DB is aligned with the contexts the event store holds.
+//! - `status`: the HTML status page at `/`.
+//!
+//! Contexts are created and deleted through the event store's `StorageControl` service on its
+//! Unix socket; connected clients, processors and instructions go through the router's
+//! `RouterControl`.
 
 pub mod access;
+pub mod api;
+pub mod control_db;
+pub mod reconcile;
 pub mod status;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::api::AppState;
 
 /// Command-line arguments of `myelin admin`, normally set by the supervisor.
 #[derive(clap::Args, Debug, Clone)]
@@ -34,6 +50,28 @@ pub struct Args {
     /// gRPC port this node serves clients on.
     #[arg(long, default_value_t = 8124)]
     pub grpc_port: u16,
+    /// Host name other nodes reach this one at (default: `--hostname`).
+    #[arg(long)]
+    pub internal_hostname: Option<String>,
+    /// Port other nodes reach this one at.
+    #[arg(long, default_value_t = 8224)]
+    pub internal_port: u16,
+    /// The control DB file (created with its directory if missing).
+    #[arg(long, default_value = "data/controldb/myelin-controldb.sqlite3")]
+    pub control_db: PathBuf,
+    /// The event store's data directory, for the disk-space health check.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Free bytes on the data directory's file system below which health reports WARN.
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    pub disk_space_threshold: u64,
+}
+
+/// Route sets that other modules add to the HTTP API. Each is merged, paths and OpenAPI
+/// description alike, into the one router `api::router` builds (behind the same layers). A
+/// module adds one line here, e.g. `backup::routes()`.
+pub fn route_sets() -> Vec<OpenApiRouter<AppState>> {
+    vec![]
 }
 
 /// Runs admin until SIGTERM or SIGINT.
@@ -56,22 +94,71 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// A lazily connecting channel to a Unix socket.
+fn unix_channel(path: &std::path::Path) -> anyhow::Result<tonic::transport::Channel> {
+    let socket = std::path::absolute(path)?;
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(120))
+            .connect_lazy(),
+    )
+}
+
+/// Opens the control DB and builds the state every handler shares (binds nothing).
+pub fn build_state(args: &Args) -> anyhow::Result<AppState> {
+    use anyhow::Context as _;
+    let db = control_db::ControlDb::open(&args.control_db)
+        .with_context(|| format!("opening the control DB {}", args.control_db.display()))?;
+    let storage = myelin_proto::internal::storage_control_client::StorageControlClient::new(unix_channel(
+        &args.eventstore_socket,
+    )?);
+    let (router, router_health) = match &args.router_socket {
+        Some(path) => {
+            let channel = unix_channel(path)?;
+            (
+                Some(myelin_proto::internal::router_control_client::RouterControlClient::new(
+                    channel.clone(),
+                )),
+                Some(tonic_health::pb::health_client::HealthClient::new(channel)),
+            )
+        }
+        None => (None, None),
+    };
+    let (grants, _) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+    Ok(AppState {
+        db,
+        storage,
+        router,
+        router_health,
+        node: Arc::new(api::NodeSettings {
+            name: args.node_name.clone(),
+            hostname: args.hostname.clone(),
+            grpc_port: args.grpc_port,
+            http_port: args.listen.port(),
+            internal_hostname: args.internal_hostname.clone().unwrap_or_else(|| args.hostname.clone()),
+            internal_port: args.internal_port,
+            data_dir: args.data_dir.clone(),
+            disk_space_threshold: args.disk_space_threshold,
+        }),
+        http_metrics: Arc::new(api::actuator::HttpMetrics::default()),
+        lifecycle: Arc::new(tokio::sync::Mutex::new(())),
+        grants: Arc::new(grants),
+    })
+}
+
 /// Serves HTTP until `shutdown`.
 pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let socket = std::path::absolute(&args.eventstore_socket)?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))?.connect_lazy();
-    let state = status::State {
-        control: myelin_proto::internal::storage_control_client::StorageControlClient::new(channel),
-        node_name: args.node_name.clone(),
-        hostname: args.hostname.clone(),
-        grpc_port: args.grpc_port,
-        http_port: args.listen.port(),
-    };
+    let state = build_state(&args)?;
+    reconcile::this_node(&state).await.context("recording this node")?;
+    state.applications_changed().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    tokio::spawn(reconcile::contexts_until_done(state.clone()));
+
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding the HTTP port {}", args.listen))?;
-    tracing::info!(address = %listener.local_addr()?, "admin serving HTTP");
+    tracing::info!(address = %listener.local_addr()?, control_db = %args.control_db.display(), "admin serving HTTP");
 
     let _ = std::fs::remove_file(&args.socket);
     let uds =
@@ -93,7 +180,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    axum::serve(listener, status::router(state))
+    axum::serve(listener, api::router(state))
         .with_graceful_shutdown(async move {
             let _ = stop_rx.changed().await;
         })

@@ -155,6 +155,11 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
                 arg("--node-name", &config.name);
                 arg("--hostname", &hostname);
                 arg("--grpc-port", &config.port.to_string());
+                arg("--internal-hostname", &config.advertised_internal_hostname());
+                arg("--internal-port", &config.internal_port.to_string());
+                arg("--control-db", &config.control_db);
+                arg("--data-dir", &config.event_storage);
+                arg("--disk-space-threshold", &config.disk_space_threshold.to_string());
             }
         }
         let subcommand: OsString = match mode {
@@ -261,7 +266,10 @@ mod tests {
             format!(
                 "admin --listen 127.0.0.1:8024 --socket {run}/admin.sock \
                  --eventstore-socket {run}/eventstore.sock --router-socket {run}/router.sock --node-name box1 \
-                 --hostname box1.example.org --grpc-port 8124"
+                 --hostname box1.example.org --grpc-port 8124 --internal-hostname box1.example.org \
+                 --internal-port 8224 --control-db {data}/_admin/myelin-controldb.sqlite3 --data-dir {data} \
+                 --disk-space-threshold 268435456",
+                data = c.event_storage.display()
             )
         );
     }
@@ -288,6 +296,8 @@ mod tests {
         let admin: myelin_admin::Args = parse(&l[2]);
         assert_eq!(admin.listen.to_string(), "127.0.0.1:8024");
         assert_eq!(admin.hostname, "box1.example.org");
+        assert_eq!(admin.control_db, c.control_db);
+        assert_eq!(admin.data_dir.as_ref(), Some(&c.event_storage));
     }
 
     #[test]

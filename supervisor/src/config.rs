@@ -52,6 +52,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("axoniq.axonserver.event.segment-size", Kind::Size),
     ("axoniq.axonserver.snapshot.segment-size", Kind::Size),
     ("axoniq.axonserver.max-message-size", Kind::Size),
+    ("axoniq.axonserver.controldb-path", Kind::Path),
+    ("management.health.diskspace.threshold", Kind::Size),
     ("axoniq.axonserver.accesscontrol.enabled", Kind::Bool),
     ("axoniq.axonserver.accesscontrol.internal-token", Kind::Text),
     ("axoniq.axonserver.accesscontrol.token", Kind::Text),
@@ -73,6 +75,9 @@ const KEYS: &[(&str, Kind)] = &[
 
 const DEFAULT_SEGMENT_SIZE: u64 = 256 * 1024 * 1024;
 const DEFAULT_MAX_MESSAGE_SIZE: u64 = 4 * 1024 * 1024;
+const DEFAULT_DISK_SPACE_THRESHOLD: u64 = 256 * 1024 * 1024;
+/// The control DB's file name inside its directory.
+pub const CONTROL_DB_FILE: &str = "myelin-controldb.sqlite3";
 
 /// Where a value came from; shown in errors.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,6 +185,12 @@ pub struct Config {
     pub runtime_directory: PathBuf,
     /// Contexts created at first start.
     pub contexts: Vec<String>,
+    /// The control DB file: `<axoniq.axonserver.controldb-path>/myelin-controldb.sqlite3`, by
+    /// default in `<event storage>/_admin/` (the `_admin` context's directory, which no API call
+    /// can create or delete).
+    pub control_db: PathBuf,
+    /// Free disk space below which health reports WARN (`management.health.diskspace.threshold`).
+    pub disk_space_threshold: u64,
     pub access_control: AccessControl,
     pub ssl: Ssl,
     pub heartbeat: Heartbeat,
@@ -201,6 +212,14 @@ impl Config {
         match &self.domain {
             Some(domain) => format!("{}.{domain}", self.hostname),
             None => self.hostname.clone(),
+        }
+    }
+
+    /// The host name other nodes reach this one at: `internal-hostname[.internal-domain]`.
+    pub fn advertised_internal_hostname(&self) -> String {
+        match &self.internal_domain {
+            Some(domain) => format!("{}.{domain}", self.internal_hostname),
+            None => self.internal_hostname.clone(),
         }
     }
 }
@@ -524,6 +543,10 @@ impl Config {
                 .expect("a non-default value has an origin"),
             reason: "too large for this machine".to_string(),
         })?;
+        let control_db = settings
+            .path("axoniq.axonserver.controldb-path", cwd)
+            .unwrap_or_else(|| event_storage.join("_admin"))
+            .join(CONTROL_DB_FILE);
         let runtime_directory = settings
             .path("myelin.runtime-directory", cwd)
             .or_else(|| runtime_env.map(|dir| cwd.join(dir)))
@@ -553,6 +576,9 @@ impl Config {
             event_segment_size: settings.size("axoniq.axonserver.event.segment-size", DEFAULT_SEGMENT_SIZE)?,
             snapshot_segment_size: settings.size("axoniq.axonserver.snapshot.segment-size", DEFAULT_SEGMENT_SIZE)?,
             max_message_size,
+            control_db,
+            disk_space_threshold: settings
+                .size("management.health.diskspace.threshold", DEFAULT_DISK_SPACE_THRESHOLD)?,
             event_storage,
             snapshot_storage,
             runtime_directory,
@@ -620,6 +646,8 @@ mod tests {
         assert_eq!(c.max_message_size, 4 * 1024 * 1024);
         assert_eq!(c.bind_address, IpAddr::from([0, 0, 0, 0]));
         assert_eq!(c.contexts, vec!["default"]);
+        assert_eq!(c.control_db, dir.path().join("data/_admin/myelin-controldb.sqlite3"));
+        assert_eq!(c.disk_space_threshold, 256 * 1024 * 1024);
         assert!(!c.access_control.enabled);
         assert!(loaded.files.is_empty());
         assert!(loaded.warnings.is_empty());
@@ -643,6 +671,8 @@ mod tests {
              axoniq.axonserver.maxMessageSize=8MB\n\
              axoniq.axonserver.accesscontrol.enabled=true\n\
              axoniq.axonserver.accesscontrol.internal-token=s3cret\n\
+             axoniq.axonserver.controldb-path=/var/lib/cdb\n\
+             management.health.diskspace.threshold=1GB\n\
              logging.level.root=INFO\n",
         );
         let loaded = load(&inputs(dir.path())).unwrap();
@@ -658,6 +688,8 @@ mod tests {
         assert_eq!(c.event_segment_size, 1024 * 1024);
         assert_eq!(c.snapshot_segment_size, 65536);
         assert_eq!(c.max_message_size, 8 * 1024 * 1024);
+        assert_eq!(c.control_db, PathBuf::from("/var/lib/cdb/myelin-controldb.sqlite3"));
+        assert_eq!(c.disk_space_threshold, 1024 * 1024 * 1024);
         assert!(c.access_control.enabled);
         assert_eq!(c.access_control.internal_token.as_deref(), Some("s3cret"));
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);

@@ -65,7 +65,8 @@ async fn admin_reports_node_and_context_positions() {
     }
     let (status, body) = http_get(node.http_port, "/v1/public/me");
     assert_eq!(status, 200);
-    assert!(body.contains("\"contextNames\":[\"default\"]"), "{body}");
+    assert!(body.contains("\"contextNames\":[\"_admin\",\"default\"]"), "{body}");
+    assert!(body.contains("\"storageContextNames\":[\"default\"]"), "{body}");
     assert!(
         body.contains("{\"name\":\"default\",\"firstToken\":0,\"lastToken\":2,\"lastSnapshotToken\":-1}"),
         "{body}"
@@ -76,5 +77,8 @@ async fn admin_reports_node_and_context_positions() {
     assert!(page.contains("<td>default</td><td>2</td>"), "{page}");
     let (status, body) = http_get(node.http_port, "/no/such/page");
     assert_eq!(status, 404);
-    assert_eq!(body, r#"{"error":"no such resource: /no/such/page","status":404}"#);
+    assert_eq!(
+        body,
+        r#"{"code":"AXONIQ-0001","message":"no such resource: /no/such/page"}"#
+    );
 }

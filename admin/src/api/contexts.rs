@@ -1,0 +1,426 @@
+//! Contexts: list, details, create, delete.
+//!
+//! A create or delete spans two stores, done in this order so a crash in between heals at the
+//! next start (`crate::reconcile`):
+//! - create: the event store creates the storage (idempotent), then the control DB records the
+//!   context; a context the event store has and the control DB lacks is added at start.
+//! - delete: the event store stops the context and removes its files, then the control DB forgets
+//!   it, then the router closes the context's client streams; a context the control DB has and the
+//!   event store lacks is removed at start.
+//!
+//! `_admin` is the control DB itself: it is listed (this node PRIMARY) but holds no event
+//! storage, and neither it nor any other name starting with `_` can be created or deleted here.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use myelin_proto::errors::ErrorCode;
+use myelin_proto::internal::{
+    CloseContextRequest, ContextStatus, CreateContextRequest, DeleteContextRequest, ListContextsRequest,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::ErrorBody;
+use super::{ApiError, AppState, Body, Params, PathParams, check_context_name, check_name, clip};
+use crate::control_db::contexts::{self as db, ContextRow, Member, MemberRole};
+
+/// The control DB's own context.
+pub const ADMIN_CONTEXT: &str = "_admin";
+const MAX_ROLES: usize = 16;
+const MAX_META_ENTRIES: usize = 64;
+const MAX_META_KEY: usize = 128;
+const MAX_META_VALUE: usize = 1024;
+/// A create waits for the new context's Raft group to elect itself (a few hundred ms).
+const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A node's role in a context.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAndRole {
+    #[schema(example = "node-1")]
+    pub node: String,
+    /// PRIMARY, ACTIVE_BACKUP, PASSIVE_BACKUP or MESSAGING_ONLY.
+    #[schema(example = "PRIMARY")]
+    pub role: String,
+}
+
+/// A context as Axon Server lists it.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContextJson {
+    pub context: String,
+    /// The Raft group storing it: the context's own.
+    pub replication_group: String,
+    pub meta_data: BTreeMap<String, String>,
+    pub change_pending: bool,
+    pub pending_since: i64,
+    /// The node leading its group; absent when no node stores it.
+    pub leader: Option<String>,
+    pub roles: Vec<NodeAndRole>,
+}
+
+/// Where a context's event store stands.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Positions {
+    /// First token still stored (0 unless truncated).
+    pub first_token: i64,
+    /// Token of the newest event, -1 when there is none.
+    pub last_token: i64,
+    /// Token of the newest snapshot, -1 when there is none.
+    pub last_snapshot_token: i64,
+    /// Index of the last Raft entry applied.
+    pub applied_index: u64,
+}
+
+/// A context with the state of its storage.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContextDetails {
+    #[serde(flatten)]
+    pub context: ContextJson,
+    /// Unix time in milliseconds when it was recorded.
+    pub created_at: i64,
+    /// Positions on this node; absent for `_admin` (no event storage) or when the event store
+    /// does not answer.
+    pub event_store: Option<Positions>,
+}
+
+/// Request to create a context.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateContext {
+    /// 1 to 64 letters, digits, `-`, `_` or `.`; not starting with `_` (reserved) or `.`.
+    #[schema(example = "orders")]
+    pub context: String,
+    /// Members and their roles; default: this node as PRIMARY.
+    #[serde(default)]
+    pub roles: Option<Vec<NodeAndRole>>,
+    /// Free-form properties, kept with the context.
+    #[serde(default)]
+    pub meta_data: Option<BTreeMap<String, String>>,
+    /// Accepted for Axon compatibility: must be absent or the context's own name.
+    #[serde(default)]
+    pub replication_group: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
+pub struct DeleteParams {
+    /// Keep the context's files on disk (moved under `.preserved/` in the data directory)
+    /// instead of removing them.
+    #[serde(default)]
+    pub preserve_event_store: Option<bool>,
+}
+
+/// The outcome of a delete.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Deleted {
+    pub context: String,
+    pub preserved_event_store: bool,
+}
+
+fn to_json(row: &ContextRow) -> ContextJson {
+    let leader = row
+        .members
+        .iter()
+        .find(|m| m.role == MemberRole::Primary)
+        .map(|m| m.node.clone());
+    ContextJson {
+        context: row.name.clone(),
+        replication_group: row.name.clone(),
+        meta_data: row.meta_data.clone(),
+        change_pending: false,
+        pending_since: 0,
+        leader,
+        roles: row
+            .members
+            .iter()
+            .map(|m| NodeAndRole {
+                node: m.node.clone(),
+                role: m.role.name().to_owned(),
+            })
+            .collect(),
+    }
+}
+
+fn positions(status: &ContextStatus) -> Positions {
+    Positions {
+        first_token: status.first_token,
+        last_token: status.last_token,
+        last_snapshot_token: status.last_snapshot_token,
+        applied_index: status.applied_index,
+    }
+}
+
+/// Every context, with its members and their roles.
+#[utoipa::path(get, path = "/v1/public/context", tag = "contexts",
+    responses((status = 200, body = Vec<ContextJson>)))]
+pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<ContextJson>>, ApiError> {
+    let rows = state.db.call(|conn| db::contexts(conn)).await?;
+    Ok(Json(rows.iter().map(to_json).collect()))
+}
+
+async fn find(state: &AppState, name: &str) -> Result<ContextRow, ApiError> {
+    let owned = name.to_owned();
+    state
+        .db
+        .call(move |conn| db::context(conn, &owned))
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::ContextNotFound, format!("{name}: context not found")))
+}
+
+/// One context: members, roles, and where its event store stands.
+#[utoipa::path(get, path = "/v1/context/{name}", tag = "contexts",
+    params(("name" = String, Path, description = "Context name")),
+    responses(
+        (status = 200, body = ContextDetails),
+        (status = 400, description = "Invalid name (AXONIQ-2308)", body = ErrorBody),
+        (status = 404, description = "No such context (AXONIQ-1302)", body = ErrorBody),
+    ))]
+pub async fn details(
+    State(state): State<AppState>,
+    PathParams(name): PathParams<String>,
+) -> Result<Json<ContextDetails>, ApiError> {
+    check_context_name(&name)?;
+    let row = find(&state, &name).await?;
+    let event_store = if name == ADMIN_CONTEXT {
+        None
+    } else {
+        match state.storage.clone().list_contexts(ListContextsRequest {}).await {
+            Ok(r) => r.into_inner().contexts.iter().find(|c| c.name == name).map(positions),
+            Err(status) => {
+                tracing::warn!(error = %status, "event store did not answer");
+                None
+            }
+        }
+    };
+    Ok(Json(ContextDetails {
+        context: to_json(&row),
+        created_at: row.created_at_millis,
+        event_store,
+    }))
+}
+
+/// Checks a create request and returns its members and metadata.
+async fn validate(
+    state: &AppState,
+    request: &CreateContext,
+) -> Result<(Vec<Member>, BTreeMap<String, String>), ApiError> {
+    let name = &request.context;
+    check_context_name(name)?;
+    if name.starts_with('_') {
+        return Err(ApiError::new(
+            ErrorCode::InvalidContextName,
+            format!("{name}: names starting with '_' are reserved for the system"),
+        ));
+    }
+    if let Some(group) = &request.replication_group
+        && group != name
+    {
+        return Err(ApiError::new(
+            ErrorCode::InvalidPropertyValue,
+            format!(
+                "replication group {:?}: a context is stored in its own group here (use {name:?} or leave it out)",
+                clip(group)
+            ),
+        ));
+    }
+    let meta = request.meta_data.clone().unwrap_or_default();
+    if meta.len() > MAX_META_ENTRIES {
+        return Err(ApiError::new(
+            ErrorCode::InvalidPropertyValue,
+            format!("at most {MAX_META_ENTRIES} metaData entries"),
+        ));
+    }
+    for (key, value) in &meta {
+        if key.is_empty() || key.chars().count() > MAX_META_KEY || value.chars().count() > MAX_META_VALUE {
+            return Err(ApiError::new(
+                ErrorCode::InvalidPropertyValue,
+                format!(
+                    "metaData {:?}: keys are 1 to {MAX_META_KEY} characters, values at most {MAX_META_VALUE}",
+                    clip(key)
+                ),
+            ));
+        }
+    }
+
+    let requested = request.roles.clone().unwrap_or_default();
+    if requested.len() > MAX_ROLES {
+        return Err(ApiError::bad_request(format!("at most {MAX_ROLES} roles")));
+    }
+    let this_node = state.node.name.clone();
+    if requested.is_empty() {
+        return Ok((
+            vec![Member {
+                node: this_node,
+                role: MemberRole::Primary,
+            }],
+            meta,
+        ));
+    }
+    let mut members: Vec<Member> = Vec::new();
+    for NodeAndRole { node, role } in requested {
+        check_name("node name", &node, 255)?;
+        let role: MemberRole = role.parse().map_err(|_| {
+            ApiError::new(
+                ErrorCode::UnknownRole,
+                format!(
+                    "unknown role {:?}; a node's role in a context is PRIMARY, ACTIVE_BACKUP, PASSIVE_BACKUP or \
+                     MESSAGING_ONLY",
+                    clip(&role)
+                ),
+            )
+        })?;
+        let owned = node.clone();
+        if !state.db.call(move |conn| db::node_exists(conn, &owned)).await? {
+            return Err(ApiError::new(
+                ErrorCode::NoSuchNode,
+                format!("{}: no such node", clip(&node)),
+            ));
+        }
+        if members.iter().any(|m| m.node == node) {
+            return Err(ApiError::bad_request(format!("node {node} is named twice")));
+        }
+        members.push(Member { node, role });
+    }
+    // One node: it stores what it serves, so it can only be the context's PRIMARY.
+    if let Some(other) = members.iter().find(|m| m.role != MemberRole::Primary) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidPropertyValue,
+            format!(
+                "node {} as {}: this single node can hold a context only as PRIMARY (backup and \
+                 messaging-only members arrive with clustering)",
+                other.node, other.role
+            ),
+        ));
+    }
+    Ok((members, meta))
+}
+
+/// Creates a context: its storage on this node and its record in the control DB.
+#[utoipa::path(post, path = "/v1/context", tag = "contexts",
+    request_body = CreateContext,
+    responses(
+        (status = 200, description = "Created", body = ContextJson),
+        (status = 400, description = "Invalid or reserved name (AXONIQ-2308), exists (AXONIQ-1304), \
+                                      unknown role (AXONIQ-2510), bad body", body = ErrorBody),
+        (status = 404, description = "Unknown node (AXONIQ-1301)", body = ErrorBody),
+    ))]
+pub async fn create(
+    State(state): State<AppState>,
+    Body(request): Body<CreateContext>,
+) -> Result<Json<ContextJson>, ApiError> {
+    let (members, meta) = validate(&state, &request).await?;
+    let name = request.context;
+    let _lifecycle = state.lifecycle.lock().await;
+    let owned = name.clone();
+    if state.db.call(move |conn| db::context(conn, &owned)).await?.is_some() {
+        return Err(ApiError::new(
+            ErrorCode::ContextExists,
+            format!("{name}: context already exists"),
+        ));
+    }
+    let mut call = tonic::Request::new(CreateContextRequest { name: name.clone() });
+    call.set_timeout(CREATE_TIMEOUT);
+    state
+        .storage
+        .clone()
+        .create_context(call)
+        .await
+        .map_err(|s| ApiError::from_status("the event store", s))?;
+    let owned = name.clone();
+    let inserted = state
+        .db
+        .call(move |conn| db::insert_context(conn, &owned, &meta, &members))
+        .await?;
+    if !inserted {
+        return Err(ApiError::new(
+            ErrorCode::ContextExists,
+            format!("{name}: context already exists"),
+        ));
+    }
+    tracing::info!(context = %name, "context created");
+    let row = find(&state, &name).await?;
+    Ok(Json(to_json(&row)))
+}
+
+/// Deletes a context: stops it, removes its files (unless `preserveEventStore=true`), forgets it,
+/// and disconnects its clients' streams.
+#[utoipa::path(delete, path = "/v1/context/{name}", tag = "contexts",
+    params(("name" = String, Path, description = "Context name"), DeleteParams),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 400, description = "Invalid name (AXONIQ-2308)", body = ErrorBody),
+        (status = 403, description = "Internal context (AXONIQ-2304)", body = ErrorBody),
+        (status = 404, description = "No such context (AXONIQ-1302)", body = ErrorBody),
+    ))]
+pub async fn delete(
+    State(state): State<AppState>,
+    PathParams(name): PathParams<String>,
+    Params(params): Params<DeleteParams>,
+) -> Result<Json<Deleted>, ApiError> {
+    check_context_name(&name)?;
+    if name.starts_with('_') {
+        return Err(ApiError::new(
+            ErrorCode::CannotDeleteInternalContext,
+            format!("{name}: internal contexts cannot be deleted"),
+        ));
+    }
+    let preserve = params.preserve_event_store.unwrap_or(false);
+    let _lifecycle = state.lifecycle.lock().await;
+    let row = find(&state, &name).await?;
+    let stores_here = row.members.iter().any(|m| m.node == state.node.name && m.role.stores());
+    if stores_here {
+        let mut call = tonic::Request::new(DeleteContextRequest {
+            name: name.clone(),
+            preserve_files: preserve,
+        });
+        call.set_timeout(CREATE_TIMEOUT);
+        match state.storage.clone().delete_context(call).await {
+            Ok(_) => {}
+            // Already gone there (an earlier delete that stopped half-way): finish it here.
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                tracing::warn!(context = %name, "the event store did not have the context")
+            }
+            Err(status) => return Err(ApiError::from_status("the event store", status)),
+        }
+    }
+    let owned = name.clone();
+    state.db.call(move |conn| db::delete_context(conn, &owned)).await?;
+    // Grants in the context went with it.
+    state.applications_changed().await?;
+    close_clients(&state, &name).await;
+    tracing::info!(context = %name, preserve, "context deleted");
+    Ok(Json(Deleted {
+        context: name,
+        preserved_event_store: preserve,
+    }))
+}
+
+/// Asks the router to end the client streams of a deleted context; best effort.
+async fn close_clients(state: &AppState, name: &str) {
+    let Some(mut router) = state.router.clone() else {
+        return;
+    };
+    let mut call = tonic::Request::new(CloseContextRequest {
+        context: name.to_owned(),
+    });
+    call.set_timeout(Duration::from_secs(10));
+    match router.close_context(call).await {
+        Ok(r) => tracing::info!(
+            context = name,
+            streams = r.into_inner().closed_streams,
+            "client streams closed"
+        ),
+        Err(status) if status.code() == tonic::Code::Unimplemented => {
+            tracing::info!(context = name, "the router cannot close a context's streams yet")
+        }
+        Err(status) => tracing::warn!(context = name, error = %status, "closing the context's client streams"),
+    }
+}

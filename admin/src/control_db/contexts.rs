@@ -1,0 +1,300 @@
+//! Nodes, contexts and the role each member node plays in a context.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{DbError, now_millis};
+
+/// The role a node plays in a context (Axon's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MemberRole {
+    /// Votes, may lead, serves clients.
+    Primary,
+    /// Stores; must be in every commit; never leads.
+    ActiveBackup,
+    /// Stores, best effort (a Raft learner).
+    PassiveBackup,
+    /// No storage: routes commands and queries only.
+    MessagingOnly,
+}
+
+impl MemberRole {
+    pub const ALL: [MemberRole; 4] = [
+        MemberRole::Primary,
+        MemberRole::ActiveBackup,
+        MemberRole::PassiveBackup,
+        MemberRole::MessagingOnly,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MemberRole::Primary => "PRIMARY",
+            MemberRole::ActiveBackup => "ACTIVE_BACKUP",
+            MemberRole::PassiveBackup => "PASSIVE_BACKUP",
+            MemberRole::MessagingOnly => "MESSAGING_ONLY",
+        }
+    }
+
+    /// Whether a member in this role keeps the context's events.
+    pub fn stores(self) -> bool {
+        self != MemberRole::MessagingOnly
+    }
+}
+
+impl fmt::Display for MemberRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role {0:?}; a node's role in a context is PRIMARY, ACTIVE_BACKUP, PASSIVE_BACKUP or MESSAGING_ONLY")]
+pub struct UnknownMemberRole(pub String);
+
+impl FromStr for MemberRole {
+    type Err = UnknownMemberRole;
+    fn from_str(s: &str) -> Result<MemberRole, UnknownMemberRole> {
+        MemberRole::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| UnknownMemberRole(s.to_owned()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub host_name: String,
+    pub grpc_port: u16,
+    pub http_port: u16,
+    pub internal_host_name: String,
+    pub grpc_internal_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub node: String,
+    pub role: MemberRole,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContextRow {
+    pub name: String,
+    pub meta_data: BTreeMap<String, String>,
+    pub created_at_millis: i64,
+    /// Ordered by node name.
+    pub members: Vec<Member>,
+}
+
+/// Records this node (or updates its addresses).
+pub fn upsert_node(conn: &Connection, node: &Node) -> Result<(), DbError> {
+    conn.execute(
+        "INSERT INTO nodes (name, host_name, grpc_port, http_port, internal_host_name, grpc_internal_port)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (name) DO UPDATE SET host_name = ?2, grpc_port = ?3, http_port = ?4,
+             internal_host_name = ?5, grpc_internal_port = ?6",
+        params![
+            node.name,
+            node.host_name,
+            node.grpc_port,
+            node.http_port,
+            node.internal_host_name,
+            node.grpc_internal_port
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn nodes(conn: &Connection) -> Result<Vec<Node>, DbError> {
+    let mut statement = conn.prepare(
+        "SELECT name, host_name, grpc_port, http_port, internal_host_name, grpc_internal_port
+         FROM nodes ORDER BY name",
+    )?;
+    let rows = statement.query_map([], |r| {
+        Ok(Node {
+            name: r.get(0)?,
+            host_name: r.get(1)?,
+            grpc_port: r.get(2)?,
+            http_port: r.get(3)?,
+            internal_host_name: r.get(4)?,
+            grpc_internal_port: r.get(5)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn node_exists(conn: &Connection, name: &str) -> Result<bool, DbError> {
+    Ok(conn
+        .query_row("SELECT 1 FROM nodes WHERE name = ?1", [name], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+fn members_of(conn: &Connection, context: &str) -> Result<Vec<Member>, DbError> {
+    let mut statement = conn.prepare("SELECT node, role FROM context_members WHERE context = ?1 ORDER BY node")?;
+    let rows = statement.query_map([context], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut members = Vec::new();
+    for row in rows {
+        let (node, role) = row?;
+        // The CHECK constraint admits only known roles.
+        let role = role
+            .parse()
+            .map_err(|e: UnknownMemberRole| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        members.push(Member { node, role });
+    }
+    Ok(members)
+}
+
+fn parse_meta(text: &str) -> BTreeMap<String, String> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+pub fn context(conn: &Connection, name: &str) -> Result<Option<ContextRow>, DbError> {
+    let row = conn
+        .query_row(
+            "SELECT name, meta_data, created_at_millis FROM contexts WHERE name = ?1",
+            [name],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)),
+        )
+        .optional()?;
+    let Some((name, meta, created_at_millis)) = row else {
+        return Ok(None);
+    };
+    let members = members_of(conn, &name)?;
+    Ok(Some(ContextRow {
+        name,
+        meta_data: parse_meta(&meta),
+        created_at_millis,
+        members,
+    }))
+}
+
+pub fn contexts(conn: &Connection) -> Result<Vec<ContextRow>, DbError> {
+    let names: Vec<String> = {
+        let mut statement = conn.prepare("SELECT name FROM contexts ORDER BY name")?;
+        statement.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+    };
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        if let Some(row) = context(conn, &name)? {
+            out.push(row);
+        }
+    }
+    Ok(out)
+}
+
+/// Inserts a context with its members in one transaction. `Ok(false)`: it exists already, and
+/// nothing changed.
+pub fn insert_context(
+    conn: &mut Connection,
+    name: &str,
+    meta_data: &BTreeMap<String, String>,
+    members: &[Member],
+) -> Result<bool, DbError> {
+    let tx = conn.transaction()?;
+    let exists = tx
+        .query_row("SELECT 1 FROM contexts WHERE name = ?1", [name], |_| Ok(()))
+        .optional()?
+        .is_some();
+    if exists {
+        return Ok(false);
+    }
+    let meta = serde_json::to_string(meta_data).expect("a string map serializes");
+    tx.execute(
+        "INSERT INTO contexts (name, meta_data, created_at_millis) VALUES (?1, ?2, ?3)",
+        params![name, meta, now_millis()],
+    )?;
+    for member in members {
+        tx.execute(
+            "INSERT INTO context_members (context, node, role) VALUES (?1, ?2, ?3)",
+            params![name, member.node, member.role.name()],
+        )?;
+    }
+    tx.commit()?;
+    Ok(true)
+}
+
+/// Removes a context, its members, the application roles granted in it and its backup
+/// pointers, in one transaction. `Ok(false)`: there was no such context.
+pub fn delete_context(conn: &mut Connection, name: &str) -> Result<bool, DbError> {
+    let tx = conn.transaction()?;
+    let deleted = tx.execute("DELETE FROM contexts WHERE name = ?1", [name])?;
+    // A context created later under the same name must not inherit these grants.
+    tx.execute("DELETE FROM application_roles WHERE context = ?1", [name])?;
+    tx.execute("DELETE FROM user_roles WHERE context = ?1", [name])?;
+    tx.execute("DELETE FROM segment_backups WHERE context = ?1", [name])?;
+    tx.commit()?;
+    Ok(deleted > 0)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::control_db::schema;
+
+    pub(crate) fn open() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sqlite3");
+        let mut conn = crate::control_db::connect(&path).unwrap();
+        schema::migrate(&mut conn, &path, schema::MIGRATIONS).unwrap();
+        (dir, conn)
+    }
+
+    fn node(name: &str) -> Node {
+        Node {
+            name: name.into(),
+            host_name: "h".into(),
+            grpc_port: 8124,
+            http_port: 8024,
+            internal_host_name: "ih".into(),
+            grpc_internal_port: 8224,
+        }
+    }
+
+    #[test]
+    fn contexts_with_members_round_trip() {
+        let (_dir, mut conn) = open();
+        upsert_node(&conn, &node("n1")).unwrap();
+        let mut moved = node("n1");
+        moved.grpc_port = 9000;
+        upsert_node(&conn, &moved).unwrap();
+        assert_eq!(nodes(&conn).unwrap(), vec![moved]);
+        assert!(node_exists(&conn, "n1").unwrap());
+        assert!(!node_exists(&conn, "n2").unwrap());
+
+        let meta = BTreeMap::from([("k".to_owned(), "v".to_owned())]);
+        let members = vec![Member {
+            node: "n1".into(),
+            role: MemberRole::Primary,
+        }];
+        assert!(insert_context(&mut conn, "orders", &meta, &members).unwrap());
+        assert!(!insert_context(&mut conn, "orders", &BTreeMap::new(), &[]).unwrap());
+        let row = context(&conn, "orders").unwrap().unwrap();
+        assert_eq!((row.meta_data, row.members), (meta, members));
+        assert_eq!(contexts(&conn).unwrap().len(), 1);
+
+        // A member on an unknown node fails the whole insert.
+        let bad = vec![Member {
+            node: "ghost".into(),
+            role: MemberRole::Primary,
+        }];
+        assert!(insert_context(&mut conn, "other", &BTreeMap::new(), &bad).is_err());
+        assert!(context(&conn, "other").unwrap().is_none());
+
+        assert!(delete_context(&mut conn, "orders").unwrap());
+        assert!(!delete_context(&mut conn, "orders").unwrap());
+        assert!(contexts(&conn).unwrap().is_empty());
+    }
+
+    #[test]
+    fn member_roles_parse() {
+        for role in MemberRole::ALL {
+            assert_eq!(role.name().parse::<MemberRole>().unwrap(), role);
+        }
+        assert!("primary".parse::<MemberRole>().is_err());
+        assert!(!MemberRole::MessagingOnly.stores());
+    }
+}

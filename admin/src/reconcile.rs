@@ -1,0 +1,115 @@
+//! Bringing the control DB in line with what this node actually stores, at start.
+//!
+//! A context create or delete touches the event store first and the control DB second (see
+//! `api::contexts`), so a crash between the two leaves the control DB one step behind. At start
+//! admin records this node, makes sure `_admin` exists with this node as PRIMARY, then asks the
+//! event store which contexts it stores: each one missing from the control DB is added (this node
+//! PRIMARY; on a fresh node that is `default`), and each context the control DB says this node
+//! stores but the event store does not have is removed (its delete had reached the event store).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use myelin_proto::internal::ListContextsRequest;
+
+use crate::api::AppState;
+use crate::api::contexts::ADMIN_CONTEXT;
+use crate::control_db::DbError;
+use crate::control_db::contexts::{self as db, Member, MemberRole, Node};
+
+/// Records this node and `_admin`.
+pub async fn this_node(state: &AppState) -> Result<(), DbError> {
+    let settings = state.node.clone();
+    state
+        .db
+        .call(move |conn| {
+            db::upsert_node(
+                conn,
+                &Node {
+                    name: settings.name.clone(),
+                    host_name: settings.hostname.clone(),
+                    grpc_port: settings.grpc_port,
+                    http_port: settings.http_port,
+                    internal_host_name: settings.internal_hostname.clone(),
+                    grpc_internal_port: settings.internal_port,
+                },
+            )?;
+            let me = [Member {
+                node: settings.name.clone(),
+                role: MemberRole::Primary,
+            }];
+            db::insert_context(conn, ADMIN_CONTEXT, &BTreeMap::new(), &me)?;
+            Ok(())
+        })
+        .await
+}
+
+/// Aligns the contexts with the event store's; returns (added, removed).
+pub async fn contexts(state: &AppState) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let _lifecycle = state.lifecycle.lock().await;
+    let stored: Vec<String> = state
+        .storage
+        .clone()
+        .list_contexts(ListContextsRequest {})
+        .await?
+        .into_inner()
+        .contexts
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    let me = state.node.name.clone();
+    let (added, removed) = state
+        .db
+        .call(move |conn| {
+            let known = db::contexts(conn)?;
+            let mut added = Vec::new();
+            for name in &stored {
+                if !known.iter().any(|c| &c.name == name) {
+                    let members = [Member {
+                        node: me.clone(),
+                        role: MemberRole::Primary,
+                    }];
+                    if db::insert_context(conn, name, &BTreeMap::new(), &members)? {
+                        added.push(name.clone());
+                    }
+                }
+            }
+            let mut removed = Vec::new();
+            for context in known {
+                let stored_here = context.members.iter().any(|m| m.node == me && m.role.stores());
+                if context.name != ADMIN_CONTEXT && stored_here && !stored.contains(&context.name) {
+                    db::delete_context(conn, &context.name)?;
+                    removed.push(context.name);
+                }
+            }
+            Ok((added, removed))
+        })
+        .await?;
+    if !added.is_empty() {
+        tracing::info!(contexts = ?added, "contexts the event store holds added to the control DB");
+    }
+    if !removed.is_empty() {
+        tracing::warn!(contexts = ?removed, "contexts the event store no longer holds removed from the control DB");
+        if let Err(e) = state.applications_changed().await {
+            tracing::warn!(error = %e, "republishing grants");
+        }
+    }
+    Ok((added, removed))
+}
+
+/// Retries [`contexts`] until the event store answers (it may still be starting).
+pub async fn contexts_until_done(state: AppState) {
+    let mut attempt = 0u32;
+    loop {
+        match contexts(&state).await {
+            Ok(_) => return,
+            Err(e) => {
+                attempt += 1;
+                if attempt % 20 == 1 {
+                    tracing::warn!(error = %e, attempt, "cannot yet align the control DB with the event store");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
