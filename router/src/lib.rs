@@ -9,8 +9,11 @@ pub mod access;
 pub mod append_pipe;
 pub mod command;
 pub mod context;
+pub mod control;
+pub mod event_metrics;
 pub mod event_store;
 pub mod limits;
+pub mod metrics;
 pub mod platform;
 pub mod query;
 
@@ -23,7 +26,7 @@ pub struct Args {
     /// Address for the client gRPC API (Axon's `axoniq.axonserver.port`).
     #[arg(long, default_value = "0.0.0.0:8124")]
     pub listen: SocketAddr,
-    /// Unix socket to serve gRPC health on (for the supervisor).
+    /// Unix socket to serve gRPC health (for the supervisor) and `RouterControl` (for admin) on.
     #[arg(long)]
     pub socket: PathBuf,
     /// The eventstore's Unix socket.
@@ -100,6 +103,8 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         storage,
         max_transaction_bytes: args.max_message_size.saturating_sub(10_000).max(1024),
     };
+    let metrics_handle = metrics::install();
+    let _upkeep = metrics::keep_up(metrics_handle.clone());
     let disconnects = platform::Disconnects::new();
     let platform = platform::Platform::new(
         myelin_proto::axon::control::NodeInfo {
@@ -139,11 +144,21 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
+    let queries = query::QueryRouter::new(args.node_name.clone());
+    let router_control = control::Control {
+        exporter: metrics::Exporter::new(metrics_handle, platform.clients().clone(), queries.clone()),
+        platform: platform.clone(),
+        commands: commands.dispatcher().clone(),
+        queries: queries.clone(),
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_health = stop_rx.clone();
     let health_server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health)
+            .add_service(myelin_proto::internal::router_control_server::RouterControlServer::new(
+                router_control,
+            ))
             .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(uds), async move {
                 let _ = stop_health.changed().await;
             }),
@@ -156,6 +171,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
             limits::rewrite_response::<tonic::body::Body>,
         ))
         .layer(access::AccessLayer::new(access_rules))
+        .layer(event_metrics::EventMetricsLayer::default())
         .http2_keepalive_interval(Some(std::time::Duration::from_millis(2500)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_millis(5000)))
         .add_service(
@@ -174,7 +190,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         )
         .add_service(
             myelin_proto::axon::query::query_service_server::QueryServiceServer::new(query::service::QueryEndpoint {
-                router: query::QueryRouter::new(args.node_name.clone()),
+                router: queries,
                 disconnects,
             })
             .max_decoding_message_size(max),

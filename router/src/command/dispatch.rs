@@ -359,7 +359,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn response_matching_timeout_and_strays() {
+        let prometheus = crate::metrics::builder().build_recorder();
         let dispatcher = Arc::new(Dispatcher::new(Duration::from_secs(300)));
+        // The context's handles are made (and kept) under a recorder of this test's own.
+        metrics::with_local_recorder(&prometheus, || dispatcher.metrics().context("c"));
         let link = recorder(1, false);
         dispatcher.registry().subscribe("c", "Cmd", link.clone(), 0);
 
@@ -394,8 +397,16 @@ mod tests {
         let response = call.await.unwrap();
         assert_eq!(response.error_code, "AXONIQ-4002");
         assert!(dispatcher.pending.lock().unwrap().is_empty());
-        let snapshot = &dispatcher.metrics().snapshot()["c"];
-        assert_eq!((snapshot.routed, snapshot.in_flight, snapshot.failed), (2, 0, 1));
+        let text = prometheus.handle().render();
+        let value = |name, outcome: Option<&str>| {
+            let mut labels = vec![("context", "c")];
+            labels.extend(outcome.map(|o| ("outcome", o)));
+            crate::metrics::sample(&text, name, &labels)
+        };
+        assert_eq!(value("myelin_commands_routed_total", None), Some(2.0));
+        assert_eq!(value("myelin_commands_in_flight", None), Some(0.0));
+        assert_eq!(value("myelin_commands_total", Some("error")), Some(1.0));
+        assert_eq!(value("myelin_commands_total", Some("success")), Some(1.0));
     }
 
     #[tokio::test(start_paused = true)]

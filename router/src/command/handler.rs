@@ -66,6 +66,7 @@ pub struct LocalHandler {
     id: HandlerId,
     ring_key: String,
     client_id: Mutex<String>,
+    component_name: Mutex<String>,
     outbox: Mutex<Outbox>,
     wake: Notify,
     capacity: usize,
@@ -78,6 +79,7 @@ impl LocalHandler {
             id,
             ring_key: format!("local-stream-{id}"),
             client_id: Mutex::new(String::new()),
+            component_name: Mutex::new(String::new()),
             outbox: Mutex::new(Outbox {
                 permits: 0,
                 queue: VecDeque::new(),
@@ -93,6 +95,14 @@ impl LocalHandler {
         let mut bound = self.client_id.lock().unwrap();
         if bound.is_empty() && !client_id.is_empty() {
             *bound = client_id.to_owned();
+        }
+    }
+
+    /// The first non-empty component name named on the stream binds it (for the admin API).
+    pub fn bind_component(&self, component_name: &str) {
+        let mut bound = self.component_name.lock().unwrap();
+        if bound.is_empty() && !component_name.is_empty() {
+            *bound = component_name.to_owned();
         }
     }
 
@@ -159,6 +169,10 @@ impl HandlerLink for LocalHandler {
 
     fn client_id(&self) -> String {
         self.client_id.lock().unwrap().clone()
+    }
+
+    fn component_name(&self) -> String {
+        self.component_name.lock().unwrap().clone()
     }
 
     fn send(&self, command: Command) -> Result<(), LinkError> {

@@ -1,108 +1,111 @@
-//! Command routing counters per context, kept in atomics until an exporter reads them.
+//! Command routing metrics per context: dispatched commands by outcome, commands handed to a
+//! handler, commands in flight, and the round-trip latency from `Dispatch` to the response.
+//!
+//! The handles of a context are created once and cached (see [`crate::metrics::PerContext`]),
+//! so a dispatch costs one map lookup and a few atomic operations.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-/// Upper bounds (inclusive, microseconds) of the latency histogram's buckets; one more bucket
-/// counts everything slower.
-pub const LATENCY_BUCKETS_MICROS: [u64; 12] = [
-    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000, 10_000_000, 60_000_000,
-];
+use metrics::{Counter, Gauge, Histogram};
 
-/// The counters of one context.
-#[derive(Default)]
+use crate::metrics::PerContext;
+
+/// The handles of one context.
 pub struct CommandMetrics {
-    routed: AtomicU64,
-    in_flight: AtomicI64,
-    failed: AtomicU64,
-    latency: [AtomicU64; LATENCY_BUCKETS_MICROS.len() + 1],
-}
-
-/// A copy of one context's counters at one moment.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct CommandMetricsSnapshot {
-    /// Commands handed to a handler.
-    pub routed: u64,
-    /// Commands waiting for their response now.
-    pub in_flight: i64,
-    /// Commands answered with a routing error (no handler, timeout, lost connection, ...).
-    pub failed: u64,
-    /// Round-trip latency counts per bucket of [`LATENCY_BUCKETS_MICROS`], plus the overflow.
-    pub latency_buckets: Vec<u64>,
+    succeeded: Counter,
+    failed: Counter,
+    routed: Counter,
+    in_flight: Gauge,
+    duration: Histogram,
 }
 
 impl CommandMetrics {
+    fn new(context: &str) -> CommandMetrics {
+        let ctx = context.to_owned();
+        CommandMetrics {
+            succeeded: metrics::counter!("myelin_commands_total", "context" => ctx.clone(), "outcome" => "success"),
+            failed: metrics::counter!("myelin_commands_total", "context" => ctx.clone(), "outcome" => "error"),
+            routed: metrics::counter!("myelin_commands_routed_total", "context" => ctx.clone()),
+            in_flight: metrics::gauge!("myelin_commands_in_flight", "context" => ctx.clone()),
+            duration: metrics::histogram!("myelin_command_duration_seconds", "context" => ctx),
+        }
+    }
+
     pub fn started(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.increment(1.0);
     }
 
+    /// The command was handed to a handler.
     pub fn routed(&self) {
-        self.routed.fetch_add(1, Ordering::Relaxed);
+        self.routed.increment(1);
     }
 
-    /// A command that was started finished, successfully or not.
+    /// A command that was started finished, with a response or an error (a routing error or the
+    /// handler's own).
     pub fn finished(&self, failed: bool, elapsed: Duration) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.in_flight.decrement(1.0);
         if failed {
-            self.failed.fetch_add(1, Ordering::Relaxed);
+            self.failed.increment(1);
+        } else {
+            self.succeeded.increment(1);
         }
-        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        let bucket = LATENCY_BUCKETS_MICROS
-            .iter()
-            .position(|&bound| micros <= bound)
-            .unwrap_or(LATENCY_BUCKETS_MICROS.len());
-        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn snapshot(&self) -> CommandMetricsSnapshot {
-        CommandMetricsSnapshot {
-            routed: self.routed.load(Ordering::Relaxed),
-            in_flight: self.in_flight.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
-            latency_buckets: self.latency.iter().map(|b| b.load(Ordering::Relaxed)).collect(),
-        }
+        self.duration.record(elapsed);
     }
 }
 
-/// The counters of every context that has seen a command.
-#[derive(Default)]
+/// The handles of every context that has seen a command.
 pub struct Metrics {
-    contexts: Mutex<HashMap<String, Arc<CommandMetrics>>>,
+    contexts: PerContext<CommandMetrics>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            contexts: PerContext::new(CommandMetrics::new),
+        }
+    }
 }
 
 impl Metrics {
     pub fn context(&self, context: &str) -> Arc<CommandMetrics> {
-        let mut contexts = self.contexts.lock().unwrap();
-        if let Some(metrics) = contexts.get(context) {
-            return metrics.clone();
-        }
-        contexts.entry(context.to_owned()).or_default().clone()
-    }
-
-    pub fn snapshot(&self) -> HashMap<String, CommandMetricsSnapshot> {
-        let contexts = self.contexts.lock().unwrap();
-        contexts.iter().map(|(name, m)| (name.clone(), m.snapshot())).collect()
+        self.contexts.get(context)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::sample;
 
     #[test]
-    fn counts_and_buckets() {
+    fn counts_and_latency() {
+        let recorder = crate::metrics::builder().build_recorder();
+        let handle = recorder.handle();
         let metrics = Metrics::default();
-        let m = metrics.context("default");
+        let m = metrics::with_local_recorder(&recorder, || metrics.context("default"));
         m.started();
         m.routed();
         m.finished(false, Duration::from_micros(50));
         m.started();
         m.finished(true, Duration::from_secs(120));
-        let snap = &metrics.snapshot()["default"];
-        assert_eq!((snap.routed, snap.in_flight, snap.failed), (1, 0, 1));
-        assert_eq!(snap.latency_buckets[0], 1);
-        assert_eq!(*snap.latency_buckets.last().unwrap(), 1);
+        m.started();
+        let text = handle.render();
+        let value = |name, labels: &[(&str, &str)]| sample(&text, name, labels);
+        assert_eq!(
+            value("myelin_commands_routed_total", &[("context", "default")]),
+            Some(1.0)
+        );
+        assert_eq!(value("myelin_commands_total", &[("outcome", "success")]), Some(1.0));
+        assert_eq!(value("myelin_commands_total", &[("outcome", "error")]), Some(1.0));
+        assert_eq!(value("myelin_commands_in_flight", &[("context", "default")]), Some(1.0));
+        assert_eq!(
+            value("myelin_command_duration_seconds_bucket", &[("le", "0.0001")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            value("myelin_command_duration_seconds_bucket", &[("le", "+Inf")]),
+            Some(2.0)
+        );
     }
 }

@@ -100,9 +100,9 @@ impl CommandService for Commands {
                         if !disconnect.concerns(&stream.context, &stream.link.client_id()) {
                             continue;
                         }
-                        let message = format!("Command stream inactivity for {}", disconnect.client_stream_id);
-                        tracing::info!(client_id = %disconnect.client_id, "{message}");
-                        let _ = tx.try_send(Err(ErrorCode::Other.status(message)));
+                        let status = disconnect.status("Command");
+                        tracing::info!(client_id = %stream.link.client_id(), "{}", status.message());
+                        let _ = tx.try_send(Err(status));
                         break;
                     }
                 };
@@ -153,6 +153,7 @@ impl HandlerStream {
                     Err("subscription without a command name")
                 } else {
                     self.link.bind_client(&subscription.client_id);
+                    self.link.bind_component(&subscription.component_name);
                     let link: Arc<dyn HandlerLink> = self.link.clone();
                     self.dispatcher.registry().subscribe(
                         &self.context,

@@ -42,6 +42,10 @@ pub trait HandlerLink: Send + Sync {
     fn ring_key(&self) -> &str;
     /// The handler's client id (for error messages).
     fn client_id(&self) -> String;
+    /// The handler's component (application) name, if known (for the admin API).
+    fn component_name(&self) -> String {
+        String::new()
+    }
     /// Queues a command for the handler; never blocks.
     fn send(&self, command: Command) -> Result<(), LinkError>;
 }
@@ -82,6 +86,17 @@ impl Handlers {
         let (_, &index) = self.ring.range(hash..).next().or_else(|| self.ring.iter().next())?;
         Some(self.members[index].link.clone())
     }
+}
+
+/// One handler's subscription to one command, as the admin API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub context: String,
+    pub command: String,
+    pub handler: HandlerId,
+    pub client_id: String,
+    pub component_name: String,
+    pub load_factor: i32,
 }
 
 /// The handlers of every context. Cheap to share; all methods are synchronous and short.
@@ -140,6 +155,39 @@ impl Registry {
     pub fn select(&self, context: &str, name: &str, routing_key: &str) -> Option<Arc<dyn HandlerLink>> {
         let by_name = self.by_name.lock().unwrap();
         by_name.get(&(context.to_owned(), name.to_owned()))?.select(routing_key)
+    }
+
+    /// Every subscription, of one context or of all, ordered by context, command and client.
+    pub fn registrations(&self, context: Option<&str>) -> Vec<Registration> {
+        // Copy the links out first: their accessors take locks of their own.
+        let members: Vec<(String, String, Member)> = {
+            let by_name = self.by_name.lock().unwrap();
+            by_name
+                .iter()
+                .filter(|((c, _), _)| context.is_none_or(|wanted| wanted == c))
+                .flat_map(|((c, name), handlers)| {
+                    handlers
+                        .members
+                        .iter()
+                        .map(move |m| (c.clone(), name.clone(), m.clone()))
+                })
+                .collect()
+        };
+        let mut all: Vec<Registration> = members
+            .into_iter()
+            .map(|(context, command, member)| Registration {
+                context,
+                command,
+                handler: member.link.id(),
+                client_id: member.link.client_id(),
+                component_name: member.link.component_name(),
+                load_factor: member.load_factor,
+            })
+            .collect();
+        all.sort_by(|a, b| {
+            (&a.context, &a.command, &a.client_id, a.handler).cmp(&(&b.context, &b.command, &b.client_id, b.handler))
+        });
+        all
     }
 
     /// How many handlers `name` has in `context`.
@@ -239,5 +287,28 @@ mod tests {
         }
         registry.unsubscribe("c", "Cmd", 2);
         assert!(registry.select("c", "Cmd", "k").is_none());
+    }
+
+    #[test]
+    fn registrations_per_context() {
+        let registry = Registry::default();
+        registry.subscribe("c", "B", fake(2), 0);
+        registry.subscribe("c", "A", fake(1), 7);
+        registry.subscribe("d", "A", fake(3), 0);
+        let listed: Vec<(String, String, HandlerId, i32)> = registry
+            .registrations(Some("c"))
+            .into_iter()
+            .map(|r| (r.context, r.command, r.handler, r.load_factor))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("c".to_owned(), "A".to_owned(), 1, 7),
+                ("c".to_owned(), "B".to_owned(), 2, DEFAULT_LOAD_FACTOR)
+            ]
+        );
+        let all = registry.registrations(None);
+        assert_eq!(all.len(), 3);
+        assert_eq!((all[2].context.as_str(), all[2].client_id.as_str()), ("d", "client-3"));
     }
 }

@@ -8,13 +8,19 @@
 //! - A client that stops heartbeating is disconnected: its control stream ends with an error and
 //!   a [`disconnect::Disconnect`] ends its command and query handler streams, whose own
 //!   end-of-stream handling unsubscribes the handlers and fails the commands they held.
+//! - The node sends a client instructions (pause a processor, split a segment, ...) over that
+//!   stream and waits for its answer ([`instruction`]); admin asks for them through the
+//!   router's control service.
+//! - Deleting a context ends every stream of it with CONTEXT_NOT_FOUND ([`Platform::close_context`]).
 
 pub mod clients;
 pub mod disconnect;
+pub mod instruction;
 pub mod stream;
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
 use myelin_proto::axon::control::platform_service_server::PlatformService;
@@ -26,8 +32,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::context::client_context;
-pub use clients::{ClientSnapshot, Clients};
+pub use clients::{ClientSnapshot, Clients, ProcessorReport};
 pub use disconnect::{Disconnect, Disconnects};
+pub use instruction::{Instructions, Outcome};
 pub use stream::Heartbeats;
 
 /// The gRPC service.
@@ -44,6 +51,7 @@ impl Platform {
             shared: stream::Shared {
                 node_name: node.node_name.clone(),
                 clients: Arc::new(Clients::default()),
+                instructions: Arc::new(Instructions::default()),
                 disconnects,
                 heartbeats,
             },
@@ -54,6 +62,37 @@ impl Platform {
     /// The connected client applications (for the admin API).
     pub fn clients(&self) -> &Arc<Clients> {
         &self.shared.clients
+    }
+
+    /// Sends an instruction to every control stream of `client_id` in `context` and waits at
+    /// most `timeout` for the client's answer.
+    pub async fn send_instruction(
+        &self,
+        context: &str,
+        client_id: &str,
+        instruction: PlatformOutboundInstruction,
+        timeout: Duration,
+    ) -> Outcome {
+        self.shared
+            .instructions
+            .send(&self.shared.clients, context, client_id, instruction, timeout)
+            .await
+    }
+
+    /// Ends every control, command and query stream of `context` with CONTEXT_NOT_FOUND; their
+    /// own end-of-stream handling then removes the clients and their handlers. Returns how many
+    /// registered control streams the context had.
+    pub fn close_context(&self, context: &str) -> usize {
+        let control_streams = self
+            .shared
+            .clients
+            .count_per_context()
+            .get(context)
+            .copied()
+            .unwrap_or(0);
+        tracing::info!(%context, control_streams, "closing every client stream of the context");
+        self.shared.disconnects.publish(Disconnect::context_deleted(context));
+        control_streams
     }
 }
 

@@ -6,10 +6,10 @@
 //! liveness: a client that has sent at least one heartbeat and then stays silent longer than the
 //! timeout is given up on — its control stream ends with an error and a [`Disconnect`] ends its
 //! command and query handler streams. Clients that never heartbeat (older ones) are not timed out.
-//! The outbound queue is bounded: heartbeats are dropped, not queued, when the client is not
-//! reading.
+//! The client's answers to the node's own instructions go to [`Instructions`]. A deleted context
+//! ends the stream with CONTEXT_NOT_FOUND. The outbound queue is bounded: heartbeats are dropped,
+//! not queued, when the client is not reading.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,13 +24,11 @@ use tonic::{Status, Streaming};
 use tracing::Instrument;
 
 use super::clients::Clients;
-use super::disconnect::{Disconnect, Disconnects};
+use super::disconnect::{Disconnect, Disconnects, Reason};
+use super::instruction::{Answer, Instructions};
 
 /// Messages buffered towards one client's control stream.
 pub const OUTBOUND_BUFFER: usize = 32;
-/// How long the server waits for the client's ack/result of a server instruction
-/// (Axon's `instruction.result.timeout`).
-pub const INSTRUCTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Heartbeat settings (Axon's `heartbeat.enabled`, `client-heartbeat-frequency`,
 /// `client-heartbeat-timeout`).
@@ -52,46 +50,16 @@ impl Default for Heartbeats {
 }
 
 pub type Outbox = mpsc::Sender<Result<PlatformOutboundInstruction, Status>>;
+pub type OutboxReceiver = mpsc::Receiver<Result<PlatformOutboundInstruction, Status>>;
 
 /// What a control stream shares with the rest of the node.
 #[derive(Clone)]
 pub struct Shared {
     pub node_name: String,
     pub clients: Arc<Clients>,
+    pub instructions: Arc<Instructions>,
     pub disconnects: Disconnects,
     pub heartbeats: Heartbeats,
-}
-
-/// Server instructions sent to the client and not yet acknowledged, by instruction id.
-#[derive(Default)]
-pub struct PendingInstructions {
-    sent: HashMap<String, Instant>,
-}
-
-impl PendingInstructions {
-    /// Remembers an instruction sent with `instruction_id`.
-    pub fn expect(&mut self, instruction_id: String) {
-        self.sent.insert(instruction_id, Instant::now());
-    }
-
-    /// The client's ack or result for `instruction_id`; false if none was pending.
-    pub fn settle(&mut self, instruction_id: &str) -> bool {
-        self.sent.remove(instruction_id).is_some()
-    }
-
-    /// Forgets instructions older than [`INSTRUCTION_TIMEOUT`]; returns their ids.
-    pub fn expire(&mut self, now: Instant) -> Vec<String> {
-        let expired: Vec<String> = self
-            .sent
-            .iter()
-            .filter(|(_, at)| now.duration_since(**at) > INSTRUCTION_TIMEOUT)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in &expired {
-            self.sent.remove(id);
-        }
-        expired
-    }
 }
 
 struct Registration {
@@ -107,7 +75,8 @@ struct ControlStream {
     /// When the client was last heard from (any message); `None` until its first heartbeat,
     /// which is what arms the inactivity timeout.
     heard_since_heartbeat: Option<Instant>,
-    pending: PendingInstructions,
+    /// This stream's own outbound queue, handed to the registry so instructions can reach it.
+    outbox: Outbox,
 }
 
 /// Serves the stream until the client ends it, goes away or is timed out.
@@ -118,7 +87,7 @@ pub fn spawn(shared: Shared, context: String, inbound: Streaming<PlatformInbound
         context,
         registration: None,
         heard_since_heartbeat: None,
-        pending: PendingInstructions::default(),
+        outbox: outbox.clone(),
     };
     tokio::spawn(stream.run(inbound, outbox).instrument(span));
 }
@@ -128,6 +97,7 @@ impl ControlStream {
         let heartbeats = self.shared.heartbeats;
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeats.interval, heartbeats.interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut disconnects = self.shared.disconnects.listen();
         loop {
             tokio::select! {
                 message = inbound.message() => match message {
@@ -146,6 +116,15 @@ impl ControlStream {
                 },
                 _ = ticker.tick(), if heartbeats.enabled => {
                     if self.timed_out(&outbox).await {
+                        break;
+                    }
+                }
+                disconnect = disconnects.next() => {
+                    // A client's inactivity is this stream's own business (see `timed_out`);
+                    // only a deleted context ends it from outside.
+                    if disconnect.reason == Reason::ContextDeleted && disconnect.context == self.context {
+                        tracing::info!("control stream closed: context deleted");
+                        let _ = tokio::time::timeout(Duration::from_secs(1), outbox.send(Err(disconnect.status("Platform")))).await;
                         break;
                     }
                 }
@@ -173,14 +152,20 @@ impl ControlStream {
                 Ok(())
             }
             Some(Inbound::EventProcessorInfo(info)) => {
-                self.with_registration(|clients, id| clients.processor_info(id, info));
+                let mut kept = true;
+                self.with_registration(|clients, id| kept = clients.processor_info(id, info));
+                if kept {
+                    Ok(())
+                } else {
+                    Err("too many event processors reported")
+                }
+            }
+            Some(Inbound::Ack(ack)) => {
+                self.answer(ack.instruction_id.clone(), Answer::Ack(ack));
                 Ok(())
             }
-            Some(Inbound::Ack(InstructionAck { instruction_id, .. }))
-            | Some(Inbound::Result(myelin_proto::axon::InstructionResult { instruction_id, .. })) => {
-                if !self.pending.settle(&instruction_id) {
-                    tracing::debug!(%instruction_id, "client answered an instruction the node did not send");
-                }
+            Some(Inbound::Result(result)) => {
+                self.answer(result.instruction_id.clone(), Answer::Result(result));
                 Ok(())
             }
             Some(Inbound::SubscribeTopologyChanges(_)) | Some(Inbound::UnsubscribeTopologyChanges(_)) | None => {
@@ -217,7 +202,10 @@ impl ControlStream {
                 Err("stream already registered for another client id")
             };
         }
-        let client_stream_id = self.shared.clients.register(&self.context, &client);
+        let client_stream_id = self
+            .shared
+            .clients
+            .register(&self.context, &client, self.outbox.clone());
         tracing::Span::current().record("client_stream_id", client_stream_id.as_str());
         tracing::info!(client_id = %client.client_id, component = %client.component_name, version = %client.version, "client registered");
         self.registration = Some(Registration {
@@ -233,14 +221,25 @@ impl ControlStream {
         }
     }
 
+    /// The client's answer to an instruction of the node.
+    fn answer(&self, instruction_id: String, answer: Answer) {
+        let Some(registration) = &self.registration else {
+            return;
+        };
+        if !self
+            .shared
+            .instructions
+            .settle(&registration.client_stream_id, &instruction_id, answer)
+        {
+            tracing::debug!(%instruction_id, "client answered an instruction nobody waits for");
+        }
+    }
+
     /// One tick: heartbeat the client and check that it is alive; true if it was given up on.
     async fn timed_out(&mut self, outbox: &Outbox) -> bool {
         let Some(registration) = &self.registration else {
             return false;
         };
-        for instruction_id in self.pending.expire(Instant::now()) {
-            tracing::warn!(%instruction_id, "client did not answer an instruction in time");
-        }
         let silent = self
             .heard_since_heartbeat
             .is_some_and(|at| at.elapsed() > self.shared.heartbeats.timeout);
@@ -249,18 +248,11 @@ impl ControlStream {
             let _ = outbox.try_send(Ok(outbound(Outbound::Heartbeat(Heartbeat {}))));
             return false;
         }
-        let message = format!("Platform stream inactivity for {}", registration.client_stream_id);
-        tracing::warn!(client_id = %registration.client_id, "{message}");
-        self.shared.disconnects.publish(Disconnect {
-            context: self.context.clone(),
-            client_id: registration.client_id.clone(),
-            client_stream_id: registration.client_stream_id.clone(),
-        });
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            outbox.send(Err(ErrorCode::Other.status(message))),
-        )
-        .await;
+        let disconnect = Disconnect::inactive(&self.context, &registration.client_id, &registration.client_stream_id);
+        let status = disconnect.status("Platform");
+        tracing::warn!(client_id = %registration.client_id, "{}", status.message());
+        self.shared.disconnects.publish(disconnect);
+        let _ = tokio::time::timeout(Duration::from_secs(1), outbox.send(Err(status))).await;
         true
     }
 }
@@ -269,23 +261,5 @@ pub fn outbound(request: Outbound) -> PlatformOutboundInstruction {
     PlatformOutboundInstruction {
         request: Some(request),
         instruction_id: String::new(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn pending_instructions_settle_or_expire() {
-        let mut pending = PendingInstructions::default();
-        pending.expect("a".into());
-        pending.expect("b".into());
-        assert!(pending.settle("a"));
-        assert!(!pending.settle("a"));
-        assert!(!pending.settle("unknown"));
-        tokio::time::advance(INSTRUCTION_TIMEOUT + Duration::from_millis(1)).await;
-        assert_eq!(pending.expire(Instant::now()), ["b"]);
-        assert!(!pending.settle("b"));
     }
 }
