@@ -117,6 +117,7 @@ async fn batch_loop(
     let mut reservations = Reservations::new();
     let mut batch_no = 0u64;
     let mut carry: Option<Pending> = None;
+    let metrics = crate::metrics::context(&stored.name);
     loop {
         let first = match carry.take() {
             Some(p) => p,
@@ -164,6 +165,7 @@ async fn batch_loop(
                         tx_replies.push(pending.reply);
                     }
                     Err(outcome) => {
+                        metrics.rejected.increment(1);
                         let _ = pending.reply.send(Ok(outcome));
                     }
                 },
@@ -177,12 +179,13 @@ async fn batch_loop(
         let raft = raft.clone();
         let done_tx = done_tx.clone();
         let number = batch_no;
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             if !txs.is_empty() {
-                propose(&raft, Command::AppendEvents(txs), tx_replies).await;
+                propose(&raft, Command::AppendEvents(txs), tx_replies, &metrics).await;
             }
             if !snapshots.is_empty() {
-                propose(&raft, Command::AppendSnapshots(snapshots), snapshot_replies).await;
+                propose(&raft, Command::AppendSnapshots(snapshots), snapshot_replies, &metrics).await;
             }
             let _ = done_tx.send(number);
             drop(slot);
@@ -229,11 +232,28 @@ fn precheck(
     Ok(seen)
 }
 
-async fn propose(raft: &Raft, command: Command, replies: Vec<oneshot::Sender<Result<Outcome, AppendError>>>) {
-    match raft.client_write(command).await {
+async fn propose(
+    raft: &Raft,
+    command: Command,
+    replies: Vec<oneshot::Sender<Result<Outcome, AppendError>>>,
+    metrics: &crate::metrics::ContextMetrics,
+) {
+    let snapshots = matches!(command, Command::AppendSnapshots(_));
+    let started = std::time::Instant::now();
+    let written = raft.client_write(command).await;
+    metrics.batches.increment(1);
+    metrics.batch_duration.record(started.elapsed());
+    match written {
         Ok(response) => {
             let outcomes = response.data.outcomes;
             debug_assert_eq!(outcomes.len(), replies.len());
+            for outcome in &outcomes {
+                match outcome {
+                    Outcome::Stored { count, .. } if snapshots => metrics.snapshots_stored.increment(u64::from(*count)),
+                    Outcome::Stored { count, .. } => metrics.events_stored.increment(u64::from(*count)),
+                    _ => metrics.rejected.increment(1),
+                }
+            }
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(Ok(outcome));
             }

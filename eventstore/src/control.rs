@@ -107,6 +107,8 @@ impl StorageControl for Control {
     }
 
     async fn metrics(&self, _: Request<MetricsRequest>) -> Result<Response<MetricsText>, Status> {
-        Err(Status::unimplemented("Metrics arrives with the Prometheus endpoint"))
+        Ok(Response::new(MetricsText {
+            text: crate::metrics::render(&self.contexts),
+        }))
     }
 }

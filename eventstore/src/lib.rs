@@ -16,6 +16,7 @@ pub mod consensus;
 pub mod context;
 pub mod control;
 pub mod crash;
+pub mod metrics;
 pub mod segment;
 pub mod service;
 pub mod stored;
@@ -76,6 +77,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
         event_segment_size: args.segment_size,
         snapshot_segment_size: args.snapshot_segment_size,
     };
+    let _metrics_upkeep = metrics::keep_up(metrics::install());
     let contexts = std::sync::Arc::new(context::Contexts::new(&args.data_dir, limits, LOG_SEGMENT_SIZE));
     // Contexts stored earlier, plus the configured ones not deleted through the API.
     let names = contexts.open_at_start(&args.contexts).await?;

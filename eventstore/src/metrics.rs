@@ -1,0 +1,256 @@
+//! The eventstore's metrics in the Prometheus text format, served by `StorageControl.Metrics`.
+//!
+//! Two kinds, kept apart on purpose:
+//! - **Counters and histograms** of what happened (events and snapshots stored, transactions
+//!   rejected by the sequence check, group-commit batches and their duration from proposal to
+//!   applied) go through the `metrics` facade into this process's Prometheus recorder
+//!   ([`install`]). The batch loop of a context holds its handles ([`context`]), so recording
+//!   is a few atomic operations per batch.
+//! - **Gauges** of where each stored context stands (first, last and snapshot tokens, Raft
+//!   applied index, segment files and bytes per kind) are read from the contexts at scrape time
+//!   and written out directly ([`render`]), so a deleted context's series simply disappear
+//!   instead of lingering with stale values.
+//!
+//! Histogram samples are folded into buckets by an upkeep every second ([`keep_up`]), which
+//! bounds their memory however busy the node is.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use metrics::{Counter, Histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::context::{Context, Contexts};
+
+/// Upper bounds of the latency histograms, in seconds.
+pub const LATENCY_BUCKETS_SECONDS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0,
+];
+/// How often histogram samples are folded into their buckets.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static CONTEXTS: OnceLock<Mutex<HashMap<String, Arc<ContextMetrics>>>> = OnceLock::new();
+
+fn builder() -> PrometheusBuilder {
+    PrometheusBuilder::new()
+        .set_buckets(&LATENCY_BUCKETS_SECONDS)
+        .expect("the bucket list is not empty")
+}
+
+/// Installs this process's recorder on first use and returns its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = builder().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("another metrics recorder is installed; the eventstore's counters stay empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// Runs the recorder's upkeep every [`UPKEEP_INTERVAL`] until the runtime stops.
+pub fn keep_up(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(UPKEEP_INTERVAL);
+        loop {
+            ticker.tick().await;
+            handle.run_upkeep();
+        }
+    })
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    describe_counter!("myelin_eventstore_events_stored_total", "Events stored");
+    describe_counter!("myelin_eventstore_snapshots_stored_total", "Snapshots stored");
+    describe_counter!(
+        "myelin_eventstore_appends_rejected_total",
+        "Transactions and snapshots rejected by the aggregate sequence check"
+    );
+    describe_counter!(
+        "myelin_eventstore_batches_total",
+        "Group-commit batches proposed to Raft (one log entry and its fsync each)"
+    );
+    describe_histogram!(
+        "myelin_eventstore_batch_duration_seconds",
+        Unit::Seconds,
+        "A batch from its proposal until it is committed, fsynced and applied"
+    );
+}
+
+/// The counters of one context.
+pub struct ContextMetrics {
+    pub events_stored: Counter,
+    pub snapshots_stored: Counter,
+    pub rejected: Counter,
+    pub batches: Counter,
+    pub batch_duration: Histogram,
+}
+
+impl ContextMetrics {
+    fn new(context: &str) -> ContextMetrics {
+        let ctx = context.to_owned();
+        ContextMetrics {
+            events_stored: metrics::counter!("myelin_eventstore_events_stored_total", "context" => ctx.clone()),
+            snapshots_stored: metrics::counter!("myelin_eventstore_snapshots_stored_total", "context" => ctx.clone()),
+            rejected: metrics::counter!("myelin_eventstore_appends_rejected_total", "context" => ctx.clone()),
+            batches: metrics::counter!("myelin_eventstore_batches_total", "context" => ctx.clone()),
+            batch_duration: metrics::histogram!("myelin_eventstore_batch_duration_seconds", "context" => ctx),
+        }
+    }
+}
+
+/// The counters of a stored context (its name is a validated context name, and there are only
+/// as many as the node stores).
+pub fn context(name: &str) -> Arc<ContextMetrics> {
+    let mut contexts = CONTEXTS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    contexts
+        .entry(name.to_owned())
+        .or_insert_with(|| Arc::new(ContextMetrics::new(name)))
+        .clone()
+}
+
+/// Segment data files of one kind in `dir`: (count, bytes). Companion files are not counted.
+fn segment_files(dir: &Path, suffix: &str) -> (u64, u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (0, 0);
+    };
+    let mut count = 0;
+    let mut bytes = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let is_segment = name
+            .strip_suffix(suffix)
+            .and_then(|stem| stem.strip_suffix('.'))
+            .is_some_and(|base| base.len() == 20 && base.bytes().all(|b| b.is_ascii_digit()));
+        if is_segment {
+            count += 1;
+            bytes += entry.metadata().map_or(0, |m| m.len());
+        }
+    }
+    (count, bytes)
+}
+
+/// One gauge family: its help text and one value per label set.
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    samples: Vec<(String, f64)>,
+}
+
+fn gauges_of(contexts: &[Arc<Context>]) -> Vec<Family> {
+    let mut families = vec![
+        Family {
+            name: "myelin_eventstore_first_token",
+            help: "First token still stored",
+            samples: Vec::new(),
+        },
+        Family {
+            name: "myelin_eventstore_last_token",
+            help: "Token of the newest stored event, -1 when none",
+            samples: Vec::new(),
+        },
+        Family {
+            name: "myelin_eventstore_last_snapshot_token",
+            help: "Token of the newest stored snapshot, -1 when none",
+            samples: Vec::new(),
+        },
+        Family {
+            name: "myelin_eventstore_applied_index",
+            help: "Raft index of the last applied log entry",
+            samples: Vec::new(),
+        },
+        Family {
+            name: "myelin_eventstore_segments",
+            help: "Segment files, by kind (events, snapshots)",
+            samples: Vec::new(),
+        },
+        Family {
+            name: "myelin_eventstore_segment_bytes",
+            help: "Bytes in segment files, by kind (events, snapshots)",
+            samples: Vec::new(),
+        },
+    ];
+    for c in contexts {
+        let status = crate::control::context_status(c);
+        let label = format!("context=\"{}\"", c.name);
+        families[0].samples.push((label.clone(), status.first_token as f64));
+        families[1].samples.push((label.clone(), status.last_token as f64));
+        families[2]
+            .samples
+            .push((label.clone(), status.last_snapshot_token as f64));
+        families[3].samples.push((label, status.applied_index as f64));
+        for kind in ["events", "snapshots"] {
+            let (count, bytes) = segment_files(&c.stored.dir.join(kind), kind);
+            let label = format!("context=\"{}\",kind=\"{kind}\"", c.name);
+            families[4].samples.push((label.clone(), count as f64));
+            families[5].samples.push((label, bytes as f64));
+        }
+    }
+    families
+}
+
+fn write_gauges(text: &mut String, families: &[Family]) {
+    for family in families.iter().filter(|f| !f.samples.is_empty()) {
+        let _ = writeln!(text, "# HELP {} {}", family.name, family.help);
+        let _ = writeln!(text, "# TYPE {} gauge", family.name);
+        for (labels, value) in &family.samples {
+            let _ = writeln!(text, "{}{{{labels}}} {value}", family.name);
+        }
+    }
+}
+
+/// The Prometheus text (format 0.0.4) of this process.
+pub fn render(contexts: &Contexts) -> String {
+    let mut text = install().render();
+    write_gauges(&mut text, &gauges_of(&contexts.all()));
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_files_are_counted_by_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(format!("{:020}.events", 0)), [0u8; 10]).unwrap();
+        std::fs::write(dir.path().join(format!("{:020}.events", 42)), [0u8; 5]).unwrap();
+        std::fs::write(dir.path().join(format!("{:020}.index", 0)), [0u8; 99]).unwrap();
+        std::fs::write(dir.path().join("notes.events"), [0u8; 99]).unwrap();
+        assert_eq!(segment_files(dir.path(), "events"), (2, 15));
+        assert_eq!(segment_files(dir.path(), "snapshots"), (0, 0));
+        assert_eq!(segment_files(&dir.path().join("missing"), "events"), (0, 0));
+    }
+
+    #[test]
+    fn gauges_render_with_help_and_type() {
+        let mut text = String::new();
+        write_gauges(
+            &mut text,
+            &[Family {
+                name: "g",
+                help: "a gauge",
+                samples: vec![("context=\"a\"".to_owned(), 3.0)],
+            }],
+        );
+        assert_eq!(text, "# HELP g a gauge\n# TYPE g gauge\ng{context=\"a\"} 3\n");
+    }
+
+    #[test]
+    fn context_handles_are_shared() {
+        assert!(Arc::ptr_eq(&context("metrics-test"), &context("metrics-test")));
+    }
+}
