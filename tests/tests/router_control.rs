@@ -404,13 +404,17 @@ async fn clients_processors_and_instructions_over_the_router_socket() {
     assert!(again.success, "{again:?}");
 }
 
-/// A command handler stream that answers every command.
+/// A command handler stream that answers every command: its outbound side, and its reader,
+/// which ends with the error the stream ended with (if any).
 async fn command_handler(
     node: &Node,
     context: &str,
     client_id: &str,
     command: &str,
-) -> mpsc::Sender<CommandProviderOutbound> {
+) -> (
+    mpsc::Sender<CommandProviderOutbound>,
+    tokio::task::JoinHandle<Option<tonic::Status>>,
+) {
     let mut commands = CommandServiceClient::new(channel(node).await);
     let (tx, rx) = mpsc::channel(64);
     tx.send(CommandProviderOutbound {
@@ -449,9 +453,14 @@ async fn command_handler(
         "{first:?}"
     );
     let replies = tx.clone();
-    tokio::spawn(async move {
+    let reader = tokio::spawn(async move {
         let _commands = commands;
-        while let Some(Ok(message)) = inbound.next().await {
+        loop {
+            let message = match inbound.next().await {
+                Some(Ok(message)) => message,
+                Some(Err(status)) => return Some(status),
+                None => return None,
+            };
             if let Some(CommandInbound::Command(command)) = message.request {
                 let response = CommandResponse {
                     message_identifier: format!("{}-reply", command.message_identifier),
@@ -467,7 +476,7 @@ async fn command_handler(
             }
         }
     });
-    tx
+    (tx, reader)
 }
 
 fn command(id: &str, name: &str) -> Command {
@@ -484,7 +493,7 @@ async fn handlers_are_listed_and_closing_a_context_ends_its_streams() {
     let mut control = router_control(&node).await;
     let mut client = Client::connect(&node, "doomed", "app-9", "doomed-app").await;
     let _survivor = Client::connect(&node, "kept", "app-8", "kept-app").await;
-    let _handler = command_handler(&node, "doomed", "app-9", "DoomedCommand").await;
+    let (_handler, handler_reader) = command_handler(&node, "doomed", "app-9", "DoomedCommand").await;
 
     let mut queries = QueryServiceClient::new(channel(&node).await);
     let (query_tx, query_rx) = mpsc::channel(16);
@@ -580,7 +589,23 @@ async fn handlers_are_listed_and_closing_a_context_ends_its_streams() {
     })
     .await
     .unwrap();
-    assert!(query_end.is_err(), "the query stream ends with an error: {query_end:?}");
+    let command_status = tokio::time::timeout(Duration::from_secs(5), handler_reader)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the command stream ends with an error");
+    assert_eq!(command_status.code(), tonic::Code::NotFound, "{command_status:?}");
+    assert!(
+        command_status
+            .message()
+            .contains("[AXONIQ-1302] context doomed was deleted")
+    );
+    let query_status = query_end.expect_err("the query stream ends with an error");
+    assert_eq!(query_status.code(), tonic::Code::NotFound, "{query_status:?}");
+    assert!(
+        query_status.message().contains("context doomed was deleted"),
+        "{query_status:?}"
+    );
 
     // Nothing of the context is left; the other context is untouched.
     let left = control

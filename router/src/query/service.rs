@@ -57,9 +57,9 @@ impl QueryService for QueryEndpoint {
                         if !disconnect.concerns(&context, &client_id) {
                             continue;
                         }
-                        let message = format!("Query stream inactivity for {}", disconnect.client_stream_id);
-                        tracing::info!(client_id = %disconnect.client_id, "{message}");
-                        let _ = errors.try_send(Err(ErrorCode::Other.status(message)));
+                        let status = disconnect.status("Query");
+                        tracing::info!(%client_id, "{}", status.message());
+                        let _ = errors.try_send(Err(status));
                         break;
                     }
                 };
