@@ -13,6 +13,7 @@
 
 pub mod access;
 pub mod api;
+pub mod backup;
 pub mod control_db;
 pub mod reconcile;
 pub mod status;
@@ -65,13 +66,21 @@ pub struct Args {
     /// Free bytes on the data directory's file system below which health reports WARN.
     #[arg(long, default_value_t = 256 * 1024 * 1024)]
     pub disk_space_threshold: u64,
+    /// Where control-DB backups are written (Axon's `controldb-backup-location`; default:
+    /// `backups` under the data directory).
+    #[arg(long)]
+    pub controldb_backup_location: Option<PathBuf>,
+    /// After a control-DB backup, no Raft log segment is deleted for this many minutes.
+    #[arg(long, default_value_t = backup::DEFAULT_LOG_HOLD_MINUTES,
+          value_parser = clap::value_parser!(u64).range(1..=backup::MAX_LOG_HOLD_MINUTES))]
+    pub backup_log_hold_minutes: u64,
 }
 
 /// Route sets that other modules add to the HTTP API. Each is merged, paths and OpenAPI
 /// description alike, into the one router `api::router` builds (behind the same layers). A
 /// module adds one line here, e.g. `backup::routes()`.
 pub fn route_sets() -> Vec<OpenApiRouter<AppState>> {
-    vec![]
+    vec![backup::routes()]
 }
 
 /// Runs admin until SIGTERM or SIGINT.
@@ -144,6 +153,12 @@ pub fn build_state(args: &Args) -> anyhow::Result<AppState> {
         http_metrics: Arc::new(api::actuator::HttpMetrics::default()),
         lifecycle: Arc::new(tokio::sync::Mutex::new(())),
         grants: Arc::new(grants),
+        backup: Arc::new(backup::Settings::new(
+            args.controldb_backup_location.as_deref(),
+            args.data_dir.as_deref(),
+            &args.control_db,
+            args.backup_log_hold_minutes,
+        )),
     })
 }
 

@@ -199,7 +199,10 @@ mod tests {
     #[test]
     fn hold_requests_are_bounded() {
         let hold = CompactionHold::default();
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as i64;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
         assert!(hold_log_compaction(&hold, now + 2 * MAX_HOLD.as_millis() as i64).is_err());
         assert!(hold.held_until().is_none());
         assert_eq!(hold_log_compaction(&hold, -5).unwrap(), None);

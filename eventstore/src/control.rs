@@ -65,10 +65,16 @@ impl StorageControl for Control {
         let request = request.into_inner();
         tracing::Span::current().record("context", request.context.as_str());
         let context = crate::backup::find_context(&self.contexts, &request.context)?;
-        let store = match myelin_proto::internal::SegmentKind::try_from(request.kind) {
-            Ok(myelin_proto::internal::SegmentKind::Event) => &context.stored.events,
-            Ok(myelin_proto::internal::SegmentKind::Snapshot) => &context.stored.snapshots,
-            Err(_) => return Err(Status::invalid_argument(format!("unknown segment kind {}", request.kind))),
+        use myelin_proto::internal::SegmentKind;
+        let store = match SegmentKind::try_from(request.kind) {
+            Ok(SegmentKind::Event) => &context.stored.events,
+            Ok(SegmentKind::Snapshot) => &context.stored.snapshots,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown segment kind {}",
+                    request.kind
+                )));
+            }
         };
         Ok(Response::new(crate::backup::list_segments(
             store.segment_files(),
@@ -88,11 +94,9 @@ impl StorageControl for Control {
         let listed = tokio::task::spawn_blocking(move || crate::backup::list_log_segments(&dir))
             .await
             .map_err(|e| Status::internal(format!("listing log segments: {e}")))?;
-        listed
-            .map(Response::new)
-            .map_err(|e| {
-                myelin_proto::errors::ErrorCode::DatafileReadError.status(format!("listing the log segments: {e}"))
-            })
+        listed.map(Response::new).map_err(|e| {
+            myelin_proto::errors::ErrorCode::DatafileReadError.status(format!("listing the log segments: {e}"))
+        })
     }
 
     async fn hold_log_compaction(

@@ -68,6 +68,8 @@ pub struct AppState {
     /// The registered applications' grants, republished after every change (access control
     /// subscribes to it).
     pub grants: Arc<tokio::sync::watch::Sender<Arc<Vec<Grant>>>>,
+    /// Backup location and log hold window (`crate::backup`).
+    pub backup: Arc<crate::backup::Settings>,
 }
 
 impl AppState {
@@ -107,6 +109,7 @@ impl AppState {
         (name = "applications", description = "Registered applications and their access tokens"),
         (name = "clients", description = "Connected client applications, their event processors and handlers"),
         (name = "actuator", description = "Health and metrics"),
+        (name = "backup", description = "Control-DB backups and the event store files a backup copies"),
     ),
     components(schemas(error::ErrorBody))
 )]

@@ -1474,19 +1474,20 @@ impl Writer {
             return;
         }
         self.release_scheduled = true;
-        tracing::info!(segments = self.held.len(), "log compaction on hold for a backup; deleting later");
+        tracing::info!(
+            segments = self.held.len(),
+            "log compaction on hold for a backup; deleting later"
+        );
         let requests = self.requests.clone();
-        let spawned = std::thread::Builder::new()
-            .name("raft-log-hold".into())
-            .spawn(move || {
-                if let Ok(wait) = until.duration_since(std::time::SystemTime::now()) {
-                    std::thread::sleep(wait);
-                }
-                // The store may be gone by now; then there is nothing left to do.
-                if let Some(requests) = requests.upgrade() {
-                    let _ = requests.blocking_send(Request::ReleaseHeld);
-                }
-            });
+        let spawned = std::thread::Builder::new().name("raft-log-hold".into()).spawn(move || {
+            if let Ok(wait) = until.duration_since(std::time::SystemTime::now()) {
+                std::thread::sleep(wait);
+            }
+            // The store may be gone by now; then there is nothing left to do.
+            if let Some(requests) = requests.upgrade() {
+                let _ = requests.blocking_send(Request::ReleaseHeld);
+            }
+        });
         if let Err(e) = spawned {
             // The next purge tries again; until then the files just stay.
             tracing::warn!("cannot start the log hold timer: {e}");
@@ -2146,7 +2147,10 @@ mod tests {
         let until = std::time::SystemTime::now() + std::time::Duration::from_millis(700);
         hold.hold_until(until);
         store.purge(log_id(1, 20)).await.unwrap();
-        assert_eq!(store.get_log_state().await.unwrap().last_purged_log_id, Some(log_id(1, 20)));
+        assert_eq!(
+            store.get_log_state().await.unwrap().last_purged_log_id,
+            Some(log_id(1, 20))
+        );
         assert_eq!(read_all(&mut store).await, mixed(1, 21, 30));
         assert_eq!(segment_files(dir.path()), before, "no file deleted during the hold");
         // Appends and further purges go on meanwhile.

@@ -310,13 +310,19 @@ mod tests {
             index: 7,
         };
         stored
-            .apply(entry, &Command::AppendEvents(vec![Transaction { events: vec![record] }]))
+            .apply(
+                entry,
+                &Command::AppendEvents(vec![Transaction { events: vec![record] }]),
+            )
             .unwrap();
         let mut log = log_store::LogStore::open(&dir.path().join("log"), Default::default()).unwrap();
         log.save_vote(&openraft::Vote::new_committed(1, 1)).await.unwrap();
         let mut sm = state_machine::StateMachine::open(stored).unwrap();
         reconcile_restored("ctx", &mut log, &mut sm).await.unwrap();
-        assert_eq!(log.read_vote().await.unwrap(), Some(openraft::Vote::new_committed(3, 1)));
+        assert_eq!(
+            log.read_vote().await.unwrap(),
+            Some(openraft::Vote::new_committed(3, 1))
+        );
         assert!(dir.path().join("snapshot.json").is_file());
     }
 }

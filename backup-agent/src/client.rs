@@ -1,0 +1,168 @@
+//! The admin HTTP API calls a backup makes. Errors name the call and carry the server's own
+//! message (its JSON `{"code", "message"}` body) so an operator reading a cron mail knows what
+//! went wrong.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// A listing longer than this is not one a node sends.
+const MAX_RESPONSE_BYTES: u64 = 64 << 20;
+
+pub struct Client {
+    agent: ureq::Agent,
+    base: String,
+    token: Option<String>,
+}
+
+/// What `/v1/backup/eventstore` answers.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventStoreFiles {
+    pub last_closed_segment: i64,
+    pub filenames: Vec<String>,
+}
+
+/// An entry of `/v1/public/context`; only the name matters here.
+#[derive(Debug, Deserialize)]
+struct ContextEntry {
+    context: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorBody {
+    code: Option<String>,
+    message: Option<String>,
+}
+
+/// Percent-encodes a query value.
+fn encode(value: &str) -> String {
+    let mut out = String::new();
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Client {
+    pub fn new(base: &str, token: Option<String>) -> anyhow::Result<Client> {
+        let base = base.trim_end_matches('/').to_owned();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            bail!("--server must be an http:// or https:// URL, not {base:?}");
+        }
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into();
+        Ok(Client { agent, base, token })
+    }
+
+    pub fn server(&self) -> &str {
+        &self.base
+    }
+
+    fn finish(
+        &self,
+        what: &str,
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> anyhow::Result<String> {
+        let mut response = result.with_context(|| format!("{what}: cannot reach {}", self.base))?;
+        let status = response.status();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_RESPONSE_BYTES)
+            .read_to_string()
+            .with_context(|| format!("{what}: reading the answer"))?;
+        if !status.is_success() {
+            let detail = match serde_json::from_str::<ErrorBody>(&body) {
+                Ok(ErrorBody {
+                    code: Some(code),
+                    message: Some(message),
+                }) => format!("{code}: {message}"),
+                _ => body.chars().take(500).collect(),
+            };
+            bail!("{what}: the server answered {status}: {detail}");
+        }
+        Ok(body)
+    }
+
+    fn get<T: DeserializeOwned>(&self, what: &str, path_and_query: &str) -> anyhow::Result<T> {
+        let mut request = self.agent.get(format!("{}{path_and_query}", self.base));
+        if let Some(token) = &self.token {
+            request = request.header("AxonIQ-Access-Token", token);
+        }
+        let body = self.finish(what, request.call())?;
+        serde_json::from_str(&body).with_context(|| format!("{what}: unexpected answer {:?}", clip(&body)))
+    }
+
+    /// Every context the node has, except the internal ones (`_admin`): they hold no events.
+    pub fn contexts(&self) -> anyhow::Result<Vec<String>> {
+        let entries: Vec<ContextEntry> = self.get("listing contexts", "/v1/public/context")?;
+        Ok(entries
+            .into_iter()
+            .map(|e| e.context)
+            .filter(|name| !name.starts_with('_'))
+            .collect())
+    }
+
+    /// Backs up the control DB; returns the zip's path on the server's host.
+    pub fn create_control_db_backup(&self) -> anyhow::Result<String> {
+        let what = "backing up the control DB";
+        let mut request = self
+            .agent
+            .post(format!("{}/v1/backup/createControlDbBackup", self.base));
+        if let Some(token) = &self.token {
+            request = request.header("AxonIQ-Access-Token", token);
+        }
+        let body = self.finish(what, request.send_empty())?;
+        let path = body.trim().to_owned();
+        if !path.starts_with('/') {
+            bail!("{what}: expected an absolute path, got {:?}", clip(&path));
+        }
+        Ok(path)
+    }
+
+    /// The context's Raft log segment files and Raft state files, in copy order.
+    pub fn log_files(&self, context: &str) -> anyhow::Result<Vec<String>> {
+        self.get(
+            &format!("listing the log of context {context}"),
+            &format!("/v1/backup/log/filenames?context={}", encode(context)),
+        )
+    }
+
+    /// Closed segments after `last_closed` and the open segment of a context.
+    pub fn segment_files(&self, context: &str, kind: &str, last_closed: i64) -> anyhow::Result<EventStoreFiles> {
+        self.get(
+            &format!("listing the {kind} segments of context {context}"),
+            &format!(
+                "/v1/backup/eventstore?targetContext={}&type={kind}&lastClosedSegmentBackedUp={last_closed}",
+                encode(context)
+            ),
+        )
+    }
+}
+
+fn clip(text: &str) -> String {
+    text.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_encoded() {
+        assert_eq!(encode("a-b_c.d"), "a-b_c.d");
+        assert_eq!(encode("a b&c"), "a%20b%26c");
+        assert!(Client::new("ftp://x", None).is_err());
+        assert_eq!(Client::new("http://h:8024/", None).unwrap().server(), "http://h:8024");
+    }
+}
