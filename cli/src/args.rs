@@ -12,13 +12,19 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::failure::Failure;
 
-/// Longest context, node or application name accepted.
-pub const MAX_NAME_LEN: usize = 64;
+/// Longest context name (a directory name on the node).
+pub const MAX_CONTEXT_LEN: usize = 64;
+/// Longest application name.
+pub const MAX_APPLICATION_LEN: usize = 128;
+/// Longest node name.
+pub const MAX_NODE_LEN: usize = 255;
+/// Longest role name.
+pub const MAX_ROLE_LEN: usize = 64;
 /// Longest application description accepted.
 pub const MAX_DESCRIPTION_LEN: usize = 1024;
-/// Shortest and longest application token accepted with `-T` (Axon's minimum is 8).
-pub const MIN_TOKEN_LEN: usize = 8;
-pub const MAX_TOKEN_LEN: usize = 256;
+/// Shortest and longest application token accepted with `-T`.
+pub const MIN_TOKEN_LEN: usize = 16;
+pub const MAX_TOKEN_LEN: usize = 512;
 
 /// Manage a Myelin node through its admin HTTP API (like Axon Server's axonserver-cli).
 ///
@@ -160,7 +166,7 @@ pub struct RegisterApplication {
         required = true
     )]
     pub roles: Vec<String>,
-    /// Use this token instead of a generated one (at least 8 characters)
+    /// Use this token instead of a generated one (16 to 512 printable characters)
     #[arg(short = 'T', long = "app-token", value_name = "TOKEN")]
     pub app_token: Option<String>,
 }
@@ -205,7 +211,7 @@ impl RegisterContext {
         for (names, role) in lists {
             for name in names {
                 let name = name.trim();
-                check_name("node", name)?;
+                check_node(name)?;
                 if let Some((_, other)) = members.iter().find(|(n, _)| n == name) {
                     return Err(Failure::Usage(format!(
                         "node {name:?} is named twice (as {} and {})",
@@ -250,12 +256,12 @@ impl RegisterApplication {
     }
 
     pub fn check(&self) -> Result<(), Failure> {
-        check_name("application", &self.application)?;
+        check_application(&self.application)?;
         if let Some(description) = &self.description
-            && (description.chars().count() > MAX_DESCRIPTION_LEN || description.chars().any(char::is_control))
+            && description.chars().count() > MAX_DESCRIPTION_LEN
         {
             return Err(Failure::Usage(format!(
-                "the description must be at most {MAX_DESCRIPTION_LEN} characters without control characters"
+                "the description is longer than {MAX_DESCRIPTION_LEN} characters"
             )));
         }
         if let Some(token) = &self.app_token {
@@ -279,7 +285,7 @@ pub fn parse_role(spec: &str) -> Result<(String, String), Failure> {
         None => (spec, "*"),
     };
     if role.is_empty()
-        || role.len() > MAX_NAME_LEN
+        || role.len() > MAX_ROLE_LEN
         || !role.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         || role.starts_with(|c: char| c.is_ascii_digit())
     {
@@ -289,20 +295,61 @@ pub fn parse_role(spec: &str) -> Result<(String, String), Failure> {
         )));
     }
     if context != "*" {
-        check_name("context", context).map_err(|e| Failure::Usage(format!("invalid role {spec:?}: {e}")))?;
+        check_context(context).map_err(|e| Failure::Usage(format!("invalid role {spec:?}: {e}")))?;
     }
     Ok((role.to_ascii_uppercase(), context.to_string()))
 }
 
-/// Names of contexts, nodes and applications: what the admin API accepts and what is safe in a
-/// URL path without escaping.
-pub fn check_name(what: &str, name: &str) -> Result<(), Failure> {
+/// A context name as the admin API accepts it (and safe in a URL path): 1 to 64 letters,
+/// digits, `-`, `_` or `.`, not starting with `.`.
+pub fn check_context(name: &str) -> Result<(), Failure> {
+    check_simple("context", name, MAX_CONTEXT_LEN)?;
+    if name.starts_with('.') {
+        return Err(Failure::Usage(format!(
+            "the context name {name:?} must not start with '.'"
+        )));
+    }
+    Ok(())
+}
+
+/// A context that may be created or deleted: not one of the system's (`_admin`, any `_` name).
+pub fn check_user_context(name: &str) -> Result<(), Failure> {
+    check_context(name)?;
+    if name.starts_with('_') {
+        return Err(Failure::Usage(format!(
+            "the context name {name:?} starts with '_': such contexts are the system's own"
+        )));
+    }
+    Ok(())
+}
+
+/// An application name: 1 to 128 letters, digits, `-`, `_` or `.` (not `.` or `..`, which
+/// mean something else in a URL path).
+pub fn check_application(name: &str) -> Result<(), Failure> {
+    check_simple("application", name, MAX_APPLICATION_LEN)?;
+    if name == "." || name == ".." {
+        return Err(Failure::Usage(format!("{name:?} is not an application name")));
+    }
+    Ok(())
+}
+
+/// A node name: 1 to 255 characters without control characters.
+pub fn check_node(name: &str) -> Result<(), Failure> {
+    if name.is_empty() || name.chars().count() > MAX_NODE_LEN || name.chars().any(char::is_control) {
+        return Err(Failure::Usage(format!(
+            "invalid node name {name:?}: 1 to {MAX_NODE_LEN} characters, no control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_simple(what: &str, name: &str, max: usize) -> Result<(), Failure> {
     if name.is_empty() {
         return Err(Failure::Usage(format!("the {what} name is empty")));
     }
-    if name.chars().count() > MAX_NAME_LEN {
+    if name.chars().count() > max {
         return Err(Failure::Usage(format!(
-            "the {what} name {name:?} is longer than {MAX_NAME_LEN} characters"
+            "the {what} name {name:?} is longer than {max} characters"
         )));
     }
     if !name
@@ -311,11 +358,6 @@ pub fn check_name(what: &str, name: &str) -> Result<(), Failure> {
     {
         return Err(Failure::Usage(format!(
             "the {what} name {name:?} may contain only letters, digits, '-', '_' and '.'"
-        )));
-    }
-    if name.starts_with('.') {
-        return Err(Failure::Usage(format!(
-            "the {what} name {name:?} must not start with '.'"
         )));
     }
     Ok(())
@@ -470,25 +512,26 @@ mod tests {
             roles: vec!["READ_EVENTS@default".into()],
             app_token: token.map(Into::into),
         };
-        app("ok-app_1.2", Some("fine"), Some("12345678")).check().unwrap();
+        app("ok-app_1.2", Some("fine\nsecond line"), Some("0123456789abcdef"))
+            .check()
+            .unwrap();
         assert!(app("bad name", None, None).check().is_err());
-        assert!(app("x", Some("line\nbreak"), None).check().is_err());
         assert!(
             app("x", Some(&"d".repeat(MAX_DESCRIPTION_LEN + 1)), None)
                 .check()
                 .is_err()
         );
-        assert!(app("x", None, Some("short")).check().is_err());
-        assert!(app("x", None, Some("has a space")).check().is_err());
+        assert!(app("x", None, Some("only-15-chars-x")).check().is_err());
+        assert!(app("x", None, Some("has a space in the middle")).check().is_err());
         assert!(app("x", None, Some(&"t".repeat(MAX_TOKEN_LEN + 1))).check().is_err());
     }
 
     #[test]
     fn names() {
-        for ok in ["default", "orders-2", "a.b_c", "X"] {
-            check_name("context", ok).unwrap();
+        for ok in ["default", "orders-2", "a.b_c", "X", "_admin"] {
+            check_context(ok).unwrap();
         }
-        let long = "n".repeat(MAX_NAME_LEN + 1);
+        let long = "n".repeat(MAX_CONTEXT_LEN + 1);
         for bad in [
             "",
             "a/b",
@@ -500,7 +543,18 @@ mod tests {
             long.as_str(),
             "a%2F",
         ] {
-            assert!(check_name("context", bad).is_err(), "{bad:?}");
+            assert_eq!(check_context(bad).unwrap_err().exit_code(), 2, "{bad:?}");
+        }
+        check_user_context("orders").unwrap();
+        assert!(check_user_context("_admin").is_err());
+        check_application(&"a".repeat(MAX_APPLICATION_LEN)).unwrap();
+        check_application(".app").unwrap();
+        for bad in ["", ".", "..", "a b", "a/b", &"a".repeat(MAX_APPLICATION_LEN + 1)] {
+            assert!(check_application(bad).is_err(), "{bad:?}");
+        }
+        check_node("node-1.example.org").unwrap();
+        for bad in ["", "a\tb", &"n".repeat(MAX_NODE_LEN + 1)] {
+            assert!(check_node(bad).is_err(), "{bad:?}");
         }
     }
 }

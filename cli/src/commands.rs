@@ -6,7 +6,8 @@
 use serde_json::{Value, json};
 
 use crate::args::{
-    Command, DeleteApplication, DeleteContext, Format, RegisterApplication, RegisterContext, check_name,
+    Command, DeleteApplication, DeleteContext, Format, RegisterApplication, RegisterContext, check_application,
+    check_user_context,
 };
 use crate::failure::Failure;
 use crate::output;
@@ -43,7 +44,7 @@ fn list(server: &Server, path: &str, json_output: bool, table: fn(&[Value]) -> S
 
 /// The body of `POST /v1/context`.
 pub fn context_request(args: &RegisterContext) -> Result<Value, Failure> {
-    check_name("context", &args.context)?;
+    check_user_context(&args.context)?;
     let roles: Vec<Value> = args
         .members()?
         .into_iter()
@@ -59,7 +60,7 @@ fn register_context(server: &Server, args: &RegisterContext, json_output: bool) 
 }
 
 fn delete_context(server: &Server, args: &DeleteContext, json_output: bool) -> Result<String, Failure> {
-    check_name("context", &args.context)?;
+    check_user_context(&args.context)?;
     let mut path = format!("/v1/context/{}", args.context);
     if args.preserve_event_store {
         path.push_str("?preserveEventStore=true");
@@ -107,7 +108,7 @@ fn register_application(server: &Server, args: &RegisterApplication, json_output
 }
 
 fn delete_application(server: &Server, args: &DeleteApplication, json_output: bool) -> Result<String, Failure> {
-    check_name("application", &args.application)?;
+    check_application(&args.application)?;
     server.delete(&format!("/v1/applications/{}", args.application))?;
     Ok(output::action("application", &args.application, "deleted", json_output))
 }
@@ -165,10 +166,10 @@ mod tests {
             json!({"name": "billing", "description": "", "roles": [
                 {"context": "default", "roles": ["READ_EVENTS", "APPEND_EVENTS"]}]})
         );
-        args.app_token = Some("my-own-token".into());
+        args.app_token = Some("my-own-token-0123".into());
         args.description = Some("Billing".into());
         let body = application_request(&args).unwrap();
-        assert_eq!(body["token"], "my-own-token");
+        assert_eq!(body["token"], "my-own-token-0123");
         assert_eq!(body["description"], "Billing");
         args.roles = vec!["READ@".into()];
         assert_eq!(application_request(&args).unwrap_err().exit_code(), 2);

@@ -45,11 +45,17 @@ impl Failure {
             Failure::Refused { status: 401 | 403, .. } if !token_given => {
                 Some("access control is on: give a token with -t/--token, MYELIN_TOKEN or MYELIN_TOKEN_FILE")
             }
+            // Admin answers an unknown path with 404 "no such resource: ..."; another server
+            // with a bare 404.
             Failure::Refused {
                 status: 404,
-                code: None,
+                code,
+                message,
                 ..
-            } => Some("the server does not know this request: is -S the admin HTTP port (8024) of a Myelin node?"),
+            } if code.is_none() || message.starts_with("no such resource") => Some(
+                "the server does not offer this request: is -S the admin HTTP port (8024) of a Myelin node, \
+                 and is the node as new as this tool?",
+            ),
             _ => None,
         }
     }
@@ -109,5 +115,17 @@ mod tests {
             message: "Not Found".into(),
         };
         assert!(unknown_path.hint(true).unwrap().contains("8024"));
+        let admins_unknown_path = Failure::Refused {
+            status: 404,
+            code: Some("AXONIQ-0001".into()),
+            message: "no such resource: /v1/backup/createControlDbBackup".into(),
+        };
+        assert!(admins_unknown_path.hint(true).is_some());
+        let missing_context = Failure::Refused {
+            status: 404,
+            code: Some("AXONIQ-1302".into()),
+            message: "orders: context not found".into(),
+        };
+        assert_eq!(missing_context.hint(true), None);
     }
 }

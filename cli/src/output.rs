@@ -133,12 +133,13 @@ pub fn nodes_table(items: &[Value]) -> String {
     render(&t)
 }
 
-/// `applications`: roles one line per context, `context: ROLE, ROLE`.
+/// `applications`: the first characters of the token (to tell tokens apart; the rest is never
+/// shown again), roles one line per context, `context: ROLE, ROLE`.
 pub fn applications_table(items: &[Value]) -> String {
     if items.is_empty() {
         return "no applications\n".to_string();
     }
-    let mut t = table(&["NAME", "DESCRIPTION", "ROLES"]);
+    let mut t = table(&["NAME", "DESCRIPTION", "TOKEN", "ROLES"]);
     for item in items {
         let roles: Vec<String> = array(item, &["roles", "rolesPerContext"])
             .iter()
@@ -153,6 +154,10 @@ pub fn applications_table(items: &[Value]) -> String {
         t.add_row(vec![
             field(item, &["name", "applicationName"]),
             field(item, &["description"]),
+            match field(item, &["tokenPrefix"]) {
+                dash if dash == "-" => dash,
+                prefix => format!("{prefix}..."),
+            },
             if roles.is_empty() {
                 "-".to_string()
             } else {
@@ -252,13 +257,14 @@ mod tests {
 
     #[test]
     fn applications_show_roles_per_context() {
-        let items = json!([{"name": "billing", "description": "Billing",
+        let items = json!([{"name": "billing", "description": "Billing", "tokenPrefix": "3f2a9c01",
             "roles": [{"context": "default", "roles": ["READ_EVENTS", "APPEND_EVENTS"]},
                       {"context": "*", "roles": ["MONITOR"]}]}]);
         let text = applications_table(items.as_array().unwrap());
         assert!(text.contains("default: READ_EVENTS, APPEND_EVENTS"), "{text}");
         assert!(text.contains("*: MONITOR"), "{text}");
-        assert!(text.lines().nth(1).unwrap().starts_with("billing"), "{text}");
+        let row = text.lines().nth(1).unwrap();
+        assert!(row.starts_with("billing") && row.contains("3f2a9c01..."), "{text}");
         assert_eq!(applications_table(&[]), "no applications\n");
     }
 

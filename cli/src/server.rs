@@ -319,6 +319,80 @@ mod tests {
         }
     }
 
+    /// A one-request HTTP server: returns its address and a handle yielding the request head
+    /// it received. `answer` is written back verbatim (`None`: never answers).
+    fn one_shot(answer: Option<String>) -> (String, std::thread::JoinHandle<String>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let handle = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            match answer {
+                Some(answer) => (&stream).write_all(answer.as_bytes()).unwrap(),
+                None => std::thread::sleep(Duration::from_secs(3)),
+            }
+            head
+        });
+        (url, handle)
+    }
+
+    #[test]
+    fn sends_the_token_header_and_reads_json() {
+        let (url, request) = one_shot(Some(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 7\r\nconnection: close\r\n\r\n[1,2,3]"
+                .to_string(),
+        ));
+        let server = Server::new(&url, Some("s3cret-token".into()), Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            server.get("/v1/public").unwrap(),
+            Answer::Json(serde_json::json!([1, 2, 3]))
+        );
+        let head = request.join().unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("get /v1/public http/1.1"), "{head}");
+        assert!(head.contains("axoniq-access-token: s3cret-token\r\n"), "{head}");
+    }
+
+    #[test]
+    fn error_answers_over_the_wire() {
+        let body = r#"{"code":"AXONIQ-1302","message":"orders: context not found"}"#;
+        let answer = format!(
+            "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\nAxonIQ-ErrorCode: AXONIQ-1302\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let (url, request) = one_shot(Some(answer));
+        let server = Server::new(&url, None, Duration::from_secs(5)).unwrap();
+        let failure = server.delete("/v1/context/orders").unwrap_err();
+        assert_eq!(failure.to_string(), "orders: context not found (AXONIQ-1302)");
+        assert_eq!(failure.exit_code(), 1);
+        let head = request.join().unwrap().to_ascii_lowercase();
+        assert!(!head.contains("axoniq-access-token"), "no token, no header: {head}");
+    }
+
+    #[test]
+    fn a_silent_server_times_out_with_exit_3() {
+        let (url, _request) = one_shot(None);
+        let server = Server::new(&url, None, Duration::from_secs(1)).unwrap();
+        let started = std::time::Instant::now();
+        let failure = server.post("/v1/context", Some(&serde_json::json!({}))).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        assert!(matches!(failure, Failure::TimedOut { .. }), "{failure}");
+        assert!(
+            failure.to_string().contains("may or may not have taken effect"),
+            "{failure}"
+        );
+        assert_eq!(failure.exit_code(), 3);
+    }
+
     #[test]
     fn connection_refused_names_the_url_and_exits_3() {
         // A port that was free a moment ago: nothing listens there.
