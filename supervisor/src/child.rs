@@ -160,6 +160,8 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
                 arg("--control-db", &config.control_db);
                 arg("--data-dir", &config.event_storage);
                 arg("--disk-space-threshold", &config.disk_space_threshold.to_string());
+                arg("--controldb-backup-location", &config.controldb_backup_location);
+                arg("--backup-log-hold-minutes", &config.backup_log_hold_minutes.to_string());
             }
         }
         let subcommand: OsString = match mode {
@@ -268,7 +270,8 @@ mod tests {
                  --eventstore-socket {run}/eventstore.sock --router-socket {run}/router.sock --node-name box1 \
                  --hostname box1.example.org --grpc-port 8124 --internal-hostname box1.example.org \
                  --internal-port 8224 --control-db {data}/_admin/myelin-controldb.sqlite3 --data-dir {data} \
-                 --disk-space-threshold 268435456",
+                 --disk-space-threshold 268435456 --controldb-backup-location {data}/backups \
+                 --backup-log-hold-minutes 30",
                 data = c.event_storage.display()
             )
         );

@@ -53,6 +53,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("axoniq.axonserver.snapshot.segment-size", Kind::Size),
     ("axoniq.axonserver.max-message-size", Kind::Size),
     ("axoniq.axonserver.controldb-path", Kind::Path),
+    ("axoniq.axonserver.controldb-backup-location", Kind::Path),
+    ("myelin.backup.log-hold-minutes", Kind::Text),
     ("management.health.diskspace.threshold", Kind::Size),
     ("axoniq.axonserver.accesscontrol.enabled", Kind::Bool),
     ("axoniq.axonserver.accesscontrol.internal-token", Kind::Text),
@@ -191,6 +193,12 @@ pub struct Config {
     pub control_db: PathBuf,
     /// Free disk space below which health reports WARN (`management.health.diskspace.threshold`).
     pub disk_space_threshold: u64,
+    /// Where admin writes control-DB backups (`axoniq.axonserver.controldb-backup-location`,
+    /// default `<event storage>/backups`).
+    pub controldb_backup_location: PathBuf,
+    /// Minutes after a control-DB backup during which no Raft log segment is deleted
+    /// (`myelin.backup.log-hold-minutes`, default 30, at most 1439).
+    pub backup_log_hold_minutes: u64,
     pub access_control: AccessControl,
     pub ssl: Ssl,
     pub heartbeat: Heartbeat,
@@ -579,6 +587,15 @@ impl Config {
             control_db,
             disk_space_threshold: settings
                 .size("management.health.diskspace.threshold", DEFAULT_DISK_SPACE_THRESHOLD)?,
+            controldb_backup_location: settings
+                .path("axoniq.axonserver.controldb-backup-location", cwd)
+                .unwrap_or_else(|| event_storage.join("backups")),
+            backup_log_hold_minutes: settings
+                .parse("myelin.backup.log-hold-minutes", |v| match v.trim().parse::<u64>() {
+                    Ok(m) if (1..=1439).contains(&m) => Ok(m),
+                    _ => Err("not a number of minutes from 1 to 1439".to_string()),
+                })?
+                .unwrap_or(30),
             event_storage,
             snapshot_storage,
             runtime_directory,
@@ -648,6 +665,8 @@ mod tests {
         assert_eq!(c.contexts, vec!["default"]);
         assert_eq!(c.control_db, dir.path().join("data/_admin/myelin-controldb.sqlite3"));
         assert_eq!(c.disk_space_threshold, 256 * 1024 * 1024);
+        assert_eq!(c.controldb_backup_location, dir.path().join("data/backups"));
+        assert_eq!(c.backup_log_hold_minutes, 30);
         assert!(!c.access_control.enabled);
         assert!(loaded.files.is_empty());
         assert!(loaded.warnings.is_empty());
@@ -673,6 +692,8 @@ mod tests {
              axoniq.axonserver.accesscontrol.internal-token=s3cret\n\
              axoniq.axonserver.controldb-path=/var/lib/cdb\n\
              management.health.diskspace.threshold=1GB\n\
+             axoniq.axonserver.controldb-backup-location=/var/backups/cdb\n\
+             myelin.backup.log-hold-minutes=45\n\
              logging.level.root=INFO\n",
         );
         let loaded = load(&inputs(dir.path())).unwrap();
@@ -690,6 +711,8 @@ mod tests {
         assert_eq!(c.max_message_size, 8 * 1024 * 1024);
         assert_eq!(c.control_db, PathBuf::from("/var/lib/cdb/myelin-controldb.sqlite3"));
         assert_eq!(c.disk_space_threshold, 1024 * 1024 * 1024);
+        assert_eq!(c.controldb_backup_location, PathBuf::from("/var/backups/cdb"));
+        assert_eq!(c.backup_log_hold_minutes, 45);
         assert!(c.access_control.enabled);
         assert_eq!(c.access_control.internal_token.as_deref(), Some("s3cret"));
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
@@ -893,6 +916,8 @@ runtime-directory = "rt"
             ("myelin.bind-address=localhost", "myelin.bind-address"),
             ("myelin.contexts=default,../x", "myelin.contexts"),
             ("axoniq.axonserver.snapshot.segment-size=0", "segment-size"),
+            ("myelin.backup.log-hold-minutes=0", "log-hold-minutes"),
+            ("myelin.backup.log-hold-minutes=2000", "log-hold-minutes"),
         ] {
             write(dir.path(), "axonserver.properties", line);
             let err = load(&inputs(dir.path())).unwrap_err().to_string();
