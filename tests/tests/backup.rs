@@ -1,0 +1,429 @@
+//! Backups with the real binaries: `myelin` nodes and `myelin-backup-agent` as a separate process,
+//! driven the way cron or an operator would (see docs/backups.md).
+//!
+//! - a full backup restored into a wiped data directory serves every event with its token, and
+//!   the node goes on appending after them; restore refuses a running node, a used directory and
+//!   an incomplete set;
+//! - incremental runs copy only the closed segments that are new (counted from `--json`);
+//! - a backup taken while 32 clients append loses no event confirmed before it started, and the
+//!   restored node's tokens are the original's;
+//! - `verify` finds a damaged or missing file, and a backup killed mid-run leaves a set `verify`
+//!   calls incomplete, which the next run completes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use myelin_proto::axon::event::Event;
+use myelin_proto::axon::event::event_store_client::EventStoreClient;
+use myelin_tests::{Node, Options, append, event, read_aggregate, read_all};
+use tonic::transport::Channel;
+
+/// The agent next to the `myelin` binary under test (`$MYELIN_BACKUP_AGENT` overrides).
+fn agent() -> PathBuf {
+    if let Ok(path) = std::env::var("MYELIN_BACKUP_AGENT") {
+        return PathBuf::from(path);
+    }
+    let path = myelin_tests::binary().with_file_name("myelin-backup-agent");
+    assert!(path.exists(), "{} missing: build the workspace first", path.display());
+    path
+}
+
+async fn run_agent(args: &[&str]) -> Output {
+    tokio::process::Command::new(agent())
+        .args(args)
+        .output()
+        .await
+        .expect("run myelin-backup-agent")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A backup run with `--json`; panics unless it succeeded.
+async fn backup(node: &Node, dest: &Path) -> serde_json::Value {
+    let server = format!("http://127.0.0.1:{}", node.http_port);
+    let output = run_agent(&[
+        "backup",
+        "--json",
+        "--server",
+        &server,
+        "--dest",
+        dest.to_str().unwrap(),
+    ])
+    .await;
+    assert!(output.status.success(), "backup failed: {}", text(&output));
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("summary is not JSON ({e}): {}", text(&output)))
+}
+
+async fn verify(dest: &Path) -> (Option<i32>, String) {
+    let output = run_agent(&["verify", dest.to_str().unwrap()]).await;
+    (output.status.code(), text(&output))
+}
+
+async fn restore(dest: &Path, data: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["restore", dest.to_str().unwrap(), "--data", data.to_str().unwrap()];
+    args.extend(extra);
+    run_agent(&args).await
+}
+
+fn small_segments() -> Options {
+    Options {
+        env: vec![
+            ("AXONIQ_AXONSERVER_EVENT_SEGMENT_SIZE".into(), "4096".into()),
+            ("AXONIQ_AXONSERVER_SNAPSHOT_SEGMENT_SIZE".into(), "4096".into()),
+        ],
+        ..Options::default()
+    }
+}
+
+fn temp_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(prefix).tempdir_in("/tmp").unwrap()
+}
+
+/// Closed segments of the node's `default` events folder (all but the newest file).
+fn closed_event_segments(node: &Node) -> usize {
+    let count = std::fs::read_dir(node.data.join("default/events"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".events"))
+        .count();
+    count - 1
+}
+
+/// (token, message id, aggregate, sequence) of every event, for comparing nodes.
+fn identities(events: &[(i64, Event)]) -> Vec<(i64, String, String, i64)> {
+    events
+        .iter()
+        .map(|(t, e)| {
+            (
+                *t,
+                e.message_identifier.clone(),
+                e.aggregate_identifier.clone(),
+                e.aggregate_sequence_number,
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restored_node_serves_every_event_with_its_token() {
+    let mut node = Node::start(small_segments()).await;
+    let mut client = node.client().await;
+    for round in 0..40i64 {
+        for agg in 0..5 {
+            let aggregate = format!("order-{agg}");
+            let events = (0..1 + round % 3)
+                .map(|i| {
+                    let seq = (0..round).map(|r| 1 + r % 3).sum::<i64>() + i;
+                    event(&aggregate, seq, &format!("{aggregate}-{seq}"))
+                })
+                .collect();
+            append(&mut client, events).await.unwrap();
+        }
+    }
+    let mut snapshot = event("order-1", 10, "snapshot-order-1-10");
+    snapshot.snapshot = true;
+    client.append_snapshot(snapshot).await.unwrap();
+    let before = read_all(&mut client).await;
+    assert!(closed_event_segments(&node) >= 5, "small segments roll");
+
+    let set = temp_dir("mybs");
+    let summary = backup(&node, set.path()).await;
+    assert_eq!(verify(set.path()).await.0, Some(0));
+    assert!(
+        summary["controlDb"]
+            .as_str()
+            .unwrap()
+            .starts_with("controldb/controldb")
+    );
+
+    // Restore refuses the running node's data directory.
+    let refused = restore(set.path(), &node.data, &[]).await;
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(text(&refused).contains("running node"), "{}", text(&refused));
+
+    node.stop();
+    // A used data directory needs --force, which moves what is there aside.
+    let refused = restore(set.path(), &node.data, &[]).await;
+    assert!(text(&refused).contains("not empty"), "{}", text(&refused));
+    std::fs::remove_dir_all(&node.data).unwrap();
+    let restored = restore(set.path(), &node.data, &[]).await;
+    assert!(restored.status.success(), "{}", text(&restored));
+
+    let node = Node::start(Options {
+        data_dir: Some(node.data.clone()),
+        ..small_segments()
+    })
+    .await;
+    let mut client = node.client().await;
+    let after = read_all(&mut client).await;
+    assert_eq!(identities(&after), identities(&before));
+    assert_eq!(after, before, "every event comes back byte for byte");
+    let order1 = read_aggregate(&mut client, "order-1").await;
+    assert_eq!(order1.len(), (0..40).map(|r| 1 + r % 3).sum::<i64>() as usize);
+    let snapshots = client
+        .list_aggregate_snapshots(myelin_proto::axon::event::GetAggregateSnapshotsRequest {
+            aggregate_id: "order-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .expect("the snapshot is restored");
+    assert_eq!(snapshot_id(&snapshots), "snapshot-order-1-10");
+
+    // The restored node goes on: the next token, and sequence checks against restored events.
+    let next = order1.len() as i64;
+    append(&mut client, vec![event("order-1", next, "after-restore")])
+        .await
+        .unwrap();
+    let err = append(&mut client, vec![event("order-1", 3, "stale")])
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("AXONIQ-2000"), "{err:?}");
+    let last = read_all(&mut client).await;
+    assert_eq!(last.len(), before.len() + 1);
+    assert_eq!(last.last().unwrap().1.message_identifier, "after-restore");
+}
+
+fn snapshot_id(event: &Event) -> &str {
+    &event.message_identifier
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn incremental_backups_copy_only_new_closed_segments() {
+    let node = Node::start(small_segments()).await;
+    let mut client = node.client().await;
+    async fn write(client: &mut EventStoreClient<Channel>, from: i64, n: i64) {
+        for seq in from..from + n {
+            append(client, vec![event("inc", seq, &format!("inc-{seq}"))])
+                .await
+                .unwrap();
+        }
+    }
+    write(&mut client, 0, 100).await;
+    let closed_first = closed_event_segments(&node);
+    assert!(closed_first >= 3, "{closed_first} closed segments");
+
+    let set = temp_dir("mybs");
+    let first = backup(&node, set.path()).await;
+    let events = &first["contexts"]["default"]["segments"]["EVENT"];
+    assert_eq!(events["closedSegmentsCopied"], closed_first);
+    // Each closed segment with its index and bloom filter, and the open segment.
+    assert_eq!(events["filesCopied"], 3 * closed_first + 1);
+
+    // Nothing new: only the open segment (and the log, the control DB) again.
+    let second = backup(&node, set.path()).await;
+    let events = &second["contexts"]["default"]["segments"]["EVENT"];
+    assert_eq!(events["closedSegmentsCopied"], 0);
+    assert_eq!(events["filesCopied"], 1);
+    assert!(second["filesCopied"].as_u64() < first["filesCopied"].as_u64());
+    assert_eq!(second["filesInSet"], first["filesInSet"]);
+
+    write(&mut client, 100, 100).await;
+    let closed_now = closed_event_segments(&node);
+    assert!(closed_now > closed_first);
+    let third = backup(&node, set.path()).await;
+    let events = &third["contexts"]["default"]["segments"]["EVENT"];
+    assert_eq!(events["closedSegmentsCopied"], closed_now - closed_first);
+    assert_eq!(events["filesCopied"], 3 * (closed_now - closed_first) + 1);
+    assert_eq!(verify(set.path()).await.0, Some(0));
+    let copies = std::fs::read_dir(set.path().join("contexts/default/events"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        copies,
+        3 * closed_now + 1,
+        "the set holds every closed segment once, and one open"
+    );
+}
+
+/// 32 clients append without pause while a backup runs; the restore must hold every event
+/// confirmed before the backup started, under the tokens the original node gave them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_under_load_keeps_every_event_confirmed_before_it() {
+    let node = Node::start(Options {
+        env: vec![("AXONIQ_AXONSERVER_EVENT_SEGMENT_SIZE".into(), "65536".into())],
+        ..Options::default()
+    })
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut appenders = Vec::new();
+    for i in 0..32 {
+        let mut client = node.client().await;
+        let stop = stop.clone();
+        appenders.push(tokio::spawn(async move {
+            let aggregate = format!("load-{i}");
+            let mut confirmed: Vec<(String, Instant)> = Vec::new();
+            let mut seq = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!("{aggregate}-{seq}");
+                append(&mut client, vec![event(&aggregate, seq, &id)])
+                    .await
+                    .unwrap_or_else(|e| panic!("append {id}: {e}"));
+                confirmed.push((id, Instant::now()));
+                seq += 1;
+            }
+            confirmed
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let set = temp_dir("mybs");
+    let started = Instant::now();
+    let summary = backup(&node, set.path()).await;
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut confirmed = Vec::new();
+    for appender in appenders {
+        confirmed.extend(appender.await.unwrap());
+    }
+    let before_backup: Vec<&String> = confirmed
+        .iter()
+        .filter(|(_, at)| *at < started)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(before_backup.len() > 100, "appenders made progress before the backup");
+    assert!(
+        confirmed.iter().any(|(_, at)| *at > started && *at < started + took),
+        "appends went on during the backup"
+    );
+    assert_eq!(verify(set.path()).await.0, Some(0));
+
+    let mut client = node.client().await;
+    let original: HashMap<String, i64> = read_all(&mut client)
+        .await
+        .into_iter()
+        .map(|(t, e)| (e.message_identifier, t))
+        .collect();
+    assert_eq!(original.len(), confirmed.len(), "every confirmed append is stored once");
+
+    let fresh = temp_dir("myrs");
+    let data = fresh.path().join("d");
+    let restored = restore(set.path(), &data, &[]).await;
+    assert!(restored.status.success(), "{}", text(&restored));
+    let copy = Node::start(Options {
+        data_dir: Some(data),
+        ..Options::default()
+    })
+    .await;
+    let mut client = copy.client().await;
+    let events = read_all(&mut client).await;
+    let mut present = HashMap::new();
+    for (token, event) in &events {
+        assert_eq!(
+            original.get(&event.message_identifier),
+            Some(token),
+            "{} has the token the original node gave it",
+            event.message_identifier
+        );
+        present.insert(event.message_identifier.clone(), *token);
+    }
+    let missing: Vec<&&String> = before_backup.iter().filter(|id| !present.contains_key(**id)).collect();
+    assert!(
+        missing.is_empty(),
+        "confirmed before the backup, missing after restore: {missing:?}"
+    );
+    eprintln!(
+        "confirmed {} ({} before the backup, which took {took:?} and copied {} files); restored {}; \
+         segments ahead of the copied log: {}",
+        confirmed.len(),
+        before_backup.len(),
+        summary["filesCopied"],
+        events.len(),
+        copy.log_text().contains("segments are ahead of the Raft log")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_finds_damage_and_a_killed_backup_is_completed_by_the_next_run() {
+    let node = Node::start(small_segments()).await;
+    let mut client = node.client().await;
+    for batch in 0..200i64 {
+        let events = (0..20)
+            .map(|i| event("big", batch * 20 + i, &format!("big-{}", batch * 20 + i)))
+            .collect();
+        append(&mut client, events).await.unwrap();
+    }
+    let set = temp_dir("mybs");
+    backup(&node, set.path()).await;
+    let (code, out) = verify(set.path()).await;
+    assert_eq!(code, Some(0), "{out}");
+
+    // Damage: a flipped byte, then a missing file.
+    let closed = set.path().join("contexts/default/events/00000000000000000000.events");
+    let original = std::fs::read(&closed).unwrap();
+    let mut flipped = original.clone();
+    flipped[100] ^= 0x01;
+    std::fs::write(&closed, &flipped).unwrap();
+    let (code, out) = verify(set.path()).await;
+    assert_eq!(code, Some(4), "{out}");
+    assert!(out.contains("00000000000000000000.events: checksum differs"), "{out}");
+    let data = temp_dir("myrs");
+    let refused = restore(set.path(), &data.path().join("d"), &[]).await;
+    assert!(
+        !refused.status.success() && text(&refused).contains("damaged"),
+        "{}",
+        text(&refused)
+    );
+    assert!(
+        !data.path().join("d/default").exists(),
+        "a failed restore leaves no context behind"
+    );
+    std::fs::remove_file(&closed).unwrap();
+    let (code, out) = verify(set.path()).await;
+    assert_eq!(code, Some(4), "{out}");
+    assert!(out.contains("missing"), "{out}");
+    std::fs::write(&closed, &original).unwrap();
+    assert_eq!(verify(set.path()).await.0, Some(0));
+
+    // A run killed after it started changing the set leaves it incomplete.
+    let server = format!("http://127.0.0.1:{}", node.http_port);
+    let manifest = set.path().join("manifest.json");
+    let mut killed = false;
+    for attempt in 0..20 {
+        let mut child = std::process::Command::new(agent())
+            .args(["backup", "--server", &server, "--dest", set.path().to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while manifest.exists() && Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+            std::hint::spin_loop();
+        }
+        // Somewhere in the run: right away, or a few milliseconds into the copying.
+        std::thread::sleep(Duration::from_millis(attempt % 4 * 3));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        if !status.success() && !manifest.exists() {
+            killed = true;
+            break;
+        }
+    }
+    assert!(killed, "never caught a backup before it finished");
+    let (code, out) = verify(set.path()).await;
+    assert_eq!(code, Some(3), "{out}");
+    assert!(out.contains("INCOMPLETE"), "{out}");
+    let refused = restore(set.path(), &data.path().join("d2"), &[]).await;
+    assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
+
+    backup(&node, set.path()).await;
+    let (code, out) = verify(set.path()).await;
+    assert_eq!(code, Some(0), "{out}");
+    let restored = restore(set.path(), &data.path().join("d3"), &[]).await;
+    assert!(restored.status.success(), "{}", text(&restored));
+}
