@@ -47,7 +47,7 @@ enum Command {
     /// segments (incremental for closed segments), then the manifest.
     Backup {
         /// The node's admin HTTP API.
-        #[arg(long, short = 'S', default_value = "http://localhost:8024")]
+        #[arg(long, short = 'S', env = "MYELIN_SERVER", default_value = "http://localhost:8024")]
         server: String,
         /// The backup set's directory (created if missing); must be outside the node's data
         /// directory.
@@ -57,7 +57,7 @@ enum Command {
         #[arg(long = "context", short = 'c')]
         contexts: Vec<String>,
         /// Access token (sent as `AxonIQ-Access-Token`), needed when access control is on.
-        #[arg(long, short = 't', env = "MYELIN_BACKUP_TOKEN", hide_env_values = true)]
+        #[arg(long, short = 't', env = "MYELIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
     /// Checks that a backup set is complete and every file matches its manifest.
