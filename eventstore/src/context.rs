@@ -344,7 +344,11 @@ fn read_deleted(data_dir: &Path) -> anyhow::Result<Vec<(String, Fate)>> {
             "preserved" => Fate::Preserved,
             _ => anyhow::bail!("{}: bad line {line:?}", path.display()),
         };
-        anyhow::ensure!(valid_context_name(name), "{}: bad context name {name:?}", path.display());
+        anyhow::ensure!(
+            valid_context_name(name),
+            "{}: bad context name {name:?}",
+            path.display()
+        );
         out.push((name.to_owned(), fate));
     }
     Ok(out)
@@ -448,7 +452,10 @@ mod tests {
         // Creating it again starts it empty and takes it off the deleted list.
         let orders = contexts.create("orders").await.unwrap();
         assert_eq!(orders.stored.events.next_token(), 0);
-        assert_eq!(read_deleted(dir.path()).unwrap(), vec![("extra".to_owned(), Fate::Preserved)]);
+        assert_eq!(
+            read_deleted(dir.path()).unwrap(),
+            vec![("extra".to_owned(), Fate::Preserved)]
+        );
         contexts.shutdown().await;
     }
 

@@ -224,7 +224,7 @@ fn disk_health(state: &AppState) -> Component {
 }
 
 /// The node's health: event store, router, disk space.
-#[utoipa::path(get, path = "/actuator/health", tag = "actuator",
+#[utoipa::path(get, path = "/actuator/health", operation_id = "health", tag = "actuator",
     responses(
         (status = 200, description = "UP or WARN", body = Health),
         (status = 503, description = "DOWN", body = Health),
@@ -267,7 +267,7 @@ fn section(
 }
 
 /// Metrics of the event store, the router and admin, in the Prometheus text format.
-#[utoipa::path(get, path = "/actuator/prometheus", tag = "actuator",
+#[utoipa::path(get, path = "/actuator/prometheus", operation_id = "prometheus", tag = "actuator",
     responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String)))]
 pub async fn prometheus(State(state): State<AppState>) -> Response {
     let mut storage_call = tonic::Request::new(MetricsRequest {});

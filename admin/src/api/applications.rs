@@ -33,12 +33,12 @@ const PREFIX_CHARS: usize = 8;
 #[serde(deny_unknown_fields)]
 pub struct ContextRolesJson {
     /// A context name, or `*` for every context.
-    #[schema(example = "default")]
+    #[schema(example = "default", pattern = "^(\\*|[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63})$")]
     pub context: String,
     /// Role names: ADMIN, CONTEXT_ADMIN, DISPATCH_COMMANDS, DISPATCH_QUERY, MONITOR,
     /// PUBLISH_EVENTS, READ, READ_EVENTS, SUBSCRIBE_COMMAND_HANDLER, SUBSCRIBE_QUERY_HANDLER,
     /// USE_CONTEXT, VIEW_CONFIGURATION, WRITE.
-    #[schema(example = json!(["READ_EVENTS", "PUBLISH_EVENTS"]))]
+    #[schema(example = json!(["READ_EVENTS", "PUBLISH_EVENTS"]), max_items = 32)]
     pub roles: Vec<String>,
 }
 
@@ -47,15 +47,18 @@ pub struct ContextRolesJson {
 #[serde(deny_unknown_fields)]
 pub struct CreateApplication {
     /// 1 to 128 letters, digits, `-`, `_` or `.`.
-    #[schema(example = "billing")]
+    #[schema(example = "billing", pattern = "^[A-Za-z0-9_.-]{1,128}$")]
     pub name: String,
     #[serde(default)]
+    #[schema(max_length = 1024)]
     pub description: Option<String>,
     #[serde(default)]
+    #[schema(max_items = 64)]
     pub roles: Option<Vec<ContextRolesJson>>,
     /// The token to use (16 to 512 printable ASCII characters, no spaces); default: a generated
     /// one.
     #[serde(default)]
+    #[schema(pattern = "^[!-~]{16,512}$")]
     pub token: Option<String>,
 }
 
@@ -149,12 +152,14 @@ async fn check_roles(
 }
 
 /// Registers an application. The token in the answer is never shown again.
-#[utoipa::path(post, path = "/v1/applications", tag = "applications",
+#[utoipa::path(post, path = "/v1/applications", operation_id = "createApplication", tag = "applications",
     request_body = CreateApplication,
     responses(
         (status = 200, description = "Registered", body = CreatedApplication),
         (status = 400, description = "Invalid name, token or body; unknown role (AXONIQ-2510); name exists", body = ErrorBody),
         (status = 404, description = "A role names an unknown context (AXONIQ-1302)", body = ErrorBody),
+        (status = 413, description = "Body larger than 64 KiB", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
     ))]
 pub async fn create(
     State(state): State<AppState>,
@@ -207,8 +212,8 @@ pub async fn create(
 }
 
 /// Every registered application with its roles (tokens are never listed).
-#[utoipa::path(get, path = "/v1/public/applications", tag = "applications",
-    responses((status = 200, body = Vec<ApplicationJson>)))]
+#[utoipa::path(get, path = "/v1/public/applications", operation_id = "listApplications", tag = "applications",
+    responses((status = 200, description = "OK", body = Vec<ApplicationJson>)))]
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<ApplicationJson>>, ApiError> {
     let apps = state.db.call(|conn| db::list(conn)).await?;
     Ok(Json(
@@ -232,8 +237,8 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<ApplicationJ
 }
 
 /// Removes an application; its token stops working at once.
-#[utoipa::path(delete, path = "/v1/applications/{name}", tag = "applications",
-    params(("name" = String, Path, description = "Application name")),
+#[utoipa::path(delete, path = "/v1/applications/{name}", operation_id = "deleteApplication", tag = "applications",
+    params(("name" = String, Path, description = "Application name", pattern = "^[A-Za-z0-9_.-]{1,128}$")),
     responses(
         (status = 200, description = "Deleted", body = DeletedApplication),
         (status = 400, description = "Invalid name", body = ErrorBody),

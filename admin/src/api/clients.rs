@@ -31,6 +31,7 @@ const INSTRUCTION_TIMEOUT: Duration = Duration::from_secs(10);
 #[into_params(parameter_in = Query)]
 pub struct ContextFilter {
     /// Only this context; default: every context.
+    #[param(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")]
     pub context: Option<String>,
 }
 
@@ -39,8 +40,10 @@ pub struct ContextFilter {
 #[into_params(parameter_in = Query)]
 pub struct ProcessorTarget {
     /// The context; default `default`.
+    #[param(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")]
     pub context: Option<String>,
     /// Only instances using this token store.
+    #[param(min_length = 1, max_length = 512, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$")]
     pub token_store_identifier: Option<String>,
 }
 
@@ -48,8 +51,10 @@ pub struct ProcessorTarget {
 #[into_params(parameter_in = Query)]
 pub struct ReconnectTarget {
     /// The client's id, as it registered.
+    #[param(min_length = 1, max_length = 512, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$")]
     pub client: String,
     /// The client's context; default `default`.
+    #[param(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")]
     pub context: Option<String>,
 }
 
@@ -126,9 +131,9 @@ pub struct InstructionResultJson {
 }
 
 /// Connected client applications.
-#[utoipa::path(get, path = "/v1/clients", tag = "clients", params(ContextFilter),
+#[utoipa::path(get, path = "/v1/clients", operation_id = "listClients", tag = "clients", params(ContextFilter),
     responses(
-        (status = 200, body = Vec<ClientJson>),
+        (status = 200, description = "OK", body = Vec<ClientJson>),
         (status = 400, description = "Invalid context name", body = ErrorBody),
         (status = 404, description = "No such context", body = ErrorBody),
     ))]
@@ -204,9 +209,9 @@ fn processor_json(report: ProcessorReport) -> ProcessorJson {
 }
 
 /// Event processors, as the connected clients last reported them.
-#[utoipa::path(get, path = "/v1/processors", tag = "clients", params(ContextFilter),
+#[utoipa::path(get, path = "/v1/processors", operation_id = "listProcessors", tag = "clients", params(ContextFilter),
     responses(
-        (status = 200, body = Vec<ProcessorJson>),
+        (status = 200, description = "OK", body = Vec<ProcessorJson>),
         (status = 400, description = "Invalid context name", body = ErrorBody),
         (status = 404, description = "No such context", body = ErrorBody),
     ))]
@@ -220,9 +225,9 @@ pub async fn processors(
 }
 
 /// Command and query handler registrations.
-#[utoipa::path(get, path = "/v1/handlers", tag = "clients", params(ContextFilter),
+#[utoipa::path(get, path = "/v1/handlers", operation_id = "listHandlers", tag = "clients", params(ContextFilter),
     responses(
-        (status = 200, body = Vec<HandlerJson>),
+        (status = 200, description = "OK", body = Vec<HandlerJson>),
         (status = 400, description = "Invalid context name", body = ErrorBody),
         (status = 404, description = "No such context", body = ErrorBody),
     ))]
@@ -398,10 +403,11 @@ async fn processor_operation(
 }
 
 /// Pauses an event processor in every instance of the component that runs it.
-#[utoipa::path(patch, path = "/v1/components/{component}/processors/{processor}/pause", tag = "clients",
-    params(("component" = String, Path), ("processor" = String, Path), ProcessorTarget),
+#[utoipa::path(patch, path = "/v1/components/{component}/processors/{processor}/pause", operation_id = "pauseProcessor", tag = "clients",
+    params(("component" = String, Path, max_length = 512, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"),
+        ("processor" = String, Path, max_length = 512, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"), ProcessorTarget),
     responses(
-        (status = 200, body = InstructionResultJson),
+        (status = 200, description = "OK", body = InstructionResultJson),
         (status = 400, description = "Invalid parameters", body = ErrorBody),
         (status = 404, description = "No such context, processor (AXONIQ-2800) or client", body = ErrorBody),
     ))]
@@ -414,10 +420,11 @@ pub async fn pause(
 }
 
 /// Starts an event processor in every instance of the component that runs it.
-#[utoipa::path(patch, path = "/v1/components/{component}/processors/{processor}/start", tag = "clients",
-    params(("component" = String, Path), ("processor" = String, Path), ProcessorTarget),
+#[utoipa::path(patch, path = "/v1/components/{component}/processors/{processor}/start", operation_id = "startProcessor", tag = "clients",
+    params(("component" = String, Path, max_length = 512, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"),
+        ("processor" = String, Path, max_length = 512, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"), ProcessorTarget),
     responses(
-        (status = 200, body = InstructionResultJson),
+        (status = 200, description = "OK", body = InstructionResultJson),
         (status = 400, description = "Invalid parameters", body = ErrorBody),
         (status = 404, description = "No such context, processor (AXONIQ-2800) or client", body = ErrorBody),
     ))]
@@ -430,10 +437,11 @@ pub async fn start(
 }
 
 /// Splits the processor's largest segment in two.
-#[utoipa::path(patch, path = "/v1/components/{component}/processors/{processor}/segments/split", tag = "clients",
-    params(("component" = String, Path), ("processor" = String, Path), ProcessorTarget),
+#[utoipa::path(patch, path = "/v1/components/{component}/processors/{processor}/segments/split", operation_id = "splitSegment", tag = "clients",
+    params(("component" = String, Path, max_length = 512, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"),
+        ("processor" = String, Path, max_length = 512, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"), ProcessorTarget),
     responses(
-        (status = 200, body = InstructionResultJson),
+        (status = 200, description = "OK", body = InstructionResultJson),
         (status = 400, description = "Invalid parameters, or no segment to split", body = ErrorBody),
         (status = 404, description = "No such context, processor (AXONIQ-2800) or client", body = ErrorBody),
     ))]
@@ -446,10 +454,11 @@ pub async fn split(
 }
 
 /// Merges the processor's smallest segment with its sibling.
-#[utoipa::path(patch, path = "/v1/components/{component}/processors/{processor}/segments/merge", tag = "clients",
-    params(("component" = String, Path), ("processor" = String, Path), ProcessorTarget),
+#[utoipa::path(patch, path = "/v1/components/{component}/processors/{processor}/segments/merge", operation_id = "mergeSegment", tag = "clients",
+    params(("component" = String, Path, max_length = 512, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"),
+        ("processor" = String, Path, max_length = 512, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"), ProcessorTarget),
     responses(
-        (status = 200, body = InstructionResultJson),
+        (status = 200, description = "OK", body = InstructionResultJson),
         (status = 400, description = "Invalid parameters, or nothing to merge", body = ErrorBody),
         (status = 404, description = "No such context, processor (AXONIQ-2800) or client", body = ErrorBody),
     ))]
@@ -462,9 +471,9 @@ pub async fn merge(
 }
 
 /// Asks a client to reconnect (it asks again which node to use).
-#[utoipa::path(patch, path = "/v1/instructions", tag = "clients", params(ReconnectTarget),
+#[utoipa::path(patch, path = "/v1/instructions", operation_id = "reconnectClient", tag = "clients", params(ReconnectTarget),
     responses(
-        (status = 200, body = InstructionResultJson),
+        (status = 200, description = "OK", body = InstructionResultJson),
         (status = 400, description = "Invalid parameters", body = ErrorBody),
         (status = 404, description = "No such context or client (AXONIQ-1300)", body = ErrorBody),
     ))]

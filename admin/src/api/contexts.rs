@@ -40,10 +40,14 @@ const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NodeAndRole {
-    #[schema(example = "node-1")]
+    #[schema(example = "node-1", min_length = 1, max_length = 255)]
     pub node: String,
-    /// PRIMARY, ACTIVE_BACKUP, PASSIVE_BACKUP or MESSAGING_ONLY.
-    #[schema(example = "PRIMARY")]
+    /// PRIMARY, ACTIVE_BACKUP, PASSIVE_BACKUP or MESSAGING_ONLY (a single node holds its
+    /// contexts as PRIMARY).
+    #[schema(
+        example = "PRIMARY",
+        pattern = "^(PRIMARY|ACTIVE_BACKUP|PASSIVE_BACKUP|MESSAGING_ONLY)$"
+    )]
     pub role: String,
 }
 
@@ -94,15 +98,21 @@ pub struct ContextDetails {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateContext {
     /// 1 to 64 letters, digits, `-`, `_` or `.`; not starting with `_` (reserved) or `.`.
-    #[schema(example = "orders")]
+    #[schema(
+        example = "orders",
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[A-Za-z0-9-][A-Za-z0-9_.-]{0,63}$"
+    )]
     pub context: String,
     /// Members and their roles; default: this node as PRIMARY.
     #[serde(default)]
+    #[schema(max_items = 16)]
     pub roles: Option<Vec<NodeAndRole>>,
     /// Free-form properties, kept with the context.
     #[serde(default)]
     pub meta_data: Option<BTreeMap<String, String>>,
-    /// Accepted for Axon compatibility: must be absent or the context's own name.
+    /// Accepted for Axon compatibility: must be absent, empty or the context's own name.
     #[serde(default)]
     pub replication_group: Option<String>,
 }
@@ -159,8 +169,8 @@ fn positions(status: &ContextStatus) -> Positions {
 }
 
 /// Every context, with its members and their roles.
-#[utoipa::path(get, path = "/v1/public/context", tag = "contexts",
-    responses((status = 200, body = Vec<ContextJson>)))]
+#[utoipa::path(get, path = "/v1/public/context", operation_id = "listContexts", tag = "contexts",
+    responses((status = 200, description = "OK", body = Vec<ContextJson>)))]
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<ContextJson>>, ApiError> {
     let rows = state.db.call(|conn| db::contexts(conn)).await?;
     Ok(Json(rows.iter().map(to_json).collect()))
@@ -176,10 +186,11 @@ async fn find(state: &AppState, name: &str) -> Result<ContextRow, ApiError> {
 }
 
 /// One context: members, roles, and where its event store stands.
-#[utoipa::path(get, path = "/v1/context/{name}", tag = "contexts",
-    params(("name" = String, Path, description = "Context name")),
+#[utoipa::path(get, path = "/v1/context/{name}", operation_id = "getContext", tag = "contexts",
+    params(("name" = String, Path, description = "Context name", min_length = 1, max_length = 64,
+        pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")),
     responses(
-        (status = 200, body = ContextDetails),
+        (status = 200, description = "OK", body = ContextDetails),
         (status = 400, description = "Invalid name (AXONIQ-2308)", body = ErrorBody),
         (status = 404, description = "No such context (AXONIQ-1302)", body = ErrorBody),
     ))]
@@ -221,6 +232,7 @@ async fn validate(
         ));
     }
     if let Some(group) = &request.replication_group
+        && !group.is_empty()
         && group != name
     {
         return Err(ApiError::new(
@@ -304,13 +316,15 @@ async fn validate(
 }
 
 /// Creates a context: its storage on this node and its record in the control DB.
-#[utoipa::path(post, path = "/v1/context", tag = "contexts",
+#[utoipa::path(post, path = "/v1/context", operation_id = "createContext", tag = "contexts",
     request_body = CreateContext,
     responses(
         (status = 200, description = "Created", body = ContextJson),
         (status = 400, description = "Invalid or reserved name (AXONIQ-2308), exists (AXONIQ-1304), \
                                       unknown role (AXONIQ-2510), bad body", body = ErrorBody),
         (status = 404, description = "Unknown node (AXONIQ-1301)", body = ErrorBody),
+        (status = 413, description = "Body larger than 64 KiB", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
     ))]
 pub async fn create(
     State(state): State<AppState>,
@@ -352,8 +366,9 @@ pub async fn create(
 
 /// Deletes a context: stops it, removes its files (unless `preserveEventStore=true`), forgets it,
 /// and disconnects its clients' streams.
-#[utoipa::path(delete, path = "/v1/context/{name}", tag = "contexts",
-    params(("name" = String, Path, description = "Context name"), DeleteParams),
+#[utoipa::path(delete, path = "/v1/context/{name}", operation_id = "deleteContext", tag = "contexts",
+    params(("name" = String, Path, description = "Context name", min_length = 1, max_length = 64,
+        pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$"), DeleteParams),
     responses(
         (status = 200, description = "Deleted", body = Deleted),
         (status = 400, description = "Invalid name (AXONIQ-2308)", body = ErrorBody),

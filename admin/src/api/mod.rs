@@ -144,12 +144,89 @@ pub fn openapi_routes() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document alone (for tests and tools).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    openapi_routes().into_openapi()
+    let mut api = openapi_routes().into_openapi();
+    finish(&mut api);
+    api
+}
+
+/// Makes the merged document valid whatever each route set wrote: every response gets a
+/// description (the status's reason phrase when it has none), and every operation id is unique
+/// (a repeated one gets its method and path appended).
+fn finish(api: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::RefOr;
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for item in api.paths.paths.values() {
+        for operation in operations(item) {
+            if let Some(id) = &operation.operation_id {
+                *seen.entry(id.clone()).or_default() += 1;
+            }
+        }
+    }
+    for (path, item) in api.paths.paths.iter_mut() {
+        for (method, operation) in operations_mut(item) {
+            if let Some(id) = &operation.operation_id
+                && seen.get(id).copied().unwrap_or(0) > 1
+            {
+                let words: String = path
+                    .split(|c: char| !c.is_ascii_alphanumeric())
+                    .filter(|w| !w.is_empty())
+                    .map(|w| format!("{}{}", w[..1].to_ascii_uppercase(), &w[1..]))
+                    .collect();
+                operation.operation_id = Some(format!("{id}_{method}{words}"));
+            }
+            for (status, response) in operation.responses.responses.iter_mut() {
+                if let RefOr::T(response) = response
+                    && response.description.is_empty()
+                {
+                    response.description = status
+                        .parse::<u16>()
+                        .ok()
+                        .and_then(|s| axum::http::StatusCode::from_u16(s).ok())
+                        .and_then(|s| s.canonical_reason())
+                        .unwrap_or("Response")
+                        .to_owned();
+                }
+            }
+        }
+    }
+}
+
+fn operations(item: &utoipa::openapi::PathItem) -> impl Iterator<Item = &utoipa::openapi::path::Operation> {
+    [
+        &item.get,
+        &item.put,
+        &item.post,
+        &item.delete,
+        &item.options,
+        &item.head,
+        &item.patch,
+        &item.trace,
+    ]
+    .into_iter()
+    .flatten()
+}
+
+fn operations_mut(
+    item: &mut utoipa::openapi::PathItem,
+) -> impl Iterator<Item = (&'static str, &mut utoipa::openapi::path::Operation)> {
+    [
+        ("get", &mut item.get),
+        ("put", &mut item.put),
+        ("post", &mut item.post),
+        ("delete", &mut item.delete),
+        ("options", &mut item.options),
+        ("head", &mut item.head),
+        ("patch", &mut item.patch),
+        ("trace", &mut item.trace),
+    ]
+    .into_iter()
+    .filter_map(|(method, operation)| operation.as_mut().map(|o| (method, o)))
 }
 
 /// The complete HTTP service. Layers that must see every call go here.
 pub fn router(state: AppState) -> axum::Router {
-    let (routes, api) = openapi_routes().split_for_parts();
+    let (routes, mut api) = openapi_routes().split_for_parts();
+    finish(&mut api);
     let metrics = state.http_metrics.clone();
     routes
         .route("/", get(crate::status::page))
@@ -337,6 +414,18 @@ mod tests {
             "/actuator/prometheus",
         ] {
             assert!(paths.contains(&path), "{path} missing from {paths:?}");
+        }
+        let mut ids = std::collections::HashSet::new();
+        for item in api.paths.paths.values() {
+            for operation in operations(item) {
+                let id = operation.operation_id.clone().expect("every operation has an id");
+                assert!(ids.insert(id.clone()), "operation id {id} repeats");
+                for (status, response) in &operation.responses.responses {
+                    if let utoipa::openapi::RefOr::T(r) = response {
+                        assert!(!r.description.is_empty(), "{id} {status} has no description");
+                    }
+                }
+            }
         }
         let json = api.to_json().unwrap();
         assert!(json.contains("\"openapi\":\"3.1"), "{}", &json[..100]);

@@ -57,7 +57,7 @@ pub struct Me {
 }
 
 /// The nodes of the cluster.
-#[utoipa::path(get, path = "/v1/public", tag = "nodes", responses((status = 200, body = Vec<NodeJson>)))]
+#[utoipa::path(get, path = "/v1/public", operation_id = "listNodes", tag = "nodes", responses((status = 200, description = "OK", body = Vec<NodeJson>)))]
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<NodeJson>>, ApiError> {
     let nodes = state.db.call(|conn| db::nodes(conn)).await?;
     let me = state.node.name.clone();
@@ -78,9 +78,9 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<NodeJson>>, 
 }
 
 /// This node's configuration and its contexts' positions.
-#[utoipa::path(get, path = "/v1/public/me", tag = "nodes",
+#[utoipa::path(get, path = "/v1/public/me", operation_id = "getThisNode", tag = "nodes",
     responses(
-        (status = 200, body = Me),
+        (status = 200, description = "OK", body = Me),
         (status = 503, description = "The event store does not answer", body = ErrorBody),
     ))]
 pub async fn me(State(state): State<AppState>) -> Result<Json<Me>, ApiError> {
