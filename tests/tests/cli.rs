@@ -329,7 +329,6 @@ async fn register_list_and_delete_applications() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "POST /v1/backup/createControlDbBackup is not served by admin yet"]
 async fn backup_control_db_prints_the_zip_path() {
     let node = start_node().await;
     let path = cli(&node, &["backup-control-db"]).ok().stdout;

@@ -12,8 +12,9 @@
 //! systemd (which is not PID 1 here): a mount namespace whose root is read-only (ProtectSystem=
 //! strict) except the state and runtime directories, a private /tmp, an unprivileged user with
 //! no capabilities and no-new-privileges, the working directory, `$RUNTIME_DIRECTORY`, the
-//! sample properties file, and systemd's notify socket with a watchdog. Not emulated: the
-//! seccomp filter and the other Protect*/Restrict* settings.
+//! sample properties file, and systemd's notify socket with a watchdog; then the backup unit's
+//! command, confined the same way with only the backup directory writable, backs that node up.
+//! Not emulated: the seccomp filter, the other Protect*/Restrict* settings, and scheduling.
 //!
 //! Tests that need a tool (systemd-analyze, unshare, setpriv, root) print why and pass when
 //! it is missing.
@@ -301,6 +302,34 @@ impl Drop for Supervisor {
     }
 }
 
+/// A command that runs its program (the arguments added next) the way the units confine it:
+/// in a mount namespace where only `writable` stays writable (bound onto themselves before the
+/// root is remounted read-only: ProtectSystem=strict), with an empty private /tmp (PrivateTmp),
+/// as uid/gid 65534 without supplementary groups, capabilities or new privileges (User=,
+/// CapabilityBoundingSet=, NoNewPrivileges=), in `cwd` (WorkingDirectory=).
+fn sandboxed(unshare: &Path, setpriv: &Path, writable: &[&Path], cwd: &Path) -> Command {
+    let mut script = String::from("set -e\n");
+    for (i, _) in writable.iter().enumerate() {
+        script.push_str(&format!("mount --bind \"$RW{i}\" \"$RW{i}\"\n"));
+    }
+    script.push_str(
+        "mount -o remount,bind,ro /\n\
+         mount -t tmpfs -o mode=1777 tmpfs /tmp\n\
+         cd \"$WORKDIR\"\n\
+         exec \"$SETPRIV\" --reuid=65534 --regid=65534 --clear-groups --no-new-privs --inh-caps=-all \
+         --bounding-set=-all \"$@\"\n",
+    );
+    let mut command = Command::new(unshare);
+    command
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script, "sh"])
+        .env("SETPRIV", setpriv)
+        .env("WORKDIR", cwd);
+    for (i, dir) in writable.iter().enumerate() {
+        command.env(format!("RW{i}"), dir);
+    }
+    command
+}
+
 #[test]
 fn node_runs_under_the_service_sandbox() {
     if !nix::unistd::Uid::effective().is_root() {
@@ -358,23 +387,10 @@ fn node_runs_under_the_service_sandbox() {
     let http_port = free_port();
     let log_path = root.path().join("node.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    // The mounts: state and runtime directories writable (bound onto themselves before the
-    // root becomes read-only), everything else read-only, an empty private /tmp.
-    let script = r#"set -e
-mount --bind "$STATE" "$STATE"
-mount --bind "$RUN" "$RUN"
-mount -o remount,bind,ro /
-mount -t tmpfs -o mode=1777 tmpfs /tmp
-cd "$STATE"
-exec "$SETPRIV" --reuid=65534 --regid=65534 --clear-groups --no-new-privs --inh-caps=-all --bounding-set=-all "$@"
-"#;
-    let child = Command::new(&unshare)
-        .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
+    let mut command = sandboxed(&unshare, &setpriv, &[&state, &run], &state);
+    let child = command
         .arg(built("myelin"))
         .args(&args)
-        .env("STATE", &state)
-        .env("RUN", &run)
-        .env("SETPRIV", &setpriv)
         .env("RUNTIME_DIRECTORY", &run)
         .env("NOTIFY_SOCKET", &notify_path)
         .env("WATCHDOG_USEC", "1000000")
@@ -424,6 +440,44 @@ exec "$SETPRIV" --reuid=65534 --regid=65534 --clear-groups --no-new-privs --inh-
         std::os::unix::fs::MetadataExt::uid(&owner),
         65534,
         "not written as the service user"
+    );
+
+    // myelin-backup.service's command, confined the same way with only the backup directory
+    // writable, backs the sandboxed node up (as its user: it must read the data directory, which
+    // is read-only to it), and the set verifies.
+    let backup = parse_unit(&unit_text("myelin-backup.service"));
+    let dest = root.path().join("backups");
+    std::fs::create_dir(&dest).unwrap();
+    nix::unistd::chown(dest.as_path(), Some(nobody), Some(nogroup)).unwrap();
+    let backup_args: Vec<String> = setting(&backup, "Service", "ExecStart")
+        .split_whitespace()
+        .skip(1)
+        .map(|a| {
+            a.replace("http://localhost:8024", &format!("http://127.0.0.1:{http_port}"))
+                .replace("/var/backups/myelin", dest.to_str().unwrap())
+        })
+        .collect();
+    let agent = built("myelin-backup-agent");
+    let output = sandboxed(&unshare, &setpriv, &[&dest], root.path())
+        .arg(&agent)
+        .args(&backup_args)
+        .env_remove("MYELIN_BACKUP_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "backup under the unit's sandbox: {}\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let verified = Command::new(&agent).arg("verify").arg(&dest).output().unwrap();
+    assert!(
+        verified.status.success(),
+        "verify: {}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
     );
 
     kill(Pid::from_raw(supervisor.0.id() as i32), Signal::SIGTERM).unwrap();
