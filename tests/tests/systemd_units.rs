@@ -461,7 +461,8 @@ fn node_runs_under_the_service_sandbox() {
     let output = sandboxed(&unshare, &setpriv, &[&dest], root.path())
         .arg(&agent)
         .args(&backup_args)
-        .env_remove("MYELIN_BACKUP_TOKEN")
+        .env_remove("MYELIN_TOKEN")
+        .env_remove("MYELIN_SERVER")
         .stdin(Stdio::null())
         .output()
         .unwrap();
