@@ -169,6 +169,9 @@ pub fn write_backup(source: &Path, location: &Path) -> anyhow::Result<PathBuf> {
         zip_file(&copy, &entry, &zip_path)
     })();
     let _ = std::fs::remove_file(&copy);
+    if result.is_err() {
+        let _ = std::fs::remove_file(zip_path.with_extension("zip.tmp"));
+    }
     result?;
     Ok(zip_path)
 }

@@ -91,7 +91,7 @@ fn main() -> ExitCode {
         Err(e) => {
             progress.finish();
             eprintln!("myelin-backup-agent: error: {e:#}");
-            if e.downcast_ref::<restore::Incomplete>().is_some() {
+            if e.downcast_ref::<restore::Incomplete>().is_some() || e.downcast_ref::<set::Busy>().is_some() {
                 ExitCode::from(EXIT_INCOMPLETE)
             } else {
                 ExitCode::from(EXIT_FAILED)

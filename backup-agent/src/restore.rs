@@ -97,7 +97,7 @@ fn lock_data(data: &Path) -> anyhow::Result<Flock<fs::File>> {
 pub fn restore(options: Options, progress: &mut Progress) -> anyhow::Result<Summary> {
     let backup = fs::canonicalize(&options.backup)
         .with_context(|| format!("the backup set {} cannot be opened", options.backup.display()))?;
-    let _set_lock = set::lock(&backup).ok();
+    let _set_lock = set::lock_for_reading(&backup)?;
     let Some(manifest) = set::read_manifest(&backup)? else {
         return Err(Incomplete(format!(
             "{} has no {}: the backup did not finish, so it cannot be restored (run `verify`)",

@@ -115,6 +115,36 @@ pub fn lock(dir: &Path) -> anyhow::Result<Flock<File>> {
     }
 }
 
+/// Takes the set's lock for a reader (verify, restore): fails if a backup holds it, but a set
+/// the reader cannot write (a read-only copy) is read without a lock.
+pub fn lock_for_reading(dir: &Path) -> anyhow::Result<Option<Flock<File>>> {
+    let path = dir.join(LOCK);
+    let file = match OpenOptions::new().create(true).truncate(false).write(true).open(&path) {
+        Ok(file) => file,
+        Err(_) => match File::open(&path) {
+            Ok(file) => file,
+            Err(_) => return Ok(None),
+        },
+    };
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(Busy(dir.display().to_string()).into()),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Another backup, verify or restore holds the set's lock.
+#[derive(Debug)]
+pub struct Busy(pub String);
+
+impl std::fmt::Display for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a backup is writing {} right now (its lock is held)", self.0)
+    }
+}
+
+impl std::error::Error for Busy {}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<Option<T>> {
     let file = match File::open(path) {
         Ok(file) => file,

@@ -23,15 +23,13 @@ pub enum Verdict {
 
 pub fn verify(dir: &Path, progress: &mut Progress) -> anyhow::Result<Verdict> {
     anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
-    let _lock = match set::lock(dir) {
-        Ok(lock) => Some(lock),
-        Err(e) if e.to_string().contains("another backup") => {
+    let _lock = match set::lock_for_reading(dir) {
+        Ok(lock) => lock,
+        Err(e) => {
             return Ok(Verdict::Incomplete {
-                reason: format!("{e:#}: it is being written right now"),
+                reason: format!("{e:#}"),
             });
         }
-        // A read-only copy of a set can still be checked.
-        Err(_) => None,
     };
     let manifest = match set::read_manifest(dir) {
         Ok(Some(manifest)) => manifest,

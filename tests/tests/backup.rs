@@ -224,6 +224,14 @@ async fn incremental_backups_copy_only_new_closed_segments() {
     // Each closed segment with its index and bloom filter, and the open segment.
     assert_eq!(events["filesCopied"], 3 * closed_first + 1);
 
+    // The control-DB backup held the event store's log compaction for the window.
+    let log = node.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("log compaction hold") && l.contains("on=true")),
+        "no hold in the node's log"
+    );
+
     // Nothing new: only the open segment (and the log, the control DB) again.
     let second = backup(&node, set.path()).await;
     let events = &second["contexts"]["default"]["segments"]["EVENT"];
@@ -339,12 +347,13 @@ async fn a_backup_under_load_keeps_every_event_confirmed_before_it() {
     );
     eprintln!(
         "confirmed {} ({} before the backup, which took {took:?} and copied {} files); restored {}; \
-         segments ahead of the copied log: {}",
+         segments ahead of the copied log: {}; a purge deferred by the hold: {}",
         confirmed.len(),
         before_backup.len(),
         summary["filesCopied"],
         events.len(),
-        copy.log_text().contains("segments are ahead of the Raft log")
+        copy.log_text().contains("segments are ahead of the Raft log"),
+        node.log_text().contains("log compaction on hold")
     );
 }
 
