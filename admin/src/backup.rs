@@ -434,6 +434,20 @@ mod tests {
     }
 
     #[test]
+    fn the_openapi_document_lists_the_backup_endpoints() {
+        let api = crate::api::openapi();
+        for path in [
+            "/v1/backup/createControlDbBackup",
+            "/createControlDbBackup",
+            "/v1/backup/filenames",
+            "/v1/backup/eventstore",
+            "/v1/backup/log/filenames",
+        ] {
+            assert!(api.paths.paths.contains_key(path), "{path} missing");
+        }
+    }
+
+    #[test]
     fn segment_kinds() {
         assert_eq!(segment_kind(Some("EVENT")).unwrap(), SegmentKind::Event);
         assert_eq!(segment_kind(Some("snapshot")).unwrap(), SegmentKind::Snapshot);

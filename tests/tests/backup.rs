@@ -436,3 +436,98 @@ async fn verify_finds_damage_and_a_killed_backup_is_completed_by_the_next_run() 
     let restored = restore(set.path(), &data.path().join("d3"), &[]).await;
     assert!(restored.status.success(), "{}", text(&restored));
 }
+
+/// Status, `code` of the JSON error body (if any) and body of one request to admin.
+async fn http(port: u16, method: &'static str, path: &str) -> (u16, Option<String>, String) {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        let result = match method {
+            "GET" => agent.get(&url).call(),
+            _ => agent.post(&url).send_empty(),
+        };
+        let mut response = result.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let body = response.body_mut().read_to_string().unwrap_or_default();
+        let code = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["code"].as_str().map(str::to_owned));
+        (response.status().as_u16(), code, body)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backup_endpoints_answer_bad_input_with_4xx_and_json() {
+    let node = Node::start(Options::default()).await;
+    let port = node.http_port;
+    for (path, status, code) in [
+        ("/v1/backup/filenames", 400, "AXONIQ-0001"),
+        ("/v1/backup/filenames?context=default", 400, "AXONIQ-0001"),
+        ("/v1/backup/filenames?type=LOG&context=default", 400, "AXONIQ-0001"),
+        ("/v1/backup/filenames?type=EVENT", 400, "AXONIQ-0001"),
+        ("/v1/backup/filenames?type=EVENT&context=nope", 404, "AXONIQ-1302"),
+        ("/v1/backup/filenames?type=EVENT&context=..%2Fx", 400, "AXONIQ-2308"),
+        (
+            "/v1/backup/filenames?type=EVENT&context=default&lastSegmentBackedUp=x",
+            400,
+            "AXONIQ-0001",
+        ),
+        (
+            "/v1/backup/filenames?type=EVENT&context=default&lastSegmentBackedUp=-5",
+            400,
+            "AXONIQ-0001",
+        ),
+        (
+            "/v1/backup/filenames?type=EVENT&context=default&lastSegmentBackedUp=99999999999999999999",
+            400,
+            "AXONIQ-0001",
+        ),
+        ("/v1/backup/eventstore", 400, "AXONIQ-0001"),
+        (
+            "/v1/backup/eventstore?type=EVENT&targetContext=nope",
+            404,
+            "AXONIQ-1302",
+        ),
+        ("/v1/backup/log/filenames", 400, "AXONIQ-0001"),
+        ("/v1/backup/log/filenames?context=nope", 404, "AXONIQ-1302"),
+        ("/v1/backup/log/filenames?context=_admin", 404, "AXONIQ-1302"),
+    ] {
+        let (got, got_code, body) = http(port, "GET", path).await;
+        assert_eq!((got, got_code.as_deref()), (status, Some(code)), "{path}: {body}");
+    }
+
+    let (status, _, body) = http(port, "GET", "/v1/backup/eventstore?type=EVENT").await;
+    assert_eq!(status, 200, "{body}");
+    let files: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(files["lastClosedSegment"], -1);
+    let names = files["filenames"].as_array().unwrap();
+    assert_eq!(names.len(), 1, "the open segment only: {body}");
+    assert!(
+        names[0]
+            .as_str()
+            .unwrap()
+            .ends_with("/default/events/00000000000000000000.events")
+    );
+    let (status, _, body) = http(port, "GET", "/v1/backup/filenames?type=SNAPSHOT&context=default").await;
+    assert_eq!((status, body.as_str()), (200, "[]"), "no closed segment yet");
+    let (status, _, body) = http(port, "GET", "/v1/backup/log/filenames?context=default").await;
+    assert_eq!(status, 200, "{body}");
+    let log: Vec<String> = serde_json::from_str(&body).unwrap();
+    assert!(log[0].ends_with("/default/log/00000000000000000000.log"), "{log:?}");
+    assert!(log.iter().any(|p| p.ends_with("/default/raft-state.json")), "{log:?}");
+
+    for path in ["/v1/backup/createControlDbBackup", "/createControlDbBackup"] {
+        let (status, _, body) = http(port, "POST", path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        let zip = PathBuf::from(&body);
+        assert!(zip.starts_with(node.data.join("backups")), "{body}");
+        assert_eq!(&std::fs::read(&zip).unwrap()[..4], b"PK\x03\x04", "{body} is a zip");
+    }
+    let (status, code, body) = http(port, "GET", "/v1/backup/createControlDbBackup").await;
+    assert_eq!((status, code.as_deref()), (405, Some("AXONIQ-0001")), "{body}");
+}
