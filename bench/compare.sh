@@ -92,6 +92,7 @@ REPORT="$OUT_DIR/$STAMP-$MACHINE.md"
 WORK="$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/myelin-compare.XXXXXX")"
 chmod 755 "$WORK"
 GROUPS_STARTED=()
+declare -A SYS_GROUPS=() S_KIND=() S_ADDR=() S_PIDS=() S_VERSION=()
 BENCH_PID=""
 
 # Stops a process group: TERM, up to 20 s, then KILL.
@@ -132,11 +133,20 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # Starts "$@" as the leader of a new process group (setsid execs: the pid is the group id),
-# output to $LOGFILE; sets STARTED_PID.
+# output to $LOGFILE, on behalf of $SYSTEM; sets STARTED_PID.
 spawn() {
     setsid "$@" >"$LOGFILE" 2>&1 </dev/null &
     STARTED_PID=$!
     GROUPS_STARTED+=("$STARTED_PID")
+    SYS_GROUPS[$SYSTEM]="${SYS_GROUPS[$SYSTEM]:-} $STARTED_PID"
+}
+# Stops the processes of one system.
+stop_system() {
+    local g
+    for g in ${SYS_GROUPS[$1]:-}; do
+        stop_group "$g"
+    done
+    SYS_GROUPS[$1]=""
 }
 
 free_port() {
@@ -268,7 +278,7 @@ nats_run() {
 }
 nats_durable() {
     log "nats: restarting with sync_interval: always for the measured runs"
-    stop_all
+    stop_system "$SYSTEM"
     nats_run always
     grep -q 'sync_interval: always' "$NATS_DIR/nats-always.conf"
 }
@@ -319,50 +329,58 @@ jq -nc --arg date "$STAMP" --arg machine "$MACHINE" --argjson nproc "$(nproc)" -
 log "machine: $(nproc) CPUs ($cpu_model), $(free -g | awk '/^Mem:/ {print $2}') GB, kernel $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
 fsync_probe start
 
+# Every system is started and filled first; then each step runs for all systems in turn, so
+# that whatever else the machine does during the run disturbs all of them alike (the "other CPU"
+# column shows how much it did). Idle servers cost next to nothing meanwhile.
+has_step() { [[ " ${RUNS[$1]} " == *" $2 "* && ( "$2" == fill || " $WORKLOADS " == *" $2 "* ) ]]; }
+use() {
+    SYSTEM="$1" KIND="${S_KIND[$1]}" ADDR="${S_ADDR[$1]}" PIDS="${S_PIDS[$1]}"
+}
 for SYSTEM in $SYSTEMS; do
     AFTER_FILL=""
     log "$SYSTEM: starting"
     "${START[$SYSTEM]}" "$SYSTEM"
     run setup --workload setup
-    for step in ${RUNS[$SYSTEM]}; do
-        [[ "$step" == fill || " $WORKLOADS " == *" $step "* ]] || continue
-        case "$step" in
-            fill)
-                run fill --workload fill
-                [[ -z "$AFTER_FILL" ]] || "$AFTER_FILL"
-                ;;
-            replay) run replay --workload replay ;;
-            aggregate-read)
-                for c in $CLIENTS; do
-                    run "aggregate-read-$c" --workload aggregate-read --clients "$c" --duration "$DURATION" --warmup "$WARMUP"
-                done
-                ;;
-            append)
-                for c in $CLIENTS; do
-                    run "append-$c" --workload append --clients "$c" --duration "$DURATION" --warmup "$WARMUP"
-                done
-                ;;
-            append-batch)
-                for c in $CLIENTS; do
-                    run "append-batch-$c" --workload append --events-per-append "$BATCH" --clients "$c" \
-                        --duration "$DURATION" --warmup "$WARMUP"
-                done
-                ;;
-            append-pipelined)
-                [[ -n "$PIPELINED" ]] || continue
-                run "append-$PIPELINED" --workload append --clients "${PIPELINED%x*}" --in-flight "${PIPELINED#*x}" \
-                    --duration "$DURATION" --warmup "$WARMUP"
-                ;;
-        esac
+    if has_step "$SYSTEM" fill; then
+        run fill --workload fill
+        [[ -z "$AFTER_FILL" ]] || "$AFTER_FILL"
+    fi
+    S_KIND[$SYSTEM]="$KIND" S_ADDR[$SYSTEM]="$ADDR" S_PIDS[$SYSTEM]="$PIDS" S_VERSION[$SYSTEM]="$VERSION"
+done
+
+each() {
+    local step="$1" s
+    shift
+    for s in $SYSTEMS; do
+        has_step "$s" "$step" || continue
+        use "$s"
+        run "$@"
     done
-    jq -nc --arg sys "$SYSTEM" --arg v "$VERSION" --arg addr "$ADDR" \
+}
+each replay replay --workload replay
+for c in $CLIENTS; do
+    each aggregate-read "aggregate-read-$c" --workload aggregate-read --clients "$c" --duration "$DURATION" --warmup "$WARMUP"
+done
+for c in $CLIENTS; do
+    each append "append-$c" --workload append --clients "$c" --duration "$DURATION" --warmup "$WARMUP"
+done
+for c in $CLIENTS; do
+    each append-batch "append-batch-$c" --workload append --events-per-append "$BATCH" --clients "$c" \
+        --duration "$DURATION" --warmup "$WARMUP"
+done
+if [[ -n "$PIPELINED" ]]; then
+    each append-pipelined "append-$PIPELINED" --workload append --clients "${PIPELINED%x*}" \
+        --in-flight "${PIPELINED#*x}" --duration "$DURATION" --warmup "$WARMUP"
+fi
+
+for SYSTEM in $SYSTEMS; do
+    jq -nc --arg sys "$SYSTEM" --arg v "${S_VERSION[$SYSTEM]}" --arg addr "${S_ADDR[$SYSTEM]}" \
         '{workload:"peer", system:$sys, version:$v, address:$addr}' >>"$RESULTS"
     jq -nc --arg sys "$SYSTEM" --argjson b "$(du -sb "$WORK/$SYSTEM" | cut -f1)" \
         '{workload:"disk", system:$sys, data_mb:(($b/1048576*10|round)/10)}' >>"$RESULTS"
-    log "$SYSTEM: stopping"
-    stop_all
-    [[ "${KEEP:-0}" == 1 ]] || rm -rf "${WORK:?}/$SYSTEM"
 done
+log "stopping all systems"
+stop_all
 
 fsync_probe end
 jq -nc --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" '{workload:"end", loadavg_end:$load}' >>"$RESULTS"
