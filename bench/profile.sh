@@ -98,6 +98,8 @@ STRACE_JSON="$(window timeout -s INT $((SECS - 1)) strace -c -f -p "$ES" -p "$RO
 echo "perf stat window" >&2
 STAT_JSON="$(window perf stat -e context-switches,cpu-migrations,task-clock -p "$ES,$ROUTER" -o "$WORK/stat.txt" -- sleep $((SECS - 1)))"
 LOAD_END="$(cut -d' ' -f1-3 /proc/loadavg)"
+# Thread id → process, to split perf's samples between eventstore and router.
+{ ls "/proc/$ES/task" | sed 's/$/ eventstore/'; ls "/proc/$ROUTER/task" | sed 's/$/ router/'; } >"$WORK/tids.txt"
 
 # strace's window (SECS - 1 s) holds about rate × (SECS - 1) events.
 strace_events="$(jq -r "(.events_per_s * ($SECS - 1)) | floor" <<<"$STRACE_JSON")"
@@ -117,16 +119,27 @@ strace_events="$(jq -r "(.events_per_s * ($SECS - 1)) | floor" <<<"$STRACE_JSON"
         perf report -i "$WORK/perf.data" --stdio --no-children --percent-limit "$1" --sort "$2" 2>/dev/null |
             grep -v '^#' | grep -v '^$' | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' | head -"$3" || true
     }
-    echo "## perf: share of samples by process, by binary, and self time by symbol (top 40)"
+    echo "## perf: share of samples by process, by thread name, by binary, and self time by symbol (top 40)"
     echo
     echo "Flat profile (Rust release builds have no frame pointers, so no call graphs): -F 499 over eventstore + router."
     echo
     echo '```'
-    report 0.5 pid 10
+    report 0 pid 1000 | awk 'NR == FNR {proc[$1] = $2; next}
+        {split($2, t, ":"); p = (t[1] in proc) ? proc[t[1]] : "other"; sub("%", "", $1); share[p] += $1}
+        END {for (p in share) printf "%8.2f%%  %s (all threads)\n", share[p], p}' "$WORK/tids.txt" - | sort -rn
+    echo
+    report 1 comm 10
     echo
     report 0.5 dso 10
     echo
     report 0.4 comm,dso,symbol 40
+    echo '```'
+    echo
+    echo "Myelin's own code only (share of all samples, top 25):"
+    echo
+    echo '```'
+    perf report -i "$WORK/perf.data" --stdio --no-children --dsos myelin --sort symbol --percent-limit 0.15 2>/dev/null |
+        grep -v '^#' | grep -v '^$' | sed -E 's/[[:space:]]+$//' | head -25 || true
     echo '```'
     echo
     echo "## strace -c -f: system calls of eventstore + router (window of $((SECS - 1)) s, ~$strace_events events appended)"
