@@ -157,16 +157,16 @@ impl EventMetrics {
 
 /// The context label of a call: its `AxonIQ-Context` (or legacy `Context`) header, `default`
 /// without one, `_invalid` for a name the router would refuse.
-fn context_label(headers: &http::HeaderMap) -> String {
+fn context_label(headers: &http::HeaderMap) -> &str {
     let value = headers
         .get(myelin_proto::AXON_CONTEXT_KEY)
         .or_else(|| headers.get("context"));
     match value.map(|v| v.to_str()) {
-        None | Some(Ok("")) => myelin_proto::DEFAULT_CONTEXT.to_owned(),
+        None | Some(Ok("")) => myelin_proto::DEFAULT_CONTEXT,
         Some(Ok(name)) if name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) => {
-            name.to_owned()
+            name
         }
-        Some(_) => "_invalid".to_owned(),
+        Some(_) => "_invalid",
     }
 }
 
@@ -380,7 +380,7 @@ where
         };
         let mut record = Record {
             call,
-            handles: self.contexts.get(&context_label(request.headers())),
+            handles: self.contexts.get(context_label(request.headers())),
             started: Instant::now(),
             sent: Arc::new(AtomicU64::new(0)),
             done: false,
