@@ -4,8 +4,9 @@
 //! stream's id `<client_id>.<uuid>` so that two streams of one client id (a reconnect racing the
 //! old stream's end) never overwrite each other. Each entry also holds the stream's outbound
 //! queue, which is how the node reaches the client with an instruction. Event-processor reports
-//! are kept per client and processor, latest only, at most [`MAX_PROCESSORS`] per stream. The map
-//! sits behind one short mutex, never held across an await.
+//! are kept per client and processor, latest only, at most [`MAX_PROCESSORS`] per stream and
+//! [`MAX_REPORT_BYTES`] each, so what one client can make the node hold is bounded. The map sits
+//! behind one short mutex, never held across an await.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
@@ -16,8 +17,10 @@ use myelin_proto::axon::control::{ClientIdentification, EventProcessorInfo};
 use super::stream::Outbox;
 
 /// Distinct processors one control stream may report; reports of further processors are
-/// dropped, so a client cannot grow the node's memory by inventing processor names.
-pub const MAX_PROCESSORS: usize = 1_000;
+/// refused, so a client cannot grow the node's memory by inventing processor names.
+pub const MAX_PROCESSORS: usize = 256;
+/// Largest processor report kept, encoded (room for a couple of thousand segments).
+pub const MAX_REPORT_BYTES: usize = 64 * 1024;
 
 /// The latest report of one event processor.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,8 +87,12 @@ impl Clients {
         }
     }
 
-    /// Keeps the latest report of the processor; false if it was dropped (too many processors).
+    /// Keeps the latest report of the processor; false if it was refused (too large, or too many
+    /// processors).
     pub fn processor_info(&self, client_stream_id: &str, info: EventProcessorInfo) -> bool {
+        if prost::Message::encoded_len(&info) > MAX_REPORT_BYTES {
+            return false;
+        }
         let mut streams = self.streams();
         let Some(entry) = streams.get_mut(client_stream_id) else {
             return true;
@@ -226,8 +233,11 @@ mod tests {
             assert!(clients.processor_info(&first, processor(&format!("p{i:04}"), 1)));
         }
         assert!(!clients.processor_info(&first, processor("one-too-many", 1)));
-        // An update of a known processor is still taken.
+        // An update of a known processor is still taken, unless it is too large.
         assert!(clients.processor_info(&first, processor("p0000", 7)));
+        let mut huge = processor("p0001", 1);
+        huge.mode = "x".repeat(MAX_REPORT_BYTES);
+        assert!(!clients.processor_info(&first, huge));
         let snapshot = clients.snapshot();
         let mine = snapshot.iter().find(|c| c.client_stream_id == first).unwrap();
         assert_eq!(mine.processors.len(), MAX_PROCESSORS);

@@ -157,7 +157,7 @@ impl ControlStream {
                 if kept {
                     Ok(())
                 } else {
-                    Err("too many event processors reported")
+                    Err("event processor report refused: too large, or too many processors")
                 }
             }
             Some(Inbound::Ack(ack)) => {
