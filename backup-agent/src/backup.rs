@@ -393,11 +393,15 @@ impl Run<'_> {
         let total = plan.len();
         let mut open = Vec::new();
         let mut closed_bases = BTreeSet::new();
+        let mut closed: BTreeMap<String, FileEntry> = std::mem::take(&mut kind_state.closed)
+            .into_iter()
+            .map(|e| (e.path.clone(), e))
+            .collect();
         let mut summary = KindSummary {
             last_closed_segment: listed.last_closed_segment,
             ..KindSummary::default()
         };
-        for (i, (path, rel, base, closed)) in plan.into_iter().enumerate() {
+        for (i, (path, rel, base, is_closed)) in plan.into_iter().enumerate() {
             let entry = self.copy(
                 &path,
                 &rel,
@@ -406,10 +410,9 @@ impl Run<'_> {
                 "segments are never deleted while their context exists; was the context deleted?",
             )?;
             summary.files_copied += 1;
-            if closed {
+            if is_closed {
                 closed_bases.insert(base);
-                kind_state.closed.retain(|e| e.path != entry.path);
-                kind_state.closed.push(entry);
+                closed.insert(entry.path.clone(), entry);
             } else {
                 summary.open_segment = Some(base);
                 open.push(entry);
@@ -421,7 +424,7 @@ impl Run<'_> {
             files::sync_dir(&dir)?;
         }
         kind_state.last_closed = kind_state.last_closed.max(listed.last_closed_segment);
-        kind_state.closed.sort_by(|a, b| a.path.cmp(&b.path));
+        kind_state.closed = closed.into_values().collect();
         // An earlier run's copy of a then-open segment that this run did not list again is stale.
         let keep: BTreeSet<String> = kind_state.closed.iter().chain(&open).map(|e| e.path.clone()).collect();
         remove_unlisted_files(&dir, &set::context_path(context, &format!("{folder}/")), &keep)?;
