@@ -27,6 +27,8 @@ use myelin_proto::roles::{Operation, Role};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use crate::control_db::applications::Grant;
+
 /// The name of the header (and query parameter) carrying a token.
 pub const TOKEN_HEADER: &str = "AxonIQ-Access-Token";
 
@@ -43,15 +45,6 @@ pub struct Settings {
     pub app_token: Option<String>,
 }
 
-/// One registered application's grant, as the control DB holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApplicationGrant {
-    pub name: String,
-    pub token_sha256: [u8; 32],
-    /// Context (or `*`) to the roles held there.
-    pub roles: Vec<(String, Vec<Role>)>,
-}
-
 /// The rules in force, and the channel that tells the router about every change.
 pub struct Access {
     settings: Settings,
@@ -59,7 +52,7 @@ pub struct Access {
 }
 
 impl Access {
-    pub fn new(settings: Settings, applications: Vec<ApplicationGrant>) -> Arc<Access> {
+    pub fn new(settings: Settings, applications: Vec<Grant>) -> Arc<Access> {
         let snapshot = Arc::new(build_snapshot(&settings, &applications));
         let (rules, _) = watch::channel(snapshot);
         Arc::new(Access { settings, rules })
@@ -70,9 +63,23 @@ impl Access {
     }
 
     /// Call after every change to applications or their roles.
-    pub fn update(&self, applications: &[ApplicationGrant]) {
+    pub fn update(&self, applications: &[Grant]) {
         let snapshot = Arc::new(build_snapshot(&self.settings, applications));
         self.rules.send_replace(snapshot);
+    }
+
+    /// Keeps the rules in step with the control DB's published grants, for the life of admin.
+    pub fn follow(self: &Arc<Access>, mut grants: watch::Receiver<Arc<Vec<Grant>>>) {
+        let access = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let current = grants.borrow_and_update().clone();
+                access.update(&current);
+                if grants.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
     }
 
     pub fn snapshot(&self) -> Arc<AccessSnapshot> {
@@ -117,7 +124,7 @@ fn allows(grant: &AccessToken, context: Option<&str>, operation: Operation) -> b
         .any(|role| role.grants(operation))
 }
 
-fn build_snapshot(settings: &Settings, applications: &[ApplicationGrant]) -> AccessSnapshot {
+fn build_snapshot(settings: &Settings, applications: &[Grant]) -> AccessSnapshot {
     let mut tokens = Vec::new();
     if let Some(admin) = settings.admin_token.as_deref().filter(|t| !t.is_empty()) {
         tokens.push(AccessToken {
@@ -350,7 +357,7 @@ mod tests {
                 admin_token: Some("root".into()),
                 app_token: Some("shared".into()),
             },
-            vec![ApplicationGrant {
+            vec![Grant {
                 name: "billing".into(),
                 token_sha256: token_hash("billing-token"),
                 roles: vec![("orders".into(), vec![Role::ReadEvents, Role::ContextAdmin])],

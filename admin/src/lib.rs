@@ -74,6 +74,17 @@ pub struct Args {
     #[arg(long, default_value_t = backup::DEFAULT_LOG_HOLD_MINUTES,
           value_parser = clap::value_parser!(u64).range(1..=backup::MAX_LOG_HOLD_MINUTES))]
     pub backup_log_hold_minutes: u64,
+    /// Whether calls must carry a token (Axon's `accesscontrol.enabled`).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub access_control: bool,
+    /// Token that may do everything (Axon's `accesscontrol.admin-token`). Read from the
+    /// environment so that it never shows in a process listing.
+    #[arg(long, env = "MYELIN_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Token every client application may use in every context (Axon SE's
+    /// `accesscontrol.token`). Read from the environment, like the admin token.
+    #[arg(long, env = "MYELIN_ACCESS_TOKEN", hide_env_values = true)]
+    pub access_token: Option<String>,
 }
 
 /// Route sets that other modules add to the HTTP API. Each is merged, paths and OpenAPI
@@ -134,7 +145,18 @@ pub fn build_state(args: &Args) -> anyhow::Result<AppState> {
         }
         None => (None, None),
     };
-    let (grants, _) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+    let (grants, grants_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+    let access = access::Access::new(
+        access::Settings {
+            enabled: args.access_control,
+            admin_token: args.admin_token.clone(),
+            app_token: args.access_token.clone(),
+        },
+        Vec::new(),
+    );
+    if args.access_control && args.admin_token.as_deref().is_none_or(str::is_empty) {
+        tracing::warn!("access control is on without an admin token: only registered applications can call admin");
+    }
     Ok(AppState {
         db,
         storage,
@@ -153,6 +175,10 @@ pub fn build_state(args: &Args) -> anyhow::Result<AppState> {
         http_metrics: Arc::new(api::actuator::HttpMetrics::default()),
         lifecycle: Arc::new(tokio::sync::Mutex::new(())),
         grants: Arc::new(grants),
+        access: {
+            access.follow(grants_rx);
+            access
+        },
         backup: Arc::new(backup::Settings::new(
             args.controldb_backup_location.as_deref(),
             args.data_dir.as_deref(),
@@ -168,7 +194,6 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
     let state = build_state(&args)?;
     reconcile::this_node(&state).await.context("recording this node")?;
     state.applications_changed().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    tokio::spawn(reconcile::contexts_until_done(state.clone()));
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -179,14 +204,30 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
     let uds =
         tokio::net::UnixListener::bind(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
+    // SERVING (and so the node's READY=1) only once the control DB knows the event store's
+    // contexts: before that the API would answer "context not found" for contexts that exist.
     health_reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
+    tokio::spawn({
+        let state = state.clone();
+        async move {
+            reconcile::contexts_until_done(state).await;
+            health_reporter
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
+        }
+    });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_health = stop_rx.clone();
     let health_server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health)
+            .add_service(myelin_proto::internal::access_rules_server::AccessRulesServer::new(
+                access::RulesService {
+                    access: state.access.clone(),
+                },
+            ))
             .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(uds), async move {
                 let _ = stop_health.changed().await;
             }),

@@ -69,6 +69,9 @@ pub struct Launch {
     /// The Unix socket the child serves `grpc.health.v1.Health` (and its internal API) on.
     pub socket: PathBuf,
     pub args: Vec<OsString>,
+    /// Extra environment: secrets travel here rather than in `args`, which every user of the
+    /// machine can read in the process list.
+    pub env: Vec<(String, String)>,
 }
 
 /// The sockets of a node's children, in its runtime directory.
@@ -145,6 +148,9 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
                 if let Some(ms) = config.heartbeat.timeout_ms {
                     arg("--heartbeat-timeout-ms", &ms.to_string());
                 }
+                if config.access_control.enabled {
+                    arg("--access-control", &"true");
+                }
             }
             (ChildMode::Real, Role::Admin) => {
                 let listen = SocketAddr::new(config.bind_address, config.http_port);
@@ -162,6 +168,9 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
                 arg("--disk-space-threshold", &config.disk_space_threshold.to_string());
                 arg("--controldb-backup-location", &config.controldb_backup_location);
                 arg("--backup-log-hold-minutes", &config.backup_log_hold_minutes.to_string());
+                if config.access_control.enabled {
+                    arg("--access-control", &"true");
+                }
             }
         }
         let subcommand: OsString = match mode {
@@ -169,10 +178,21 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
             ChildMode::Sleeper => "_sleeper".into(),
         };
         args.insert(0, subcommand);
+        let mut env = Vec::new();
+        if mode == ChildMode::Real && role == Role::Admin {
+            let access = &config.access_control;
+            if let Some(token) = &access.admin_token {
+                env.push(("MYELIN_ADMIN_TOKEN".to_owned(), token.clone()));
+            }
+            if let Some(token) = &access.token {
+                env.push(("MYELIN_ACCESS_TOKEN".to_owned(), token.clone()));
+            }
+        }
         launches.push(Launch {
             role,
             socket: own_socket,
             args,
+            env,
         });
     }
     Ok(launches)
@@ -183,6 +203,7 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
 pub fn spawn(exe: &Path, launch: &Launch) -> std::io::Result<tokio::process::Child> {
     tokio::process::Command::new(exe)
         .args(&launch.args)
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
         .env(SUPERVISOR_PID_ENV, std::process::id().to_string())
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
@@ -233,6 +254,30 @@ mod tests {
 
     fn strings(launch: &Launch) -> Vec<String> {
         launch.args.iter().map(|a| a.to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn access_control_reaches_router_and_admin_and_tokens_stay_out_of_argv() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path());
+        c.access_control.enabled = true;
+        c.access_control.admin_token = Some("adm1n".into());
+        c.access_control.token = Some("app".into());
+        let l = launches(&c, ChildMode::Real).unwrap();
+        for launch in &l[1..] {
+            let args = strings(launch).join(" ");
+            assert!(args.contains("--access-control true"), "{args}");
+            assert!(!args.contains("adm1n") && !args.contains(" app"), "{args}");
+        }
+        assert!(!strings(&l[0]).join(" ").contains("--access-control"));
+        assert_eq!(
+            l[2].env,
+            vec![
+                ("MYELIN_ADMIN_TOKEN".to_owned(), "adm1n".to_owned()),
+                ("MYELIN_ACCESS_TOKEN".to_owned(), "app".to_owned())
+            ]
+        );
+        assert!(l[1].env.is_empty());
     }
 
     #[test]

@@ -59,6 +59,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("axoniq.axonserver.accesscontrol.enabled", Kind::Bool),
     ("axoniq.axonserver.accesscontrol.internal-token", Kind::Text),
     ("axoniq.axonserver.accesscontrol.token", Kind::Text),
+    ("axoniq.axonserver.accesscontrol.admin-token", Kind::Text),
     ("axoniq.axonserver.accesscontrol.systemtokenfile", Kind::Path),
     ("axoniq.axonserver.accesscontrol.token-dir", Kind::Path),
     ("axoniq.axonserver.ssl.enabled", Kind::Bool),
@@ -147,6 +148,8 @@ pub struct AccessControl {
     pub enabled: bool,
     pub internal_token: Option<String>,
     pub token: Option<String>,
+    /// Token that may do everything, on HTTP and gRPC.
+    pub admin_token: Option<String>,
     pub system_token_file: Option<PathBuf>,
     pub token_dir: Option<PathBuf>,
 }
@@ -611,6 +614,7 @@ impl Config {
                 enabled: settings.flag("axoniq.axonserver.accesscontrol.enabled")?,
                 internal_token: settings.text("axoniq.axonserver.accesscontrol.internal-token"),
                 token: settings.text("axoniq.axonserver.accesscontrol.token"),
+                admin_token: settings.text("axoniq.axonserver.accesscontrol.admin-token"),
                 system_token_file: settings.path("axoniq.axonserver.accesscontrol.systemtokenfile", cwd),
                 token_dir: settings.path("axoniq.axonserver.accesscontrol.token-dir", cwd),
             },

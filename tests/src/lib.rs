@@ -5,6 +5,7 @@
 //! test command builds it before running the tests.
 
 pub mod history;
+pub mod http;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -119,8 +120,14 @@ impl Node {
                     self.log_text()
                 );
             }
+            // With access control on, a refusal for want of a token also shows the node serving
+            // (rules not loaded yet would be UNAVAILABLE).
             if let Ok(mut client) = self.try_client().await
-                && client.get_last_token(GetLastTokenRequest {}).await.is_ok()
+                && match client.get_last_token(GetLastTokenRequest {}).await {
+                    Ok(_) => true,
+                    Err(status) => status.code() == tonic::Code::Unauthenticated,
+                }
+                && self.admin_serving().await
             {
                 return;
             }
@@ -154,6 +161,26 @@ impl Node {
             .timeout(Duration::from_secs(10))
             .connect_lazy();
         EventStoreClient::new(channel).max_decoding_message_size(usize::MAX)
+    }
+
+    /// Whether admin says SERVING on its health socket: it does once its control DB knows the
+    /// event store's contexts.
+    pub async fn admin_serving(&self) -> bool {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let Ok(socket) = std::path::absolute(self.runtime_dir().join("admin.sock")) else {
+            return false;
+        };
+        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display())) else {
+            return false;
+        };
+        let Ok(channel) = endpoint.connect_timeout(Duration::from_secs(1)).connect().await else {
+            return false;
+        };
+        HealthClient::new(channel)
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
     }
 
     pub fn runtime_dir(&self) -> PathBuf {

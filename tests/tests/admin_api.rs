@@ -15,75 +15,15 @@ use myelin_proto::axon::control::{
 };
 use myelin_proto::axon::event::event_store_client::EventStoreClient;
 use myelin_proto::axon::event::{GetAggregateEventsRequest, GetEventsRequest, GetLastTokenRequest};
+use myelin_tests::http::Reply;
 use myelin_tests::{Node, Options, event};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-/// An HTTP answer.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    error_code: Option<String>,
-    content_type: String,
-    location: Option<String>,
-    body: String,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
-    }
-
-    /// Asserts an error answer: status, AXONIQ code in body and header, JSON shape.
-    fn assert_error(&self, status: u16, code: &str) {
-        assert_eq!(self.status, status, "{self:?}");
-        assert!(self.content_type.starts_with("application/json"), "{self:?}");
-        let body = self.json();
-        assert_eq!(body["code"], code, "{self:?}");
-        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{self:?}");
-        assert_eq!(self.error_code.as_deref(), Some(code), "{self:?}");
-    }
-}
-
-/// One HTTP request with ureq, off the async runtime.
 async fn http(port: u16, method: &'static str, path: &str, body: Option<String>) -> Reply {
-    let url = format!("http://127.0.0.1:{port}{path}");
-    tokio::task::spawn_blocking(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .into();
-        let result = match (method, body) {
-            ("GET", _) => agent.get(&url).call(),
-            ("DELETE", _) => agent.delete(&url).call(),
-            ("PATCH", None) => agent.patch(&url).send_empty(),
-            ("POST", None) => agent.post(&url).send_empty(),
-            ("POST", Some(body)) => agent.post(&url).header("content-type", "application/json").send(body),
-            ("POST-TEXT", Some(body)) => agent.post(&url).header("content-type", "text/plain").send(body),
-            other => panic!("unsupported {other:?}"),
-        };
-        let mut response = result.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        Reply {
-            status: response.status().as_u16(),
-            error_code: header("AxonIQ-ErrorCode"),
-            content_type: header("content-type").unwrap_or_default(),
-            location: header("location"),
-            body: response.body_mut().read_to_string().unwrap_or_default(),
-        }
-    })
-    .await
-    .unwrap()
+    myelin_tests::http::request(port, method, path, body, None).await
 }
 
 async fn get(node: &Node, path: &str) -> Reply {

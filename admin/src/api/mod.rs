@@ -70,6 +70,8 @@ pub struct AppState {
     pub grants: Arc<tokio::sync::watch::Sender<Arc<Vec<Grant>>>>,
     /// Backup location and log hold window (`crate::backup`).
     pub backup: Arc<crate::backup::Settings>,
+    /// Who may call what (`crate::access`); checked on every HTTP call.
+    pub access: Arc<crate::access::Access>,
 }
 
 impl AppState {
@@ -237,6 +239,10 @@ pub fn router(state: AppState) -> axum::Router {
         .merge(SwaggerUi::new("/swagger-ui").url("/v3/api-docs", api))
         .route_layer(axum::middleware::from_fn_with_state(metrics, actuator::count_requests))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.access.clone(),
+            crate::access::middleware,
+        ))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
