@@ -31,6 +31,7 @@ from axonclient.protos import common_pb2, event_pb2, event_pb2_grpc
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BIN = REPO_ROOT / "target" / "release" / "myelin"
 CONTEXT_HEADER = "axoniq-context"
+TOKEN_HEADER = "AxonIQ-Access-Token"
 ERROR_TRAILER = "axoniq-errorcode"
 
 # Environment variables that would configure the node behind the test's back.
@@ -126,10 +127,11 @@ class MyelinNode:
                     f"myelin exited with {self.proc.returncode} while starting:\n{self.log_tail()}"
                 )
             try:
+                # Ready once the event store serves the contexts and admin's control DB lists them.
                 me = self.me()
                 names = {c["name"] for c in me.get("contexts", [])}
                 wanted = set(self.properties.get("myelin.contexts", "default").split(","))
-                if wanted <= names:
+                if wanted <= names and wanted <= {c["context"] for c in self.admin_get("/v1/public/context")}:
                     return
             except (urllib.error.URLError, ConnectionError, OSError, ValueError):
                 pass
@@ -168,8 +170,20 @@ class MyelinNode:
     def uri(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    @property
+    def admin_token(self) -> str | None:
+        """The configured admin token, sent on the harness's own HTTP calls."""
+        return self.properties.get("axoniq.axonserver.accesscontrol.admin-token")
+
     def me(self) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v1/public/me", timeout=2) as r:
+        return self.admin_get("/v1/public/me")
+
+    def admin_get(self, path: str):
+        """GET on the admin API with the admin token (if any); the decoded JSON."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}")
+        if self.admin_token:
+            request.add_header(TOKEN_HEADER, self.admin_token)
+        with urllib.request.urlopen(request, timeout=2) as r:
             if r.status != 200:
                 raise ValueError(f"status {r.status}")
             return json.loads(r.read())
@@ -183,11 +197,15 @@ class MyelinNode:
     def channel(self, **options) -> grpc.Channel:
         return grpc.insecure_channel(self.uri, options=list(options.items()))
 
-    def client(self, context: str | None = None) -> AxonClient:
-        """axonclient's high-level AxonClient, optionally bound to a context by an interceptor."""
+    def client(self, context: str | None = None, token: str | None = None) -> AxonClient:
+        """axonclient's high-level AxonClient, optionally bound to a context and carrying an access
+        token, both added to every call by an interceptor (axonclient sends neither itself)."""
         client = AxonClient(self.uri)
-        if context is not None:
-            client.channel = grpc.intercept_channel(client.channel, ContextInterceptor(context))
+        headers = ([(CONTEXT_HEADER, context)] if context is not None else []) + (
+            [(TOKEN_HEADER.lower(), token)] if token is not None else []
+        )
+        if headers:
+            client.channel = grpc.intercept_channel(client.channel, HeaderInterceptor(headers))
             client.event_store_stub = event_pb2_grpc.EventStoreStub(client.channel)
         return client
 
@@ -209,19 +227,19 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
-class ContextInterceptor(
+class HeaderInterceptor(
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
     grpc.StreamUnaryClientInterceptor,
     grpc.StreamStreamClientInterceptor,
 ):
-    """Adds `AxonIQ-Context: <context>` to every call (axonclient itself never sends it)."""
+    """Adds fixed metadata (e.g. `AxonIQ-Context`, `AxonIQ-Access-Token`) to every call."""
 
-    def __init__(self, context: str):
-        self.context = context
+    def __init__(self, headers: list[tuple[str, str]]):
+        self.headers = list(headers)
 
     def _details(self, details):
-        metadata = list(details.metadata or []) + [(CONTEXT_HEADER, self.context)]
+        metadata = list(details.metadata or []) + self.headers
         return details._replace(metadata=metadata)
 
     def intercept_unary_unary(self, continuation, details, request):
