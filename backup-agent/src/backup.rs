@@ -1,9 +1,11 @@
 //! Taking a backup into a backup set (see `set` for the layout), in the order that makes the copies
 //! fit together:
 //!
-//! 1. The set is marked incomplete (its manifest removed) before anything in it changes.
-//! 2. The control DB: admin writes a consistent zip and holds the node's Raft log compaction for
-//!    its window; the zip is copied in.
+//! 1. The node is asked for its contexts and a control-DB backup (admin writes a consistent zip
+//!    and holds the node's Raft log compaction for its window); a node that does not answer or
+//!    refuses the token fails the run here, with the last backup still complete. Then the set is
+//!    marked incomplete (its manifest removed) before anything in it changes.
+//! 2. The control DB zip is copied in.
 //! 3. Each context's Raft log: every log segment file and the Raft state files, replacing the
 //!    previous copy whole. Within the hold, none of the listed segments can vanish; if one does
 //!    (the hold ran out, or the event store restarted and lost it) the run fails.
@@ -97,9 +99,6 @@ pub fn run(options: Options, progress: &mut Progress) -> anyhow::Result<Summary>
         check_context(context)?;
     }
 
-    // 1. From here on the set is incomplete until the new manifest is written.
-    files::remove_file(&dest.join(set::MANIFEST))?;
-    files::sync_dir(&dest)?;
     let mut state = set::read_state(&dest)?;
 
     let mut run = Run {
@@ -113,16 +112,26 @@ pub fn run(options: Options, progress: &mut Progress) -> anyhow::Result<Summary>
         progress,
         data_dirs: BTreeSet::new(),
     };
-    let contexts = if options.contexts.is_empty() {
-        let listed = run.client.contexts()?;
-        listed.into_iter().filter(|c| check_context(c).is_ok()).collect()
+    // The node must answer (and accept the token) before anything in the set changes: a
+    // misconfigured run leaves the last complete backup complete.
+    let on_node = run.client.contexts()?;
+    let contexts: Vec<String> = if options.contexts.is_empty() {
+        on_node.into_iter().filter(|c| check_context(c).is_ok()).collect()
     } else {
+        if let Some(missing) = options.contexts.iter().find(|c| !on_node.contains(c)) {
+            bail!("context {missing} is not on the node (it has {})", on_node.join(", "));
+        }
         options.contexts.clone()
     };
-
-    // 2. Control DB.
     run.progress.step("backing up the control DB");
-    let control_db = run.control_db()?;
+    let zip = PathBuf::from(run.client.create_control_db_backup()?);
+
+    // 1. From here on the set is incomplete until the new manifest is written.
+    files::remove_file(&run.dest.join(set::MANIFEST))?;
+    files::sync_dir(&run.dest)?;
+
+    // 2. The control DB.
+    let control_db = run.control_db(&zip)?;
 
     // 3. Raft logs.
     let mut logs = BTreeMap::new();
@@ -270,12 +279,11 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn control_db(&mut self) -> anyhow::Result<FileEntry> {
-        let zip = PathBuf::from(self.client.create_control_db_backup()?);
-        let name = file_name(&zip)?.to_owned();
+    fn control_db(&mut self, zip: &Path) -> anyhow::Result<FileEntry> {
+        let name = file_name(zip)?.to_owned();
         let rel = format!("{}/{name}", set::CONTROL_DB_DIR);
         let entry = self.copy(
-            &zip,
+            zip,
             &rel,
             1,
             1,

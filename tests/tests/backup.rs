@@ -531,3 +531,46 @@ async fn backup_endpoints_answer_bad_input_with_4xx_and_json() {
     let (status, code, body) = http(port, "GET", "/v1/backup/createControlDbBackup").await;
     assert_eq!((status, code.as_deref()), (405, Some("AXONIQ-0001")), "{body}");
 }
+
+/// With access control on, the agent's calls need a token that may back up; it sends the one it
+/// is given (`--token` or `MYELIN_TOKEN`) as `AxonIQ-Access-Token`.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_access_control_the_agent_sends_its_token() {
+    const TOKEN: &str = "backup-admin-token-for-tests";
+    let node = Node::start(Options {
+        env: vec![
+            ("AXONIQ_AXONSERVER_ACCESSCONTROL_ENABLED".into(), "true".into()),
+            ("AXONIQ_AXONSERVER_ACCESSCONTROL_ADMIN_TOKEN".into(), TOKEN.into()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let server = format!("http://127.0.0.1:{}", node.http_port);
+    let set = temp_dir("mybs");
+    let dest = set.path().to_str().unwrap();
+
+    let done = run_agent(&["backup", "--server", &server, "--dest", dest, "--token", TOKEN]).await;
+    assert!(done.status.success(), "{}", text(&done));
+
+    let refused = run_agent(&["backup", "--server", &server, "--dest", dest]).await;
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(text(&refused).contains("401"), "{}", text(&refused));
+    let wrong = run_agent(&["backup", "--server", &server, "--dest", dest, "--token", "wrong"]).await;
+    assert_eq!(wrong.status.code(), Some(1), "{}", text(&wrong));
+    let unknown = run_agent(&["backup", "--server", &server, "--dest", dest, "-t", TOKEN, "-c", "nope"]).await;
+    assert!(
+        text(&unknown).contains("context nope is not on the node"),
+        "{}",
+        text(&unknown)
+    );
+    // A refused run leaves the last backup complete.
+    assert_eq!(verify(set.path()).await.0, Some(0));
+    let from_env = tokio::process::Command::new(agent())
+        .args(["backup", "--server", &server, "--dest", dest])
+        .env("MYELIN_TOKEN", TOKEN)
+        .output()
+        .await
+        .unwrap();
+    assert!(from_env.status.success(), "{}", text(&from_env));
+    assert_eq!(verify(set.path()).await.0, Some(0));
+}
