@@ -554,7 +554,7 @@ mod tests {
     use crate::query::handler::{HandlerStream, LocalHandler, Permits};
     use crate::query::instructions::forwarded;
     use myelin_proto::axon::SerializedObject;
-    use myelin_proto::axon::query::QuerySubscription;
+    use myelin_proto::axon::query::{QueryProviderInbound, QuerySubscription};
     use myelin_proto::axon::{MetaDataValue, ProcessingInstruction, ProcessingKey, meta_data_value};
 
     const WAIT: Duration = Duration::from_secs(5);
@@ -817,20 +817,27 @@ mod tests {
         quiet(&mut first).await;
         let total = 100u32;
         let mut taken = 0u32;
+        let grant = |message: QueryProviderInbound, granted: &mut u64| {
+            let Some(Inbound::QueryFlowControl(flow)) = message.request else {
+                panic!("expected query_flow_control, got {message:?}")
+            };
+            assert!(flow.permits as u64 >= STREAM_REFILL, "{flow:?}");
+            *granted += flow.permits as u64;
+        };
         while taken < total {
-            let got = take(&mut responses).await;
-            assert_eq!(number(&got), taken, "responses in order");
-            taken += 1;
-            // Permits arrive in steps; never more than a window ahead of what was taken.
-            while let Ok(Some(Ok(message))) =
-                tokio::time::timeout(Duration::from_millis(20), first.messages.recv()).await
-            {
-                let Some(Inbound::QueryFlowControl(flow)) = message.request else {
-                    panic!("expected query_flow_control, got {message:?}")
-                };
-                *granted.get_mut(&7).unwrap() += flow.permits as u64;
-                assert!(flow.permits as u64 >= STREAM_REFILL, "{flow:?}");
+            if sent == taken {
+                // Nothing left to take: a grant must be on its way.
+                let message = tokio::time::timeout(WAIT, first.messages.recv()).await.unwrap();
+                grant(message.unwrap().unwrap(), granted.get_mut(&7).unwrap());
+            } else {
+                let got = take(&mut responses).await;
+                assert_eq!(number(&got), taken, "responses in order");
+                taken += 1;
             }
+            while let Ok(message) = first.messages.try_recv() {
+                grant(message.unwrap(), granted.get_mut(&7).unwrap());
+            }
+            // Permits arrive in steps; never more than a window ahead of what was taken.
             assert!(
                 granted[&7] <= u64::from(taken) + STREAM_WINDOW,
                 "{granted:?} after {taken}"
