@@ -148,7 +148,10 @@ fn cpu_fields(m: &mut Map<String, Value>, from: &cpu::Snapshot, to: &cpu::Snapsh
     m.insert("other_cpu_s".into(), json!(round(usage.other, 2)));
     m.insert("loadavg".into(), json!(loadavg()));
     if events > 0.0 {
-        m.insert("bench_cpu_us_per_event".into(), json!(round(usage.client / events * 1e6, 1)));
+        m.insert(
+            "bench_cpu_us_per_event".into(),
+            json!(round(usage.client / events * 1e6, 1)),
+        );
     }
     if let Some(server) = usage.server {
         m.insert("server_cpu_s".into(), json!(round(server, 2)));
@@ -201,7 +204,8 @@ async fn fill(args: Args) -> anyhow::Result<()> {
                 let first = chunk * args.batch_events;
                 let last = (first + args.batch_events).min(aggregates);
                 for seq in 0..args.aggregate_size as i64 {
-                    let batch: Vec<(String, i64)> = (first..last).map(|k| (format!("{FILL_PREFIX}-{k}"), seq)).collect();
+                    let batch: Vec<(String, i64)> =
+                        (first..last).map(|k| (format!("{FILL_PREFIX}-{k}"), seq)).collect();
                     match system.fill(c / per, &batch, &payload).await {
                         Ok(()) => stored += batch.len() as u64,
                         Err(e) => {
@@ -329,7 +333,10 @@ async fn aggregate_read(args: Args) -> anyhow::Result<()> {
     let (per, n) = connections_for(&args, args.clients);
     let system = Arc::new(System::connect(args.system, &args.common.server, &args.common.context, n).await?);
     let aggregates = args.events / args.aggregate_size;
-    anyhow::ensure!(aggregates > 0, "no fill aggregates to read (--events / --aggregate-size)");
+    anyhow::ensure!(
+        aggregates > 0,
+        "no fill aggregates to read (--events / --aggregate-size)"
+    );
     let start = Instant::now();
     let from = start + Duration::from_secs_f64(args.warmup);
     let to = from + Duration::from_secs_f64(args.duration);
@@ -577,7 +584,10 @@ async fn append(args: Args) -> anyhow::Result<()> {
     m.insert("duration_s".into(), json!(args.duration));
     m.insert("warmup_s".into(), json!(args.warmup));
     m.insert("hot_aggregates".into(), json!(hot.len()));
-    m.insert("hot_share".into(), json!(if hot.is_empty() { 0.0 } else { args.hot_share }));
+    m.insert(
+        "hot_share".into(),
+        json!(if hot.is_empty() { 0.0 } else { args.hot_share }),
+    );
     m.insert("ops".into(), json!(total.ops));
     m.insert("hot_ops".into(), json!(total.hot_ops));
     m.insert("ops_per_s".into(), json!(ops_per_s.round()));

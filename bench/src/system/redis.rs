@@ -37,12 +37,26 @@ end
 return first + #ARGV - 4
 ";
 
+/// The fill's bulk form: KEYS: global stream, then one aggregate stream per event. ARGV: event
+/// type, payload, then (aggregate id, sequence) per event. Unchecked: the fill writes each
+/// aggregate's events in order from one client.
+const FILL_SCRIPT: &str = r"
+for i = 2, #KEYS do
+  local id = ARGV[2 * i - 1]
+  local seq = tonumber(ARGV[2 * i])
+  redis.call('XADD', KEYS[i], '0-' .. (seq + 1), 't', ARGV[1], 'd', ARGV[2])
+  redis.call('XADD', KEYS[1], '*', 'a', id, 's', seq, 't', ARGV[1], 'd', ARGV[2])
+end
+return #KEYS - 1
+";
+
 const GLOBAL: &str = "events";
 
 pub struct Redis {
     connections: Vec<MultiplexedConnection>,
     plain: bool,
     script_sha: String,
+    fill_sha: String,
 }
 
 fn aggregate_key(aggregate: &str) -> String {
@@ -65,15 +79,23 @@ impl Redis {
                     .with_context(|| format!("connecting to {server}"))?,
             );
         }
-        let script_sha: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(APPEND_SCRIPT)
-            .query_async(&mut out[0].clone())
-            .await?;
+        let load = |script: &'static str| {
+            let mut con = out[0].clone();
+            async move {
+                redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(script)
+                    .query_async::<String>(&mut con)
+                    .await
+            }
+        };
+        let script_sha = load(APPEND_SCRIPT).await?;
+        let fill_sha = load(FILL_SCRIPT).await?;
         Ok(Redis {
             connections: out,
             plain,
             script_sha,
+            fill_sha,
         })
     }
 
@@ -83,7 +105,11 @@ impl Redis {
 
     pub async fn setup(&self) -> anyhow::Result<()> {
         let mut con = self.con(0);
-        let aof: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("appendfsync").query_async(&mut con).await?;
+        let aof: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("appendfsync")
+            .query_async(&mut con)
+            .await?;
         anyhow::ensure!(
             aof.get(1).map(String::as_str) == Some("always"),
             "redis must run with appendfsync always (has {aof:?})"
@@ -117,7 +143,10 @@ impl Redis {
     ) -> anyhow::Result<u64> {
         let mut con = self.con(conn);
         if !self.plain {
-            let last: i64 = self.script_call(aggregate, first, count, payload).query_async(&mut con).await?;
+            let last: i64 = self
+                .script_call(aggregate, first, count, payload)
+                .query_async(&mut con)
+                .await?;
             return Ok(last as u64);
         }
         let mut pipe = redis::pipe();
@@ -179,13 +208,23 @@ impl Redis {
         Ok(out)
     }
 
-    /// One pipeline of script calls, one per event (each checked, none waits for another).
+    /// One script call for the whole batch (one AOF write and fsync).
     pub async fn fill(&self, conn: usize, batch: &[(String, i64)], payload: &Bytes) -> anyhow::Result<()> {
-        let mut pipe = redis::pipe();
-        for (aggregate, seq) in batch {
-            pipe.add_command(self.script_call(aggregate, *seq, 1, payload));
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.fill_sha).arg(batch.len() + 1).arg(GLOBAL);
+        for (aggregate, _) in batch {
+            cmd.arg(aggregate_key(aggregate));
         }
-        let _: Value = pipe.query_async(&mut self.con(conn)).await?;
+        cmd.arg(EVENT_TYPE).arg(payload.as_ref());
+        for (aggregate, seq) in batch {
+            cmd.arg(aggregate).arg(*seq);
+        }
+        let stored: i64 = cmd.query_async(&mut self.con(conn)).await?;
+        anyhow::ensure!(
+            stored == batch.len() as i64,
+            "fill script stored {stored} of {}",
+            batch.len()
+        );
         Ok(())
     }
 
