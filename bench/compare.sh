@@ -317,7 +317,9 @@ disk_dev="$(df --output=source "$WORK" | tail -1)"
 jq -nc --arg date "$STAMP" --arg machine "$MACHINE" --argjson nproc "$(nproc)" --arg cpu "$cpu_model" \
     --arg kernel "$(uname -r)" --arg mem "$(free -m | awk '/^Mem:/ {print $2}')" \
     --arg fs "$(df --output=fstype "$WORK" | tail -1)" --arg dev "$disk_dev" \
-    --arg disk "$(lsblk -dno NAME,SIZE,ROTA,MODEL "$(echo "$disk_dev" | sed -E 's/p?[0-9]+$//')" 2>/dev/null | tr -s ' ' || echo "?")" \
+    --arg disk "$(lsblk -dno NAME,SIZE,ROTA,MODEL "$(echo "$disk_dev" | sed -E 's/p?[0-9]+$//')" 2>/dev/null |
+        awk '{m = $4; for (i = 5; i <= NF; i++) m = m " " $i; printf "%s, %s, %s%s", $1, $2,
+              ($3 == 1 ? "reported rotational" : "reported non-rotational"), (m == "" ? "" : ", " m)}' || echo "?")" \
     --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" --arg commit "$(git rev-parse --short HEAD)" \
     --arg dirty "$(git status --porcelain --untracked-files=no | grep -q . && echo yes || echo no)" \
     --arg systems "$SYSTEMS" --arg clients "$CLIENTS" --argjson dur "$DURATION" --argjson warm "$WARMUP" \
