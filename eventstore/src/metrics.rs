@@ -12,59 +12,27 @@
 //!   instead of lingering with stale values.
 //!
 //! Histogram samples are folded into buckets by an upkeep every second ([`keep_up`]), which
-//! bounds their memory however busy the node is.
+//! bounds their memory however busy the node is; the recorder, its buckets and the upkeep are
+//! shared with the router ([`myelin_proto::telemetry`]).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
 use metrics::{Counter, Histogram};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
+use myelin_proto::telemetry;
+pub use myelin_proto::telemetry::keep_up;
 
 use crate::context::{Context, Contexts};
 
-/// Upper bounds of the latency histograms, in seconds.
-pub const LATENCY_BUCKETS_SECONDS: [f64; 16] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0,
-];
-/// How often histogram samples are folded into their buckets.
-pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
-
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 static CONTEXTS: OnceLock<Mutex<HashMap<String, Arc<ContextMetrics>>>> = OnceLock::new();
 
-fn builder() -> PrometheusBuilder {
-    PrometheusBuilder::new()
-        .set_buckets(&LATENCY_BUCKETS_SECONDS)
-        .expect("the bucket list is not empty")
-}
-
-/// Installs this process's recorder on first use and returns its handle.
+/// Installs this process's recorder (with the eventstore's descriptions) on first use and
+/// returns its handle.
 pub fn install() -> PrometheusHandle {
-    HANDLE
-        .get_or_init(|| {
-            let recorder = builder().build_recorder();
-            let handle = recorder.handle();
-            if metrics::set_global_recorder(recorder).is_err() {
-                tracing::warn!("another metrics recorder is installed; the eventstore's counters stay empty");
-            }
-            describe();
-            handle
-        })
-        .clone()
-}
-
-/// Runs the recorder's upkeep every [`UPKEEP_INTERVAL`] until the runtime stops.
-pub fn keep_up(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(UPKEEP_INTERVAL);
-        loop {
-            ticker.tick().await;
-            handle.run_upkeep();
-        }
-    })
+    telemetry::install("eventstore", describe)
 }
 
 fn describe() {

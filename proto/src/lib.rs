@@ -46,6 +46,7 @@ pub use myelin::internal;
 
 pub mod errors;
 pub mod roles;
+pub mod telemetry;
 
 /// Request metadata key naming the context on internal calls.
 pub const CONTEXT_KEY: &str = "myelin-context";

@@ -1,7 +1,8 @@
 //! The router's metrics in the Prometheus text format, served to admin by `RouterControl.Metrics`.
 //!
 //! Counters, gauges and histograms go through the `metrics` facade into one process-wide
-//! Prometheus recorder ([`install`]). Hot paths never look a metric up by name: each keeps the
+//! Prometheus recorder ([`install`]; the plumbing is shared with the eventstore in
+//! [`myelin_proto::telemetry`]). Hot paths never look a metric up by name: each keeps the
 //! handles of a context in a [`PerContext`] cache (one read-locked map lookup, then atomic
 //! increments), and no lock is held across an await. Histograms are rendered with fixed buckets
 //! ([`LATENCY_BUCKETS_SECONDS`]) so that Prometheus can aggregate them. A histogram keeps its raw
@@ -17,60 +18,25 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
+use myelin_proto::telemetry;
+pub use myelin_proto::telemetry::{LATENCY_BUCKETS_SECONDS, UPKEEP_INTERVAL, builder, keep_up};
 
 use crate::platform::Clients;
 use crate::query::QueryRouter;
 
-/// Upper bounds of every latency histogram, in seconds.
-pub const LATENCY_BUCKETS_SECONDS: [f64; 16] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0,
-];
 /// Distinct context labels at most.
 pub const MAX_CONTEXT_LABELS: usize = 1_000;
 /// The context label of every context beyond [`MAX_CONTEXT_LABELS`].
 pub const OVERFLOW_CONTEXT: &str = "_other";
-/// How often histogram samples are folded into their buckets.
-pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-
-/// The Prometheus builder every Myelin process uses: histograms with fixed buckets.
-pub fn builder() -> PrometheusBuilder {
-    PrometheusBuilder::new()
-        .set_buckets(&LATENCY_BUCKETS_SECONDS)
-        .expect("the bucket list is not empty")
-}
-
-/// Installs this process's recorder on first use and returns its handle; metrics recorded
-/// before that are lost. The caller runs [`PrometheusHandle::run_upkeep`] every
-/// [`UPKEEP_INTERVAL`] (see [`keep_up`]).
+/// Installs this process's recorder (with the router's descriptions) on first use and returns
+/// its handle; metrics recorded before that are lost. The caller runs
+/// [`PrometheusHandle::run_upkeep`] every [`UPKEEP_INTERVAL`] (see [`keep_up`]).
 pub fn install() -> PrometheusHandle {
-    HANDLE
-        .get_or_init(|| {
-            let recorder = builder().build_recorder();
-            let handle = recorder.handle();
-            if metrics::set_global_recorder(recorder).is_err() {
-                tracing::warn!("another metrics recorder is installed; the router's metrics stay empty");
-            }
-            describe();
-            handle
-        })
-        .clone()
-}
-
-/// Runs the recorder's upkeep every [`UPKEEP_INTERVAL`] until the runtime stops.
-pub fn keep_up(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(UPKEEP_INTERVAL);
-        loop {
-            ticker.tick().await;
-            handle.run_upkeep();
-        }
-    })
+    telemetry::install("router", describe)
 }
 
 fn describe() {
