@@ -82,6 +82,15 @@ impl Node {
         format!("http://127.0.0.1:{}", self.grpc_port)
     }
 
+    /// A connected channel to the client gRPC port, for any of the client services.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to node")
+    }
+
     /// Starts the processes and waits until clients are served.
     pub async fn launch(&mut self) {
         assert!(self.process.is_none(), "already running");
@@ -251,6 +260,15 @@ impl Drop for Node {
             self.crash();
         }
     }
+}
+
+/// `message` as a client in `context` sends it: the context in Axon's `AxonIQ-Context` header.
+pub fn with_context<T>(message: T, context: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("axoniq-context", context.parse().unwrap());
+    request
 }
 
 /// An event of aggregate `aggregate` at `sequence`, with a ~200-byte payload.

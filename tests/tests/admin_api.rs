@@ -16,7 +16,7 @@ use myelin_proto::axon::control::{
 use myelin_proto::axon::event::event_store_client::EventStoreClient;
 use myelin_proto::axon::event::{GetAggregateEventsRequest, GetEventsRequest, GetLastTokenRequest};
 use myelin_tests::http::Reply;
-use myelin_tests::{Node, Options, event};
+use myelin_tests::{Node, Options, event, with_context};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -75,14 +75,6 @@ async fn start() -> Node {
     let node = Node::start(Options::default()).await;
     admin_ready(&node).await;
     node
-}
-
-fn with_context<T>(message: T, context: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("axoniq-context", context.parse().unwrap());
-    request
 }
 
 async fn event_store(node: &Node) -> EventStoreClient<Channel> {
@@ -451,7 +443,7 @@ async fn client_app(
     mpsc::Sender<PlatformInboundInstruction>,
     mpsc::UnboundedReceiver<Outbound>,
 ) {
-    let channel = Channel::from_shared(node.url()).unwrap().connect().await.unwrap();
+    let channel = node.channel().await;
     let mut platform = PlatformServiceClient::new(channel);
     let (outbound, rx) = mpsc::channel(16);
     let mut inbound = platform

@@ -20,22 +20,9 @@ use myelin_proto::axon::query::query_provider_outbound::Request as QueryOutbound
 use myelin_proto::axon::query::query_service_client::QueryServiceClient;
 use myelin_proto::axon::query::{QueryProviderOutbound, QuerySubscription};
 use myelin_proto::axon::{FlowControl, InstructionAck};
-use myelin_tests::{Node, Options};
+use myelin_tests::{Node, Options, with_context};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
-
-async fn channel(node: &Node) -> Channel {
-    Channel::from_shared(node.url()).unwrap().connect().await.unwrap()
-}
-
-fn with_context<T>(message: T, context: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("axoniq-context", context.parse().unwrap());
-    request
-}
 
 /// What the client sees on its control stream.
 #[derive(Debug)]
@@ -53,7 +40,7 @@ struct Control {
 
 impl Control {
     async fn open(node: &Node, context: &str) -> Control {
-        let mut client = PlatformServiceClient::new(channel(node).await);
+        let mut client = PlatformServiceClient::new(node.channel().await);
         let (outbound, rx) = mpsc::channel(64);
         let mut inbound = client
             .open_stream(with_context(ReceiverStream::new(rx), context))
@@ -183,7 +170,7 @@ async fn a_silent_client_is_disconnected_with_its_handlers() {
     control.register(client_id, "4.6.0").await;
 
     // Its command handler (no auto reply, so a dispatched command stays pending on it).
-    let mut commands = CommandServiceClient::new(channel(&node).await);
+    let mut commands = CommandServiceClient::new(node.channel().await);
     let (handler_tx, handler_rx) = mpsc::channel(16);
     handler_tx
         .send(CommandProviderOutbound {
@@ -221,7 +208,7 @@ async fn a_silent_client_is_disconnected_with_its_handlers() {
     assert!(matches!(first.request, Some(CommandInbound::Ack(ack)) if ack.success));
 
     // Its query handler.
-    let mut queries = QueryServiceClient::new(channel(&node).await);
+    let mut queries = QueryServiceClient::new(node.channel().await);
     let (query_tx, query_rx) = mpsc::channel(16);
     query_tx
         .send(QueryProviderOutbound {

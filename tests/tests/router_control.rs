@@ -29,7 +29,7 @@ use myelin_proto::internal::{
     CloseContextRequest, ListClientsRequest, ListHandlersRequest, ListProcessorsRequest, MetricsRequest,
     SendInstructionRequest, SendInstructionResponse,
 };
-use myelin_tests::{Node, Options, event};
+use myelin_tests::{Node, Options, event, with_context};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -50,18 +50,6 @@ async fn storage_control(node: &Node) -> StorageControlClient<Channel> {
     StorageControlClient::new(unix_channel(node.runtime_dir().join("eventstore.sock")).await)
 }
 
-async fn channel(node: &Node) -> Channel {
-    Channel::from_shared(node.url()).unwrap().connect().await.unwrap()
-}
-
-fn with_context<T>(message: T, context: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("axoniq-context", context.parse().unwrap());
-    request
-}
-
 /// How the test client answers the node's instructions.
 #[derive(Clone, Copy)]
 enum Answer {
@@ -79,7 +67,7 @@ struct Client {
 
 impl Client {
     async fn connect(node: &Node, context: &str, client_id: &str, component: &str) -> Client {
-        let mut platform = PlatformServiceClient::new(channel(node).await);
+        let mut platform = PlatformServiceClient::new(node.channel().await);
         let (outbound, rx) = mpsc::channel(64);
         let mut inbound = platform
             .open_stream(with_context(ReceiverStream::new(rx), context))
@@ -415,7 +403,7 @@ async fn command_handler(
     mpsc::Sender<CommandProviderOutbound>,
     tokio::task::JoinHandle<Option<tonic::Status>>,
 ) {
-    let mut commands = CommandServiceClient::new(channel(node).await);
+    let mut commands = CommandServiceClient::new(node.channel().await);
     let (tx, rx) = mpsc::channel(64);
     tx.send(CommandProviderOutbound {
         request: Some(CommandOutbound::Subscribe(CommandSubscription {
@@ -495,7 +483,7 @@ async fn handlers_are_listed_and_closing_a_context_ends_its_streams() {
     let _survivor = Client::connect(&node, "kept", "app-8", "kept-app").await;
     let (_handler, handler_reader) = command_handler(&node, "doomed", "app-9", "DoomedCommand").await;
 
-    let mut queries = QueryServiceClient::new(channel(&node).await);
+    let mut queries = QueryServiceClient::new(node.channel().await);
     let (query_tx, query_rx) = mpsc::channel(16);
     query_tx
         .send(QueryProviderOutbound {
@@ -630,7 +618,7 @@ async fn handlers_are_listed_and_closing_a_context_ends_its_streams() {
         .unwrap()
         .into_inner();
     assert_eq!(kept.clients.len(), 1);
-    let mut dispatcher = CommandServiceClient::new(channel(&node).await);
+    let mut dispatcher = CommandServiceClient::new(node.channel().await);
     let response = dispatcher
         .dispatch(with_context(command("after-close", "DoomedCommand"), "doomed"))
         .await
@@ -697,7 +685,7 @@ async fn metrics_follow_real_traffic() {
     // Four commands answered by a handler, one without a handler.
     let _handler = command_handler(&node, "metered", "app-m", "MeteredCommand").await;
     let _client = Client::connect(&node, "metered", "app-m", "metered-app").await;
-    let mut dispatcher = CommandServiceClient::new(channel(&node).await);
+    let mut dispatcher = CommandServiceClient::new(node.channel().await);
     for i in 0..4 {
         let response = dispatcher
             .dispatch(with_context(command(&format!("c{i}"), "MeteredCommand"), "metered"))
