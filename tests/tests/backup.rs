@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use myelin_proto::axon::event::Event;
 use myelin_proto::axon::event::event_store_client::EventStoreClient;
+use myelin_tests::http::request;
 use myelin_tests::{Node, Options, append, event, read_aggregate, read_all};
 use tonic::transport::Channel;
 
@@ -439,26 +440,11 @@ async fn verify_finds_damage_and_a_killed_backup_is_completed_by_the_next_run() 
 
 /// Status, `code` of the JSON error body (if any) and body of one request to admin.
 async fn http(port: u16, method: &'static str, path: &str) -> (u16, Option<String>, String) {
-    let url = format!("http://127.0.0.1:{port}{path}");
-    tokio::task::spawn_blocking(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .into();
-        let result = match method {
-            "GET" => agent.get(&url).call(),
-            _ => agent.post(&url).send_empty(),
-        };
-        let mut response = result.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-        let body = response.body_mut().read_to_string().unwrap_or_default();
-        let code = serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["code"].as_str().map(str::to_owned));
-        (response.status().as_u16(), code, body)
-    })
-    .await
-    .unwrap()
+    let reply = request(port, method, path, None, None).await;
+    let code = serde_json::from_str::<serde_json::Value>(&reply.body)
+        .ok()
+        .and_then(|v| v["code"].as_str().map(str::to_owned));
+    (reply.status, code, reply.body)
 }
 
 #[tokio::test(flavor = "multi_thread")]

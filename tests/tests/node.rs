@@ -1,21 +1,12 @@
 //! The node as an operator sees it: separate processes, the admin status endpoints.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-
+use myelin_tests::http::request;
 use myelin_tests::{Node, Options, append, event};
 
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+/// Status and body of a GET to admin.
+async fn http_get(port: u16, path: &str) -> (u16, String) {
+    let reply = request(port, "GET", path, None, None).await;
+    (reply.status, reply.body)
 }
 
 fn cmdline(pid: i32) -> Vec<String> {
@@ -63,7 +54,7 @@ async fn admin_reports_node_and_context_positions() {
             .await
             .unwrap();
     }
-    let (status, body) = http_get(node.http_port, "/v1/public/me");
+    let (status, body) = http_get(node.http_port, "/v1/public/me").await;
     assert_eq!(status, 200);
     assert!(body.contains("\"contextNames\":[\"_admin\",\"default\"]"), "{body}");
     assert!(body.contains("\"storageContextNames\":[\"default\"]"), "{body}");
@@ -72,10 +63,10 @@ async fn admin_reports_node_and_context_positions() {
         "{body}"
     );
     assert!(body.contains(&format!("\"grpcPort\":{}", node.grpc_port)), "{body}");
-    let (status, page) = http_get(node.http_port, "/");
+    let (status, page) = http_get(node.http_port, "/").await;
     assert_eq!(status, 200);
     assert!(page.contains("<td>default</td><td>2</td>"), "{page}");
-    let (status, body) = http_get(node.http_port, "/no/such/page");
+    let (status, body) = http_get(node.http_port, "/no/such/page").await;
     assert_eq!(status, 404);
     assert_eq!(
         body,
