@@ -98,6 +98,16 @@ where
     }
 }
 
+/// Waits until the router lets `token` read: a newly registered token reaches it asynchronously.
+async fn reaches_the_router(what: &str, client: &EventStoreClient<Channel>, token: &str) {
+    eventually(&format!("{what} reaching the router"), || {
+        let mut client = client.clone();
+        let token = token.to_owned();
+        async move { last_token(&mut client, Some(&token)).await.is_ok() }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn grpc_calls_need_a_token_that_grants_the_operation_in_the_context() {
     let node = start().await;
@@ -126,12 +136,7 @@ async fn grpc_calls_need_a_token_that_grants_the_operation_in_the_context() {
 
     // A reader may read in its context only, and may not append.
     let reader = register(&node, "reporting", "default", &["READ_EVENTS"]).await;
-    eventually("the reader's token reaching the router", || {
-        let mut client = client.clone();
-        let reader = reader.clone();
-        async move { last_token(&mut client, Some(&reader)).await.is_ok() }
-    })
-    .await;
+    reaches_the_router("the reader's token", &client, &reader).await;
     assert_refused(
         append(&mut client, vec![event("a-1", 1, "e-1")], Some(&reader)).await,
         Code::PermissionDenied,
@@ -226,12 +231,7 @@ async fn the_router_keeps_enforcing_the_last_rules_while_admin_is_down() {
     let node = start().await;
     let mut client = node.client().await;
     let reader = register(&node, "reporting", "default", &["READ_EVENTS"]).await;
-    eventually("the reader's token reaching the router", || {
-        let mut client = client.clone();
-        let reader = reader.clone();
-        async move { last_token(&mut client, Some(&reader)).await.is_ok() }
-    })
-    .await;
+    reaches_the_router("the reader's token", &client, &reader).await;
 
     // Stop admin and keep it stopped long enough to check (the supervisor restarts it later).
     let admin = node.child_pid("admin").expect("admin pid");
