@@ -4,6 +4,7 @@
 //! The binary is `$MYELIN_BIN`, else `target/release/myelin`, else `target/debug/myelin`: the
 //! test command builds it before running the tests.
 
+pub mod handlers;
 pub mod history;
 pub mod http;
 

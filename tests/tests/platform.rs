@@ -5,10 +5,9 @@
 
 use std::time::{Duration, Instant};
 
+use myelin_proto::axon::InstructionAck;
 use myelin_proto::axon::command::command_provider_inbound::Request as CommandInbound;
-use myelin_proto::axon::command::command_provider_outbound::Request as CommandOutbound;
-use myelin_proto::axon::command::command_service_client::CommandServiceClient;
-use myelin_proto::axon::command::{Command, CommandProviderOutbound, CommandSubscription};
+use myelin_proto::axon::command::{Command, CommandSubscription};
 use myelin_proto::axon::control::platform_inbound_instruction::Request as Inbound;
 use myelin_proto::axon::control::platform_outbound_instruction::Request as Outbound;
 use myelin_proto::axon::control::platform_service_client::PlatformServiceClient;
@@ -19,7 +18,7 @@ use myelin_proto::axon::control::{
 use myelin_proto::axon::query::query_provider_outbound::Request as QueryOutbound;
 use myelin_proto::axon::query::query_service_client::QueryServiceClient;
 use myelin_proto::axon::query::{QueryProviderOutbound, QuerySubscription};
-use myelin_proto::axon::{FlowControl, InstructionAck};
+use myelin_tests::handlers::{CommandHandler, command_handler};
 use myelin_tests::{Node, Options, with_context};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -170,42 +169,23 @@ async fn a_silent_client_is_disconnected_with_its_handlers() {
     control.register(client_id, "4.6.0").await;
 
     // Its command handler (no auto reply, so a dispatched command stays pending on it).
-    let mut commands = CommandServiceClient::new(node.channel().await);
-    let (handler_tx, handler_rx) = mpsc::channel(16);
-    handler_tx
-        .send(CommandProviderOutbound {
-            request: Some(CommandOutbound::Subscribe(CommandSubscription {
-                message_id: "sub-1".into(),
-                command: "Cmd".into(),
-                component_name: "silent-app".into(),
-                client_id: client_id.into(),
-                load_factor: 100,
-            })),
-            instruction_id: String::new(),
-        })
-        .await
-        .unwrap();
-    handler_tx
-        .send(CommandProviderOutbound {
-            request: Some(CommandOutbound::FlowControl(FlowControl {
-                client_id: client_id.into(),
-                permits: 10,
-            })),
-            instruction_id: "permits".into(),
-        })
-        .await
-        .unwrap();
-    let mut handler = commands
-        .open_stream(with_context(ReceiverStream::new(handler_rx), context))
-        .await
-        .unwrap()
-        .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(5), handler.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert!(matches!(first.request, Some(CommandInbound::Ack(ack)) if ack.success));
+    let CommandHandler {
+        client: mut commands,
+        outbound: handler_tx,
+        inbound: mut handler,
+    } = command_handler(
+        &node,
+        context,
+        CommandSubscription {
+            message_id: "sub-1".into(),
+            command: "Cmd".into(),
+            component_name: "silent-app".into(),
+            client_id: client_id.into(),
+            load_factor: 100,
+        },
+        10,
+    )
+    .await;
 
     // Its query handler.
     let mut queries = QueryServiceClient::new(node.channel().await);

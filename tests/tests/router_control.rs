@@ -29,6 +29,7 @@ use myelin_proto::internal::{
     CloseContextRequest, ListClientsRequest, ListHandlersRequest, ListProcessorsRequest, MetricsRequest,
     SendInstructionRequest, SendInstructionResponse,
 };
+use myelin_tests::handlers::{self, CommandHandler};
 use myelin_tests::{Node, Options, event, with_context};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -403,43 +404,23 @@ async fn command_handler(
     mpsc::Sender<CommandProviderOutbound>,
     tokio::task::JoinHandle<Option<tonic::Status>>,
 ) {
-    let mut commands = CommandServiceClient::new(node.channel().await);
-    let (tx, rx) = mpsc::channel(64);
-    tx.send(CommandProviderOutbound {
-        request: Some(CommandOutbound::Subscribe(CommandSubscription {
+    let CommandHandler {
+        client: commands,
+        outbound: tx,
+        mut inbound,
+    } = handlers::command_handler(
+        node,
+        context,
+        CommandSubscription {
             message_id: format!("sub-{command}"),
             command: command.into(),
             component_name: format!("{client_id}-app"),
             client_id: client_id.into(),
             load_factor: 100,
-        })),
-        instruction_id: String::new(),
-    })
-    .await
-    .unwrap();
-    tx.send(CommandProviderOutbound {
-        request: Some(CommandOutbound::FlowControl(FlowControl {
-            client_id: client_id.into(),
-            permits: 1000,
-        })),
-        instruction_id: "permits".into(),
-    })
-    .await
-    .unwrap();
-    let mut inbound = commands
-        .open_stream(with_context(ReceiverStream::new(rx), context))
-        .await
-        .unwrap()
-        .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(5), inbound.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert!(
-        matches!(first.request, Some(CommandInbound::Ack(ref ack)) if ack.success),
-        "{first:?}"
-    );
+        },
+        1000,
+    )
+    .await;
     let replies = tx.clone();
     let reader = tokio::spawn(async move {
         let _commands = commands;
