@@ -349,12 +349,26 @@ fn node_runs_under_the_service_sandbox() {
         format!("/var/lib/{}", setting(&service, "Service", "StateDirectory"))
     );
 
-    // Not under /tmp: the sandbox mounts an empty /tmp over it. The state and runtime
-    // directories stand in for /var/lib/myelin and /run/myelin, the etc copy for /etc/myelin.
-    let root = tempfile::Builder::new()
-        .prefix("sd")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
+    // Not under /tmp: the sandbox mounts an empty /tmp over it, and the checkout (with its
+    // target dir) may itself be under /tmp, so the binaries are copied in too. The state and
+    // runtime directories stand in for /var/lib/myelin and /run/myelin, the etc copy for
+    // /etc/myelin.
+    let outside_tmp = Path::new("/var/tmp");
+    if !outside_tmp.is_dir() {
+        println!("skipped: no /var/tmp to hold the sandboxed node outside /tmp");
+        return;
+    }
+    let root = tempfile::Builder::new().prefix("myelin-sd").tempdir_in(outside_tmp).unwrap();
+    let bin = root.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let copy_binary = |name: &str| {
+        let to = bin.join(name);
+        std::fs::copy(built(name), &to).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+        to
+    };
+    let myelin = copy_binary("myelin");
+    let agent = copy_binary("myelin-backup-agent");
     let state = root.path().join("state");
     let run = root.path().join("run");
     let etc = root.path().join("etc");
@@ -389,7 +403,7 @@ fn node_runs_under_the_service_sandbox() {
     let log = std::fs::File::create(&log_path).unwrap();
     let mut command = sandboxed(&unshare, &setpriv, &[&state, &run], &state);
     let child = command
-        .arg(built("myelin"))
+        .arg(&myelin)
         .args(&args)
         .env("RUNTIME_DIRECTORY", &run)
         .env("NOTIFY_SOCKET", &notify_path)
@@ -457,7 +471,6 @@ fn node_runs_under_the_service_sandbox() {
                 .replace("/var/backups/myelin", dest.to_str().unwrap())
         })
         .collect();
-    let agent = built("myelin-backup-agent");
     let output = sandboxed(&unshare, &setpriv, &[&dest], root.path())
         .arg(&agent)
         .args(&backup_args)
