@@ -358,7 +358,10 @@ fn node_runs_under_the_service_sandbox() {
         println!("skipped: no /var/tmp to hold the sandboxed node outside /tmp");
         return;
     }
-    let root = tempfile::Builder::new().prefix("myelin-sd").tempdir_in(outside_tmp).unwrap();
+    let root = tempfile::Builder::new()
+        .prefix("myelin-sd")
+        .tempdir_in(outside_tmp)
+        .unwrap();
     let bin = root.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
     let copy_binary = |name: &str| {
