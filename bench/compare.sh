@@ -213,6 +213,8 @@ start_myelin() {
         --internal-port "$internal"
     popd >/dev/null
     wait_until curl -sf "http://127.0.0.1:$http/v1/public/me"
+    # The HTTP API can answer before the client gRPC port listens.
+    wait_until port_open "$port"
     KIND=myelin ADDR="http://127.0.0.1:$port" PIDS="$STARTED_PID"
     VERSION="myelin $(git -C "$ROOT" rev-parse --short HEAD)"
 }
