@@ -15,10 +15,9 @@
 //!   the log) but defers deleting files, so every listed log segment stays on disk for the copy.
 //!   A purge that arrives during the hold deletes its files once the hold ends.
 //!
-//! The hold lives in this process's memory only: an eventstore that restarts has no hold, and a
-//! purge it recovers finishes at once (see `consensus::log_store` recovery). A backup that runs
-//! across a restart of the eventstore may therefore find a listed log segment gone; the agent
-//! then fails and the next run starts over.
+//! The hold is also written (fsynced) to `log-hold-until` in the data directory before admin is
+//! told it is on, and an eventstore that restarts takes it up again before it opens any context,
+//! so a restart within the window does not delete log segments a backup still has to copy.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -103,6 +102,42 @@ pub fn hold_log_compaction(hold: &CompactionHold, until_unix_millis: i64) -> Res
     Ok(hold.held_until())
 }
 
+/// File in the data directory that keeps the hold across restarts: its end, in milliseconds
+/// since the epoch.
+pub const HOLD_FILE: &str = "log-hold-until";
+
+/// Writes the hold's end durably (temp file, fsync, rename, fsync of the directory).
+pub fn persist_hold(data_dir: &Path, until: SystemTime) -> io::Result<()> {
+    use std::io::Write as _;
+    let millis = until
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let temp = data_dir.join(format!("{HOLD_FILE}.tmp"));
+    let mut file = std::fs::File::create(&temp)?;
+    file.write_all(millis.to_string().as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temp, data_dir.join(HOLD_FILE))?;
+    std::fs::File::open(data_dir)?.sync_all()
+}
+
+/// Takes up a hold written by an earlier run, if it has not ended (and is not absurdly far off).
+pub fn restore_hold(data_dir: &Path, hold: &CompactionHold) {
+    let Ok(text) = std::fs::read_to_string(data_dir.join(HOLD_FILE)) else {
+        return;
+    };
+    match text
+        .trim()
+        .parse::<i64>()
+        .map(|millis| hold_log_compaction(hold, millis))
+    {
+        Ok(Ok(Some(until))) => tracing::info!(?until, "log compaction hold taken up from the last run"),
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "ignoring the stored log compaction hold"),
+        Err(e) => tracing::warn!(error = %e, "ignoring an unreadable {HOLD_FILE}"),
+    }
+}
+
 /// The open context named `name`, or NOT_FOUND (AXONIQ-1302).
 pub fn find_context(contexts: &Contexts, name: &str) -> Result<Arc<Context>, tonic::Status> {
     contexts
@@ -180,6 +215,25 @@ pub fn list_log_segments(context_dir: &Path) -> io::Result<ListLogSegmentsRespon
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hold_survives_a_restart_through_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let until = SystemTime::now() + Duration::from_secs(600);
+        persist_hold(dir.path(), until).unwrap();
+        let restarted = CompactionHold::default();
+        restore_hold(dir.path(), &restarted);
+        let held = restarted.held_until().expect("hold taken up");
+        assert!(held.duration_since(until).unwrap_or_else(|e| e.duration()) < Duration::from_millis(1));
+        // An ended hold is not taken up, and a missing or garbled file changes nothing.
+        persist_hold(dir.path(), SystemTime::now() - Duration::from_secs(1)).unwrap();
+        let fresh = CompactionHold::default();
+        restore_hold(dir.path(), &fresh);
+        assert_eq!(fresh.held_until(), None);
+        std::fs::write(dir.path().join(HOLD_FILE), "soon").unwrap();
+        restore_hold(dir.path(), &fresh);
+        assert_eq!(fresh.held_until(), None);
+    }
 
     #[test]
     fn a_hold_is_only_extended_and_ends_by_itself() {

@@ -121,6 +121,11 @@ impl Contexts {
         }
     }
 
+    /// The directory holding one sub-directory per context.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
     pub fn get(&self, name: &str) -> Option<Arc<Context>> {
         self.map.read().get(name).cloned()
     }

@@ -106,6 +106,16 @@ impl StorageControl for Control {
         let until = request.into_inner().until_unix_millis;
         let held = crate::backup::hold_log_compaction(crate::backup::node_hold(), until)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Durable before admin hears the hold is on: a restart must not lift it.
+        if let Some(end) = held {
+            let dir = self.contexts.data_dir().to_owned();
+            tokio::task::spawn_blocking(move || crate::backup::persist_hold(&dir, end))
+                .await
+                .map_err(|e| Status::internal(format!("storing the hold: {e}")))?
+                .map_err(|e| {
+                    myelin_proto::errors::ErrorCode::DatafileWriteError.status(format!("storing the hold: {e}"))
+                })?;
+        }
         tracing::info!(until_unix_millis = until, on = held.is_some(), "log compaction hold");
         Ok(Response::new(HoldLogCompactionResponse {}))
     }

@@ -73,6 +73,8 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     let _lock = lock_data_dir(&args.data_dir).await?;
+    // Before any context opens: its log recovery must not delete segments a backup still needs.
+    backup::restore_hold(&args.data_dir, backup::node_hold());
     let limits = stored::Limits {
         event_segment_size: args.segment_size,
         snapshot_segment_size: args.snapshot_segment_size,
