@@ -44,6 +44,7 @@ pub use io::axoniq::axonserver::grpc as axon;
 /// Myelin's internal process-to-process API.
 pub use myelin::internal;
 
+pub mod encoded;
 pub mod errors;
 pub mod roles;
 pub mod telemetry;
