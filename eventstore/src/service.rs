@@ -6,13 +6,13 @@ use std::sync::Arc;
 
 use futures::Stream;
 use myelin_proto::axon::event::{
-    Confirmation, Event, EventWithToken, GetAggregateEventsRequest, GetAggregateSnapshotsRequest, GetEventsRequest,
+    Confirmation, Event, GetAggregateEventsRequest, GetAggregateSnapshotsRequest, GetEventsRequest,
     GetFirstTokenRequest, GetLastTokenRequest, GetTokenAtRequest, ReadHighestSequenceNrRequest,
     ReadHighestSequenceNrResponse, TrackingToken,
 };
 use myelin_proto::errors::ErrorCode;
 use myelin_proto::internal::event_storage_server::EventStorage;
-use myelin_proto::internal::{AppendRequest, AppendResponse};
+use myelin_proto::internal::{AppendRequest, AppendResponse, EncodedEvents, EncodedEventsWithToken};
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -25,7 +25,10 @@ use crate::segment::{Kind, StoreError};
 use crate::stored::{event_facts, record_of};
 use crate::tracking;
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send>>;
+type EventStream = Pin<Box<dyn Stream<Item = Result<EncodedEvents, Status>> + Send>>;
+
+/// An aggregate read is answered in messages of about this many bytes.
+const MESSAGE_BYTES: usize = 1 << 20;
 
 pub struct Service {
     pub contexts: Arc<Contexts>,
@@ -177,12 +180,29 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> +
         .map_err(storage_status)
 }
 
-fn decode(bytes: &[u8]) -> Result<Event, Status> {
-    Event::decode(bytes).map_err(|e| ErrorCode::DatafileReadError.status(format!("stored event does not decode: {e}")))
+/// A stored snapshot as a read sends it: flagged as a snapshot.
+fn snapshot(bytes: bytes::Bytes) -> Result<bytes::Bytes, Status> {
+    myelin_proto::encoded::as_snapshot(bytes)
+        .map_err(|e| ErrorCode::DatafileReadError.status(format!("stored snapshot: {e}")))
 }
 
-fn stream_of(events: Vec<Event>) -> Response<EventStream> {
-    Response::new(Box::pin(tokio_stream::iter(events.into_iter().map(Ok))))
+/// Stored events, as they are, in messages of about `MESSAGE_BYTES`.
+fn stream_of(events: Vec<bytes::Bytes>) -> Response<EventStream> {
+    let mut messages = Vec::new();
+    let mut message = EncodedEvents::default();
+    let mut bytes = 0usize;
+    for event in events {
+        bytes += event.len();
+        message.events.push(event);
+        if bytes >= MESSAGE_BYTES {
+            messages.push(Ok(std::mem::take(&mut message)));
+            bytes = 0;
+        }
+    }
+    if !message.events.is_empty() {
+        messages.push(Ok(message));
+    }
+    Response::new(Box::pin(tokio_stream::iter(messages)))
 }
 
 #[tonic::async_trait]
@@ -279,26 +299,19 @@ impl EventStorage for Service {
         if req.allow_snapshots {
             let stored = context.stored.clone();
             let id = req.aggregate_id.clone();
-            let snapshots = blocking(move || stored.snapshots.read_aggregate(&id)).await?;
+            let range = req.initial_sequence..=upper;
+            let snapshots = blocking(move || stored.snapshots.read_aggregate(&id, range)).await?;
             // The newest snapshot within the requested range, then the events after it.
-            if let Some((seq, bytes)) = snapshots
-                .iter()
-                .filter(|(seq, _)| *seq >= req.initial_sequence && *seq <= upper)
-                .max_by_key(|(seq, _)| *seq)
-            {
-                let mut snapshot = decode(bytes)?;
-                snapshot.snapshot = true;
-                out.push(snapshot);
+            if let Some((seq, bytes)) = snapshots.into_iter().max_by_key(|(seq, _)| *seq) {
+                out.push(snapshot(bytes)?);
                 from = seq + 1;
             }
         }
-        let stored = context.stored.clone();
-        let id = req.aggregate_id.clone();
-        let events = blocking(move || stored.events.read_aggregate(&id)).await?;
-        for (seq, bytes) in events {
-            if seq >= from && seq <= upper {
-                out.push(decode(&bytes)?);
-            }
+        if from <= upper {
+            let stored = context.stored.clone();
+            let id = req.aggregate_id.clone();
+            let events = blocking(move || stored.events.read_aggregate(&id, from..=upper)).await?;
+            out.extend(events.into_iter().map(|(_, bytes)| bytes));
         }
         Ok(stream_of(out))
     }
@@ -315,36 +328,31 @@ impl EventStorage for Service {
         tracing::Span::current().record("aggregate", req.aggregate_id.as_str());
         let stored = context.stored.clone();
         let id = req.aggregate_id.clone();
-        let mut snapshots = blocking(move || stored.snapshots.read_aggregate(&id)).await?;
-        // Highest sequence first (the newest of equal ones first); the upper bound is exclusive
-        // as in Axon Server, and 0 means unbounded.
-        snapshots.reverse();
-        snapshots.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+        // The upper bound is exclusive as in Axon Server, and 0 means unbounded.
         let upper = if req.max_sequence > 0 {
-            req.max_sequence
+            req.max_sequence - 1
         } else {
             i64::MAX
         };
+        let range = req.initial_sequence..=upper;
+        let mut snapshots = blocking(move || stored.snapshots.read_aggregate(&id, range)).await?;
+        // Highest sequence first (the newest of equal ones first).
+        snapshots.reverse();
+        snapshots.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
         let limit = if req.max_results > 0 {
             req.max_results as usize
         } else {
             usize::MAX
         };
-        let mut out = Vec::new();
-        for (seq, bytes) in snapshots {
-            if seq >= req.initial_sequence && seq < upper {
-                let mut snapshot = decode(&bytes)?;
-                snapshot.snapshot = true;
-                out.push(snapshot);
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
+        let out = snapshots
+            .into_iter()
+            .take(limit)
+            .map(|(_, bytes)| snapshot(bytes))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(stream_of(out))
     }
 
-    type ListEventsStream = ReceiverStream<Result<EventWithToken, Status>>;
+    type ListEventsStream = ReceiverStream<Result<EncodedEventsWithToken, Status>>;
 
     async fn list_events(
         &self,

@@ -8,14 +8,20 @@
 //! token advances. A client that stays at zero permits for `PERMITS_TIMEOUT` is disconnected.
 //! Memory per stream is bounded by the read batch and the outgoing queue, whatever the client
 //! does.
+//!
+//! Events are never decoded here: each is sent as the stored bytes (slices of the read buffer),
+//! several to a message (`EncodedEventsWithToken`), and the payload type a blacklist needs is
+//! read by a field scan of those bytes.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use myelin_proto::axon::event::{Event, EventWithToken, GetEventsRequest};
+use bytes::Bytes;
+use myelin_proto::axon::event::GetEventsRequest;
+use myelin_proto::encoded;
 use myelin_proto::errors::ErrorCode;
-use prost::Message;
+use myelin_proto::internal::{EncodedEventWithToken, EncodedEventsWithToken};
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
@@ -24,19 +30,24 @@ use crate::segment::{SegmentStore, StoreError};
 
 const READ_BATCH: usize = 1024;
 const READ_BYTES: usize = 1 << 20;
-const OUT_QUEUE: usize = 256;
+/// A message to the router carries at most this many events and about this many bytes: large
+/// enough that the per-message cost vanishes, small enough to keep the stream moving.
+const MESSAGE_EVENTS: usize = 256;
+const MESSAGE_BYTES: usize = 64 << 10;
+/// Messages queued for the router per stream.
+const OUT_QUEUE: usize = 8;
 const BLACKLIST_SEND_AFTER: u32 = 1000;
 const PERMITS_TIMEOUT: Duration = Duration::from_secs(120);
 /// Permits beyond this are not counted (a client sending huge grants must not overflow).
 const MAX_PERMITS: i64 = 1 << 40;
 
-type Out = mpsc::Sender<Result<EventWithToken, Status>>;
+type Out = mpsc::Sender<Result<EncodedEventsWithToken, Status>>;
 
 /// Reads the first request, checks it, and starts the stream's task.
 pub async fn start(
     context: Arc<Context>,
     mut requests: Streaming<GetEventsRequest>,
-) -> Result<mpsc::Receiver<Result<EventWithToken, Status>>, Status> {
+) -> Result<mpsc::Receiver<Result<EncodedEventsWithToken, Status>>, Status> {
     let first = requests
         .message()
         .await?
@@ -57,7 +68,7 @@ pub async fn start(
 struct Tracker {
     next: i64,
     permits: i64,
-    blacklist: HashSet<(String, String)>,
+    blacklist: Blacklist,
     skipped_in_a_row: u32,
 }
 
@@ -65,7 +76,93 @@ impl Tracker {
     fn grant(&mut self, request: &GetEventsRequest) {
         self.permits = (self.permits + request.number_of_permits.max(0)).min(MAX_PERMITS);
         for p in &request.blacklist {
-            self.blacklist.insert((p.r#type.clone(), p.revision.clone()));
+            self.blacklist.insert(p.r#type.as_bytes(), p.revision.as_bytes());
+        }
+    }
+
+    /// Whether the event is sent: not blacklisted, or the one sent anyway after a run of skips.
+    /// Consumes a permit when it is.
+    fn admits(&mut self, event: &[u8]) -> Result<bool, encoded::Malformed> {
+        if !self.blacklist.is_empty() && self.skipped_in_a_row < BLACKLIST_SEND_AFTER {
+            let (kind, revision) = encoded::payload_type(event)?;
+            if self.blacklist.contains(kind, revision) {
+                self.skipped_in_a_row += 1;
+                return Ok(false);
+            }
+        }
+        self.skipped_in_a_row = 0;
+        self.permits -= 1;
+        Ok(true)
+    }
+}
+
+/// Payload types (type, revision) a client does not want, looked up by the bytes of an encoded
+/// event without allocating.
+#[derive(Default)]
+struct Blacklist {
+    /// `type`, 0xFF, `revision`: 0xFF never occurs in UTF-8, so the join is unambiguous.
+    keys: HashSet<Vec<u8>>,
+    scratch: Vec<u8>,
+}
+
+impl Blacklist {
+    fn key<'a>(scratch: &'a mut Vec<u8>, kind: &[u8], revision: &[u8]) -> &'a [u8] {
+        scratch.clear();
+        scratch.extend_from_slice(kind);
+        scratch.push(0xFF);
+        scratch.extend_from_slice(revision);
+        scratch
+    }
+
+    fn insert(&mut self, kind: &[u8], revision: &[u8]) {
+        let key = Blacklist::key(&mut self.scratch, kind, revision).to_vec();
+        self.keys.insert(key);
+    }
+
+    fn contains(&mut self, kind: &[u8], revision: &[u8]) -> bool {
+        let key = Blacklist::key(&mut self.scratch, kind, revision);
+        self.keys.contains(key)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// Collects the events of a read into messages of `MESSAGE_EVENTS` / `MESSAGE_BYTES`.
+struct Message {
+    events: Vec<EncodedEventWithToken>,
+    bytes: usize,
+    /// Events a new message makes room for.
+    capacity: usize,
+}
+
+impl Message {
+    fn for_read(events: usize) -> Message {
+        Message {
+            events: Vec::new(),
+            bytes: 0,
+            capacity: events.min(MESSAGE_EVENTS),
+        }
+    }
+
+    /// Adds an event; returns a full message to send.
+    fn push(&mut self, token: i64, event: Bytes) -> Option<EncodedEventsWithToken> {
+        if self.events.is_empty() {
+            self.events.reserve(self.capacity);
+        }
+        self.bytes += event.len();
+        self.events.push(EncodedEventWithToken {
+            token,
+            event: Some(event),
+        });
+        (self.events.len() >= MESSAGE_EVENTS || self.bytes >= MESSAGE_BYTES).then(|| self.take())
+    }
+
+    fn take(&mut self) -> EncodedEventsWithToken {
+        self.bytes = 0;
+        EncodedEventsWithToken {
+            events: std::mem::take(&mut self.events),
         }
     }
 }
@@ -74,7 +171,7 @@ async fn run(context: Arc<Context>, first: GetEventsRequest, mut requests: Strea
     let mut tracker = Tracker {
         next: first.tracking_token,
         permits: 0,
-        blacklist: HashSet::new(),
+        blacklist: Blacklist::default(),
         skipped_in_a_row: 0,
     };
     tracker.grant(&first);
@@ -137,42 +234,27 @@ async fn run(context: Arc<Context>, first: GetEventsRequest, mut requests: Strea
             }
             continue;
         }
-        for (token, bytes) in batch {
-            let event = match Event::decode(bytes) {
-                Ok(event) => event,
+        let mut message = Message::for_read(batch.len());
+        for (token, event) in batch {
+            tracker.next = token + 1;
+            match tracker.admits(&event) {
+                Ok(true) => {}
+                Ok(false) => continue,
                 Err(e) => {
                     let _ = out
-                        .send(Err(
-                            ErrorCode::DatafileReadError.status(format!("event {token} does not decode: {e}"))
-                        ))
+                        .send(Err(ErrorCode::DatafileReadError.status(format!("event {token}: {e}"))))
                         .await;
                     return;
                 }
-            };
-            tracker.next = token + 1;
-            if !tracker.blacklist.is_empty() && tracker.skipped_in_a_row < BLACKLIST_SEND_AFTER {
-                let payload = event.payload.as_ref();
-                let key = (
-                    payload.map(|p| p.r#type.clone()).unwrap_or_default(),
-                    payload.map(|p| p.revision.clone()).unwrap_or_default(),
-                );
-                if tracker.blacklist.contains(&key) {
-                    tracker.skipped_in_a_row += 1;
-                    continue;
-                }
             }
-            tracker.skipped_in_a_row = 0;
-            tracker.permits -= 1;
-            if out
-                .send(Ok(EventWithToken {
-                    token,
-                    event: Some(event),
-                }))
-                .await
-                .is_err()
+            if let Some(full) = message.push(token, event)
+                && out.send(Ok(full)).await.is_err()
             {
                 return;
             }
+        }
+        if !message.events.is_empty() && out.send(Ok(message.take())).await.is_err() {
+            return;
         }
         // Pick up permit grants that arrived meanwhile without blocking.
         loop {
@@ -210,11 +292,105 @@ pub fn token_at(store: &SegmentStore, instant: i64) -> Result<i64, StoreError> {
         };
         from = last + 1;
         for (token, bytes) in batch {
-            if let Ok(event) = Event::decode(bytes)
-                && event.timestamp >= instant
-            {
+            if encoded::timestamp(&bytes).is_ok_and(|t| t >= instant) {
                 return Ok(token);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use myelin_proto::axon::SerializedObject;
+    use myelin_proto::axon::event::{Event, PayloadDescription};
+    use prost::Message as _;
+
+    fn event(kind: &str, revision: &str) -> Vec<u8> {
+        Event {
+            message_identifier: "m".into(),
+            payload: Some(SerializedObject {
+                r#type: kind.into(),
+                revision: revision.into(),
+                data: Bytes::from_static(b"data"),
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn tracker(permits: i64, blacklist: &[(&str, &str)]) -> Tracker {
+        let mut tracker = Tracker {
+            next: 0,
+            permits: 0,
+            blacklist: Blacklist::default(),
+            skipped_in_a_row: 0,
+        };
+        tracker.grant(&GetEventsRequest {
+            number_of_permits: permits,
+            blacklist: blacklist
+                .iter()
+                .map(|(t, r)| PayloadDescription {
+                    r#type: (*t).into(),
+                    revision: (*r).into(),
+                })
+                .collect(),
+            ..Default::default()
+        });
+        tracker
+    }
+
+    #[test]
+    fn blacklisted_types_are_skipped_without_permits_by_type_and_revision() {
+        let mut tracker = tracker(10, &[("Noise", "1"), ("Quiet", "")]);
+        assert!(!tracker.admits(&event("Noise", "1")).unwrap());
+        assert!(!tracker.admits(&event("Quiet", "")).unwrap());
+        assert_eq!(tracker.permits, 10);
+        // Another revision, another type, or a type that only prefixes a blacklisted one.
+        for (kind, revision) in [
+            ("Noise", "2"),
+            ("Noise", ""),
+            ("Signal", "1"),
+            ("Nois", "e1"),
+            ("Quiet", "1"),
+        ] {
+            assert!(tracker.admits(&event(kind, revision)).unwrap(), "{kind}/{revision}");
+        }
+        assert_eq!(tracker.permits, 5);
+    }
+
+    #[test]
+    fn one_is_sent_anyway_after_a_run_of_skips() {
+        let mut tracker = tracker(5, &[("Noise", "")]);
+        let noise = event("Noise", "");
+        for _ in 0..2 {
+            for i in 0..BLACKLIST_SEND_AFTER {
+                assert!(!tracker.admits(&noise).unwrap(), "skip {i}");
+            }
+            assert!(tracker.admits(&noise).unwrap());
+        }
+        assert_eq!(tracker.permits, 3);
+    }
+
+    #[test]
+    fn a_damaged_event_is_an_error_only_when_its_type_matters() {
+        let damaged = [0x32, 0x05, 0x0a];
+        assert!(tracker(1, &[]).admits(&damaged).unwrap());
+        assert!(tracker(1, &[("Noise", "")]).admits(&damaged).is_err());
+    }
+
+    #[test]
+    fn messages_are_cut_by_count_and_by_bytes() {
+        let mut message = Message::for_read(1000);
+        let full: Vec<_> = (0..600)
+            .filter_map(|t| message.push(t, Bytes::from_static(b"e")))
+            .collect();
+        assert_eq!(full.iter().map(|m| m.events.len()).collect::<Vec<_>>(), vec![256, 256]);
+        assert_eq!(message.take().events.len(), 88);
+        let big = Bytes::from(vec![0u8; MESSAGE_BYTES / 2]);
+        assert!(message.push(0, big.clone()).is_none());
+        let cut = message.push(1, big).expect("full by bytes");
+        assert_eq!(cut.events[1].token, 1);
+        assert!(message.events.is_empty());
     }
 }

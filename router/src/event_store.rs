@@ -1,13 +1,16 @@
 //! The client-facing `EventStore` service: relays each call to the eventstore process over its
 //! Unix socket, naming the client's context.
 //!
+//! The event reads are served by `event_reads`, which relays them as bytes; the generated
+//! server over this relay handles every other call.
+//!
 //! An append is buffered here until the client half-closes its stream, and only then sent on as
 //! a whole: a client stream that breaks mid-transaction never reaches the eventstore, so
 //! nothing of it can be stored.
 
 use std::pin::Pin;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use myelin_proto::axon::event::event_store_server::EventStore;
 use myelin_proto::axon::event::{
     Confirmation, ConfirmationWithConsistencyMarker, Event, EventWithToken, GetAggregateEventsRequest,
@@ -34,7 +37,7 @@ pub struct EventStoreRelay {
 }
 
 /// Builds the internal request for `message`, naming the context.
-fn internal<T>(context: &str, message: T) -> Result<Request<T>, Status> {
+pub(crate) fn internal<T>(context: &str, message: T) -> Result<Request<T>, Status> {
     let mut request = Request::new(message);
     let value = context
         .parse()
@@ -43,7 +46,7 @@ fn internal<T>(context: &str, message: T) -> Result<Request<T>, Status> {
     Ok(request)
 }
 
-fn relayed(status: Status) -> Status {
+pub(crate) fn relayed(status: Status) -> Status {
     if status.code() == tonic::Code::Unavailable
         && status.metadata().get(myelin_proto::errors::ERROR_CODE_KEY).is_none()
     {
@@ -55,8 +58,8 @@ fn relayed(status: Status) -> Status {
     relay(status)
 }
 
-fn relay_stream<T: Send + 'static>(stream: Streaming<T>) -> Boxed<T> {
-    Box::pin(stream.map(|item| item.map_err(relayed)))
+fn served_by_event_reads() -> Status {
+    Status::internal("event reads are served by event_reads::EventStoreService, not by the relay")
 }
 
 #[tonic::async_trait]
@@ -108,67 +111,34 @@ impl EventStore for EventStoreRelay {
         Ok(Response::new(Confirmation { success: true }))
     }
 
+    // The three reads never reach the relay: `event_reads::EventStoreService` answers their
+    // paths before it hands a call to the generated server.
+
     type ListAggregateEventsStream = Boxed<Event>;
 
-    #[tracing::instrument(skip_all, fields(context))]
     async fn list_aggregate_events(
         &self,
-        request: Request<GetAggregateEventsRequest>,
+        _request: Request<GetAggregateEventsRequest>,
     ) -> Result<Response<Self::ListAggregateEventsStream>, Status> {
-        let context = client_context(&request)?;
-        let request = internal(&context, request.into_inner())?;
-        let stream = self
-            .storage
-            .clone()
-            .list_aggregate_events(request)
-            .await
-            .map_err(relayed)?
-            .into_inner();
-        Ok(Response::new(relay_stream(stream)))
+        Err(served_by_event_reads())
     }
 
     type ListAggregateSnapshotsStream = Boxed<Event>;
 
-    #[tracing::instrument(skip_all, fields(context))]
     async fn list_aggregate_snapshots(
         &self,
-        request: Request<GetAggregateSnapshotsRequest>,
+        _request: Request<GetAggregateSnapshotsRequest>,
     ) -> Result<Response<Self::ListAggregateSnapshotsStream>, Status> {
-        let context = client_context(&request)?;
-        let request = internal(&context, request.into_inner())?;
-        let stream = self
-            .storage
-            .clone()
-            .list_aggregate_snapshots(request)
-            .await
-            .map_err(relayed)?
-            .into_inner();
-        Ok(Response::new(relay_stream(stream)))
+        Err(served_by_event_reads())
     }
 
     type ListEventsStream = Boxed<EventWithToken>;
 
-    #[tracing::instrument(skip_all, fields(context))]
     async fn list_events(
         &self,
-        request: Request<Streaming<GetEventsRequest>>,
+        _request: Request<Streaming<GetEventsRequest>>,
     ) -> Result<Response<Self::ListEventsStream>, Status> {
-        let context = client_context(&request)?;
-        // Permit grants flow on as they come; a client error ends the request stream, which
-        // ends the tracker like a half-close.
-        let requests = request
-            .into_inner()
-            .take_while(|r| futures::future::ready(r.is_ok()))
-            .filter_map(|r| futures::future::ready(r.ok()));
-        let request = internal(&context, requests)?;
-        let stream = self
-            .storage
-            .clone()
-            .list_events(request)
-            .await
-            .map_err(relayed)?
-            .into_inner();
-        Ok(Response::new(relay_stream(stream)))
+        Err(served_by_event_reads())
     }
 
     async fn read_highest_sequence_nr(

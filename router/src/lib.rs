@@ -11,6 +11,7 @@ pub mod command;
 pub mod context;
 pub mod control;
 pub mod event_metrics;
+pub mod event_reads;
 pub mod event_store;
 pub mod limits;
 pub mod metrics;
@@ -174,11 +175,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         .layer(event_metrics::EventMetricsLayer::default())
         .http2_keepalive_interval(Some(std::time::Duration::from_millis(2500)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_millis(5000)))
-        .add_service(
-            myelin_proto::axon::event::event_store_server::EventStoreServer::new(relay)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(usize::MAX),
-        )
+        .add_service(event_reads::EventStoreService::new(relay, max))
         .add_service(
             myelin_proto::axon::control::platform_service_server::PlatformServiceServer::new(platform)
                 .max_decoding_message_size(max),

@@ -57,6 +57,12 @@ impl SegmentIndex {
         i.checked_sub(1).map(|i| self.records[i])
     }
 
+    /// File offset of the first record after the one holding `token`, if there is one.
+    pub fn record_after(&self, token: i64) -> Option<u64> {
+        let i = self.records.partition_point(|(first, _)| *first <= token);
+        self.records.get(i).map(|(_, offset)| *offset)
+    }
+
     pub fn encode(&self, data_len: u64, next_token: i64) -> Vec<u8> {
         let mut out = Vec::new();
         out.put_slice(MAGIC);

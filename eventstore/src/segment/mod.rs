@@ -82,8 +82,21 @@ mod tests {
         assert_eq!(all(&store), expected);
         assert_eq!(store.last_sequence("agg1").unwrap(), Some(12));
         assert_eq!(store.last_sequence("nope").unwrap(), None);
-        let agg2: Vec<i64> = store.read_aggregate("agg2").unwrap().iter().map(|(s, _)| *s).collect();
+        let agg2: Vec<i64> = store
+            .read_aggregate("agg2", 0..=i64::MAX)
+            .unwrap()
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
         assert_eq!(agg2, (0..13).collect::<Vec<_>>());
+        // A range, read across segments with neighbouring events coalesced into one read.
+        let part: Vec<(i64, String)> = store
+            .read_aggregate("agg2", 3..=7)
+            .unwrap()
+            .into_iter()
+            .map(|(s, b)| (s, String::from_utf8(b.to_vec()).unwrap()))
+            .collect();
+        assert_eq!(part, (3..=7).map(|s| (s, format!("agg2:{s}"))).collect::<Vec<_>>());
         // Reads from the middle, bounded by count.
         let part = store.read_from(33, 4, usize::MAX).unwrap();
         assert_eq!(part.iter().map(|(t, _)| *t).collect::<Vec<_>>(), vec![33, 34, 35, 36]);
@@ -101,7 +114,7 @@ mod tests {
         std::fs::remove_file(dir.path().join(format!("{base:020}.bloom"))).unwrap();
         let store = open(dir.path(), 120);
         assert_eq!(all(&store), expected);
-        assert_eq!(store.read_aggregate("agg1").unwrap().len(), 13);
+        assert_eq!(store.read_aggregate("agg1", 0..=i64::MAX).unwrap().len(), 13);
     }
 
     /// Cut the open segment at every byte offset: what comes back is always a prefix of whole

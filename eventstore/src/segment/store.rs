@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
+use std::ops::RangeInclusive;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,9 +34,13 @@ use super::record::{self, EntryRef, Kind, Parsed};
 /// How many closed-segment indexes are kept in memory (Axon's `max-indexes-in-memory` idea).
 /// Each can be tens of MB for a full 256 MiB segment, so keep few.
 const INDEX_CACHE: usize = 8;
-/// Bytes read per `pread` when scanning records: enough for a batch of typical events without
-/// reading (and zeroing) far more than a reader asked for.
-const READ_CHUNK: usize = 256 << 10;
+/// Largest `pread` when scanning records. A read is also cut at the end of the records it wants
+/// (see `locate`), so it never reads (and zeroes) much more than it returns.
+const READ_CHUNK: usize = 1 << 20;
+/// Events of an aggregate at most this far apart in a file are read by one `pread`.
+const COALESCE_GAP: u64 = 16 << 10;
+/// Largest single `pread` of an aggregate read.
+const MAX_RUN: u64 = 1 << 20;
 
 /// The facts the index needs about one stored event.
 #[derive(Debug, Clone, Copy)]
@@ -413,20 +418,32 @@ impl SegmentStore {
             .collect()
     }
 
-    /// All stored entries of an aggregate, in storage order (ascending sequence for events).
-    /// Blocking file I/O: call from a blocking context.
-    pub fn read_aggregate(&self, aggregate_id: &str) -> Result<Vec<(i64, Bytes)>, StoreError> {
-        let (candidates, open_file, open_positions) = {
+    /// The stored entries of an aggregate whose sequence is in `sequences`, in storage order
+    /// (ascending sequence for events). Blocking file I/O: call from a blocking context.
+    pub fn read_aggregate(
+        &self,
+        aggregate_id: &str,
+        sequences: RangeInclusive<i64>,
+    ) -> Result<Vec<(i64, Bytes)>, StoreError> {
+        let in_range = |positions: &[Position]| -> Vec<Position> {
+            positions
+                .iter()
+                .filter(|p| sequences.contains(&p.sequence))
+                .copied()
+                .collect()
+        };
+        let (candidates, open_file, open_path, open_positions) = {
             let state = self.state.read();
             (
                 self.candidates(&state, aggregate_id),
                 state.open.file.clone(),
+                state.open.path.clone(),
                 state
                     .open
                     .index
                     .aggregates
                     .get(aggregate_id)
-                    .cloned()
+                    .map(|p| in_range(p))
                     .unwrap_or_default(),
             )
         };
@@ -435,11 +452,10 @@ impl SegmentStore {
             let index = self.closed_index(base)?;
             if let Some(positions) = index.aggregates.get(aggregate_id) {
                 let path = segment_path(&self.dir, self.kind, base);
-                read_positions(&file, &path, positions, &mut out)?;
+                read_positions(&file, &path, &in_range(positions), &mut out)?;
             }
         }
-        let path = segment_path(&self.dir, self.kind, self.state.read().open.base);
-        read_positions(&open_file, &path, &open_positions, &mut out)?;
+        read_positions(&open_file, &open_path, &open_positions, &mut out)?;
         Ok(out)
     }
 
@@ -450,7 +466,8 @@ impl SegmentStore {
         let mut token = from;
         let mut bytes_read = 0usize;
         while out.len() < max_events && bytes_read < max_bytes {
-            let Some((file, path, start, end, segment_end_token)) = self.locate(token)? else {
+            let wanted = max_events - out.len();
+            let Some((file, path, start, end, segment_end_token)) = self.locate(token, wanted)? else {
                 break;
             };
             let before = out.len();
@@ -461,7 +478,7 @@ impl SegmentStore {
                 end,
                 token,
                 segment_end_token,
-                max_events - out.len(),
+                wanted,
                 max_bytes - bytes_read,
                 &mut out,
             )?;
@@ -473,25 +490,24 @@ impl SegmentStore {
         Ok(out)
     }
 
-    /// Finds the segment and byte range to read for `token`: (file, path, start offset, end
-    /// offset, first token past what may be read there).
+    /// Finds the segment and byte range to read for `count` tokens from `token`: (file, path,
+    /// start offset, end offset, first token past what may be read there). The range ends with
+    /// the record that holds the last wanted token, so a read takes no more than it needs.
     #[allow(clippy::type_complexity)]
-    fn locate(&self, token: i64) -> Result<Option<(Arc<File>, PathBuf, u64, u64, i64)>, StoreError> {
+    fn locate(&self, token: i64, count: usize) -> Result<Option<(Arc<File>, PathBuf, u64, u64, i64)>, StoreError> {
+        let last = token.saturating_add(i64::try_from(count).unwrap_or(i64::MAX).max(1) - 1);
         let state = self.state.read();
         if token >= state.next_token || token < self.first_token_locked(&state) {
             return Ok(None);
         }
         if token >= state.open.base {
-            let (_, offset) = state
-                .open
-                .index
-                .record_for(token)
-                .expect("token within the open segment");
+            let index = &state.open.index;
+            let (_, offset) = index.record_for(token).expect("token within the open segment");
             return Ok(Some((
                 state.open.file.clone(),
                 state.open.path.clone(),
                 offset,
-                state.open.len,
+                index.record_after(last).unwrap_or(state.open.len),
                 state.next_token,
             )));
         }
@@ -506,7 +522,10 @@ impl SegmentStore {
         let (_, offset) = index
             .record_for(token)
             .ok_or_else(|| StoreError::corrupt(&path, 0, format!("no record for token {token}")))?;
-        let end = file.metadata().map_err(|e| StoreError::io(&path, e))?.len();
+        let end = match index.record_after(last) {
+            Some(end) => end,
+            None => file.metadata().map_err(|e| StoreError::io(&path, e))?.len(),
+        };
         Ok(Some((file, path, offset, end, next)))
     }
 
@@ -534,17 +553,59 @@ impl SegmentStore {
     }
 }
 
+/// Reads the events at `positions` into one buffer whose slices are returned. Neighbours (in
+/// file order, as an index lists them) closer than `COALESCE_GAP` are read by one `pread`,
+/// which costs less than a system call per event.
 fn read_positions(
     file: &File,
     path: &Path,
     positions: &[Position],
     out: &mut Vec<(i64, Bytes)>,
 ) -> Result<(), StoreError> {
-    for p in positions {
-        let mut buf = vec![0u8; p.len as usize];
-        file.read_exact_at(&mut buf, p.offset)
+    /// One `pread`: file range `[start, end)` holding `positions[first..last]`.
+    struct Run {
+        start: u64,
+        end: u64,
+        first: usize,
+        last: usize,
+    }
+    let mut runs: Vec<Run> = Vec::new();
+    for (i, p) in positions.iter().enumerate() {
+        let end = p.offset + u64::from(p.len);
+        match runs.last_mut() {
+            Some(run)
+                if p.offset >= run.start
+                    && p.offset <= run.end + COALESCE_GAP
+                    && end.max(run.end) - run.start <= MAX_RUN =>
+            {
+                run.end = run.end.max(end);
+                run.last = i + 1;
+            }
+            _ => runs.push(Run {
+                start: p.offset,
+                end,
+                first: i,
+                last: i + 1,
+            }),
+        }
+    }
+    let total: u64 = runs.iter().map(|r| r.end - r.start).sum();
+    let mut buf = vec![0u8; total as usize];
+    let mut at = 0usize;
+    for run in &runs {
+        let len = (run.end - run.start) as usize;
+        file.read_exact_at(&mut buf[at..at + len], run.start)
             .map_err(|e| StoreError::io(path, e))?;
-        out.push((p.sequence, Bytes::from(buf)));
+        at += len;
+    }
+    let buf = Bytes::from(buf);
+    let mut at = 0usize;
+    for run in &runs {
+        for p in &positions[run.first..run.last] {
+            let start = at + (p.offset - run.start) as usize;
+            out.push((p.sequence, buf.slice(start..start + p.len as usize)));
+        }
+        at += (run.end - run.start) as usize;
     }
     Ok(())
 }

@@ -1,0 +1,171 @@
+//! The client API's event reads (`ListEvents`, `ListAggregateEvents`, `ListAggregateSnapshots`),
+//! relayed as bytes: no event is decoded or re-encoded in the router.
+//!
+//! The eventstore answers these calls with its stored events in batches
+//! (`myelin.internal.EncodedEvents*`); every element goes on to the client as one message of the
+//! Axon method, wire-identical to what Axon Server sends: an `EncodedEventWithToken` encodes to
+//! the bytes of an `EventWithToken`, and an aggregate read's elements are encoded `Event`s
+//! written as they are (`myelin_proto::encoded`).
+//!
+//! [`EventStoreService`] is the `io.axoniq.axonserver.grpc.event.EventStore` service the client
+//! server mounts: it answers these three paths itself and hands every other call to the
+//! generated server over [`EventStoreRelay`]. It sits behind the same layers as any service
+//! (access control and metrics go by the path and the gRPC frames, not by message types), and
+//! keeps the relay's behaviour: the client's context, later permit grants flowing on to the
+//! eventstore, and error statuses relayed with their AXONIQ codes.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+
+use bytes::Bytes;
+use futures::future::{BoxFuture, Either};
+use futures::{Stream, StreamExt};
+use myelin_proto::axon::event::event_store_server::{EventStoreServer, SERVICE_NAME};
+use myelin_proto::axon::event::{GetAggregateEventsRequest, GetAggregateSnapshotsRequest, GetEventsRequest};
+use myelin_proto::encoded::{EncodedCodec, ProstCodec};
+use myelin_proto::internal::EncodedEventWithToken;
+use myelin_proto::internal::event_storage_client::EventStorageClient;
+use tonic::body::Body;
+use tonic::server::Grpc;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::context::client_context;
+use crate::event_store::{EventStoreRelay, internal, relayed};
+
+const LIST_EVENTS: &str = "/io.axoniq.axonserver.grpc.event.EventStore/ListEvents";
+const LIST_AGGREGATE_EVENTS: &str = "/io.axoniq.axonserver.grpc.event.EventStore/ListAggregateEvents";
+const LIST_AGGREGATE_SNAPSHOTS: &str = "/io.axoniq.axonserver.grpc.event.EventStore/ListAggregateSnapshots";
+
+type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The client-facing `EventStore` service: event reads relayed as bytes, the rest by the relay.
+#[derive(Clone)]
+pub struct EventStoreService {
+    storage: EventStorageClient<Channel>,
+    relay: EventStoreServer<EventStoreRelay>,
+    max_decoding_message_size: usize,
+}
+
+impl EventStoreService {
+    /// `max_decoding_message_size` limits client messages, as on the generated server.
+    pub fn new(relay: EventStoreRelay, max_decoding_message_size: usize) -> EventStoreService {
+        EventStoreService {
+            storage: relay.storage.clone(),
+            relay: EventStoreServer::new(relay)
+                .max_decoding_message_size(max_decoding_message_size)
+                .max_encoding_message_size(usize::MAX),
+            max_decoding_message_size,
+        }
+    }
+}
+
+impl tonic::server::NamedService for EventStoreService {
+    const NAME: &'static str = SERVICE_NAME;
+}
+
+impl tower::Service<http::Request<Body>> for EventStoreService {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut TaskContext<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let storage = self.storage.clone();
+        let limits = (Some(self.max_decoding_message_size), Some(usize::MAX));
+        match request.uri().path() {
+            LIST_EVENTS => Box::pin(async move {
+                let codec = ProstCodec::<EncodedEventWithToken, GetEventsRequest>::default();
+                let mut grpc = Grpc::new(codec).apply_max_message_size_config(limits.0, limits.1);
+                let method = tower::service_fn(move |r| list_events(storage.clone(), r));
+                Ok(grpc.streaming(method, request).await)
+            }),
+            LIST_AGGREGATE_EVENTS => Box::pin(async move {
+                let codec = EncodedCodec::<GetAggregateEventsRequest>::default();
+                let mut grpc = Grpc::new(codec).apply_max_message_size_config(limits.0, limits.1);
+                let method = tower::service_fn(move |r| list_aggregate_events(storage.clone(), r));
+                Ok(grpc.server_streaming(method, request).await)
+            }),
+            LIST_AGGREGATE_SNAPSHOTS => Box::pin(async move {
+                let codec = EncodedCodec::<GetAggregateSnapshotsRequest>::default();
+                let mut grpc = Grpc::new(codec).apply_max_message_size_config(limits.0, limits.1);
+                let method = tower::service_fn(move |r| list_aggregate_snapshots(storage.clone(), r));
+                Ok(grpc.server_streaming(method, request).await)
+            }),
+            _ => self.relay.call(request),
+        }
+    }
+}
+
+/// Each batch of the eventstore's stream as its elements, one client message each; an error
+/// ends the stream as the relay reports it.
+fn elements<M, T: Send + 'static>(stream: Streaming<M>, split: fn(M) -> Vec<T>) -> Boxed<T>
+where
+    M: Send + 'static,
+{
+    Box::pin(stream.flat_map(move |batch| match batch {
+        Ok(batch) => Either::Left(futures::stream::iter(split(batch).into_iter().map(Ok))),
+        Err(status) => Either::Right(futures::stream::once(futures::future::ready(Err(relayed(status))))),
+    }))
+}
+
+#[tracing::instrument(skip_all, fields(context))]
+async fn list_events(
+    storage: EventStorageClient<Channel>,
+    request: Request<Streaming<GetEventsRequest>>,
+) -> Result<Response<Boxed<EncodedEventWithToken>>, Status> {
+    let context = client_context(&request)?;
+    tracing::Span::current().record("context", context.as_str());
+    // Permit grants flow on as they come; a client error ends the request stream, which ends
+    // the tracker like a half-close.
+    let requests = request
+        .into_inner()
+        .take_while(|r| futures::future::ready(r.is_ok()))
+        .filter_map(|r| futures::future::ready(r.ok()));
+    let request = internal(&context, requests)?;
+    let stream = storage
+        .clone()
+        .list_events(request)
+        .await
+        .map_err(relayed)?
+        .into_inner();
+    Ok(Response::new(elements(stream, |batch| batch.events)))
+}
+
+#[tracing::instrument(skip_all, fields(context))]
+async fn list_aggregate_events(
+    storage: EventStorageClient<Channel>,
+    request: Request<GetAggregateEventsRequest>,
+) -> Result<Response<Boxed<Bytes>>, Status> {
+    let context = client_context(&request)?;
+    tracing::Span::current().record("context", context.as_str());
+    let request = internal(&context, request.into_inner())?;
+    let stream = storage
+        .clone()
+        .list_aggregate_events(request)
+        .await
+        .map_err(relayed)?
+        .into_inner();
+    Ok(Response::new(elements(stream, |batch| batch.events)))
+}
+
+#[tracing::instrument(skip_all, fields(context))]
+async fn list_aggregate_snapshots(
+    storage: EventStorageClient<Channel>,
+    request: Request<GetAggregateSnapshotsRequest>,
+) -> Result<Response<Boxed<Bytes>>, Status> {
+    let context = client_context(&request)?;
+    tracing::Span::current().record("context", context.as_str());
+    let request = internal(&context, request.into_inner())?;
+    let stream = storage
+        .clone()
+        .list_aggregate_snapshots(request)
+        .await
+        .map_err(relayed)?
+        .into_inner();
+    Ok(Response::new(elements(stream, |batch| batch.events)))
+}
