@@ -6,14 +6,14 @@
 //! permit; at zero permits nothing is sent. Blacklisted events are skipped without consuming
 //! permits, but after `BLACKLIST_SEND_AFTER` skips in a row one is sent anyway so the client's
 //! token advances. A client that stays at zero permits for `PERMITS_TIMEOUT` is disconnected.
-//! Memory per stream is bounded by the read batch and the outgoing queue, whatever the client
-//! does.
+//! Memory per stream is bounded by the read batch (plus the rest of its last record) and the
+//! outgoing queue, whatever the client does.
 //!
 //! Events are never decoded here: each is sent as the stored bytes (slices of the read buffer),
 //! several to a message (`EncodedEventsWithToken`), and the payload type a blacklist needs is
 //! read by a field scan of those bytes.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use crate::context::Context;
-use crate::segment::{SegmentStore, StoreError};
+use crate::segment::{ReadBuffers, SegmentStore, StoreError};
 
 const READ_BATCH: usize = 1024;
 const READ_BYTES: usize = 1 << 20;
@@ -177,6 +177,10 @@ async fn run(context: Arc<Context>, first: GetEventsRequest, mut requests: Strea
     tracker.grant(&first);
     let mut visible = context.stored.events.subscribe();
     let closed = context.closed.clone();
+    let mut buffers = ReadBuffers::default();
+    // Events read but not sent yet: a read takes whole records, which may hold more events
+    // than the client has permits for.
+    let mut pending = VecDeque::new();
     loop {
         if closed.is_cancelled() {
             // The context was deleted.
@@ -204,22 +208,35 @@ async fn run(context: Arc<Context>, first: GetEventsRequest, mut requests: Strea
             }
             continue;
         }
-        let want = tracker.permits.min(READ_BATCH as i64) as usize;
-        let stored = context.stored.clone();
-        let from = tracker.next;
-        let batch = tokio::task::spawn_blocking(move || stored.events.read_from(from, want, READ_BYTES)).await;
-        let batch = match batch {
-            Ok(Ok(batch)) => batch,
-            Ok(Err(e)) => {
-                let _ = out.send(Err(read_error(e))).await;
-                return;
+        if pending.is_empty() {
+            let want = tracker.permits.min(READ_BATCH as i64) as usize;
+            let stored = context.stored.clone();
+            let from = tracker.next;
+            let mut lent = std::mem::take(&mut buffers);
+            let batch = tokio::task::spawn_blocking(move || {
+                let batch = stored.events.read_from_with(from, want, READ_BYTES, &mut lent);
+                (batch, lent)
+            })
+            .await;
+            match batch {
+                Ok((Ok(batch), lent)) => {
+                    // A stream that caught up keeps no buffers while it waits.
+                    if !batch.is_empty() {
+                        buffers = lent;
+                    }
+                    pending.extend(batch);
+                }
+                Ok((Err(e), _)) => {
+                    let _ = out.send(Err(read_error(e))).await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = out.send(Err(Status::internal(format!("read task failed: {e}")))).await;
+                    return;
+                }
             }
-            Err(e) => {
-                let _ = out.send(Err(Status::internal(format!("read task failed: {e}")))).await;
-                return;
-            }
-        };
-        if batch.is_empty() {
+        }
+        if pending.is_empty() {
             // Caught up: wait for new events, more requests, or the client's end.
             tokio::select! {
                 _ = closed.cancelled() => {}
@@ -234,8 +251,11 @@ async fn run(context: Arc<Context>, first: GetEventsRequest, mut requests: Strea
             }
             continue;
         }
-        let mut message = Message::for_read(batch.len());
-        for (token, event) in batch {
+        let mut message = Message::for_read(pending.len());
+        while tracker.permits > 0 {
+            let Some((token, event)) = pending.pop_front() else {
+                break;
+            };
             tracker.next = token + 1;
             match tracker.admits(&event) {
                 Ok(true) => {}

@@ -11,7 +11,7 @@ pub mod record;
 pub mod store;
 
 pub use record::{EntryRef, Kind};
-pub use store::{Indexed, SegmentStore, StoreError};
+pub use store::{Indexed, ReadBuffers, SegmentStore, StoreError};
 
 #[cfg(test)]
 mod tests {
@@ -115,6 +115,33 @@ mod tests {
         let store = open(dir.path(), 120);
         assert_eq!(all(&store), expected);
         assert_eq!(store.read_aggregate("agg1", 0..=i64::MAX).unwrap().len(), 13);
+    }
+
+    /// A reader that goes on reading gets whole records (never one twice), from buffers it
+    /// hands back; `read_from` still stops at its count.
+    #[test]
+    fn continued_reads_take_whole_records_and_reuse_buffers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 400);
+        for i in 0..30i64 {
+            append(&store, i as u64 + 1, &[("a", 2 * i), ("a", 2 * i + 1)]);
+        }
+        let tokens = |batch: &[(i64, bytes::Bytes)]| batch.iter().map(|(t, _)| *t).collect::<Vec<_>>();
+        let mut buffers = ReadBuffers::default();
+        assert_eq!(
+            tokens(&store.read_from_with(1, 2, usize::MAX, &mut buffers).unwrap()),
+            vec![1, 2, 3]
+        );
+        assert_eq!(tokens(&store.read_from(1, 2, usize::MAX).unwrap()), vec![1, 2]);
+        let mut next = 0;
+        let mut read = Vec::new();
+        loop {
+            let batch = store.read_from_with(next, 3, usize::MAX, &mut buffers).unwrap();
+            let Some((last, _)) = batch.last() else { break };
+            next = last + 1;
+            read.extend(batch.iter().map(|(_, b)| String::from_utf8(b.to_vec()).unwrap()));
+        }
+        assert_eq!(read, all(&store));
     }
 
     /// Cut the open segment at every byte offset: what comes back is always a prefix of whole

@@ -23,7 +23,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
@@ -462,6 +462,22 @@ impl SegmentStore {
     /// Reads events from `from` on, at most `max_events` of them and about `max_bytes`, never
     /// past what is visible. Blocking file I/O: call from a blocking context.
     pub fn read_from(&self, from: i64, max_events: usize, max_bytes: usize) -> Result<Vec<TokenEvent>, StoreError> {
+        let mut out = self.read_from_with(from, max_events, max_bytes, &mut ReadBuffers::default())?;
+        out.truncate(max_events);
+        Ok(out)
+    }
+
+    /// [`read_from`](Self::read_from) for a reader that goes on reading (a tracking stream): into
+    /// buffers it keeps, and by whole records. It may return more than `max_events`: the rest of
+    /// the last record it read, whose checksum covers the whole record, so no record is read
+    /// (and checked) twice.
+    pub fn read_from_with(
+        &self,
+        from: i64,
+        max_events: usize,
+        max_bytes: usize,
+        buffers: &mut ReadBuffers,
+    ) -> Result<Vec<TokenEvent>, StoreError> {
         let mut out = Vec::new();
         let mut token = from;
         let mut bytes_read = 0usize;
@@ -480,6 +496,7 @@ impl SegmentStore {
                 segment_end_token,
                 wanted,
                 max_bytes - bytes_read,
+                buffers,
                 &mut out,
             )?;
             match out.last() {
@@ -611,7 +628,8 @@ fn read_positions(
 }
 
 /// Reads whole records from `offset` up to `end`, keeping events with tokens in
-/// `[from, limit_token)`. Returns the number of bytes read.
+/// `[from, limit_token)`, until a record takes the count to `max_events` or more. Returns the
+/// number of bytes read.
 #[allow(clippy::too_many_arguments)]
 fn read_records(
     file: &File,
@@ -622,23 +640,21 @@ fn read_records(
     limit_token: i64,
     max_events: usize,
     max_bytes: usize,
+    buffers: &mut ReadBuffers,
     out: &mut Vec<TokenEvent>,
 ) -> Result<usize, StoreError> {
     let mut total = 0usize;
     let mut taken = 0usize;
     while offset < end && taken < max_events && total < max_bytes {
         let want = ((end - offset) as usize).min((max_bytes - total).clamp(record::PREFIX_LEN, READ_CHUNK));
-        let mut buf = vec![0u8; want];
-        file.read_exact_at(&mut buf, offset)
-            .map_err(|e| StoreError::io(path, e))?;
-        let chunk = Bytes::from(buf);
+        let chunk = buffers.read(file, path, offset, want)?;
         let mut at = 0usize;
         loop {
             match record::parse(&chunk[at..]) {
                 Parsed::Record { len, body } => {
                     for (i, (rel, data)) in body.events.iter().enumerate() {
                         let token = body.first_token + i as i64;
-                        if token >= from && token < limit_token && taken < max_events {
+                        if token >= from && token < limit_token {
                             let start = at + *rel as usize;
                             out.push((token, chunk.slice(start..start + data.len())));
                             taken += 1;
@@ -659,16 +675,13 @@ fn read_records(
                     if offset + len as u64 > end {
                         return Err(StoreError::corrupt(path, offset, "record runs past the end of data"));
                     }
-                    let mut whole = vec![0u8; len];
-                    file.read_exact_at(&mut whole, offset)
-                        .map_err(|e| StoreError::io(path, e))?;
-                    let whole = Bytes::from(whole);
+                    let whole = buffers.read(file, path, offset, len)?;
                     let Parsed::Record { body, .. } = record::parse(&whole) else {
                         return Err(StoreError::corrupt(path, offset, "damaged record"));
                     };
                     for (i, (rel, data)) in body.events.iter().enumerate() {
                         let token = body.first_token + i as i64;
-                        if token >= from && token < limit_token && taken < max_events {
+                        if token >= from && token < limit_token {
                             out.push((token, whole.slice(*rel as usize..*rel as usize + data.len())));
                             taken += 1;
                         }
@@ -686,6 +699,43 @@ fn read_records(
         }
     }
     Ok(total)
+}
+
+/// Buffers a reader reads records into, used again once no event sliced from them is alive:
+/// a tracking stream then neither allocates nor zeroes memory for each read. At most
+/// `KEPT_BUFFERS` are kept; a buffer still in use when it drops out is freed by its last user.
+#[derive(Default)]
+pub struct ReadBuffers {
+    lent: VecDeque<Bytes>,
+}
+
+const KEPT_BUFFERS: usize = 3;
+
+impl ReadBuffers {
+    /// Reads `len` bytes at `offset`.
+    fn read(&mut self, file: &File, path: &Path, offset: u64, len: usize) -> Result<Bytes, StoreError> {
+        let mut buf = match self.reclaim() {
+            Some(buf) if buf.capacity() >= len => buf,
+            // Rounded up so that reads of varying sizes can take turns in it.
+            _ => BytesMut::with_capacity(len.max(len.next_power_of_two().min(READ_CHUNK))),
+        };
+        // Zeroes only what this buffer never held.
+        buf.resize(len, 0);
+        file.read_exact_at(&mut buf, offset)
+            .map_err(|e| StoreError::io(path, e))?;
+        let bytes = buf.freeze();
+        if self.lent.len() >= KEPT_BUFFERS {
+            self.lent.pop_front();
+        }
+        self.lent.push_back(bytes.clone());
+        Ok(bytes)
+    }
+
+    /// A kept buffer nothing else refers to any more.
+    fn reclaim(&mut self) -> Option<BytesMut> {
+        let i = self.lent.iter().position(Bytes::is_unique)?;
+        self.lent.remove(i)?.try_into_mut().ok()
+    }
 }
 
 struct Scan {
