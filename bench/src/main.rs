@@ -13,6 +13,7 @@ mod compare;
 mod cpu;
 mod fill;
 mod fsync;
+mod null_server;
 mod query;
 mod replay;
 mod roundtrip;
@@ -54,6 +55,9 @@ enum Workload {
     QueryHandler(query::HandlerArgs),
     /// Point-to-point query round trips by K concurrent loops; needs a running query-handler.
     QueryDispatch(query::DispatchArgs),
+    /// A server with the client API that does no work (appends confirmed unstored, commands and
+    /// queries answered by itself): the floor of what this client and gRPC cost on this machine.
+    NullServer(null_server::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,6 +75,7 @@ fn main() -> anyhow::Result<()> {
             Workload::CommandDispatch(a) => command::run_dispatch(a).await,
             Workload::QueryHandler(a) => query::run_handler(a).await,
             Workload::QueryDispatch(a) => query::run_dispatch(a).await,
+            Workload::NullServer(a) => null_server::run(a).await,
         }
     })
 }
