@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 
 use futures::Stream;
+use myelin_proto::axon::SerializedObject;
 use myelin_proto::axon::command::command_service_server::{CommandService, CommandServiceServer};
 use myelin_proto::axon::command::{Command, CommandProviderInbound, CommandProviderOutbound, CommandResponse};
 use myelin_proto::axon::event::event_store_server::{EventStore, EventStoreServer};
@@ -25,7 +26,6 @@ use myelin_proto::axon::query::{
     QueryProviderInbound, QueryProviderOutbound, QueryRequest, QueryResponse, SubscriptionQueryRequest,
     SubscriptionQueryResponse,
 };
-use myelin_proto::axon::SerializedObject;
 use tonic::{Request, Response, Status, Streaming};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -41,7 +41,9 @@ pub struct Args {
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 fn not_here<T>() -> Result<T, Status> {
-    Err(Status::unimplemented("the null server only confirms appends and answers dispatches"))
+    Err(Status::unimplemented(
+        "the null server only confirms appends and answers dispatches",
+    ))
 }
 
 #[derive(Clone)]
