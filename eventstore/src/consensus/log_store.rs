@@ -239,6 +239,10 @@ struct Shared {
     cache_budget: u64,
     /// The first fatal IO error; once set, every write is refused.
     failed: OnceLock<String>,
+    /// The newest committed id openraft reported and the writer has not written yet. Left here
+    /// rather than sent to the writer: a message per commit woke the writer thread once more per
+    /// append, for a file that is only a start-up hint (see `Writer::save_unsaved_committed`).
+    unsaved_committed: parking_lot::Mutex<Option<Option<LogId>>>,
     #[cfg(test)]
     fail_next_sync: std::sync::atomic::AtomicBool,
 }
@@ -284,9 +288,6 @@ enum Request {
     SaveVote {
         vote: Vote<NodeId>,
         done: oneshot::Sender<io::Result<()>>,
-    },
-    SaveCommitted {
-        committed: Option<LogId>,
     },
     /// The compaction hold may have ended: delete the segments purges left behind.
     ReleaseHeld,
@@ -383,6 +384,7 @@ impl LogStore {
             fsyncs: AtomicU64::new(0),
             cache_budget: options.cache_bytes,
             failed: OnceLock::new(),
+            unsaved_committed: parking_lot::Mutex::new(None),
             #[cfg(test)]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
         });
@@ -394,7 +396,6 @@ impl LogStore {
             files,
             segment_size: options.segment_size,
             active: None,
-            unsaved_committed: None,
             committed_saved_at: std::time::Instant::now(),
             hold: options.hold.clone(),
             held: Vec::new(),
@@ -627,12 +628,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.vote)
     }
 
-    /// Queued behind earlier appends, so the file never names an index that is not yet durable in
-    /// this log; not awaited and not fsynced — see `Writer::save_committed`.
+    /// Left for the writer, which writes it once it is durable in this log; not awaited and not
+    /// fsynced — see `Writer::save_unsaved_committed`.
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         self.check_writable()?;
         self.committed = committed;
-        self.send(Request::SaveCommitted { committed }).await
+        *self.shared.unsaved_committed.lock() = Some(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -1195,11 +1197,10 @@ struct Writer {
     /// The segment written last, where its records end, and where its reserved space ends;
     /// `None` until the first write (and after a truncate), when it is read from the file.
     active: Option<Active>,
-    /// The newest committed id not yet written, and when one was last written. The committed
-    /// id is a start-up hint (our state machine records what it applied itself), so it is
-    /// written at most every `COMMITTED_EVERY` instead of once per entry: a rename per Raft
-    /// entry cost as much as the fsync that group commit is built around.
-    unsaved_committed: Option<Option<LogId>>,
+    /// When the committed id was last written. It is a start-up hint (our state machine records
+    /// what it applied itself), so it is written at most every `COMMITTED_EVERY` instead of once
+    /// per entry: a rename per Raft entry cost as much as the fsync that group commit is built
+    /// around.
     committed_saved_at: std::time::Instant,
     /// The node's compaction hold (see `LogStoreOptions::hold`).
     hold: Arc<CompactionHold>,
@@ -1280,9 +1281,19 @@ impl Writer {
         }
     }
 
-    /// Writes the newest committed id, after everything before it was flushed.
+    /// Writes the newest committed id, once the entry it names is durable in this log (a
+    /// follower may hear of a commit before its own copy of the entry is flushed); otherwise it
+    /// waits for a later flush.
     fn save_unsaved_committed(&mut self) {
-        if let Some(committed) = self.unsaved_committed.take() {
+        let committed = {
+            let mut unsaved = self.shared.unsaved_committed.lock();
+            let flushed_next = self.shared.flushed_next.load(Ordering::Acquire);
+            match *unsaved {
+                Some(committed) if committed.is_none_or(|id| id.index < flushed_next) => unsaved.take(),
+                _ => None,
+            }
+        };
+        if let Some(committed) = committed {
             if let Err(e) = self.guarded(|w| w.save_committed(committed)) {
                 tracing::error!("cannot save the committed log id: {e}");
             }
@@ -1329,10 +1340,6 @@ impl Writer {
                 self.flush(pending);
                 let result = self.guarded(|w| w.save_vote(&vote));
                 let _ = done.send(result);
-            }
-            Request::SaveCommitted { committed } => {
-                // Written later, after a flush (see `unsaved_committed`).
-                self.unsaved_committed = Some(committed);
             }
             Request::ReleaseHeld => {
                 self.release_scheduled = false;
