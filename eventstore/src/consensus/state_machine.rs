@@ -159,8 +159,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let result = match &entry.payload {
                 EntryPayload::Blank => CommandResult::default(),
                 EntryPayload::Normal(command) => {
-                    // File writes of page-cache speed; no fsync here (see module docs).
-                    let outcomes = tokio::task::block_in_place(|| self.stored.apply(entry_ref(&log_id), command))
+                    // File writes of page-cache speed, done in place: handing the worker over
+                    // (`block_in_place`) cost more thread switches per append than the write
+                    // itself. The one fsync here, when a segment fills up and is closed, stalls
+                    // this task once per segment (256 MiB by default).
+                    let outcomes = self
+                        .stored
+                        .apply(entry_ref(&log_id), command)
                         .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
                     CommandResult { outcomes }
                 }
