@@ -48,11 +48,19 @@ pub struct Args {
     /// This node's name.
     #[arg(long, default_value = "myelin")]
     pub node_name: String,
+    /// Threads running the eventstore's tasks. One is enough: its one client (the router) comes
+    /// over one or two connections, fsyncs run on each context's log writer thread and file reads
+    /// on the blocking pool; a second thread mostly added wake-ups between the two.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: u16,
 }
 
 /// Runs the eventstore until SIGTERM or SIGINT.
 pub fn main(args: Args) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(args.worker_threads))
+        .enable_all()
+        .build()?;
     runtime.block_on(run(args, shutdown_signal()))
 }
 

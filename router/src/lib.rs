@@ -72,11 +72,24 @@ pub struct Args {
     /// milliseconds (Axon's `client-heartbeat-timeout`).
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     pub heartbeat_timeout_ms: u64,
+    /// Threads running the router's tasks; 0 means half the machine's CPUs (at least one). Every
+    /// message crosses the router, and a wake-up of a parked thread costs more than most of
+    /// what a call does here, so fewer threads than CPUs leave the rest to the eventstore (its
+    /// fsyncs) and the applications on the same machine.
+    #[arg(long, default_value_t = 0)]
+    pub worker_threads: usize,
 }
 
 /// Runs the router until SIGTERM or SIGINT.
 pub fn main(args: Args) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let threads = match args.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get() / 2).max(1),
+        n => n,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?;
     runtime.block_on(run(args, shutdown_signal()))
 }
 
