@@ -31,6 +31,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 cd "$ROOT"
 
 SYSTEMS="${SYSTEMS:-myelin redis redis-xadd postgres nats}"
@@ -128,9 +130,7 @@ cleanup() {
     fi
     exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap_cleanup
 
 # Starts "$@" as the leader of a new process group (setsid execs: the pid is the group id),
 # output to $LOGFILE, on behalf of $SYSTEM; sets STARTED_PID.
@@ -149,16 +149,6 @@ stop_system() {
     SYS_GROUPS[$1]=""
 }
 
-free_port() {
-    local p
-    while :; do
-        p=$((20000 + RANDOM % 30000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return
-        fi
-    done
-}
 # Waits until "$@" succeeds (0.1 s steps, 60 s), failing early if the server died.
 wait_until() {
     local i

@@ -12,6 +12,8 @@
 # OUT (bench/results/<date>-floor.jsonl). Prints a Markdown table at the end.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 cd "$ROOT"
 ROUNDS="${ROUNDS:-2}"
 SECS="${SECS:-5}"
@@ -37,20 +39,8 @@ cleanup() {
     rm -rf "$WORK"
     exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap_cleanup
 
-free_port() {
-    local p
-    while :; do
-        p=$((20000 + RANDOM % 30000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return
-        fi
-    done
-}
 ticks() { # user+system CPU ticks of a process and its reaped children
     awk '{print $14+$15+$16+$17}' "/proc/$1/stat"
 }

@@ -12,6 +12,8 @@
 # Knobs: CLIENTS (64), SECS seconds per window (8), SKIP_BUILD=1, KEEP=1, BENCH_TMPDIR, OUT_DIR.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 cd "$ROOT"
 CLIENTS="${CLIENTS:-64}"
 SECS="${SECS:-8}"
@@ -45,17 +47,8 @@ cleanup() {
     if [[ "${KEEP:-0}" == 1 ]]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
     exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap_cleanup
 
-free_port() {
-    local p
-    while :; do
-        p=$((20000 + RANDOM % 30000))
-        (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
-    done
-}
 PORT="$(free_port)" HTTP="$(free_port)" INTERNAL="$(free_port)"
 mkdir -p "$WORK/data"
 pushd "$WORK" >/dev/null

@@ -19,6 +19,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 cd "$ROOT"
 
 FILL_EVENTS="${FILL_EVENTS:-1000000}"
@@ -82,21 +84,8 @@ cleanup() {
     fi
     exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap_cleanup
 
-# A loopback port nothing listens on.
-free_port() {
-    local p
-    while :; do
-        p=$((20000 + RANDOM % 30000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return
-        fi
-    done
-}
 PORT="$(free_port)"
 HTTP_PORT="$(free_port)"
 INTERNAL_PORT="$(free_port)"
