@@ -1224,6 +1224,9 @@ struct Active {
     segment: u64,
     used: u64,
     reserved: u64,
+    /// After a failed reservation (a nearly full disk), the next attempt waits until the
+    /// records reach here; the writes themselves go on as long as they fit.
+    retry_at: u64,
 }
 
 impl Drop for LogStore {
@@ -1425,22 +1428,29 @@ impl Writer {
                     segment,
                     used: len.min(end),
                     reserved: len,
+                    retry_at: 0,
                 }
             }
         };
         let mut active = active;
-        if end > active.reserved {
+        if end > active.reserved && end >= active.retry_at {
             let target = end.max((active.reserved + PREALLOCATE).min(self.segment_size));
-            match nix::fcntl::fallocate(
+            let reserved = nix::fcntl::fallocate(
                 file,
                 nix::fcntl::FallocateFlags::empty(),
                 active.reserved as i64,
                 (target - active.reserved) as i64,
-            ) {
+            );
+            match reserved {
                 Ok(()) => active.reserved = target,
-                // A file system without fallocate: the file grows with each write, as it would.
-                Err(nix::errno::Errno::EOPNOTSUPP) => active.reserved = end,
-                Err(e) => return Err(io::Error::from(e)),
+                // No room for the reservation (or a file system without fallocate): the file
+                // grows with each write, as it would without one. Only the write's own failure
+                // is the log's failure. Any part a failed call did reserve is zeros past the
+                // records, which recovery reads as the clean end it is.
+                Err(e) => {
+                    tracing::debug!("cannot reserve log space ahead: {e}");
+                    active.retry_at = end + PREALLOCATE;
+                }
             }
         }
         active.used = active.used.max(end);
