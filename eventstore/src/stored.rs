@@ -92,6 +92,17 @@ impl StoredContext {
             .max_by_key(|e| e.index)
     }
 
+    /// Whether applying `command` may close a segment (and so fsync): the caller then moves off
+    /// the async runtime for it.
+    pub fn may_roll(&self, command: &Command) -> bool {
+        // Per event: its bytes plus the record's per-event framing, generously.
+        let size = |records: &mut dyn Iterator<Item = &EventRecord>| records.map(|r| r.encoded.len() as u64 + 64).sum();
+        match command {
+            Command::AppendEvents(txs) => self.events.may_roll(size(&mut txs.iter().flat_map(|tx| &tx.events))),
+            Command::AppendSnapshots(records) => self.snapshots.may_roll(size(&mut records.iter())),
+        }
+    }
+
     /// Applies one command written by the Raft entry `entry`; returns one outcome per
     /// transaction or snapshot.
     pub fn apply(&self, entry: EntryRef, command: &Command) -> Result<Vec<Outcome>, StoreError> {

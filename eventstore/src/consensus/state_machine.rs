@@ -160,13 +160,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Blank => CommandResult::default(),
                 EntryPayload::Normal(command) => {
                     // File writes of page-cache speed, done in place: handing the worker over
-                    // (`block_in_place`) cost more thread switches per append than the write
-                    // itself. The one fsync here, when a segment fills up and is closed, stalls
-                    // this task once per segment (256 MiB by default).
-                    let outcomes = self
-                        .stored
-                        .apply(entry_ref(&log_id), command)
-                        .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
+                    // (`block_in_place`) costs more thread switches per append than the write
+                    // itself. Only an entry that may close a segment (an fsync, the index files)
+                    // is applied off the runtime, so the eventstore's one worker never stalls.
+                    let entry = entry_ref(&log_id);
+                    let outcomes = if self.stored.may_roll(command) {
+                        tokio::task::block_in_place(|| self.stored.apply(entry, command))
+                    } else {
+                        self.stored.apply(entry, command)
+                    }
+                    .map_err(|e| StorageError::from(StorageIOError::apply(log_id, AnyError::new(&e))))?;
                     CommandResult { outcomes }
                 }
                 EntryPayload::Membership(membership) => {

@@ -113,6 +113,9 @@ struct State {
     last_entry: Option<EntryRef>,
 }
 
+/// Room `may_roll` adds for a record's framing on top of its events' bytes.
+const ROLL_SLACK: u64 = 4096;
+
 pub struct SegmentStore {
     dir: PathBuf,
     kind: Kind,
@@ -331,6 +334,13 @@ impl SegmentStore {
             (state.open.file.clone(), state.open.path.clone())
         };
         file.sync_data().map_err(|e| StoreError::io(&path, e))
+    }
+
+    /// Whether appending a record of about `bytes` may close the open segment first (an fsync
+    /// and the index files): errs on the side of yes.
+    pub fn may_roll(&self, bytes: u64) -> bool {
+        let state = self.state.read();
+        state.open.len > record::HEADER_LEN && state.open.len + bytes + ROLL_SLACK > self.max_size
     }
 
     /// The token the next stored event gets; also the number of tokens ever stored.
