@@ -24,8 +24,8 @@ use futures::{Stream, StreamExt};
 use myelin_proto::axon::event::event_store_server::{EventStoreServer, SERVICE_NAME};
 use myelin_proto::axon::event::{GetAggregateEventsRequest, GetAggregateSnapshotsRequest, GetEventsRequest};
 use myelin_proto::encoded::{EncodedCodec, ProstCodec};
-use myelin_proto::internal::EncodedEventWithToken;
 use myelin_proto::internal::event_storage_client::EventStorageClient;
+use myelin_proto::internal::{EncodedEventWithToken, EncodedEvents};
 use tonic::body::Body;
 use tonic::server::Grpc;
 use tonic::transport::Channel;
@@ -136,36 +136,38 @@ async fn list_events(
     Ok(Response::new(elements(stream, |batch| batch.events)))
 }
 
-#[tracing::instrument(skip_all, fields(context))]
-async fn list_aggregate_events(
-    storage: EventStorageClient<Channel>,
-    request: Request<GetAggregateEventsRequest>,
-) -> Result<Response<Boxed<Bytes>>, Status> {
+/// An aggregate read (events or snapshots): names the context, makes the internal `call` and
+/// relays the elements of its batches.
+async fn aggregate_read<R, F, Fut>(request: Request<R>, call: F) -> Result<Response<Boxed<Bytes>>, Status>
+where
+    F: FnOnce(Request<R>) -> Fut,
+    Fut: std::future::Future<Output = Result<Response<Streaming<EncodedEvents>>, Status>>,
+{
     let context = client_context(&request)?;
     tracing::Span::current().record("context", context.as_str());
     let request = internal(&context, request.into_inner())?;
-    let stream = storage
-        .clone()
-        .list_aggregate_events(request)
-        .await
-        .map_err(relayed)?
-        .into_inner();
+    let stream = call(request).await.map_err(relayed)?.into_inner();
     Ok(Response::new(elements(stream, |batch| batch.events)))
 }
 
 #[tracing::instrument(skip_all, fields(context))]
+async fn list_aggregate_events(
+    mut storage: EventStorageClient<Channel>,
+    request: Request<GetAggregateEventsRequest>,
+) -> Result<Response<Boxed<Bytes>>, Status> {
+    aggregate_read(request, |request| async move {
+        storage.list_aggregate_events(request).await
+    })
+    .await
+}
+
+#[tracing::instrument(skip_all, fields(context))]
 async fn list_aggregate_snapshots(
-    storage: EventStorageClient<Channel>,
+    mut storage: EventStorageClient<Channel>,
     request: Request<GetAggregateSnapshotsRequest>,
 ) -> Result<Response<Boxed<Bytes>>, Status> {
-    let context = client_context(&request)?;
-    tracing::Span::current().record("context", context.as_str());
-    let request = internal(&context, request.into_inner())?;
-    let stream = storage
-        .clone()
-        .list_aggregate_snapshots(request)
-        .await
-        .map_err(relayed)?
-        .into_inner();
-    Ok(Response::new(elements(stream, |batch| batch.events)))
+    aggregate_read(request, |request| async move {
+        storage.list_aggregate_snapshots(request).await
+    })
+    .await
 }
