@@ -127,6 +127,9 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
                 }
                 arg("--max-message-size", &config.max_message_size.to_string());
                 arg("--node-name", &config.name);
+                if let Some(threads) = config.eventstore_worker_threads {
+                    arg("--worker-threads", &threads.to_string());
+                }
             }
             (ChildMode::Real, Role::Router) => {
                 let listen = SocketAddr::new(config.bind_address, config.port);
@@ -147,6 +150,9 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
                 }
                 if let Some(ms) = config.heartbeat.timeout_ms {
                     arg("--heartbeat-timeout-ms", &ms.to_string());
+                }
+                if let Some(threads) = config.router_worker_threads {
+                    arg("--worker-threads", &threads.to_string());
                 }
                 if config.access_control.enabled {
                     arg("--access-control", &"true");

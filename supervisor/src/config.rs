@@ -74,6 +74,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("myelin.runtime-directory", Kind::Path),
     ("myelin.bind-address", Kind::Address),
     ("myelin.contexts", Kind::List),
+    ("myelin.router.worker-threads", Kind::Text),
+    ("myelin.eventstore.worker-threads", Kind::Text),
 ];
 
 const DEFAULT_SEGMENT_SIZE: u64 = 256 * 1024 * 1024;
@@ -205,6 +207,11 @@ pub struct Config {
     pub access_control: AccessControl,
     pub ssl: Ssl,
     pub heartbeat: Heartbeat,
+    /// Threads of the router's and the eventstore's task runtimes (`myelin.router.worker-threads`,
+    /// `myelin.eventstore.worker-threads`); `None` leaves each process's default (half the CPUs,
+    /// and one: see docs/decisions/0006).
+    pub router_worker_threads: Option<u16>,
+    pub eventstore_worker_threads: Option<u16>,
 }
 
 /// Application-level heartbeats with clients (Axon's `heartbeat.enabled`,
@@ -488,6 +495,14 @@ fn parse_port(value: &str) -> Result<u16, String> {
 }
 
 /// Spring's boolean words.
+/// A thread count: 1 to 1024.
+fn parse_threads(value: &str) -> Result<u16, String> {
+    match value.trim().parse::<u16>() {
+        Ok(n) if (1..=1024).contains(&n) => Ok(n),
+        _ => Err("not a number of threads from 1 to 1024".to_string()),
+    }
+}
+
 fn parse_bool(value: &str) -> Result<bool, String> {
     match value.to_ascii_lowercase().as_str() {
         "true" | "yes" | "on" | "1" => Ok(true),
@@ -610,6 +625,8 @@ impl Config {
                 frequency_ms: settings.millis("axoniq.axonserver.client-heartbeat-frequency")?,
                 timeout_ms: settings.millis("axoniq.axonserver.client-heartbeat-timeout")?,
             },
+            router_worker_threads: settings.parse("myelin.router.worker-threads", parse_threads)?,
+            eventstore_worker_threads: settings.parse("myelin.eventstore.worker-threads", parse_threads)?,
             access_control: AccessControl {
                 enabled: settings.flag("axoniq.axonserver.accesscontrol.enabled")?,
                 internal_token: settings.text("axoniq.axonserver.accesscontrol.internal-token"),
@@ -750,6 +767,32 @@ mod tests {
         );
         let error = load(&inputs(dir.path())).unwrap_err().to_string();
         assert!(error.contains("axoniq.axonserver.client-heartbeat-timeout"), "{error}");
+    }
+
+    #[test]
+    fn worker_threads_reach_the_config_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load(&inputs(dir.path())).unwrap().config;
+        assert_eq!((c.router_worker_threads, c.eventstore_worker_threads), (None, None));
+        write(
+            dir.path(),
+            "axonserver.properties",
+            "myelin.router.worker-threads=4\nmyelin.eventstore.worker-threads=2\n",
+        );
+        let c = load(&inputs(dir.path())).unwrap().config;
+        assert_eq!(
+            (c.router_worker_threads, c.eventstore_worker_threads),
+            (Some(4), Some(2))
+        );
+        for bad in ["0", "-1", "many", "1025"] {
+            write(
+                dir.path(),
+                "axonserver.properties",
+                &format!("myelin.eventstore.worker-threads={bad}\n"),
+            );
+            let error = load(&inputs(dir.path())).unwrap_err().to_string();
+            assert!(error.contains("myelin.eventstore.worker-threads"), "{bad}: {error}");
+        }
     }
 
     #[test]
