@@ -1414,7 +1414,7 @@ impl Writer {
     /// writer moves on to a new segment, trims the previous one to its records. The trim needs
     /// no fsync of its own: recovery reads an unused reserved tail as the clean end it is.
     fn reserve(&mut self, segment: u64, file: &File, end: u64) -> io::Result<()> {
-        let active = match self.active.take() {
+        let mut active = match self.active.take() {
             Some(active) if active.segment == segment => active,
             previous => {
                 if let Some(previous) = previous
@@ -1432,7 +1432,6 @@ impl Writer {
                 }
             }
         };
-        let mut active = active;
         if end > active.reserved && end >= active.retry_at {
             let target = end.max((active.reserved + PREALLOCATE).min(self.segment_size));
             let reserved = nix::fcntl::fallocate(

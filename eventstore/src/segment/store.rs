@@ -250,7 +250,7 @@ impl SegmentStore {
         let bytes: Vec<&[u8]> = events.iter().map(|(b, _)| *b).collect();
         let (record, offsets) = record::encode(entry, first_token, &bytes);
         let size = record.len() as u64;
-        if state.open.len > record::HEADER_LEN && state.open.len + size > self.max_size {
+        if self.rolls_for(&state, size) {
             self.roll(&mut state)?;
         }
         let open = &mut state.open;
@@ -339,8 +339,13 @@ impl SegmentStore {
     /// Whether appending a record of about `bytes` may close the open segment first (an fsync
     /// and the index files): errs on the side of yes.
     pub fn may_roll(&self, bytes: u64) -> bool {
-        let state = self.state.read();
-        state.open.len > record::HEADER_LEN && state.open.len + bytes + ROLL_SLACK > self.max_size
+        self.rolls_for(&self.state.read(), bytes + ROLL_SLACK)
+    }
+
+    /// Whether a record of `size` bytes closes the open segment first: it would take a segment
+    /// that holds records past the maximum size (a larger record gets a segment of its own).
+    fn rolls_for(&self, state: &State, size: u64) -> bool {
+        state.open.len > record::HEADER_LEN && state.open.len + size > self.max_size
     }
 
     /// The token the next stored event gets; also the number of tokens ever stored.
