@@ -115,7 +115,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
         .add_service(health)
         .add_service(storage)
         .add_service(control)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(myelin_proto::local_socket::incoming(listener), shutdown)
         .await
         .context("serving the internal API")?;
     tracing::info!("eventstore stopping");
