@@ -142,6 +142,18 @@ pub fn latency_line(h: &Histogram<u64>) -> String {
     )
 }
 
+static RUNTIME_THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Records the load generator's thread count for the result lines (set once, at start).
+pub fn set_runtime_threads(threads: usize) {
+    let _ = RUNTIME_THREADS.set(threads);
+}
+
+/// The load generator's thread count, as every result line reports it.
+pub fn runtime_threads() -> usize {
+    RUNTIME_THREADS.get().copied().unwrap_or(1)
+}
+
 /// Prints the result: the human summary on stderr, the JSON line on stdout when asked.
 pub fn emit(common: &Common, workload: &str, mut fields: Map<String, Value>, summary: &str) {
     eprintln!("{summary}");
@@ -154,6 +166,7 @@ pub fn emit(common: &Common, workload: &str, mut fields: Map<String, Value>, sum
         m.insert("timestamp".into(), json!(now_millis()));
         m.insert("server".into(), json!(common.server));
         m.insert("context".into(), json!(common.context));
+        m.insert("bench_threads".into(), json!(runtime_threads()));
         if let Some(cpu) = own_cpu_seconds() {
             m.insert("client_cpu_s".into(), json!((cpu * 100.0).round() / 100.0));
         }

@@ -28,8 +28,24 @@ use clap::{Parser, Subcommand};
     about = "Load generator for Myelin (gRPC, like a real client)"
 )]
 struct Cli {
+    /// Threads of this process's runtime. Default: 1 for the load generators, the CPU count for
+    /// the null server and the handler applications. One thread drives these loads (it reports
+    /// its CPU time); more only take CPU from the system under test on a small machine, and hand
+    /// each response from the thread that read it to another.
+    #[arg(long, global = true, env = "MYELIN_BENCH_THREADS")]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Workload,
+}
+
+impl Workload {
+    /// Whether this subcommand plays a server or an application rather than generating load.
+    fn serves(&self) -> bool {
+        matches!(
+            self,
+            Workload::NullServer(_) | Workload::CommandHandler(_) | Workload::QueryHandler(_)
+        )
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -62,7 +78,17 @@ enum Workload {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let threads = match cli.threads {
+        Some(0) => anyhow::bail!("--threads must be at least 1"),
+        Some(n) => n,
+        None if cli.command.serves() => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        None => 1,
+    };
+    common::set_runtime_threads(threads);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         match cli.command {
             Workload::Compare(a) => compare::run(a).await,
