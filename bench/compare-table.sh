@@ -36,6 +36,7 @@ jq -rs '
   "Machine: \($m.nproc) CPUs (\($m.cpu)), \($m.mem_mb) MB RAM, kernel \($m.kernel); temp dirs on \($m.fs) (\($m.device); \($m.disk)).",
   "fsync probe (4 KiB write + fdatasync, one thread): \([$fs[] | "\(.label): \(.syncs_per_s)/s, p50 \(.p50_ms) ms"] | join("; ")).",
   "Load average (1/5/15 min) at start \($m.loadavg_start), at end \($e.loadavg_end // "?"); commit \($m.commit)\(if $m.uncommitted_changes == "yes" then " with uncommitted changes in the tree" else "" end).",
+  "Load generator: `myelin-bench` with \(([$rows[] | .bench_threads // empty] | unique | map(tostring) | join(", ")) // "?") runtime thread(s), the same for every system.",
   "Each run: \($m.warmup_s) s warm-up, \($m.duration_s) s measured; 200-byte payloads; appends go to a new aggregate each, 10% to 16 hot aggregates with the sequence check; replay and aggregate reads over \(num($m.fill_events)) events in aggregates of 50.",
   "",
   "Systems: \([$peers[] | "\(.system) = \(.version)"] | join("; ")).",

@@ -27,6 +27,8 @@
 #                  under test
 #   MACHINE        machine name in the file names (default: <nproc>cpu-<cpu model>)
 #   OUT_DIR        default docs/benchmarks
+#   MYELIN_BENCH_THREADS  the load generator's runtime threads, the same for every system
+#                  (default 1: one thread drives these loads; see docs/benchmarks.md)
 #   SKIP_BUILD=1   use target/release as it is; KEEP=1 keep the temp dirs
 set -euo pipefail
 
