@@ -132,7 +132,6 @@ fn base_fields(args: &Args, workload: &str) -> Map<String, Value> {
     m.insert("system".into(), json!(args.system.name()));
     m.insert("workload".into(), json!(workload));
     m.insert("payload_bytes".into(), json!(args.payload_bytes));
-    m.insert("bench_threads".into(), json!(common::runtime_threads()));
     m
 }
 

@@ -147,13 +147,10 @@ impl tonic::transport::server::Connected for QuietUnixStream {
 
 /// A gRPC channel to the Unix socket at `path` over [`QuietUnixStream`]s, connecting lazily
 /// (and again after the peer restarts), as tonic's own `unix://` endpoints do.
-pub fn channel(path: &Path, connect_timeout: Option<std::time::Duration>) -> io::Result<tonic::transport::Channel> {
+pub fn channel(path: &Path) -> io::Result<tonic::transport::Channel> {
     let path = std::sync::Arc::new(std::path::absolute(path)?);
     // The authority is only a name in the requests' headers: the connector decides where they go.
-    let mut endpoint = tonic::transport::Endpoint::from_static("http://localhost");
-    if let Some(timeout) = connect_timeout {
-        endpoint = endpoint.connect_timeout(timeout);
-    }
+    let endpoint = tonic::transport::Endpoint::from_static("http://localhost");
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_: tonic::codegen::http::Uri| {
             let path = path.clone();
@@ -231,7 +228,7 @@ mod tests {
                 .add_service(health)
                 .serve_with_incoming(incoming(listener)),
         );
-        let mut client = tonic_health::pb::health_client::HealthClient::new(channel(&path, None).unwrap());
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel(&path).unwrap());
         let answer = client
             .check(tonic_health::pb::HealthCheckRequest::default())
             .await

@@ -108,7 +108,7 @@ pub async fn shutdown_signal() {
 pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     use anyhow::Context as _;
     // Every append and read crosses this link: see `local_socket` for why it is not tonic's own.
-    let channel = myelin_proto::local_socket::channel(&args.eventstore_socket, None)?;
+    let channel = myelin_proto::local_socket::channel(&args.eventstore_socket)?;
     let storage = myelin_proto::internal::event_storage_client::EventStorageClient::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
