@@ -204,6 +204,12 @@ impl Node {
             .and_then(|s| s.trim().parse().ok())
     }
 
+    /// Resident memory of a child process (`eventstore`, `router`, `admin`) in KiB, from
+    /// `/proc/<pid>/status` (`VmRSS`); `None` when it is not running.
+    pub fn rss_kib(&self, child: &str) -> Option<u64> {
+        rss_kib(self.child_pid(child)?)
+    }
+
     pub fn supervisor_pid(&self) -> Option<i32> {
         self.process.as_ref().map(|p| p.id() as i32)
     }
@@ -240,6 +246,15 @@ impl Node {
             }
         }
     }
+}
+
+/// Resident memory of process `pid` in KiB (`VmRSS` of `/proc/<pid>/status`).
+pub fn rss_kib(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 pub fn wait_gone(pid: i32, within: Duration) {
