@@ -19,6 +19,7 @@ pub mod crash;
 pub mod metrics;
 pub mod segment;
 pub mod service;
+pub mod space;
 pub mod stored;
 pub mod tracking;
 
@@ -81,6 +82,10 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     let _lock = lock_data_dir(&args.data_dir).await?;
+    // After a write failed for want of space, recovery must not fail the same way again.
+    space::wait_for_room(&args.data_dir)
+        .await
+        .with_context(|| format!("checking for space on {}", args.data_dir.display()))?;
     // Before any context opens: its log recovery must not delete segments a backup still needs.
     backup::restore_hold(&args.data_dir, backup::node_hold());
     let limits = stored::Limits {
@@ -101,17 +106,17 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
         .await;
     let storage = myelin_proto::internal::event_storage_server::EventStorageServer::new(service::Service {
         contexts: contexts.clone(),
-        max_transaction_bytes: args.max_message_size.saturating_sub(10_000).max(1024),
+        max_transaction_bytes: myelin_proto::limits::max_transaction_bytes(args.max_message_size),
     })
-    .max_decoding_message_size(args.max_message_size + 64 * 1024)
+    .max_decoding_message_size(myelin_proto::limits::internal_message_limit(args.max_message_size))
     .max_encoding_message_size(usize::MAX);
     let control = myelin_proto::internal::storage_control_server::StorageControlServer::new(control::Control {
         contexts: contexts.clone(),
     });
     tracing::info!(socket = %args.socket.display(), contexts = ?names, "eventstore serving");
     tonic::transport::Server::builder()
-        .initial_stream_window_size(Some(16 << 20))
-        .initial_connection_window_size(Some(32 << 20))
+        .initial_stream_window_size(Some(myelin_proto::local_socket::window::WRITE_STREAM))
+        .initial_connection_window_size(Some(myelin_proto::local_socket::window::CONNECTION))
         .add_service(health)
         .add_service(storage)
         .add_service(control)

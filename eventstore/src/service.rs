@@ -57,7 +57,11 @@ fn append_status(e: AppendError) -> Status {
     match e {
         AppendError::NotLeader => ErrorCode::NoLeaderAvailable.status("no leader available for the context"),
         AppendError::Closed => Status::unavailable("the event store is shutting down"),
-        AppendError::Storage(e) => ErrorCode::DatafileWriteError.status(e),
+        // The eventstore stops and recovers (space::wait_for_room); until then it is not
+        // available, and this append's outcome is unknown.
+        AppendError::Storage(e) => Status::unavailable(format!(
+            "the event store could not write ({e}) and is recovering; the outcome of the append is unknown"
+        )),
     }
 }
 
@@ -83,12 +87,32 @@ fn outcome_status(outcome: Outcome) -> Result<i64, Status> {
 }
 
 /// An event that names an aggregate type takes part in sequence checks and must name its
-/// aggregate. Events without a type are stored as sent (as Axon Server does).
+/// aggregate. Events without a type are stored as sent (as Axon Server does), but an event
+/// must hold something: an empty one (no identifier, no payload) is refused.
 fn check_event(event: &Event) -> Result<(), Status> {
+    if *event == Event::default() {
+        return Err(Status::invalid_argument(
+            "an event must not be empty: it needs at least a message identifier",
+        ));
+    }
     if event.aggregate_identifier.is_empty() && !event.aggregate_type.is_empty() {
         return Err(Status::invalid_argument(format!(
             "event {} has aggregate type {:?} but no aggregate identifier",
             event.message_identifier, event.aggregate_type
+        )));
+    }
+    Ok(())
+}
+
+/// A snapshot belongs to an aggregate and stands for its state at a sequence number, which is
+/// never negative (an aggregate's first event is 0).
+fn check_snapshot(aggregate_id: &str, sequence: i64) -> Result<(), Status> {
+    if aggregate_id.is_empty() {
+        return Err(Status::invalid_argument("a snapshot must name its aggregate"));
+    }
+    if sequence < 0 {
+        return Err(ErrorCode::InvalidSequence.status(format!(
+            "Invalid sequence number {sequence} for snapshot of aggregate {aggregate_id}: sequence numbers start at 0"
         )));
     }
     Ok(())
@@ -126,12 +150,10 @@ async fn store_request(
         let [bytes] = <[bytes::Bytes; 1]>::try_from(request.events)
             .map_err(|_| Status::invalid_argument("a snapshot request carries exactly one event"))?;
         let record = record_of_bytes(bytes, Kind::Snapshots)?;
-        if record.aggregate_id.is_empty() {
-            return Err(Status::invalid_argument("a snapshot must name its aggregate"));
-        }
+        check_snapshot(&record.aggregate_id, record.sequence)?;
         Work::Snapshot(record)
     } else {
-        let size: usize = request.events.iter().map(|e| e.len()).sum();
+        let size = myelin_proto::limits::transaction_cost(request.events.iter().map(|e| e.len()));
         if size > max_transaction_bytes {
             return Err(ErrorCode::PayloadTooLarge.status(format!(
                 "transaction exceeds the maximum size of {max_transaction_bytes} bytes"
@@ -219,7 +241,7 @@ impl EventStorage for Service {
         while let Some(event) = stream.message().await? {
             check_event(&event)?;
             let record = record_of(&event, Kind::Events);
-            bytes += record.encoded.len();
+            bytes += myelin_proto::limits::event_cost(record.encoded.len());
             if bytes > self.max_transaction_bytes {
                 return Err(ErrorCode::PayloadTooLarge.status(format!(
                     "transaction exceeds the maximum size of {} bytes",
@@ -241,9 +263,7 @@ impl EventStorage for Service {
         let context = context_of(&self.contexts, &request)?;
         tracing::Span::current().record("context", context.name.as_str());
         let event = request.into_inner();
-        if event.aggregate_identifier.is_empty() {
-            return Err(Status::invalid_argument("a snapshot must name its aggregate"));
-        }
+        check_snapshot(&event.aggregate_identifier, event.aggregate_sequence_number)?;
         check_event(&event)?;
         let outcome = context
             .appender

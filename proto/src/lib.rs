@@ -46,6 +46,7 @@ pub use myelin::internal;
 
 pub mod encoded;
 pub mod errors;
+pub mod limits;
 pub mod local_socket;
 pub mod roles;
 pub mod telemetry;

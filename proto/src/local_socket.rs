@@ -145,12 +145,38 @@ impl tonic::transport::server::Connected for QuietUnixStream {
     fn connect_info(&self) -> Self::ConnectInfo {}
 }
 
+/// HTTP/2 flow-control windows of the internal links.
+///
+/// One internal connection carries the streams of many clients. A stream whose reader stopped
+/// (a client that opened a read and never consumes it) keeps up to its stream window unread in
+/// the receiver, and in HTTP/2 those bytes also count against the connection's window. With
+/// hyper's defaults (2 MiB per stream, 5 MiB per connection) three unread streams took the whole
+/// connection window and every other stream of the link stopped with them (issue 15, D1).
+///
+/// The rule: the connection window is the largest HTTP/2 allows, so that only a stream's own
+/// window can ever stop it. An unread stream stalls itself, never its neighbours, and pins at
+/// most its stream window in the receiver's memory; the number of such streams is bounded
+/// where they are opened (docs/limits.md).
+pub mod window {
+    /// Largest window HTTP/2 allows (2^31 - 1).
+    pub const CONNECTION: u32 = (1 << 31) - 1;
+    /// Per stream, eventstore to router: the event reads. Large enough that a stream of 64 KiB
+    /// messages never waits on window updates over a Unix socket.
+    pub const READ_STREAM: u32 = 256 << 10;
+    /// Per stream, router to eventstore: mostly the one stream that carries every append, whose
+    /// transactions are up to `max-message-size` (4 MiB by default) each.
+    pub const WRITE_STREAM: u32 = 1 << 20;
+}
+
 /// A gRPC channel to the Unix socket at `path` over [`QuietUnixStream`]s, connecting lazily
-/// (and again after the peer restarts), as tonic's own `unix://` endpoints do.
+/// (and again after the peer restarts), as tonic's own `unix://` endpoints do. Each channel is a
+/// connection of its own, with the windows of [`window`].
 pub fn channel(path: &Path) -> io::Result<tonic::transport::Channel> {
     let path = std::sync::Arc::new(std::path::absolute(path)?);
     // The authority is only a name in the requests' headers: the connector decides where they go.
-    let endpoint = tonic::transport::Endpoint::from_static("http://localhost");
+    let endpoint = tonic::transport::Endpoint::from_static("http://localhost")
+        .initial_connection_window_size(window::CONNECTION)
+        .initial_stream_window_size(window::READ_STREAM);
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_: tonic::codegen::http::Uri| {
             let path = path.clone();

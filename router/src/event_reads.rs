@@ -16,6 +16,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
 use bytes::Bytes;
@@ -24,8 +25,10 @@ use futures::{Stream, StreamExt};
 use myelin_proto::axon::event::event_store_server::{EventStoreServer, SERVICE_NAME};
 use myelin_proto::axon::event::{GetAggregateEventsRequest, GetAggregateSnapshotsRequest, GetEventsRequest};
 use myelin_proto::encoded::{EncodedCodec, ProstCodec};
+use myelin_proto::errors::ErrorCode;
 use myelin_proto::internal::event_storage_client::EventStorageClient;
 use myelin_proto::internal::{EncodedEventWithToken, EncodedEvents};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::body::Body;
 use tonic::server::Grpc;
 use tonic::transport::Channel;
@@ -46,19 +49,60 @@ pub struct EventStoreService {
     storage: EventStorageClient<Channel>,
     relay: EventStoreServer<EventStoreRelay>,
     max_decoding_message_size: usize,
+    reads: ReadSlots,
 }
 
 impl EventStoreService {
-    /// `max_decoding_message_size` limits client messages, as on the generated server.
-    pub fn new(relay: EventStoreRelay, max_decoding_message_size: usize) -> EventStoreService {
+    /// `max_decoding_message_size` limits client messages, as on the generated server;
+    /// `max_reads` bounds the event reads open at once on the node.
+    pub fn new(relay: EventStoreRelay, max_decoding_message_size: usize, max_reads: usize) -> EventStoreService {
         EventStoreService {
             storage: relay.storage.clone(),
             relay: EventStoreServer::new(relay)
                 .max_decoding_message_size(max_decoding_message_size)
                 .max_encoding_message_size(usize::MAX),
             max_decoding_message_size,
+            reads: ReadSlots::new(max_reads),
         }
     }
+}
+
+/// The event reads (tracking and aggregate) open at once on the node, bounded.
+///
+/// A read whose client stopped consuming pins up to its flow-control windows on the way (the
+/// internal stream's window here, the eventstore's queue for it: about 1 MiB in all, see
+/// docs/limits.md), so their number is bounded; a read beyond it is refused at once with
+/// RESOURCE_EXHAUSTED (AXONIQ-1900), never queued behind the others.
+#[derive(Clone)]
+struct ReadSlots {
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+impl ReadSlots {
+    fn new(max: usize) -> ReadSlots {
+        ReadSlots {
+            slots: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
+            max,
+        }
+    }
+
+    fn take(&self) -> Result<OwnedSemaphorePermit, Status> {
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            ErrorCode::TooManyRequests.status(format!(
+                "this node already serves {} event reads at once, its maximum (myelin.limits.event-reads); try again",
+                self.max
+            ))
+        })
+    }
+}
+
+/// `stream`, holding `slot` until it is dropped.
+fn holding<T: Send + 'static>(slot: OwnedSemaphorePermit, stream: Boxed<T>) -> Boxed<T> {
+    Box::pin(stream.map(move |item| {
+        let _held = &slot;
+        item
+    }))
 }
 
 impl tonic::server::NamedService for EventStoreService {
@@ -77,23 +121,24 @@ impl tower::Service<http::Request<Body>> for EventStoreService {
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let storage = self.storage.clone();
         let limits = (Some(self.max_decoding_message_size), Some(usize::MAX));
+        let reads = self.reads.clone();
         match request.uri().path() {
             LIST_EVENTS => Box::pin(async move {
                 let codec = ProstCodec::<EncodedEventWithToken, GetEventsRequest>::default();
                 let mut grpc = Grpc::new(codec).apply_max_message_size_config(limits.0, limits.1);
-                let method = tower::service_fn(move |r| list_events(storage.clone(), r));
+                let method = tower::service_fn(move |r| list_events(storage.clone(), reads.clone(), r));
                 Ok(grpc.streaming(method, request).await)
             }),
             LIST_AGGREGATE_EVENTS => Box::pin(async move {
                 let codec = EncodedCodec::<GetAggregateEventsRequest>::default();
                 let mut grpc = Grpc::new(codec).apply_max_message_size_config(limits.0, limits.1);
-                let method = tower::service_fn(move |r| list_aggregate_events(storage.clone(), r));
+                let method = tower::service_fn(move |r| list_aggregate_events(storage.clone(), reads.clone(), r));
                 Ok(grpc.server_streaming(method, request).await)
             }),
             LIST_AGGREGATE_SNAPSHOTS => Box::pin(async move {
                 let codec = EncodedCodec::<GetAggregateSnapshotsRequest>::default();
                 let mut grpc = Grpc::new(codec).apply_max_message_size_config(limits.0, limits.1);
-                let method = tower::service_fn(move |r| list_aggregate_snapshots(storage.clone(), r));
+                let method = tower::service_fn(move |r| list_aggregate_snapshots(storage.clone(), reads.clone(), r));
                 Ok(grpc.server_streaming(method, request).await)
             }),
             _ => self.relay.call(request),
@@ -116,10 +161,12 @@ where
 #[tracing::instrument(skip_all, fields(context))]
 async fn list_events(
     storage: EventStorageClient<Channel>,
+    reads: ReadSlots,
     request: Request<Streaming<GetEventsRequest>>,
 ) -> Result<Response<Boxed<EncodedEventWithToken>>, Status> {
     let context = client_context(&request)?;
     tracing::Span::current().record("context", context.as_str());
+    let slot = reads.take()?;
     // Permit grants flow on as they come; a client error ends the request stream, which ends
     // the tracker like a half-close.
     let requests = request
@@ -133,29 +180,35 @@ async fn list_events(
         .await
         .map_err(relayed)?
         .into_inner();
-    Ok(Response::new(elements(stream, |batch| batch.events)))
+    Ok(Response::new(holding(slot, elements(stream, |batch| batch.events))))
 }
 
 /// An aggregate read (events or snapshots): names the context, makes the internal `call` and
 /// relays the elements of its batches.
-async fn aggregate_read<R, F, Fut>(request: Request<R>, call: F) -> Result<Response<Boxed<Bytes>>, Status>
+async fn aggregate_read<R, F, Fut>(
+    reads: ReadSlots,
+    request: Request<R>,
+    call: F,
+) -> Result<Response<Boxed<Bytes>>, Status>
 where
     F: FnOnce(Request<R>) -> Fut,
     Fut: std::future::Future<Output = Result<Response<Streaming<EncodedEvents>>, Status>>,
 {
     let context = client_context(&request)?;
     tracing::Span::current().record("context", context.as_str());
+    let slot = reads.take()?;
     let request = internal(&context, request.into_inner())?;
     let stream = call(request).await.map_err(relayed)?.into_inner();
-    Ok(Response::new(elements(stream, |batch| batch.events)))
+    Ok(Response::new(holding(slot, elements(stream, |batch| batch.events))))
 }
 
 #[tracing::instrument(skip_all, fields(context))]
 async fn list_aggregate_events(
     mut storage: EventStorageClient<Channel>,
+    reads: ReadSlots,
     request: Request<GetAggregateEventsRequest>,
 ) -> Result<Response<Boxed<Bytes>>, Status> {
-    aggregate_read(request, |request| async move {
+    aggregate_read(reads, request, |request| async move {
         storage.list_aggregate_events(request).await
     })
     .await
@@ -164,9 +217,10 @@ async fn list_aggregate_events(
 #[tracing::instrument(skip_all, fields(context))]
 async fn list_aggregate_snapshots(
     mut storage: EventStorageClient<Channel>,
+    reads: ReadSlots,
     request: Request<GetAggregateSnapshotsRequest>,
 ) -> Result<Response<Boxed<Bytes>>, Status> {
-    aggregate_read(request, |request| async move {
+    aggregate_read(reads, request, |request| async move {
         storage.list_aggregate_snapshots(request).await
     })
     .await

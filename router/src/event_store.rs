@@ -32,8 +32,8 @@ type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 pub struct EventStoreRelay {
     pub storage: EventStorageClient<Channel>,
     pub appends: crate::append_pipe::AppendPipe,
-    /// Largest transaction one AppendEvent call may carry, in encoded bytes.
-    pub max_transaction_bytes: usize,
+    /// The bounds on an AppendEvent call's transaction (see `transaction`).
+    pub transactions: crate::transaction::TransactionLimits,
 }
 
 /// Builds the internal request for `message`, naming the context.
@@ -72,26 +72,17 @@ impl EventStore for EventStoreRelay {
         let context = client_context(&request)?;
         tracing::Span::current().record("context", context.as_str());
         let mut stream = request.into_inner();
-        let mut events = Vec::new();
-        let mut bytes = 0usize;
-        while let Some(event) = stream.message().await.map_err(crate::limits::client_stream_error)? {
-            let encoded = bytes::Bytes::from(event.encode_to_vec());
-            bytes += encoded.len();
-            if bytes > self.max_transaction_bytes {
-                return Err(ErrorCode::PayloadTooLarge.status(format!(
-                    "transaction exceeds the maximum size of {} bytes",
-                    self.max_transaction_bytes
-                )));
-            }
-            events.push(encoded);
-        }
+        let transaction = self.transactions.collect(&mut stream).await?;
         // hyper reports a client's RST_STREAM(NO_ERROR) -- what a cancelling client may send --
         // as the end of the body, just like a half-close. Yield once: hyper then checks the
         // stream for a reset and drops this call if there was one, so a cancelled transaction
         // is never committed.
         tokio::task::yield_now().await;
-        if !events.is_empty() {
-            self.appends.append(&context, events, false).await.map_err(relayed)?;
+        if !transaction.events.is_empty() {
+            self.appends
+                .append(&context, transaction.events, false)
+                .await
+                .map_err(relayed)?;
         }
         Ok(Response::new(ConfirmationWithConsistencyMarker {
             success: true,

@@ -17,6 +17,7 @@ pub mod limits;
 pub mod metrics;
 pub mod platform;
 pub mod query;
+pub mod transaction;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -78,7 +79,36 @@ pub struct Args {
     /// fsyncs) and the applications on the same machine.
     #[arg(long, default_value_t = 0)]
     pub worker_threads: usize,
+    #[command(flatten)]
+    pub limits: Limits,
 }
+
+/// Bounds on what clients may hold open (docs/limits.md has each one's reason and test).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Limits {
+    /// Concurrent streams (calls) one client connection may have open: HTTP/2's
+    /// MAX_CONCURRENT_STREAMS (`myelin.limits.streams-per-connection`).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub streams_per_connection: u32,
+    /// Event reads (tracking and aggregate) open at once on the node (`myelin.limits.event-reads`).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub event_reads: u64,
+    /// Events one AppendEvent transaction may carry (`myelin.limits.events-per-transaction`).
+    #[arg(long, default_value_t = 32_768, value_parser = clap::value_parser!(u64).range(1..))]
+    pub events_per_transaction: u64,
+    /// Bytes of every transaction still being received, node-wide
+    /// (`myelin.limits.transaction-buffer`).
+    #[arg(long, default_value_t = 256 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub transaction_buffer_bytes: u64,
+    /// How long an AppendEvent call may take to send its transaction and half-close, in
+    /// milliseconds (`myelin.limits.transaction-timeout`).
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub transaction_timeout_ms: u64,
+}
+
+/// HTTP/2 flow-control windows of the client port (see `run`).
+const CLIENT_STREAM_WINDOW: u32 = 1 << 20;
+const CLIENT_CONNECTION_WINDOW: u32 = 16 << 20;
 
 /// Runs the router until SIGTERM or SIGINT.
 pub fn main(args: Args) -> anyhow::Result<()> {
@@ -108,15 +138,27 @@ pub async fn shutdown_signal() {
 pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     use anyhow::Context as _;
     // Every append and read crosses this link: see `local_socket` for why it is not tonic's own.
-    let channel = myelin_proto::local_socket::channel(&args.eventstore_socket)?;
-    let storage = myelin_proto::internal::event_storage_client::EventStorageClient::new(channel)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX);
-    let relay = event_store::EventStoreRelay {
-        appends: append_pipe::AppendPipe::new(storage.clone()),
-        storage,
-        max_transaction_bytes: args.max_message_size.saturating_sub(10_000).max(1024),
+    // Two connections: the one stream that carries every append has a connection of its own, so
+    // that no read, however its client behaves, shares flow control with it (docs/limits.md).
+    let storage_client = |channel| {
+        myelin_proto::internal::event_storage_client::EventStorageClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
     };
+    let storage = storage_client(myelin_proto::local_socket::channel(&args.eventstore_socket)?);
+    let append_link = storage_client(myelin_proto::local_socket::channel(&args.eventstore_socket)?);
+    let limits = &args.limits;
+    let relay = event_store::EventStoreRelay {
+        appends: append_pipe::AppendPipe::new(append_link),
+        storage,
+        transactions: transaction::TransactionLimits::new(
+            usize::try_from(limits.events_per_transaction).unwrap_or(usize::MAX),
+            myelin_proto::limits::max_transaction_bytes(args.max_message_size),
+            usize::try_from(limits.transaction_buffer_bytes).unwrap_or(usize::MAX),
+            std::time::Duration::from_millis(limits.transaction_timeout_ms),
+        ),
+    };
+    let max_reads = usize::try_from(limits.event_reads).unwrap_or(usize::MAX);
     let metrics_handle = metrics::install();
     let _upkeep = metrics::keep_up(metrics_handle.clone());
     let disconnects = platform::Disconnects::new();
@@ -188,7 +230,17 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         .layer(event_metrics::EventMetricsLayer::default())
         .http2_keepalive_interval(Some(std::time::Duration::from_millis(2500)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_millis(5000)))
-        .add_service(event_reads::EventStoreService::new(relay, max))
+        .max_concurrent_streams(Some(args.limits.streams_per_connection))
+        // A stream's window bounds what one call may send ahead of the router; the connection's
+        // is larger so that no one call can stop the others. h2 also ends a connection (GOAWAY
+        // ENHANCE_YOUR_CALM, "too_many_data_frames") whose unread small DATA frames outweigh half
+        // the connection window: at hyper's 1 MiB a single stream of ~150-byte events that the
+        // router read a little slower than a grpcio client sent them took every call of the
+        // connection down (issue 15, D10). With 16 MiB no stream of messages of 32 bytes or more
+        // can reach it, while a flood of tiny frames still does.
+        .initial_stream_window_size(Some(CLIENT_STREAM_WINDOW))
+        .initial_connection_window_size(Some(CLIENT_CONNECTION_WINDOW))
+        .add_service(event_reads::EventStoreService::new(relay, max, max_reads))
         .add_service(
             myelin_proto::axon::control::platform_service_server::PlatformServiceServer::new(platform)
                 .max_decoding_message_size(max),

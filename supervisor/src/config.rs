@@ -76,6 +76,12 @@ const KEYS: &[(&str, Kind)] = &[
     ("myelin.contexts", Kind::List),
     ("myelin.router.worker-threads", Kind::Text),
     ("myelin.eventstore.worker-threads", Kind::Text),
+    // Client limits of the router (docs/limits.md).
+    ("myelin.limits.streams-per-connection", Kind::Text),
+    ("myelin.limits.event-reads", Kind::Text),
+    ("myelin.limits.events-per-transaction", Kind::Text),
+    ("myelin.limits.transaction-buffer", Kind::Size),
+    ("myelin.limits.transaction-timeout", Kind::Millis),
 ];
 
 const DEFAULT_SEGMENT_SIZE: u64 = 256 * 1024 * 1024;
@@ -212,6 +218,34 @@ pub struct Config {
     /// and one: see docs/decisions/0006).
     pub router_worker_threads: Option<u16>,
     pub eventstore_worker_threads: Option<u16>,
+    pub router_limits: RouterLimits,
+}
+
+/// The router's bounds on what clients hold open (`myelin.limits.*`, docs/limits.md); `None`
+/// leaves the router's default.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouterLimits {
+    pub streams_per_connection: Option<u64>,
+    pub event_reads: Option<u64>,
+    pub events_per_transaction: Option<u64>,
+    pub transaction_buffer: Option<u64>,
+    pub transaction_timeout_ms: Option<u64>,
+}
+
+impl RouterLimits {
+    /// The router's flags for the limits that are set.
+    pub fn flags(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("--streams-per-connection", self.streams_per_connection),
+            ("--event-reads", self.event_reads),
+            ("--events-per-transaction", self.events_per_transaction),
+            ("--transaction-buffer-bytes", self.transaction_buffer),
+            ("--transaction-timeout-ms", self.transaction_timeout_ms),
+        ]
+        .into_iter()
+        .filter_map(|(flag, value)| value.map(|v| (flag, v)))
+        .collect()
+    }
 }
 
 /// Application-level heartbeats with clients (Axon's `heartbeat.enabled`,
@@ -455,8 +489,12 @@ impl Settings {
     }
 
     fn size(&self, key: &'static str, default: u64) -> Result<u64, ConfigError> {
+        Ok(self.optional_size(key)?.unwrap_or(default))
+    }
+
+    fn optional_size(&self, key: &'static str) -> Result<Option<u64>, ConfigError> {
         debug_assert_eq!(kind_of(key), Kind::Size);
-        let size = self.parse(key, |v| {
+        self.parse(key, |v| {
             datasize::parse(v).and_then(|n| {
                 if n == 0 {
                     Err("must be greater than zero".to_string())
@@ -464,8 +502,7 @@ impl Settings {
                     Ok(n)
                 }
             })
-        })?;
-        Ok(size.unwrap_or(default))
+        })
     }
 
     fn millis(&self, key: &'static str) -> Result<Option<u64>, ConfigError> {
@@ -500,6 +537,14 @@ fn parse_threads(value: &str) -> Result<u16, String> {
     match value.trim().parse::<u16>() {
         Ok(n) if (1..=1024).contains(&n) => Ok(n),
         _ => Err("not a number of threads from 1 to 1024".to_string()),
+    }
+}
+
+/// A count from 1 to `max`.
+fn parse_count(value: &str, max: u64) -> Result<u64, String> {
+    match value.trim().parse::<u64>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("not a number from 1 to {max}")),
     }
 }
 
@@ -627,6 +672,16 @@ impl Config {
             },
             router_worker_threads: settings.parse("myelin.router.worker-threads", parse_threads)?,
             eventstore_worker_threads: settings.parse("myelin.eventstore.worker-threads", parse_threads)?,
+            router_limits: RouterLimits {
+                streams_per_connection: settings.parse("myelin.limits.streams-per-connection", |v| {
+                    parse_count(v, u64::from(u32::MAX))
+                })?,
+                event_reads: settings.parse("myelin.limits.event-reads", |v| parse_count(v, 1 << 20))?,
+                events_per_transaction: settings
+                    .parse("myelin.limits.events-per-transaction", |v| parse_count(v, 1 << 24))?,
+                transaction_buffer: settings.optional_size("myelin.limits.transaction-buffer")?,
+                transaction_timeout_ms: settings.millis("myelin.limits.transaction-timeout")?,
+            },
             access_control: AccessControl {
                 enabled: settings.flag("axoniq.axonserver.accesscontrol.enabled")?,
                 internal_token: settings.text("axoniq.axonserver.accesscontrol.internal-token"),
@@ -792,6 +847,42 @@ mod tests {
             );
             let error = load(&inputs(dir.path())).unwrap_err().to_string();
             assert!(error.contains("myelin.eventstore.worker-threads"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn router_limits_reach_its_flags_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load(&inputs(dir.path())).unwrap().config;
+        assert!(
+            c.router_limits.flags().is_empty(),
+            "unset limits keep the router's defaults"
+        );
+        write(
+            dir.path(),
+            "axonserver.properties",
+            "myelin.limits.streams-per-connection=64\nmyelin.limits.transaction-buffer=64MB\n\
+             myelin.limits.transaction-timeout=5000\n",
+        );
+        let c = load(&inputs(dir.path())).unwrap().config;
+        assert_eq!(
+            c.router_limits.flags(),
+            vec![
+                ("--streams-per-connection", 64),
+                ("--transaction-buffer-bytes", 64 << 20),
+                ("--transaction-timeout-ms", 5000)
+            ]
+        );
+        for (key, bad) in [
+            ("myelin.limits.streams-per-connection", "0"),
+            ("myelin.limits.event-reads", "many"),
+            ("myelin.limits.events-per-transaction", "-5"),
+            ("myelin.limits.transaction-buffer", "0"),
+            ("myelin.limits.transaction-timeout", "soon"),
+        ] {
+            write(dir.path(), "axonserver.properties", &format!("{key}={bad}\n"));
+            let error = load(&inputs(dir.path())).unwrap_err().to_string();
+            assert!(error.contains(key), "{key}={bad}: {error}");
         }
     }
 
