@@ -8,8 +8,8 @@
 //! written as they are (`myelin_proto::encoded`).
 //!
 //! [`EventStoreService`] is the `io.axoniq.axonserver.grpc.event.EventStore` service the client
-//! server mounts: it answers these three paths itself and hands every other call to the
-//! generated server over [`EventStoreRelay`]. It sits behind the same layers as any service
+//! server mounts: it answers these three paths itself (and `AppendSnapshot`, to hold it to one
+//! message) and hands every other call to the generated server over [`EventStoreRelay`]. It sits behind the same layers as any service
 //! (access control and metrics go by the path and the gRPC frames, not by message types), and
 //! keeps the relay's behaviour: the client's context, later permit grants flowing on to the
 //! eventstore, and error statuses relayed with their AXONIQ codes.
@@ -22,8 +22,11 @@ use std::task::{Context as TaskContext, Poll};
 use bytes::Bytes;
 use futures::future::{BoxFuture, Either};
 use futures::{Stream, StreamExt};
+use myelin_proto::axon::event::event_store_server::EventStore as _;
 use myelin_proto::axon::event::event_store_server::{EventStoreServer, SERVICE_NAME};
-use myelin_proto::axon::event::{GetAggregateEventsRequest, GetAggregateSnapshotsRequest, GetEventsRequest};
+use myelin_proto::axon::event::{
+    Confirmation, Event, GetAggregateEventsRequest, GetAggregateSnapshotsRequest, GetEventsRequest,
+};
 use myelin_proto::encoded::{EncodedCodec, ProstCodec};
 use myelin_proto::errors::ErrorCode;
 use myelin_proto::internal::event_storage_client::EventStorageClient;
@@ -40,6 +43,7 @@ use crate::event_store::{EventStoreRelay, internal, relayed};
 const LIST_EVENTS: &str = "/io.axoniq.axonserver.grpc.event.EventStore/ListEvents";
 const LIST_AGGREGATE_EVENTS: &str = "/io.axoniq.axonserver.grpc.event.EventStore/ListAggregateEvents";
 const LIST_AGGREGATE_SNAPSHOTS: &str = "/io.axoniq.axonserver.grpc.event.EventStore/ListAggregateSnapshots";
+const APPEND_SNAPSHOT: &str = "/io.axoniq.axonserver.grpc.event.EventStore/AppendSnapshot";
 
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -47,6 +51,8 @@ type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[derive(Clone)]
 pub struct EventStoreService {
     storage: EventStorageClient<Channel>,
+    /// The relay itself, for the one unary call answered here (`AppendSnapshot`).
+    direct: EventStoreRelay,
     relay: EventStoreServer<EventStoreRelay>,
     max_decoding_message_size: usize,
     reads: ReadSlots,
@@ -58,6 +64,7 @@ impl EventStoreService {
     pub fn new(relay: EventStoreRelay, max_decoding_message_size: usize, max_reads: usize) -> EventStoreService {
         EventStoreService {
             storage: relay.storage.clone(),
+            direct: relay.clone(),
             relay: EventStoreServer::new(relay)
                 .max_decoding_message_size(max_decoding_message_size)
                 .max_encoding_message_size(usize::MAX),
@@ -141,9 +148,47 @@ impl tower::Service<http::Request<Body>> for EventStoreService {
                 let method = tower::service_fn(move |r| list_aggregate_snapshots(storage.clone(), reads.clone(), r));
                 Ok(grpc.server_streaming(method, request).await)
             }),
+            APPEND_SNAPSHOT => {
+                let relay = self.direct.clone();
+                Box::pin(async move {
+                    let codec = ProstCodec::<Confirmation, Event>::default();
+                    let mut grpc = Grpc::new(codec).apply_max_message_size_config(limits.0, limits.1);
+                    let method = tower::service_fn(move |r| exactly_one_snapshot(relay.clone(), r));
+                    Ok(grpc.client_streaming(method, request).await)
+                })
+            }
             _ => self.relay.call(request),
         }
     }
+}
+
+/// `AppendSnapshot` is unary: it carries exactly one snapshot. tonic's unary handling reads the
+/// first message and ignores any after it, which silently dropped a second snapshot; the call is
+/// read as a stream here and refused, storing nothing, when it holds more or less than one
+/// message, as grpc-java (Axon Server) refuses it: INTERNAL, "Too many requests".
+async fn exactly_one_snapshot(
+    relay: EventStoreRelay,
+    request: Request<Streaming<Event>>,
+) -> Result<Response<Confirmation>, Status> {
+    let (metadata, extensions, mut stream) = request.into_parts();
+    let first = stream
+        .message()
+        .await
+        .map_err(crate::limits::client_stream_error)?
+        .ok_or_else(|| Status::internal("Half-closed without a request: AppendSnapshot carries one snapshot"))?;
+    if stream
+        .message()
+        .await
+        .map_err(crate::limits::client_stream_error)?
+        .is_some()
+    {
+        return Err(Status::internal(
+            "Too many requests: AppendSnapshot carries exactly one snapshot; nothing was stored",
+        ));
+    }
+    relay
+        .append_snapshot(Request::from_parts(metadata, extensions, first))
+        .await
 }
 
 /// Each batch of the eventstore's stream as its elements, one client message each; an error

@@ -292,3 +292,52 @@ async fn empty_events_and_negative_snapshots_are_refused() {
             .is_none()
     );
 }
+
+/// A unary `AppendSnapshot` that carries two messages is refused whole (it once stored the first
+/// and silently dropped the second), as grpc-java refuses it: INTERNAL, "Too many requests".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_snapshot_call_with_two_messages_is_refused() {
+    let node = Node::start(Options::default()).await;
+    let mut client = node.client().await;
+    append(
+        &mut client,
+        vec![event("two-snaps", 0, "t0"), event("two-snaps", 1, "t1")],
+    )
+    .await
+    .unwrap();
+    let snapshot = |seq: i64| {
+        let mut e = event("two-snaps", seq, &format!("snap{seq}"));
+        e.snapshot = true;
+        e
+    };
+    let mut grpc = tonic::client::Grpc::new(node.channel().await);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/io.axoniq.axonserver.grpc.event.EventStore/AppendSnapshot",
+    );
+    let codec = myelin_proto::encoded::ProstCodec::<Event, myelin_proto::axon::event::Confirmation>::default();
+    let status = grpc
+        .client_streaming(
+            tonic::Request::new(tokio_stream::iter(vec![snapshot(0), snapshot(1)])),
+            path,
+            codec,
+        )
+        .await
+        .expect_err("two messages on a unary call");
+    assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    assert!(status.message().contains("Too many requests"), "{status:?}");
+    let stored = client
+        .list_aggregate_snapshots(myelin_proto::axon::event::GetAggregateSnapshotsRequest {
+            aggregate_id: "two-snaps".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap();
+    assert!(stored.is_none(), "nothing of the call stored: {stored:?}");
+    // One message: stored.
+    client.append_snapshot(snapshot(1)).await.unwrap();
+}
