@@ -130,6 +130,11 @@ async fn the_largest_admitted_transaction_of_small_events_is_stored() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     // The shared append stream is intact: another client's append goes through at once.
     bystander_appends(&node, "after-d3").await;
+    for process in ["router", "eventstore"] {
+        let rss = node.rss_kib(process).unwrap();
+        eprintln!("{process} RSS after the largest transactions: {} MiB", rss / 1024);
+        assert!(rss < 200 * 1024, "{process} at {} MiB", rss / 1024);
+    }
     assert_eq!(read_aggregate(&mut client, "small-events").await.len() as i64, fits);
 }
 
