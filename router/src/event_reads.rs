@@ -211,13 +211,22 @@ async fn list_events(
 ) -> Result<Response<Boxed<EncodedEventWithToken>>, Status> {
     let context = client_context(&request)?;
     tracing::Span::current().record("context", context.as_str());
+    let mut inbound = request.into_inner();
+    // The first request names the start; one that does not decode is the client's error and is
+    // answered as such (the eventstore would only see a stream without a first request).
+    let first = inbound
+        .message()
+        .await
+        .map_err(crate::limits::client_stream_error)?
+        .ok_or_else(|| Status::invalid_argument("ListEvents needs a first request"))?;
     let slot = reads.take()?;
-    // Permit grants flow on as they come; a client error ends the request stream, which ends
-    // the tracker like a half-close.
-    let requests = request
-        .into_inner()
-        .take_while(|r| futures::future::ready(r.is_ok()))
-        .filter_map(|r| futures::future::ready(r.ok()));
+    // Later permit grants flow on as they come; a client error ends the request stream, which
+    // ends the tracker like a half-close.
+    let requests = futures::stream::once(futures::future::ready(first)).chain(
+        inbound
+            .take_while(|r| futures::future::ready(r.is_ok()))
+            .filter_map(|r| futures::future::ready(r.ok())),
+    );
     let request = internal(&context, requests)?;
     let stream = storage
         .clone()

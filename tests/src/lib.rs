@@ -159,6 +159,7 @@ impl Node {
         Ok(EventStoreClient::new(channel).max_decoding_message_size(usize::MAX))
     }
 
+    /// A client on a connection of its own.
     pub async fn client(&self) -> EventStoreClient<Channel> {
         self.try_client().await.expect("connect to node")
     }
@@ -364,4 +365,19 @@ pub async fn read_aggregate(client: &mut EventStoreClient<Channel>, aggregate: &
         out.push(e);
     }
     out
+}
+
+/// The newest snapshot of an aggregate (`ListAggregateSnapshots`' first answer), if any.
+pub async fn newest_snapshot(client: &mut EventStoreClient<Channel>, aggregate: &str) -> Option<Event> {
+    client
+        .list_aggregate_snapshots(myelin_proto::axon::event::GetAggregateSnapshotsRequest {
+            aggregate_id: aggregate.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use myelin_proto::axon::event::Event;
 use myelin_proto::axon::event::event_store_client::EventStoreClient;
 use myelin_tests::http::request;
-use myelin_tests::{Node, Options, append, event, read_aggregate, read_all};
+use myelin_tests::{Node, Options, append, event, newest_snapshot, read_aggregate, read_all};
 use tonic::transport::Channel;
 
 /// The agent next to the `myelin` binary under test (`$MYELIN_BACKUP_AGENT` overrides).
@@ -171,17 +171,8 @@ async fn a_restored_node_serves_every_event_with_its_token() {
     assert_eq!(after, before, "every event comes back byte for byte");
     let order1 = read_aggregate(&mut client, "order-1").await;
     assert_eq!(order1.len(), (0..40).map(|r| 1 + r % 3).sum::<i64>() as usize);
-    let snapshots = client
-        .list_aggregate_snapshots(myelin_proto::axon::event::GetAggregateSnapshotsRequest {
-            aggregate_id: "order-1".into(),
-            ..Default::default()
-        })
+    let snapshots = newest_snapshot(&mut client, "order-1")
         .await
-        .unwrap()
-        .into_inner()
-        .message()
-        .await
-        .unwrap()
         .expect("the snapshot is restored");
     assert_eq!(snapshot_id(&snapshots), "snapshot-order-1-10");
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use myelin_proto::axon::event::event_store_client::EventStoreClient;
 use myelin_proto::axon::event::{Event, GetLastTokenRequest};
-use myelin_tests::{Node, Options, append, event, read_aggregate};
+use myelin_tests::{Node, Options, append, event, newest_snapshot, read_aggregate};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -20,10 +20,6 @@ fn error_code(status: &tonic::Status) -> &str {
         .unwrap_or("")
 }
 
-async fn own_client(node: &Node) -> EventStoreClient<Channel> {
-    let channel = Channel::from_shared(node.url()).unwrap().connect().await.unwrap();
-    EventStoreClient::new(channel).max_decoding_message_size(usize::MAX)
-}
 
 async fn last_token(client: &mut EventStoreClient<Channel>) -> i64 {
     client
@@ -36,7 +32,7 @@ async fn last_token(client: &mut EventStoreClient<Channel>) -> i64 {
 
 /// A bystander's append and read work, each well within a hang detector's deadline.
 async fn bystander_appends(node: &Node, id: &str) {
-    let mut client = own_client(node).await;
+    let mut client = node.client().await;
     tokio::time::timeout(Duration::from_secs(10), async {
         append(&mut client, vec![event(id, 0, id)]).await.unwrap();
         assert_eq!(read_aggregate(&mut client, id).await.len(), 1);
@@ -152,7 +148,7 @@ async fn half_sent_transactions_are_bounded_and_time_out() {
         ..Options::default()
     })
     .await;
-    let client = own_client(&node).await;
+    let client = node.client().await;
     let baseline = node.rss_kib("router").unwrap();
     // 40 streams on one connection, each sending 1 MiB of a transaction and then nothing:
     // 40 MiB, more than the 32 MiB budget.
@@ -211,7 +207,7 @@ async fn half_sent_transactions_are_bounded_and_time_out() {
     );
     assert!(over_budget >= 1, "the budget was exceeded by some");
     assert!(timed_out >= 1, "the others timed out");
-    let mut client = own_client(&node).await;
+    let mut client = node.client().await;
     for s in 0..40 {
         assert!(read_aggregate(&mut client, &format!("half-{s}")).await.is_empty());
     }
@@ -234,7 +230,7 @@ async fn a_connection_may_open_a_bounded_number_of_streams() {
         ..Options::default()
     })
     .await;
-    let client = own_client(&node).await;
+    let client = node.client().await;
     let mut open = Vec::new();
     for s in 0..8 {
         let (tx, rx) = mpsc::channel(1);
@@ -282,20 +278,7 @@ async fn empty_events_and_negative_snapshots_are_refused() {
         .await
         .expect_err("a snapshot at sequence -1");
     assert_eq!(error_code(&status), "AXONIQ-2000", "{status:?}");
-    assert!(
-        client
-            .list_aggregate_snapshots(myelin_proto::axon::event::GetAggregateSnapshotsRequest {
-                aggregate_id: "no-events-yet".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .message()
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(newest_snapshot(&mut client, "no-events-yet").await.is_none());
 }
 
 /// A unary `AppendSnapshot` that carries two messages is refused whole (it once stored the first
@@ -331,17 +314,7 @@ async fn a_unary_snapshot_call_with_two_messages_is_refused() {
         .expect_err("two messages on a unary call");
     assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
     assert!(status.message().contains("Too many requests"), "{status:?}");
-    let stored = client
-        .list_aggregate_snapshots(myelin_proto::axon::event::GetAggregateSnapshotsRequest {
-            aggregate_id: "two-snaps".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .message()
-        .await
-        .unwrap();
+    let stored = newest_snapshot(&mut client, "two-snaps").await;
     assert!(stored.is_none(), "nothing of the call stored: {stored:?}");
     // One message: stored.
     client.append_snapshot(snapshot(1)).await.unwrap();

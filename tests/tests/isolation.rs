@@ -11,12 +11,10 @@
 
 use std::time::{Duration, Instant};
 
-use myelin_proto::axon::event::event_store_client::EventStoreClient;
 use myelin_proto::axon::event::{GetAggregateEventsRequest, GetEventsRequest, GetLastTokenRequest};
 use myelin_tests::{Node, Options, append, event, read_aggregate};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 /// A call that takes longer than this has hung behind the hostile streams (the bystander's calls
 /// take milliseconds; this is a hang detector, not a speed target).
@@ -27,11 +25,6 @@ const HANG: Duration = Duration::from_secs(10);
 /// about 30 MiB.
 const RSS_BOUND_KIB: u64 = 200 * 1024;
 
-/// A client on a connection of its own (so that its unread stream fills only its own windows).
-async fn own_client(node: &Node) -> EventStoreClient<Channel> {
-    let channel = Channel::from_shared(node.url()).unwrap().connect().await.unwrap();
-    EventStoreClient::new(channel).max_decoding_message_size(usize::MAX)
-}
 
 /// Fills the store with `events` events of `aggregate`, `per_tx` per transaction.
 async fn fill(node: &Node, aggregate: &str, events: i64, per_tx: i64) {
@@ -55,7 +48,7 @@ struct Hostile {
 async fn unread_tracking_streams(node: &Node, n: usize) -> Hostile {
     let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     for i in 0..n {
-        let mut client = own_client(node).await;
+        let mut client = node.client().await;
         let (tx, rx) = mpsc::channel(1);
         tx.send(GetEventsRequest {
             tracking_token: 0,
@@ -76,7 +69,7 @@ async fn unread_tracking_streams(node: &Node, n: usize) -> Hostile {
 async fn unread_aggregate_reads(node: &Node, aggregate: &str, n: usize) -> Hostile {
     let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     for _ in 0..n {
-        let mut client = own_client(node).await;
+        let mut client = node.client().await;
         let response = client
             .list_aggregate_events(GetAggregateEventsRequest {
                 aggregate_id: aggregate.to_owned(),
@@ -101,7 +94,7 @@ async fn within<T>(what: &str, call: impl std::future::Future<Output = T>) -> (T
 /// A bystander on its own connection: appends, reads its aggregate, tracks, asks the last token.
 /// Returns the slowest call's duration.
 async fn bystander(node: &Node, round: i64) -> Duration {
-    let mut client = own_client(node).await;
+    let mut client = node.client().await;
     let id = format!("bystander-{round}");
     let mut slowest = Duration::ZERO;
     for s in 0..5 {
@@ -203,7 +196,7 @@ async fn event_reads_beyond_the_node_limit_are_refused_at_once() {
     .await;
     fill(&node, "filler", 10_000, 2_000).await;
     let hostile = unread_tracking_streams(&node, 4).await;
-    let mut client = own_client(&node).await;
+    let mut client = node.client().await;
     let (refused, _) = within(
         "a read over the limit",
         client.list_aggregate_events(GetAggregateEventsRequest {
