@@ -394,7 +394,10 @@ impl EventStorage for Service {
         let context = context_of(&self.contexts, &request)?;
         let instant = request.into_inner().instant;
         let stored = context.stored.clone();
-        let token = blocking(move || tracking::token_at(&stored.events, instant)).await?;
-        Ok(Response::new(TrackingToken { token }))
+        let found = blocking(move || tracking::token_at(&stored.events, instant)).await?;
+        crate::metrics::context(&context.name)
+            .token_at_records_read
+            .increment(u64::from(found.records_read));
+        Ok(Response::new(TrackingToken { token: found.token }))
     }
 }

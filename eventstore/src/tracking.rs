@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use crate::context::Context;
-use crate::segment::{ReadBuffers, SegmentStore, StoreError};
+use crate::segment::{ReadBuffers, SegmentStore, StoreError, TokenAt};
 
 const READ_BATCH: usize = 1024;
 const READ_BYTES: usize = 1 << 20;
@@ -296,27 +296,22 @@ fn read_error(e: StoreError) -> Status {
     crate::service::storage_status(e)
 }
 
-/// The first token whose event has a timestamp at or after `instant` (ms); the next token when
-/// every event is older; -1 for an empty store (as Axon Server answers).
-pub fn token_at(store: &SegmentStore, instant: i64) -> Result<i64, StoreError> {
-    let next = store.next_token();
-    if next == store.first_token() {
-        return Ok(-1);
+/// The first token (in token order) whose event has a timestamp at or after `instant` (ms); the
+/// next token when every event is older; -1 for an empty store (as Axon Server answers). Reads at
+/// most one record, whatever the size of the store (see [`SegmentStore::token_at`]).
+///
+/// Clients set timestamps and need not keep them in order. This answer is exact either way.
+/// Axon Server walks its segments newest first and takes the first one whose first event is not
+/// after the instant: with timestamps in order both answers are the same; with timestamps out of
+/// order Axon Server may answer a later token than this.
+pub fn token_at(store: &SegmentStore, instant: i64) -> Result<TokenAt, StoreError> {
+    if store.next_token() == store.first_token() {
+        return Ok(TokenAt {
+            token: -1,
+            records_read: 0,
+        });
     }
-    // Timestamps are the clients' and need not be monotonic, so scan in token order.
-    let mut from = store.first_token();
-    loop {
-        let batch = store.read_from(from, 4096, 8 << 20)?;
-        let Some((last, _)) = batch.last() else {
-            return Ok(next);
-        };
-        from = last + 1;
-        for (token, bytes) in batch {
-            if encoded::timestamp(&bytes).is_ok_and(|t| t >= instant) {
-                return Ok(token);
-            }
-        }
-    }
+    store.token_at(instant)
 }
 
 #[cfg(test)]
