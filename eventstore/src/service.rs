@@ -21,14 +21,14 @@ use crate::append::{AppendError, Work};
 use crate::command::EventRecord;
 use crate::command::{Outcome, Transaction};
 use crate::context::{Context, Contexts};
-use crate::segment::{Kind, StoreError};
-use crate::stored::{event_facts, record_of};
+use crate::segment::{AggregateEvents, AggregateSnapshots, Kind, StoreError};
+use crate::stored::{StoredContext, event_facts, record_of};
 use crate::tracking;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<EncodedEvents, Status>> + Send>>;
 
-/// An aggregate read is answered in messages of about this many bytes.
-const MESSAGE_BYTES: usize = 1 << 20;
+/// An aggregate read is answered in chunks of about this many bytes, one message each.
+const CHUNK_BYTES: usize = 1 << 20;
 
 pub struct Service {
     pub contexts: Arc<Contexts>,
@@ -186,23 +186,129 @@ fn snapshot(bytes: bytes::Bytes) -> Result<bytes::Bytes, Status> {
         .map_err(|e| ErrorCode::DatafileReadError.status(format!("stored snapshot: {e}")))
 }
 
-/// Stored events, as they are, in messages of about `MESSAGE_BYTES`.
-fn stream_of(events: Vec<bytes::Bytes>) -> Response<EventStream> {
-    let mut messages = Vec::new();
-    let mut message = EncodedEvents::default();
-    let mut bytes = 0usize;
-    for event in events {
-        bytes += event.len();
-        message.events.push(event);
-        if bytes >= MESSAGE_BYTES {
-            messages.push(Ok(std::mem::take(&mut message)));
-            bytes = 0;
+/// A read in chunks: its cursor, and how to read the next chunk from it.
+trait ChunkedRead: Send + 'static {
+    /// The next message of about `CHUNK_BYTES`; `None` at the end. Blocking file I/O.
+    fn next(&mut self) -> Result<Option<EncodedEvents>, Status>;
+    /// Whether the read is over (the next chunk would be `None`), when it can tell.
+    fn is_done(&self) -> bool;
+}
+
+async fn read_chunk<R: ChunkedRead>(mut read: R) -> Result<(Option<EncodedEvents>, R), Status> {
+    tokio::task::spawn_blocking(move || read.next().map(|message| (message, read)))
+        .await
+        .map_err(|e| Status::internal(format!("read task failed: {e}")))?
+}
+
+/// Answers an aggregate read chunk by chunk, so that what a read holds does not grow with the
+/// aggregate. The first chunk is read before answering; a read that fits in it (the common case)
+/// is one read and one message, with no task and no queue. Otherwise a task reads the rest one
+/// chunk ahead of the transport: it takes a slot in a queue of one before it reads, so a client
+/// that does not read holds at most that queued chunk and the message the transport is sending.
+async fn chunked<R: ChunkedRead>(read: R) -> Result<Response<EventStream>, Status> {
+    let (first, read) = read_chunk(read).await?;
+    let Some(first) = first else {
+        return Ok(Response::new(Box::pin(tokio_stream::empty())));
+    };
+    let first = tokio_stream::once(Ok(first));
+    if read.is_done() {
+        return Ok(Response::new(Box::pin(first)));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut read = read;
+        // Ends when the client is gone (no slot), at the end, or after an error.
+        while let Ok(slot) = tx.reserve().await {
+            match read_chunk(read).await {
+                Ok((Some(message), rest)) => {
+                    slot.send(Ok(message));
+                    read = rest;
+                }
+                Ok((None, _)) => return,
+                Err(status) => {
+                    slot.send(Err(status));
+                    return;
+                }
+            }
         }
+    });
+    Ok(Response::new(Box::pin(tokio_stream::StreamExt::chain(
+        first,
+        ReceiverStream::new(rx),
+    ))))
+}
+
+/// `ListAggregateEvents`: the newest snapshot in range (when allowed), then the events after it.
+struct AggregateRead {
+    stored: Arc<StoredContext>,
+    aggregate_id: String,
+    /// Sequences requested.
+    initial: i64,
+    upper: i64,
+    allow_snapshots: bool,
+    /// The events' cursor, made by the first chunk (after the snapshot lookup).
+    events: Option<AggregateEvents>,
+}
+
+impl ChunkedRead for AggregateRead {
+    fn next(&mut self) -> Result<Option<EncodedEvents>, Status> {
+        let mut message = EncodedEvents::default();
+        let mut budget = CHUNK_BYTES;
+        if self.events.is_none() {
+            let mut from = self.initial;
+            if self.allow_snapshots {
+                let snapshots = &self.stored.snapshots;
+                let mut newest = snapshots.aggregate_snapshots(&self.aggregate_id, self.initial..=self.upper, 1);
+                if let Some((seq, bytes)) = newest.next_chunk(snapshots, CHUNK_BYTES).map_err(storage_status)?.pop() {
+                    budget = budget.saturating_sub(bytes.len());
+                    message.events.push(snapshot(bytes)?);
+                    from = seq.saturating_add(1);
+                }
+            }
+            self.events = Some(
+                self.stored
+                    .events
+                    .aggregate_events(&self.aggregate_id, from..=self.upper),
+            );
+        }
+        let events = self.events.as_mut().expect("made above");
+        let chunk = events
+            .next_chunk(&self.stored.events, budget.max(1))
+            .map_err(storage_status)?;
+        message.events.extend(chunk.into_iter().map(|(_, bytes)| bytes));
+        Ok((!message.events.is_empty()).then_some(message))
     }
-    if !message.events.is_empty() {
-        messages.push(Ok(message));
+
+    fn is_done(&self) -> bool {
+        self.events.as_ref().is_some_and(AggregateEvents::is_done)
     }
-    Response::new(Box::pin(tokio_stream::iter(messages)))
+}
+
+/// `ListAggregateSnapshots`: highest sequence first, up to the number of results asked for.
+struct SnapshotsRead {
+    stored: Arc<StoredContext>,
+    snapshots: AggregateSnapshots,
+}
+
+impl ChunkedRead for SnapshotsRead {
+    fn next(&mut self) -> Result<Option<EncodedEvents>, Status> {
+        let chunk = self
+            .snapshots
+            .next_chunk(&self.stored.snapshots, CHUNK_BYTES)
+            .map_err(storage_status)?;
+        if chunk.is_empty() {
+            return Ok(None);
+        }
+        let events = chunk
+            .into_iter()
+            .map(|(_, bytes)| snapshot(bytes))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(EncodedEvents { events }))
+    }
+
+    fn is_done(&self) -> bool {
+        self.snapshots.is_done()
+    }
 }
 
 #[tonic::async_trait]
@@ -294,26 +400,15 @@ impl EventStorage for Service {
         } else {
             i64::MAX
         };
-        let mut from = req.initial_sequence;
-        let mut out = Vec::new();
-        if req.allow_snapshots {
-            let stored = context.stored.clone();
-            let id = req.aggregate_id.clone();
-            let range = req.initial_sequence..=upper;
-            let snapshots = blocking(move || stored.snapshots.read_aggregate(&id, range)).await?;
-            // The newest snapshot within the requested range, then the events after it.
-            if let Some((seq, bytes)) = snapshots.into_iter().max_by_key(|(seq, _)| *seq) {
-                out.push(snapshot(bytes)?);
-                from = seq + 1;
-            }
-        }
-        if from <= upper {
-            let stored = context.stored.clone();
-            let id = req.aggregate_id.clone();
-            let events = blocking(move || stored.events.read_aggregate(&id, from..=upper)).await?;
-            out.extend(events.into_iter().map(|(_, bytes)| bytes));
-        }
-        Ok(stream_of(out))
+        chunked(AggregateRead {
+            stored: context.stored.clone(),
+            aggregate_id: req.aggregate_id,
+            initial: req.initial_sequence,
+            upper,
+            allow_snapshots: req.allow_snapshots,
+            events: None,
+        })
+        .await
     }
 
     type ListAggregateSnapshotsStream = EventStream;
@@ -326,30 +421,29 @@ impl EventStorage for Service {
         let context = context_of(&self.contexts, &request)?;
         let req = request.into_inner();
         tracing::Span::current().record("aggregate", req.aggregate_id.as_str());
-        let stored = context.stored.clone();
-        let id = req.aggregate_id.clone();
         // The upper bound is exclusive as in Axon Server, and 0 means unbounded.
         let upper = if req.max_sequence > 0 {
             req.max_sequence - 1
         } else {
             i64::MAX
         };
-        let range = req.initial_sequence..=upper;
-        let mut snapshots = blocking(move || stored.snapshots.read_aggregate(&id, range)).await?;
-        // Highest sequence first (the newest of equal ones first).
-        snapshots.reverse();
-        snapshots.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
         let limit = if req.max_results > 0 {
             req.max_results as usize
         } else {
             usize::MAX
         };
-        let out = snapshots
-            .into_iter()
-            .take(limit)
-            .map(|(_, bytes)| snapshot(bytes))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(stream_of(out))
+        // Highest sequence first (the newest of equal ones first); opening the cursor only
+        // looks at the bloom filters and the open segment's index.
+        let snapshots =
+            context
+                .stored
+                .snapshots
+                .aggregate_snapshots(&req.aggregate_id, req.initial_sequence..=upper, limit);
+        chunked(SnapshotsRead {
+            stored: context.stored.clone(),
+            snapshots,
+        })
+        .await
     }
 
     type ListEventsStream = ReceiverStream<Result<EncodedEventsWithToken, Status>>;

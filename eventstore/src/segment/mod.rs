@@ -4,12 +4,15 @@
 //! - `index`: per-segment aggregate positions and record offsets.
 //! - `bloom`: per-segment bloom filter over aggregate ids.
 //! - `store`: the token-ordered store over a folder of segments, with recovery.
+//! - `aggregate`: aggregate reads in bounded chunks.
 
+pub mod aggregate;
 pub mod bloom;
 pub mod index;
 pub mod record;
 pub mod store;
 
+pub use aggregate::{AggregateEvents, AggregateSnapshots};
 pub use record::{EntryRef, Kind};
 pub use store::{Indexed, Inspect, ReadBuffers, SegmentStore, StoreError, TokenAt};
 
