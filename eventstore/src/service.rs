@@ -27,8 +27,11 @@ use crate::tracking;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<EncodedEvents, Status>> + Send>>;
 
-/// An aggregate read is answered in chunks of about this many bytes, one message each.
-const CHUNK_BYTES: usize = 1 << 20;
+/// An aggregate read is answered in chunks of about this many bytes, one message each. Large
+/// enough that a typical aggregate (well under a thousand events) is one read and one message
+/// and that longer reads spend little per message; small enough that a read nobody reads
+/// (holding a queued chunk and the message in the transport) costs about 1 MiB.
+const CHUNK_BYTES: usize = 256 << 10;
 
 pub struct Service {
     pub contexts: Arc<Contexts>,
