@@ -498,3 +498,121 @@ impl EventStorage for Service {
         Ok(Response::new(TrackingToken { token: found.token }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::segment::EntryRef;
+    use crate::stored::Limits;
+    use myelin_proto::axon::SerializedObject;
+
+    fn event(aggregate: &str, sequence: i64, size: usize) -> Event {
+        Event {
+            message_identifier: format!("{aggregate}-{sequence}-{size}"),
+            aggregate_identifier: aggregate.to_owned(),
+            aggregate_sequence_number: sequence,
+            aggregate_type: "Test".to_owned(),
+            payload: Some(SerializedObject {
+                r#type: "T".to_owned(),
+                revision: String::new(),
+                data: bytes::Bytes::from(vec![b'x'; size]),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn ids(messages: &[EncodedEvents]) -> Vec<String> {
+        messages
+            .iter()
+            .flat_map(|m| &m.events)
+            .map(|bytes| Event::decode(bytes.clone()).unwrap().message_identifier)
+            .collect()
+    }
+
+    /// `ListAggregateEvents` chunk by chunk: the newest snapshot in range, then the events
+    /// after it, across segments and chunks, the same as the whole read gives; each message
+    /// about a chunk.
+    #[test]
+    fn aggregate_reads_give_the_newest_snapshot_then_the_events_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            event_segment_size: 300 << 10,
+            snapshot_segment_size: 300 << 10,
+        };
+        let stored = Arc::new(StoredContext::open("test", dir.path(), limits).unwrap());
+        let mut index = 0;
+        let mut entry = || {
+            index += 1;
+            EntryRef {
+                term: 1,
+                leader: 1,
+                index,
+            }
+        };
+        for seq in 0..40 {
+            // Events of 1 byte to 100 KiB, with another aggregate in between.
+            let size = [1, 100 << 10, 3000, 60 << 10][seq as usize % 4];
+            let events = vec![
+                record_of(&event("a", seq, size), Kind::Events),
+                record_of(&event("b", seq, 10), Kind::Events),
+            ];
+            stored
+                .apply(
+                    entry(),
+                    &crate::command::Command::AppendEvents(vec![Transaction { events }]),
+                )
+                .unwrap();
+            if seq % 9 == 5 {
+                let snapshot = record_of(&event("a", seq, 50 << 10), Kind::Snapshots);
+                stored
+                    .apply(entry(), &crate::command::Command::AppendSnapshots(vec![snapshot]))
+                    .unwrap();
+            }
+        }
+        assert!(stored.events.closed_segments().len() > 3);
+        let read = |initial: i64, upper: i64, allow_snapshots: bool| {
+            let mut read = AggregateRead {
+                stored: stored.clone(),
+                aggregate_id: "a".into(),
+                initial,
+                upper,
+                allow_snapshots,
+                events: None,
+            };
+            let mut messages = Vec::new();
+            while let Some(message) = read.next().unwrap() {
+                messages.push(message);
+            }
+            assert!(read.is_done());
+            messages
+        };
+        let names = |range: std::ops::Range<i64>| -> Vec<String> {
+            range
+                .map(|s| format!("a-{s}-{}", [1, 100 << 10, 3000, 60 << 10][s as usize % 4]))
+                .collect()
+        };
+        // Without snapshots: every event, in messages of about a chunk.
+        let all = read(0, i64::MAX, false);
+        assert_eq!(ids(&all), names(0..40));
+        assert!(all.len() > 5);
+        for message in &all {
+            let bytes: Vec<usize> = message.events.iter().map(|e| e.len()).collect();
+            assert!(
+                bytes[..bytes.len() - 1].iter().sum::<usize>() < CHUNK_BYTES,
+                "{bytes:?}"
+            );
+        }
+        // With snapshots: the newest one (sequence 32), then 33 on.
+        let mut expected = vec![format!("a-32-{}", 50 << 10)];
+        expected.extend(names(33..40));
+        assert_eq!(ids(&read(0, i64::MAX, true)), expected);
+        // Bounded above: the newest snapshot at or below the bound (23), events to the bound.
+        let mut expected = vec![format!("a-23-{}", 50 << 10)];
+        expected.extend(names(24..31));
+        assert_eq!(ids(&read(0, 30, true)), expected);
+        // A snapshot at the bound leaves no events; a range below every snapshot has none.
+        assert_eq!(ids(&read(0, 23, true)), vec![format!("a-23-{}", 50 << 10)]);
+        assert_eq!(ids(&read(0, 4, true)), names(0..5));
+        assert!(read(100, i64::MAX, true).is_empty());
+    }
+}

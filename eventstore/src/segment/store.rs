@@ -50,12 +50,14 @@ pub struct Indexed<'a> {
     pub indexed: bool,
 }
 
+/// An event's aggregate id, sequence and whether it is indexed, from its bytes.
+pub type Facts = fn(&[u8]) -> Option<(String, i64, bool)>;
+
 /// How a store reads what it indexes from an event's bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct Inspect {
-    /// Aggregate id, sequence and whether the event is indexed (when an index is rebuilt from a
-    /// file; appends pass these facts in).
-    pub facts: fn(&[u8]) -> Option<(String, i64, bool)>,
+    /// The index facts, when an index is rebuilt from a file (appends pass them in).
+    pub facts: Facts,
     /// The event's timestamp in ms, for [`SegmentStore::token_at`]; `i64::MIN` when it has none
     /// that can be read (such an event is at or after no instant). Called on every append, so
     /// it must be cheap (a field scan, not a decode).
