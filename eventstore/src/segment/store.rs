@@ -273,6 +273,12 @@ impl SegmentStore {
     /// Appends the stored events of one Raft entry as one record and returns the first token.
     /// The caller (the single writer) passes each event's bytes and index facts.
     pub fn append(&self, entry: EntryRef, events: &[(&[u8], Indexed<'_>)]) -> Result<i64, StoreError> {
+        // Scanned before the lock, which readers wait for.
+        let max_timestamp = events
+            .iter()
+            .map(|(b, _)| (self.inspect.timestamp)(b))
+            .max()
+            .unwrap_or(i64::MIN);
         let mut state = self.state.write();
         let first_token = state.next_token;
         let bytes: Vec<&[u8]> = events.iter().map(|(b, _)| *b).collect();
@@ -287,11 +293,6 @@ impl SegmentStore {
             .map_err(|e| StoreError::io(&open.path, e))?;
         crate::crash::point("segment-after-write");
         let record_offset = open.len;
-        let max_timestamp = bytes
-            .iter()
-            .map(|b| (self.inspect.timestamp)(b))
-            .max()
-            .unwrap_or(i64::MIN);
         open.index.add_record(first_token, record_offset, max_timestamp);
         for ((event, facts), offset) in events.iter().zip(&offsets) {
             if facts.indexed {
