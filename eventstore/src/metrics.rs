@@ -47,6 +47,10 @@ fn describe() {
         "myelin_eventstore_batches_total",
         "Group-commit batches proposed to Raft (one log entry and its fsync each)"
     );
+    describe_counter!(
+        "myelin_eventstore_token_at_records_read_total",
+        "Segment records GetTokenAt read from disk to find its answers (at most one per call)"
+    );
     describe_histogram!(
         "myelin_eventstore_batch_duration_seconds",
         Unit::Seconds,
@@ -61,6 +65,7 @@ pub struct ContextMetrics {
     pub rejected: Counter,
     pub batches: Counter,
     pub batch_duration: Histogram,
+    pub token_at_records_read: Counter,
 }
 
 impl ContextMetrics {
@@ -71,7 +76,8 @@ impl ContextMetrics {
             snapshots_stored: metrics::counter!("myelin_eventstore_snapshots_stored_total", "context" => ctx.clone()),
             rejected: metrics::counter!("myelin_eventstore_appends_rejected_total", "context" => ctx.clone()),
             batches: metrics::counter!("myelin_eventstore_batches_total", "context" => ctx.clone()),
-            batch_duration: metrics::histogram!("myelin_eventstore_batch_duration_seconds", "context" => ctx),
+            batch_duration: metrics::histogram!("myelin_eventstore_batch_duration_seconds", "context" => ctx.clone()),
+            token_at_records_read: metrics::counter!("myelin_eventstore_token_at_records_read_total", "context" => ctx),
         }
     }
 }

@@ -21,14 +21,17 @@ use crate::append::{AppendError, Work};
 use crate::command::EventRecord;
 use crate::command::{Outcome, Transaction};
 use crate::context::{Context, Contexts};
-use crate::segment::{Kind, StoreError};
-use crate::stored::{event_facts, record_of};
+use crate::segment::{AggregateEvents, AggregateSnapshots, Kind, StoreError};
+use crate::stored::{StoredContext, event_facts, record_of};
 use crate::tracking;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<EncodedEvents, Status>> + Send>>;
 
-/// An aggregate read is answered in messages of about this many bytes.
-const MESSAGE_BYTES: usize = 1 << 20;
+/// An aggregate read is answered in chunks of about this many bytes, one message each. Large
+/// enough that a typical aggregate (well under a thousand events) is one read and one message
+/// and that longer reads spend little per message; small enough that a read nobody reads
+/// (holding a queued chunk and the message in the transport) costs about 1 MiB.
+const CHUNK_BYTES: usize = 256 << 10;
 
 pub struct Service {
     pub contexts: Arc<Contexts>,
@@ -208,23 +211,129 @@ fn snapshot(bytes: bytes::Bytes) -> Result<bytes::Bytes, Status> {
         .map_err(|e| ErrorCode::DatafileReadError.status(format!("stored snapshot: {e}")))
 }
 
-/// Stored events, as they are, in messages of about `MESSAGE_BYTES`.
-fn stream_of(events: Vec<bytes::Bytes>) -> Response<EventStream> {
-    let mut messages = Vec::new();
-    let mut message = EncodedEvents::default();
-    let mut bytes = 0usize;
-    for event in events {
-        bytes += event.len();
-        message.events.push(event);
-        if bytes >= MESSAGE_BYTES {
-            messages.push(Ok(std::mem::take(&mut message)));
-            bytes = 0;
+/// A read in chunks: its cursor, and how to read the next chunk from it.
+trait ChunkedRead: Send + 'static {
+    /// The next message of about `CHUNK_BYTES`; `None` at the end. Blocking file I/O.
+    fn next(&mut self) -> Result<Option<EncodedEvents>, Status>;
+    /// Whether the read is over (the next chunk would be `None`), when it can tell.
+    fn is_done(&self) -> bool;
+}
+
+async fn read_chunk<R: ChunkedRead>(mut read: R) -> Result<(Option<EncodedEvents>, R), Status> {
+    tokio::task::spawn_blocking(move || read.next().map(|message| (message, read)))
+        .await
+        .map_err(|e| Status::internal(format!("read task failed: {e}")))?
+}
+
+/// Answers an aggregate read chunk by chunk, so that what a read holds does not grow with the
+/// aggregate. The first chunk is read before answering; a read that fits in it (the common case)
+/// is one read and one message, with no task and no queue. Otherwise a task reads the rest one
+/// chunk ahead of the transport: it takes a slot in a queue of one before it reads, so a client
+/// that does not read holds at most that queued chunk and the message the transport is sending.
+async fn chunked<R: ChunkedRead>(read: R) -> Result<Response<EventStream>, Status> {
+    let (first, read) = read_chunk(read).await?;
+    let Some(first) = first else {
+        return Ok(Response::new(Box::pin(tokio_stream::empty())));
+    };
+    let first = tokio_stream::once(Ok(first));
+    if read.is_done() {
+        return Ok(Response::new(Box::pin(first)));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut read = read;
+        // Ends when the client is gone (no slot), at the end, or after an error.
+        while let Ok(slot) = tx.reserve().await {
+            match read_chunk(read).await {
+                Ok((Some(message), rest)) => {
+                    slot.send(Ok(message));
+                    read = rest;
+                }
+                Ok((None, _)) => return,
+                Err(status) => {
+                    slot.send(Err(status));
+                    return;
+                }
+            }
         }
+    });
+    Ok(Response::new(Box::pin(tokio_stream::StreamExt::chain(
+        first,
+        ReceiverStream::new(rx),
+    ))))
+}
+
+/// `ListAggregateEvents`: the newest snapshot in range (when allowed), then the events after it.
+struct AggregateRead {
+    stored: Arc<StoredContext>,
+    aggregate_id: String,
+    /// Sequences requested.
+    initial: i64,
+    upper: i64,
+    allow_snapshots: bool,
+    /// The events' cursor, made by the first chunk (after the snapshot lookup).
+    events: Option<AggregateEvents>,
+}
+
+impl ChunkedRead for AggregateRead {
+    fn next(&mut self) -> Result<Option<EncodedEvents>, Status> {
+        let mut message = EncodedEvents::default();
+        let mut budget = CHUNK_BYTES;
+        if self.events.is_none() {
+            let mut from = self.initial;
+            if self.allow_snapshots {
+                let snapshots = &self.stored.snapshots;
+                let mut newest = snapshots.aggregate_snapshots(&self.aggregate_id, self.initial..=self.upper, 1);
+                if let Some((seq, bytes)) = newest.next_chunk(snapshots, CHUNK_BYTES).map_err(storage_status)?.pop() {
+                    budget = budget.saturating_sub(bytes.len());
+                    message.events.push(snapshot(bytes)?);
+                    from = seq.saturating_add(1);
+                }
+            }
+            self.events = Some(
+                self.stored
+                    .events
+                    .aggregate_events(&self.aggregate_id, from..=self.upper),
+            );
+        }
+        let events = self.events.as_mut().expect("made above");
+        let chunk = events
+            .next_chunk(&self.stored.events, budget.max(1))
+            .map_err(storage_status)?;
+        message.events.extend(chunk.into_iter().map(|(_, bytes)| bytes));
+        Ok((!message.events.is_empty()).then_some(message))
     }
-    if !message.events.is_empty() {
-        messages.push(Ok(message));
+
+    fn is_done(&self) -> bool {
+        self.events.as_ref().is_some_and(AggregateEvents::is_done)
     }
-    Response::new(Box::pin(tokio_stream::iter(messages)))
+}
+
+/// `ListAggregateSnapshots`: highest sequence first, up to the number of results asked for.
+struct SnapshotsRead {
+    stored: Arc<StoredContext>,
+    snapshots: AggregateSnapshots,
+}
+
+impl ChunkedRead for SnapshotsRead {
+    fn next(&mut self) -> Result<Option<EncodedEvents>, Status> {
+        let chunk = self
+            .snapshots
+            .next_chunk(&self.stored.snapshots, CHUNK_BYTES)
+            .map_err(storage_status)?;
+        if chunk.is_empty() {
+            return Ok(None);
+        }
+        let events = chunk
+            .into_iter()
+            .map(|(_, bytes)| snapshot(bytes))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(EncodedEvents { events }))
+    }
+
+    fn is_done(&self) -> bool {
+        self.snapshots.is_done()
+    }
 }
 
 #[tonic::async_trait]
@@ -314,26 +423,15 @@ impl EventStorage for Service {
         } else {
             i64::MAX
         };
-        let mut from = req.initial_sequence;
-        let mut out = Vec::new();
-        if req.allow_snapshots {
-            let stored = context.stored.clone();
-            let id = req.aggregate_id.clone();
-            let range = req.initial_sequence..=upper;
-            let snapshots = blocking(move || stored.snapshots.read_aggregate(&id, range)).await?;
-            // The newest snapshot within the requested range, then the events after it.
-            if let Some((seq, bytes)) = snapshots.into_iter().max_by_key(|(seq, _)| *seq) {
-                out.push(snapshot(bytes)?);
-                from = seq + 1;
-            }
-        }
-        if from <= upper {
-            let stored = context.stored.clone();
-            let id = req.aggregate_id.clone();
-            let events = blocking(move || stored.events.read_aggregate(&id, from..=upper)).await?;
-            out.extend(events.into_iter().map(|(_, bytes)| bytes));
-        }
-        Ok(stream_of(out))
+        chunked(AggregateRead {
+            stored: context.stored.clone(),
+            aggregate_id: req.aggregate_id,
+            initial: req.initial_sequence,
+            upper,
+            allow_snapshots: req.allow_snapshots,
+            events: None,
+        })
+        .await
     }
 
     type ListAggregateSnapshotsStream = EventStream;
@@ -346,30 +444,29 @@ impl EventStorage for Service {
         let context = context_of(&self.contexts, &request)?;
         let req = request.into_inner();
         tracing::Span::current().record("aggregate", req.aggregate_id.as_str());
-        let stored = context.stored.clone();
-        let id = req.aggregate_id.clone();
         // The upper bound is exclusive as in Axon Server, and 0 means unbounded.
         let upper = if req.max_sequence > 0 {
             req.max_sequence - 1
         } else {
             i64::MAX
         };
-        let range = req.initial_sequence..=upper;
-        let mut snapshots = blocking(move || stored.snapshots.read_aggregate(&id, range)).await?;
-        // Highest sequence first (the newest of equal ones first).
-        snapshots.reverse();
-        snapshots.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
         let limit = if req.max_results > 0 {
             req.max_results as usize
         } else {
             usize::MAX
         };
-        let out = snapshots
-            .into_iter()
-            .take(limit)
-            .map(|(_, bytes)| snapshot(bytes))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(stream_of(out))
+        // Highest sequence first (the newest of equal ones first); opening the cursor only
+        // looks at the bloom filters and the open segment's index.
+        let snapshots =
+            context
+                .stored
+                .snapshots
+                .aggregate_snapshots(&req.aggregate_id, req.initial_sequence..=upper, limit);
+        chunked(SnapshotsRead {
+            stored: context.stored.clone(),
+            snapshots,
+        })
+        .await
     }
 
     type ListEventsStream = ReceiverStream<Result<EncodedEventsWithToken, Status>>;
@@ -414,7 +511,128 @@ impl EventStorage for Service {
         let context = context_of(&self.contexts, &request)?;
         let instant = request.into_inner().instant;
         let stored = context.stored.clone();
-        let token = blocking(move || tracking::token_at(&stored.events, instant)).await?;
-        Ok(Response::new(TrackingToken { token }))
+        let found = blocking(move || tracking::token_at(&stored.events, instant)).await?;
+        crate::metrics::context(&context.name)
+            .token_at_records_read
+            .increment(u64::from(found.records_read));
+        Ok(Response::new(TrackingToken { token: found.token }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::segment::EntryRef;
+    use crate::stored::Limits;
+    use myelin_proto::axon::SerializedObject;
+
+    fn event(aggregate: &str, sequence: i64, size: usize) -> Event {
+        Event {
+            message_identifier: format!("{aggregate}-{sequence}-{size}"),
+            aggregate_identifier: aggregate.to_owned(),
+            aggregate_sequence_number: sequence,
+            aggregate_type: "Test".to_owned(),
+            payload: Some(SerializedObject {
+                r#type: "T".to_owned(),
+                revision: String::new(),
+                data: bytes::Bytes::from(vec![b'x'; size]),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn ids(messages: &[EncodedEvents]) -> Vec<String> {
+        messages
+            .iter()
+            .flat_map(|m| &m.events)
+            .map(|bytes| Event::decode(bytes.clone()).unwrap().message_identifier)
+            .collect()
+    }
+
+    /// `ListAggregateEvents` chunk by chunk: the newest snapshot in range, then the events
+    /// after it, across segments and chunks, the same as the whole read gives; each message
+    /// about a chunk.
+    #[test]
+    fn aggregate_reads_give_the_newest_snapshot_then_the_events_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            event_segment_size: 300 << 10,
+            snapshot_segment_size: 300 << 10,
+        };
+        let stored = Arc::new(StoredContext::open("test", dir.path(), limits).unwrap());
+        let mut index = 0;
+        let mut entry = || {
+            index += 1;
+            EntryRef {
+                term: 1,
+                leader: 1,
+                index,
+            }
+        };
+        for seq in 0..40 {
+            // Events of 1 byte to 100 KiB, with another aggregate in between.
+            let size = [1, 100 << 10, 3000, 60 << 10][seq as usize % 4];
+            let events = vec![
+                record_of(&event("a", seq, size), Kind::Events),
+                record_of(&event("b", seq, 10), Kind::Events),
+            ];
+            stored
+                .apply(
+                    entry(),
+                    &crate::command::Command::AppendEvents(vec![Transaction { events }]),
+                )
+                .unwrap();
+            if seq % 9 == 5 {
+                let snapshot = record_of(&event("a", seq, 50 << 10), Kind::Snapshots);
+                stored
+                    .apply(entry(), &crate::command::Command::AppendSnapshots(vec![snapshot]))
+                    .unwrap();
+            }
+        }
+        assert!(stored.events.closed_segments().len() > 3);
+        let read = |initial: i64, upper: i64, allow_snapshots: bool| {
+            let mut read = AggregateRead {
+                stored: stored.clone(),
+                aggregate_id: "a".into(),
+                initial,
+                upper,
+                allow_snapshots,
+                events: None,
+            };
+            let mut messages = Vec::new();
+            while let Some(message) = read.next().unwrap() {
+                messages.push(message);
+            }
+            assert!(read.is_done());
+            messages
+        };
+        let names = |range: std::ops::Range<i64>| -> Vec<String> {
+            range
+                .map(|s| format!("a-{s}-{}", [1, 100 << 10, 3000, 60 << 10][s as usize % 4]))
+                .collect()
+        };
+        // Without snapshots: every event, in messages of about a chunk.
+        let all = read(0, i64::MAX, false);
+        assert_eq!(ids(&all), names(0..40));
+        assert!(all.len() > 5);
+        for message in &all {
+            let bytes: Vec<usize> = message.events.iter().map(|e| e.len()).collect();
+            assert!(
+                bytes[..bytes.len() - 1].iter().sum::<usize>() < CHUNK_BYTES,
+                "{bytes:?}"
+            );
+        }
+        // With snapshots: the newest one (sequence 32), then 33 on.
+        let mut expected = vec![format!("a-32-{}", 50 << 10)];
+        expected.extend(names(33..40));
+        assert_eq!(ids(&read(0, i64::MAX, true)), expected);
+        // Bounded above: the newest snapshot at or below the bound (23), events to the bound.
+        let mut expected = vec![format!("a-23-{}", 50 << 10)];
+        expected.extend(names(24..31));
+        assert_eq!(ids(&read(0, 30, true)), expected);
+        // A snapshot at the bound leaves no events; a range below every snapshot has none.
+        assert_eq!(ids(&read(0, 23, true)), vec![format!("a-23-{}", 50 << 10)]);
+        assert_eq!(ids(&read(0, 4, true)), names(0..5));
+        assert!(read(100, i64::MAX, true).is_empty());
     }
 }

@@ -14,7 +14,7 @@ use myelin_proto::axon::event::Event;
 use prost::Message;
 
 use crate::command::{Command, EventRecord, Outcome, Transaction};
-use crate::segment::{EntryRef, Indexed, Kind, SegmentStore, StoreError};
+use crate::segment::{EntryRef, Indexed, Inspect, Kind, SegmentStore, StoreError};
 
 /// The storage limits of a context.
 #[derive(Debug, Clone, Copy)]
@@ -45,13 +45,28 @@ pub fn event_facts(event: &Event, kind: Kind) -> (String, i64, bool) {
     )
 }
 
-fn inspect_event(bytes: &[u8]) -> Option<(String, i64, bool)> {
+fn event_facts_of(bytes: &[u8]) -> Option<(String, i64, bool)> {
     Event::decode(bytes).ok().map(|e| event_facts(&e, Kind::Events))
 }
 
-fn inspect_snapshot(bytes: &[u8]) -> Option<(String, i64, bool)> {
+fn snapshot_facts_of(bytes: &[u8]) -> Option<(String, i64, bool)> {
     Event::decode(bytes).ok().map(|e| event_facts(&e, Kind::Snapshots))
 }
+
+/// An event's timestamp by a field scan; one that does not scan is at or after no instant.
+fn timestamp_of(bytes: &[u8]) -> i64 {
+    myelin_proto::encoded::timestamp(bytes).unwrap_or(i64::MIN)
+}
+
+const EVENTS: Inspect = Inspect {
+    facts: event_facts_of,
+    timestamp: timestamp_of,
+};
+
+const SNAPSHOTS: Inspect = Inspect {
+    facts: snapshot_facts_of,
+    timestamp: timestamp_of,
+};
 
 /// Builds the log record of an event received from a client.
 pub fn record_of(event: &Event, kind: Kind) -> EventRecord {
@@ -69,17 +84,12 @@ impl StoredContext {
         Ok(StoredContext {
             name: name.to_owned(),
             dir: dir.to_owned(),
-            events: SegmentStore::open(
-                &dir.join("events"),
-                Kind::Events,
-                limits.event_segment_size,
-                inspect_event,
-            )?,
+            events: SegmentStore::open(&dir.join("events"), Kind::Events, limits.event_segment_size, EVENTS)?,
             snapshots: SegmentStore::open(
                 &dir.join("snapshots"),
                 Kind::Snapshots,
                 limits.snapshot_segment_size,
-                inspect_snapshot,
+                SNAPSHOTS,
             )?,
         })
     }

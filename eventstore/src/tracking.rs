@@ -6,8 +6,9 @@
 //! permit; at zero permits nothing is sent. Blacklisted events are skipped without consuming
 //! permits, but after `BLACKLIST_SEND_AFTER` skips in a row one is sent anyway so the client's
 //! token advances. A client that stays at zero permits for `PERMITS_TIMEOUT` is disconnected.
-//! Memory per stream is bounded by the read batch (plus the rest of its last record) and the
-//! outgoing queue, whatever the client does.
+//! Memory per stream is bounded by the read batch (plus the rest of its last record), the
+//! outgoing queue and the blacklist's bound (`BLACKLIST_ENTRIES`, `BLACKLIST_BYTES`; entries
+//! beyond it are ignored), whatever the client does.
 //!
 //! Events are never decoded here: each is sent as the stored bytes (slices of the read buffer),
 //! several to a message (`EncodedEventsWithToken`), and the payload type a blacklist needs is
@@ -26,7 +27,7 @@ use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use crate::context::Context;
-use crate::segment::{ReadBuffers, SegmentStore, StoreError};
+use crate::segment::{ReadBuffers, SegmentStore, StoreError, TokenAt};
 
 const READ_BATCH: usize = 1024;
 const READ_BYTES: usize = 1 << 20;
@@ -48,6 +49,7 @@ pub async fn start(
     context: Arc<Context>,
     mut requests: Streaming<GetEventsRequest>,
 ) -> Result<mpsc::Receiver<Result<EncodedEventsWithToken, Status>>, Status> {
+    // A first request that does not decode is reported as such (the `?`), not as a missing one.
     let first = requests
         .message()
         .await?
@@ -98,12 +100,29 @@ impl Tracker {
 
 /// Payload types (type, revision) a client does not want, looked up by the bytes of an encoded
 /// event without allocating.
+///
+/// Bounded per stream by `BLACKLIST_ENTRIES` entries and `BLACKLIST_BYTES` bytes of keys;
+/// entries beyond either are ignored, with one warning per stream. A blacklist only spares the
+/// client events it would skip anyway (Axon Framework drops events it has no handler for), so
+/// ignoring an entry costs some traffic, never correctness; refusing the stream instead would
+/// make a client that sends its whole blacklist again on reconnect fail for ever.
 #[derive(Default)]
 struct Blacklist {
     /// `type`, 0xFF, `revision`: 0xFF never occurs in UTF-8, so the join is unambiguous.
     keys: HashSet<Vec<u8>>,
+    /// Bytes of all keys.
+    bytes: usize,
+    /// Entries ignored for the bound.
+    ignored: u64,
     scratch: Vec<u8>,
 }
+
+/// Most entries one stream's blacklist keeps: a processor blacklists the payload types it has
+/// no handler for, which even a large application counts in hundreds.
+pub const BLACKLIST_ENTRIES: usize = 1000;
+/// Most bytes of (type, revision) one stream's blacklist keeps: 1,000 type names of a generous
+/// 256 bytes each. With the set's own overhead a stream's blacklist stays under about 320 KiB.
+pub const BLACKLIST_BYTES: usize = 256 << 10;
 
 impl Blacklist {
     fn key<'a>(scratch: &'a mut Vec<u8>, kind: &[u8], revision: &[u8]) -> &'a [u8] {
@@ -114,9 +133,26 @@ impl Blacklist {
         scratch
     }
 
-    fn insert(&mut self, kind: &[u8], revision: &[u8]) {
-        let key = Blacklist::key(&mut self.scratch, kind, revision).to_vec();
-        self.keys.insert(key);
+    /// Adds an entry unless that would pass the bound; returns whether it is (now) kept.
+    fn insert(&mut self, kind: &[u8], revision: &[u8]) -> bool {
+        let key = Blacklist::key(&mut self.scratch, kind, revision);
+        if self.keys.contains(key) {
+            return true;
+        }
+        if self.keys.len() >= BLACKLIST_ENTRIES || self.bytes + key.len() > BLACKLIST_BYTES {
+            if self.ignored == 0 {
+                tracing::warn!(
+                    entries = self.keys.len(),
+                    bytes = self.bytes,
+                    "blacklist bound reached: further entries of this stream are ignored (their events are sent)"
+                );
+            }
+            self.ignored += 1;
+            return false;
+        }
+        self.bytes += key.len();
+        self.keys.insert(key.to_vec());
+        true
     }
 
     fn contains(&mut self, kind: &[u8], revision: &[u8]) -> bool {
@@ -296,27 +332,22 @@ fn read_error(e: StoreError) -> Status {
     crate::service::storage_status(e)
 }
 
-/// The first token whose event has a timestamp at or after `instant` (ms); the next token when
-/// every event is older; -1 for an empty store (as Axon Server answers).
-pub fn token_at(store: &SegmentStore, instant: i64) -> Result<i64, StoreError> {
-    let next = store.next_token();
-    if next == store.first_token() {
-        return Ok(-1);
+/// The first token (in token order) whose event has a timestamp at or after `instant` (ms); the
+/// next token when every event is older; -1 for an empty store (as Axon Server answers). Reads at
+/// most one record, whatever the size of the store (see [`SegmentStore::token_at`]).
+///
+/// Clients set timestamps and need not keep them in order. This answer is exact either way.
+/// Axon Server walks its segments newest first and takes the first one whose first event is not
+/// after the instant: with timestamps in order both answers are the same; with timestamps out of
+/// order Axon Server may answer a later token than this.
+pub fn token_at(store: &SegmentStore, instant: i64) -> Result<TokenAt, StoreError> {
+    if store.next_token() == store.first_token() {
+        return Ok(TokenAt {
+            token: -1,
+            records_read: 0,
+        });
     }
-    // Timestamps are the clients' and need not be monotonic, so scan in token order.
-    let mut from = store.first_token();
-    loop {
-        let batch = store.read_from(from, 4096, 8 << 20)?;
-        let Some((last, _)) = batch.last() else {
-            return Ok(next);
-        };
-        from = last + 1;
-        for (token, bytes) in batch {
-            if encoded::timestamp(&bytes).is_ok_and(|t| t >= instant) {
-                return Ok(token);
-            }
-        }
-    }
+    store.token_at(instant)
 }
 
 #[cfg(test)]
@@ -390,6 +421,38 @@ mod tests {
             assert!(tracker.admits(&noise).unwrap());
         }
         assert_eq!(tracker.permits, 3);
+    }
+
+    #[test]
+    fn the_blacklist_is_bounded_in_entries_and_bytes_and_ignores_the_rest() {
+        let mut blacklist = Blacklist::default();
+        for i in 0..BLACKLIST_ENTRIES + 500 {
+            let kept = blacklist.insert(format!("Type{i}").as_bytes(), b"1");
+            assert_eq!(kept, i < BLACKLIST_ENTRIES, "entry {i}");
+        }
+        assert_eq!(blacklist.keys.len(), BLACKLIST_ENTRIES);
+        assert_eq!(blacklist.ignored, 500);
+        // Kept entries still filter, and sending one again does not count as new.
+        assert!(blacklist.insert(b"Type7", b"1"));
+        assert!(blacklist.contains(b"Type7", b"1"));
+        assert!(!blacklist.contains(b"Type1200", b"1"));
+
+        // Long names reach the byte bound first.
+        let mut blacklist = Blacklist::default();
+        let long = "T".repeat(4096);
+        let mut kept = 0;
+        for i in 0..200 {
+            if blacklist.insert(format!("{long}{i}").as_bytes(), b"") {
+                kept += 1;
+            }
+        }
+        assert!(blacklist.bytes <= BLACKLIST_BYTES);
+        assert_eq!(kept, BLACKLIST_BYTES / (long.len() + 4));
+        // An event of an ignored type is sent (and takes a permit).
+        let mut tracker = tracker(2, &[]);
+        tracker.blacklist = blacklist;
+        assert!(tracker.admits(&event(&format!("{long}199"), "")).unwrap());
+        assert!(!tracker.admits(&event(&format!("{long}0"), "")).unwrap());
     }
 
     #[test]

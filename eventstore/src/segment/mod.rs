@@ -4,32 +4,47 @@
 //! - `index`: per-segment aggregate positions and record offsets.
 //! - `bloom`: per-segment bloom filter over aggregate ids.
 //! - `store`: the token-ordered store over a folder of segments, with recovery.
+//! - `aggregate`: aggregate reads in bounded chunks.
 
+pub mod aggregate;
 pub mod bloom;
 pub mod index;
 pub mod record;
 pub mod store;
 
+pub use aggregate::{AggregateEvents, AggregateSnapshots};
 pub use record::{EntryRef, Kind};
-pub use store::{Indexed, ReadBuffers, SegmentStore, StoreError};
+pub use store::{Indexed, Inspect, ReadBuffers, SegmentStore, StoreError, TokenAt};
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::path::Path;
 
-    /// Test events are `"<aggregate>:<sequence>"`; the empty aggregate is not indexed.
-    fn inspect(bytes: &[u8]) -> Option<(String, i64, bool)> {
+    /// Test events are `"<aggregate>:<sequence>"`, optionally followed by `"@<timestamp>"`; the
+    /// empty aggregate is not indexed.
+    fn facts(bytes: &[u8]) -> Option<(String, i64, bool)> {
         let text = std::str::from_utf8(bytes).ok()?;
+        let text = text.split_once('@').map_or(text, |(facts, _)| facts);
         let (id, seq) = text.split_once(':')?;
         Some((id.to_owned(), seq.parse().ok()?, !id.is_empty()))
     }
 
-    fn open(dir: &Path, max: u64) -> SegmentStore {
-        SegmentStore::open(dir, Kind::Events, max, inspect).unwrap()
+    fn timestamp(bytes: &[u8]) -> i64 {
+        std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|text| text.split_once('@'))
+            .and_then(|(_, t)| t.parse().ok())
+            .unwrap_or(i64::MIN)
     }
 
-    fn append(store: &SegmentStore, index: u64, events: &[(&str, i64)]) -> i64 {
+    pub(crate) const INSPECT: Inspect = Inspect { facts, timestamp };
+
+    pub(crate) fn open(dir: &Path, max: u64) -> SegmentStore {
+        SegmentStore::open(dir, Kind::Events, max, INSPECT).unwrap()
+    }
+
+    pub(crate) fn append(store: &SegmentStore, index: u64, events: &[(&str, i64)]) -> i64 {
         let texts: Vec<String> = events.iter().map(|(id, s)| format!("{id}:{s}")).collect();
         let items: Vec<(&[u8], Indexed)> = texts
             .iter()
@@ -53,7 +68,44 @@ mod tests {
         store.append(entry, &items).unwrap()
     }
 
-    fn all(store: &SegmentStore) -> Vec<String> {
+    /// Appends one record of events `(aggregate, sequence, timestamp)`.
+    pub(crate) fn append_at(store: &SegmentStore, index: u64, events: &[(&str, i64, i64)]) -> i64 {
+        let texts: Vec<String> = events.iter().map(|(id, s, t)| format!("{id}:{s}@{t}")).collect();
+        let items: Vec<(&[u8], Indexed)> = texts
+            .iter()
+            .zip(events)
+            .map(|(text, (id, s, _))| {
+                (
+                    text.as_bytes(),
+                    Indexed {
+                        aggregate_id: id,
+                        sequence: *s,
+                        indexed: !id.is_empty(),
+                    },
+                )
+            })
+            .collect();
+        let entry = EntryRef {
+            term: 1,
+            leader: 1,
+            index,
+        };
+        store.append(entry, &items).unwrap()
+    }
+
+    /// A small deterministic generator for test data (xorshift).
+    pub(crate) struct Random(pub(crate) u64);
+
+    impl Random {
+        pub(crate) fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    pub(crate) fn all(store: &SegmentStore) -> Vec<String> {
         store
             .read_from(0, usize::MAX, usize::MAX)
             .unwrap()
@@ -202,7 +254,7 @@ mod tests {
             damaged[i] ^= 0x10;
             let copy = tempfile::tempdir().unwrap();
             std::fs::write(copy.path().join(format!("{:020}.events", 0)), &damaged).unwrap();
-            let store = match SegmentStore::open(copy.path(), Kind::Events, 1 << 20, inspect) {
+            let store = match SegmentStore::open(copy.path(), Kind::Events, 1 << 20, INSPECT) {
                 Ok(store) => store,
                 Err(_) => continue,
             };
@@ -210,6 +262,87 @@ mod tests {
                 assert!(["a:0", "a:1", "b:0"].contains(&event.as_str()), "served {event:?}");
             }
         }
+    }
+
+    /// The first token at or after an instant, by a linear scan: what `token_at` must answer.
+    fn token_at_by_scan(store: &SegmentStore, instant: i64) -> i64 {
+        store
+            .read_from(0, usize::MAX, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .find(|(_, event)| timestamp(event) >= instant)
+            .map_or(store.next_token(), |(token, _)| token)
+    }
+
+    /// On random data, in order and out of order, `token_at` answers what a scan answers and
+    /// reads at most one record; after a reopen too, and after the index files were of the
+    /// first format (without timestamps) and had to be rebuilt.
+    #[test]
+    fn token_at_matches_a_scan_and_reads_one_record_at_most() {
+        for in_order in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(dir.path(), 400);
+            let mut random = Random(if in_order { 7 } else { 0x1234_5678_9abc });
+            let mut clock = 1_000i64;
+            for i in 0..150u64 {
+                let n = 1 + random.below(3) as usize;
+                let events: Vec<(&str, i64, i64)> = (0..n)
+                    .map(|_| {
+                        clock += random.below(20) as i64;
+                        let t = if in_order {
+                            clock
+                        } else {
+                            1_000 + random.below(3_000) as i64
+                        };
+                        ("", 0, t)
+                    })
+                    .collect();
+                append_at(&store, i + 1, &events);
+            }
+            assert!(store.closed_segments().len() > 10);
+            let check = |store: &SegmentStore| {
+                let mut random = Random(99);
+                let mut instants: Vec<i64> = (0..200).map(|_| random.below(5_000) as i64).collect();
+                instants.extend([i64::MIN, 0, 1_000, 4_999, i64::MAX]);
+                for instant in instants {
+                    let found = store.token_at(instant).unwrap();
+                    assert_eq!(found.token, token_at_by_scan(store, instant), "at {instant}");
+                    assert!(found.records_read <= 1);
+                }
+                // Past every event: answered from memory.
+                assert_eq!(store.token_at(i64::MAX).unwrap().records_read, 0);
+            };
+            check(&store);
+            drop(store);
+            let store = open(dir.path(), 400);
+            check(&store);
+            // Index files of the first format are rebuilt at open, with their timestamps.
+            let bases: Vec<i64> = store.closed_segments().iter().map(|(b, _)| *b).collect();
+            drop(store);
+            for base in &bases {
+                let path = dir.path().join(format!("{base:020}.index"));
+                let mut bytes = std::fs::read(&path).unwrap();
+                bytes[..8].copy_from_slice(b"MYELIDX1");
+                std::fs::write(&path, bytes).unwrap();
+            }
+            let store = open(dir.path(), 400);
+            check(&store);
+            let rebuilt = std::fs::read(dir.path().join(format!("{:020}.index", bases[0]))).unwrap();
+            assert_eq!(&rebuilt[..8], b"MYELIDX2");
+        }
+    }
+
+    #[test]
+    fn token_at_of_an_empty_store_is_its_next_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 400);
+        assert_eq!(
+            store.token_at(0).unwrap(),
+            TokenAt {
+                token: 0,
+                records_read: 0
+            }
+        );
     }
 
     #[test]

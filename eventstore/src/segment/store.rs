@@ -50,8 +50,19 @@ pub struct Indexed<'a> {
     pub indexed: bool,
 }
 
-/// Extracts the index facts from an event's bytes (used when rebuilding an index from a file).
-pub type Inspect = fn(&[u8]) -> Option<(String, i64, bool)>;
+/// An event's aggregate id, sequence and whether it is indexed, from its bytes.
+pub type Facts = fn(&[u8]) -> Option<(String, i64, bool)>;
+
+/// How a store reads what it indexes from an event's bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Inspect {
+    /// The index facts, when an index is rebuilt from a file (appends pass them in).
+    pub facts: Facts,
+    /// The event's timestamp in ms, for [`SegmentStore::token_at`]; `i64::MIN` when it has none
+    /// that can be read (such an event is at or after no instant). Called on every append, so
+    /// it must be cheap (a field scan, not a decode).
+    pub timestamp: fn(&[u8]) -> i64,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -91,24 +102,29 @@ impl From<StoreError> for io::Error {
     }
 }
 
-struct Closed {
-    path: PathBuf,
-    file: Arc<File>,
+pub(super) struct Closed {
+    pub(super) path: PathBuf,
+    pub(super) file: Arc<File>,
     next_token: i64,
     bloom: Bloom,
+    /// The latest event timestamp in the segment (see `index`).
+    latest: i64,
 }
 
-struct Open {
-    base: i64,
-    path: PathBuf,
-    file: Arc<File>,
+pub(super) struct Open {
+    pub(super) base: i64,
+    pub(super) path: PathBuf,
+    pub(super) file: Arc<File>,
     len: u64,
-    index: SegmentIndex,
+    pub(super) index: SegmentIndex,
 }
 
-struct State {
-    closed: BTreeMap<i64, Closed>,
-    open: Open,
+pub(super) struct State {
+    pub(super) closed: BTreeMap<i64, Closed>,
+    /// Per closed segment, oldest first: its base and the latest event timestamp in it and every
+    /// segment before it. Never decreasing, so `token_at` finds the segment by binary search.
+    latest: Vec<(i64, i64)>,
+    pub(super) open: Open,
     next_token: i64,
     last_entry: Option<EntryRef>,
 }
@@ -121,13 +137,21 @@ pub struct SegmentStore {
     kind: Kind,
     max_size: u64,
     inspect: Inspect,
-    state: RwLock<State>,
+    pub(super) state: RwLock<State>,
     index_cache: Mutex<VecDeque<(i64, Arc<SegmentIndex>)>>,
     visible: watch::Sender<i64>,
 }
 
 /// One event read back: its token and its bytes.
 pub type TokenEvent = (i64, Bytes);
+
+/// The answer of [`SegmentStore::token_at`] and what it cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenAt {
+    pub token: i64,
+    /// Records read from the segment files to find it (0 or 1).
+    pub records_read: u32,
+}
 
 /// The files of one segment (see [`SegmentStore::segment_files`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,6 +197,7 @@ impl SegmentStore {
         }
         let open_base = *bases.last().expect("at least one segment");
         let mut closed = BTreeMap::new();
+        let mut latest: Vec<(i64, i64)> = Vec::new();
         let mut last_entry = None;
         let mut expected_base = bases[0];
         for &base in &bases[..bases.len() - 1] {
@@ -185,6 +210,8 @@ impl SegmentStore {
             }
             let (segment, entry) = open_closed(dir, kind, base, inspect)?;
             expected_base = segment.next_token;
+            let before = latest.last().map_or(i64::MIN, |(_, t)| *t);
+            latest.push((base, before.max(segment.latest)));
             last_entry = entry.or(last_entry);
             closed.insert(base, segment);
         }
@@ -227,6 +254,7 @@ impl SegmentStore {
             inspect,
             state: RwLock::new(State {
                 closed,
+                latest,
                 open: Open {
                     base: open_base,
                     path,
@@ -245,6 +273,12 @@ impl SegmentStore {
     /// Appends the stored events of one Raft entry as one record and returns the first token.
     /// The caller (the single writer) passes each event's bytes and index facts.
     pub fn append(&self, entry: EntryRef, events: &[(&[u8], Indexed<'_>)]) -> Result<i64, StoreError> {
+        // Scanned before the lock, which readers wait for.
+        let max_timestamp = events
+            .iter()
+            .map(|(b, _)| (self.inspect.timestamp)(b))
+            .max()
+            .unwrap_or(i64::MIN);
         let mut state = self.state.write();
         let first_token = state.next_token;
         let bytes: Vec<&[u8]> = events.iter().map(|(b, _)| *b).collect();
@@ -259,7 +293,7 @@ impl SegmentStore {
             .map_err(|e| StoreError::io(&open.path, e))?;
         crate::crash::point("segment-after-write");
         let record_offset = open.len;
-        open.index.add_record(first_token, record_offset);
+        open.index.add_record(first_token, record_offset, max_timestamp);
         for ((event, facts), offset) in events.iter().zip(&offsets) {
             if facts.indexed {
                 open.index.add_event(
@@ -313,6 +347,7 @@ impl SegmentStore {
                 index: SegmentIndex::default(),
             },
         );
+        let latest = old.index.latest_timestamp();
         let index = Arc::new(old.index);
         self.cache_index(old.base, index);
         state.closed.insert(
@@ -322,8 +357,11 @@ impl SegmentStore {
                 file: old.file,
                 next_token: base,
                 bloom,
+                latest,
             },
         );
+        let before = state.latest.last().map_or(i64::MIN, |(_, t)| *t);
+        state.latest.push((old.base, before.max(latest)));
         Ok(())
     }
 
@@ -424,7 +462,7 @@ impl SegmentStore {
     }
 
     /// Closed segments whose bloom filter may hold the aggregate, oldest first.
-    fn candidates(&self, state: &State, aggregate_id: &str) -> Vec<(i64, Arc<File>)> {
+    pub(super) fn candidates(&self, state: &State, aggregate_id: &str) -> Vec<(i64, Arc<File>)> {
         state
             .closed
             .iter()
@@ -522,6 +560,56 @@ impl SegmentStore {
         Ok(out)
     }
 
+    /// The first token whose event has a timestamp at or after `instant` (ms), in token order;
+    /// the next token when there is none. Exact whatever order the clients' timestamps are in:
+    /// the segments' and records' running maxima (see `index`) lead by binary search to the one
+    /// record that holds the answer, so at most one record is read. Blocking file I/O.
+    pub fn token_at(&self, instant: i64) -> Result<TokenAt, StoreError> {
+        let (segment, first, end) = {
+            let state = self.state.read();
+            let i = state.latest.partition_point(|(_, latest)| *latest < instant);
+            let closed = state
+                .latest
+                .get(i)
+                .map(|(base, _)| (*base, state.closed[base].next_token));
+            match closed {
+                Some((base, next)) => {
+                    drop(state);
+                    let index = self.closed_index(base)?;
+                    let path = segment_path(&self.dir, self.kind, base);
+                    let r = index.first_record_reaching(instant).ok_or_else(|| {
+                        StoreError::corrupt(&path, 0, "index disagrees with its segment's timestamps")
+                    })?;
+                    let end = index.records.get(r + 1).map_or(next, |(t, _)| *t);
+                    (path, index.records[r].0, end)
+                }
+                None => {
+                    let index = &state.open.index;
+                    let Some(r) = index.first_record_reaching(instant) else {
+                        return Ok(TokenAt {
+                            token: state.next_token,
+                            records_read: 0,
+                        });
+                    };
+                    let end = index.records.get(r + 1).map_or(state.next_token, |(t, _)| *t);
+                    (state.open.path.clone(), index.records[r].0, end)
+                }
+            }
+        };
+        let record = self.read_from(first, (end - first) as usize, usize::MAX)?;
+        let found = record
+            .iter()
+            .find(|(_, event)| (self.inspect.timestamp)(event) >= instant)
+            .map(|(token, _)| *token)
+            .ok_or_else(|| {
+                StoreError::corrupt(&segment, 0, format!("no event at or after {instant} at token {first}"))
+            })?;
+        Ok(TokenAt {
+            token: found,
+            records_read: 1,
+        })
+    }
+
     /// Finds the segment and byte range to read for `count` tokens from `token`: (file, path,
     /// start offset, end offset, first token past what may be read there). The range ends with
     /// the record that holds the last wanted token, so a read takes no more than it needs.
@@ -566,7 +654,7 @@ impl SegmentStore {
     }
 
     /// The index of a closed segment, from the cache or its file (rebuilt if damaged).
-    fn closed_index(&self, base: i64) -> Result<Arc<SegmentIndex>, StoreError> {
+    pub(super) fn closed_index(&self, base: i64) -> Result<Arc<SegmentIndex>, StoreError> {
         if let Some((_, index)) = self.index_cache.lock().iter().find(|(b, _)| *b == base) {
             return Ok(index.clone());
         }
@@ -588,7 +676,7 @@ impl SegmentStore {
 /// Reads the events at `positions` into one buffer whose slices are returned. Neighbours (in
 /// file order, as an index lists them) closer than `COALESCE_GAP` are read by one `pread`,
 /// which costs less than a system call per event.
-fn read_positions(
+pub(super) fn read_positions(
     file: &File,
     path: &Path,
     positions: &[Position],
@@ -780,9 +868,15 @@ fn scan(file: &File, path: &Path, base: i64, inspect: Inspect, tolerate_tail: bo
                     }
                     return Err(StoreError::corrupt(path, at as u64, what));
                 }
-                index.add_record(next_token, at as u64);
+                let max_timestamp = body
+                    .events
+                    .iter()
+                    .map(|(_, event)| (inspect.timestamp)(event))
+                    .max()
+                    .unwrap_or(i64::MIN);
+                index.add_record(next_token, at as u64, max_timestamp);
                 for (rel, event) in &body.events {
-                    let Some((id, sequence, indexed)) = inspect(event) else {
+                    let Some((id, sequence, indexed)) = (inspect.facts)(event) else {
                         return Err(StoreError::corrupt(path, at as u64, "event does not decode"));
                     };
                     if indexed {
@@ -837,6 +931,7 @@ fn open_closed(dir: &Path, kind: Kind, base: i64, inspect: Inspect) -> Result<(C
             file: Arc::new(file),
             next_token,
             bloom,
+            latest: index.latest_timestamp(),
         },
         entry,
     ))
