@@ -140,7 +140,6 @@ async fn unread_aggregate_reads_hold_a_few_chunks_each() {
 /// (appends' confirmations too) waits. The fix belongs to the router's link (a connection
 /// window that the streams cannot use up, or separate links); see issue #15.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the router's link to the eventstore stalls when its streams' windows fill it (issue #15)"]
 async fn unread_aggregate_reads_do_not_stall_a_bystander() {
     let node = node_with_a_hoard().await;
     let open = unread_hoard_reads(&node, 3).await;
@@ -358,7 +357,6 @@ async fn a_malformed_first_request_reports_its_decode_error() {
 /// first request that does not decode (`take_while(is_ok)`), so the eventstore sees no first
 /// request at all and answers "ListEvents needs a first request".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the router drops a request's decode error before the eventstore sees it (issue #15)"]
 async fn through_the_router_a_malformed_first_request_reports_its_decode_error() {
     let node = Node::start(Options::default()).await;
     let malformed = bytes::Bytes::from_static(&[0x0a, 0x05, 0x01]);
