@@ -1,11 +1,12 @@
-"""Hostile clients through grpcio (issue 15, D10): several over-limit transactions at once on one
-channel each fail with AXONIQ-2001, and nothing else on the connection fails with them.
+"""Clients through grpcio that send many small messages (issue 15, D10).
 
-Before the fix the router answered an over-limit transaction while the client was still sending
-it; the server then reset a stream the client kept writing to, and after enough DATA frames on
-reset streams the server sent GOAWAY (ENHANCE_YOUR_CALM, "too_many_data_frames"): every call on
-the connection failed with UNAVAILABLE. The router now reads and drops the rest of a refused
-transaction until the client half-closes, and answers then."""
+h2 ends a connection (GOAWAY ENHANCE_YOUR_CALM, "too_many_data_frames") whose received but
+not yet consumed small DATA frames outweigh half its connection window. With hyper's 1 MiB window
+that was reached whenever the router read a stream of ~150-byte events a little slower than a
+grpcio client sent them (under load, or when a refused transaction kept coming): every call on
+the connection failed with UNAVAILABLE, not just the one. The router's client port now has a
+16 MiB connection window (1 MiB per stream), and drains a refused transaction until the client
+half-closes before answering it."""
 
 from __future__ import annotations
 
@@ -55,3 +56,4 @@ def test_over_limit_transactions_fail_alone_and_the_connection_stays(node):
     agg = unique("after")
     stub.AppendEvent(iter([event(agg, 0)]), metadata=md, timeout=10)
     channel.close()
+
