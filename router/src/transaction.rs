@@ -62,11 +62,6 @@ impl TransactionLimits {
         }
     }
 
-    /// Bytes of the node-wide budget not reserved by open transactions.
-    pub fn budget_available(&self) -> usize {
-        self.budget.available_permits()
-    }
-
     /// Reads the call's events until the client half-closes, within the bounds.
     pub async fn collect(&self, stream: &mut Streaming<Event>) -> Result<Collected, Status> {
         let deadline = tokio::time::Instant::now() + self.timeout;
@@ -151,5 +146,62 @@ impl TransactionLimits {
             "the transaction was not completed (half-closed) within {} ms; nothing was stored",
             self.timeout.as_millis()
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(bytes: usize) -> Event {
+        Event {
+            message_identifier: "x".repeat(bytes),
+            ..Default::default()
+        }
+    }
+
+    /// Admits `events` into one transaction as `collect` does; returns the first refusal.
+    fn admit_all(limits: &TransactionLimits, events: Vec<Event>) -> Result<Collected, Status> {
+        let (mut kept, mut bytes, mut reserved) = (Vec::new(), 0, None);
+        for e in events {
+            limits.admit(e, &mut kept, &mut bytes, &mut reserved)?;
+        }
+        Ok(Collected {
+            events: kept,
+            _reserved: reserved,
+        })
+    }
+
+    fn code(status: &Status) -> &str {
+        status
+            .metadata()
+            .get(myelin_proto::errors::ERROR_CODE_KEY)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    #[test]
+    fn events_cost_their_bytes_plus_the_overhead_and_are_counted() {
+        let limits = TransactionLimits::new(3, 1000, 1 << 20, Duration::from_secs(1));
+        // 98 + 2 bytes of framing + 64 overhead = 164 per event.
+        assert_eq!(admit_all(&limits, vec![event(98); 3]).unwrap().events.len(), 3);
+        let refused = admit_all(&limits, vec![event(1); 4]).err().unwrap();
+        assert_eq!(code(&refused), "AXONIQ-2002");
+        let limits = TransactionLimits::new(100, 1000, 1 << 20, Duration::from_secs(1));
+        let refused = admit_all(&limits, vec![event(98); 7]).err().unwrap();
+        assert_eq!(code(&refused), "AXONIQ-2001", "7 x 164 > 1000");
+        let refused = admit_all(&limits, vec![Event::default()]).err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn the_node_wide_budget_is_held_until_the_transaction_is_dropped() {
+        let limits = TransactionLimits::new(100, 10_000, 1000, Duration::from_secs(1));
+        let first = admit_all(&limits, vec![event(98); 5]).unwrap();
+        let refused = admit_all(&limits, vec![event(98); 2]).err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(code(&refused), "AXONIQ-1900");
+        drop(first);
+        assert_eq!(admit_all(&limits, vec![event(98); 6]).unwrap().events.len(), 6);
     }
 }
