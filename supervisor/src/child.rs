@@ -154,6 +154,9 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
                 if let Some(threads) = config.router_worker_threads {
                     arg("--worker-threads", &threads.to_string());
                 }
+                for (flag, value) in &config.handler_limits {
+                    arg(flag, &value.to_string());
+                }
                 if config.access_control.enabled {
                     arg("--access-control", &"true");
                 }

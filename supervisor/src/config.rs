@@ -76,6 +76,31 @@ const KEYS: &[(&str, Kind)] = &[
     ("myelin.contexts", Kind::List),
     ("myelin.router.worker-threads", Kind::Text),
     ("myelin.eventstore.worker-threads", Kind::Text),
+    // Command and query limits: see HANDLER_LIMITS.
+    ("axoniq.axonserver.command-queue-capacity-per-client", Kind::Text),
+    ("axoniq.axonserver.query-queue-capacity-per-client", Kind::Text),
+    ("myelin.limits.command-queue-bytes-per-client", Kind::Size),
+    ("myelin.limits.command-queue-bytes", Kind::Size),
+    ("myelin.limits.query-queue-bytes-per-client", Kind::Size),
+    ("myelin.limits.query-queue-bytes", Kind::Size),
+    ("myelin.limits.command-subscriptions-per-stream", Kind::Text),
+    ("myelin.limits.query-subscriptions-per-stream", Kind::Text),
+    ("myelin.limits.subscription-bytes-per-stream", Kind::Size),
+];
+
+/// Command and query limits (docs/limits.md, "Commands and queries"): each key with the router
+/// flag it becomes. Counts are Text keys, sizes Size keys; an unset key leaves the router's
+/// default, so the defaults live in one place (`myelin_router::handler_limits`).
+const HANDLER_LIMITS: &[(&str, &str)] = &[
+    ("axoniq.axonserver.command-queue-capacity-per-client", "--command-queue-capacity"),
+    ("axoniq.axonserver.query-queue-capacity-per-client", "--query-queue-capacity"),
+    ("myelin.limits.command-queue-bytes-per-client", "--command-queue-bytes-per-client"),
+    ("myelin.limits.command-queue-bytes", "--command-queue-bytes"),
+    ("myelin.limits.query-queue-bytes-per-client", "--query-queue-bytes-per-client"),
+    ("myelin.limits.query-queue-bytes", "--query-queue-bytes"),
+    ("myelin.limits.command-subscriptions-per-stream", "--command-subscriptions-per-stream"),
+    ("myelin.limits.query-subscriptions-per-stream", "--query-subscriptions-per-stream"),
+    ("myelin.limits.subscription-bytes-per-stream", "--subscription-bytes-per-stream"),
 ];
 
 const DEFAULT_SEGMENT_SIZE: u64 = 256 * 1024 * 1024;
@@ -212,6 +237,8 @@ pub struct Config {
     /// and one: see docs/decisions/0006).
     pub router_worker_threads: Option<u16>,
     pub eventstore_worker_threads: Option<u16>,
+    /// The command and query limits that were set: (router flag, value). See [`HANDLER_LIMITS`].
+    pub handler_limits: Vec<(&'static str, u64)>,
 }
 
 /// Application-level heartbeats with clients (Axon's `heartbeat.enabled`,
@@ -503,6 +530,27 @@ fn parse_threads(value: &str) -> Result<u16, String> {
     }
 }
 
+/// The [`HANDLER_LIMITS`] that are set, validated: a count from 1 to 100,000,000, a size above
+/// zero that fits this machine.
+fn handler_limits(settings: &Settings) -> Result<Vec<(&'static str, u64)>, ConfigError> {
+    let mut set = Vec::new();
+    for &(key, flag) in HANDLER_LIMITS {
+        let value = match kind_of(key) {
+            Kind::Size => settings.parse(key, |v| match datasize::parse(v)? {
+                0 => Err("must be greater than zero".to_string()),
+                n if usize::try_from(n).is_err() => Err("too large for this machine".to_string()),
+                n => Ok(n),
+            })?,
+            _ => settings.parse(key, |v| match v.trim().parse::<u64>() {
+                Ok(n) if (1..=100_000_000).contains(&n) => Ok(n),
+                _ => Err("not a count from 1 to 100000000".to_string()),
+            })?,
+        };
+        set.extend(value.map(|value| (flag, value)));
+    }
+    Ok(set)
+}
+
 fn parse_bool(value: &str) -> Result<bool, String> {
     match value.to_ascii_lowercase().as_str() {
         "true" | "yes" | "on" | "1" => Ok(true),
@@ -625,6 +673,7 @@ impl Config {
                 frequency_ms: settings.millis("axoniq.axonserver.client-heartbeat-frequency")?,
                 timeout_ms: settings.millis("axoniq.axonserver.client-heartbeat-timeout")?,
             },
+            handler_limits: handler_limits(settings)?,
             router_worker_threads: settings.parse("myelin.router.worker-threads", parse_threads)?,
             eventstore_worker_threads: settings.parse("myelin.eventstore.worker-threads", parse_threads)?,
             access_control: AccessControl {
@@ -767,6 +816,44 @@ mod tests {
         );
         let error = load(&inputs(dir.path())).unwrap_err().to_string();
         assert!(error.contains("axoniq.axonserver.client-heartbeat-timeout"), "{error}");
+    }
+
+    #[test]
+    fn handler_limits_reach_the_config_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load(&inputs(dir.path())).unwrap().config.handler_limits.is_empty());
+        write(
+            dir.path(),
+            "axonserver.properties",
+            "axoniq.axonserver.command-queue-capacity-per-client=500\n\
+             myelin.limits.query-queue-bytes=1GB\n",
+        );
+        let mut with_env = inputs(dir.path());
+        with_env.env = vec![
+            ("MYELIN_LIMITS_COMMAND_QUEUE_BYTES".to_string(), "8MB".to_string()),
+            ("MYELIN_LIMITS_SUBSCRIPTION_BYTES_PER_STREAM".to_string(), "64KB".to_string()),
+        ];
+        let c = load(&with_env).unwrap().config;
+        assert_eq!(
+            c.handler_limits,
+            [
+                ("--command-queue-capacity", 500),
+                ("--command-queue-bytes", 8 << 20),
+                ("--query-queue-bytes", 1 << 30),
+                ("--subscription-bytes-per-stream", 64 << 10),
+            ]
+        );
+        for (key, bad) in [
+            ("myelin.limits.command-queue-bytes", "0"),
+            ("myelin.limits.command-queue-bytes", "lots"),
+            ("myelin.limits.query-subscriptions-per-stream", "0"),
+            ("myelin.limits.query-subscriptions-per-stream", "-3"),
+            ("axoniq.axonserver.query-queue-capacity-per-client", "1e9"),
+        ] {
+            write(dir.path(), "axonserver.properties", &format!("{key}={bad}\n"));
+            let error = load(&inputs(dir.path())).unwrap_err().to_string();
+            assert!(error.contains(key) && error.contains(bad), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -213,6 +213,23 @@ impl ContextQueries {
                         format!("Too many queries queued for a handler of {query_name}"),
                     ));
                 }
+                Err(SendError::QueueBytesFull) => {
+                    held = Some(self.error_response(
+                        &id,
+                        ErrorCode::TooManyRequests,
+                        format!(
+                            "Too many query bytes queued for a handler of {query_name} \
+                             (myelin.limits.query-queue-bytes-per-client)"
+                        ),
+                    ));
+                }
+                Err(SendError::NodeBytesFull) => {
+                    held = Some(self.error_response(
+                        &id,
+                        ErrorCode::TooManyRequests,
+                        "Too many query bytes queued on this node (myelin.limits.query-queue-bytes)".to_owned(),
+                    ));
+                }
                 // It left between being picked and now: counts as completed.
                 Err(SendError::Disconnected) => {}
             }
@@ -465,7 +482,9 @@ impl Gather {
             }
             match target.destination.send_control(flow_control(&self.id, due)) {
                 Ok(()) => target.granted = due_total,
-                Err(SendError::QueueFull) => return Err(End::Overflowed(DEAF_HANDLER)),
+                Err(SendError::QueueFull | SendError::QueueBytesFull | SendError::NodeBytesFull) => {
+                    return Err(End::Overflowed(DEAF_HANDLER));
+                }
                 // It is leaving; its departure completes it.
                 Err(SendError::Disconnected) => {}
             }
