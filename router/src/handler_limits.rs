@@ -264,7 +264,10 @@ mod tests {
         assert_eq!((b.bytes(), c.bytes()), (40, 60));
         drop((b, c));
         assert_eq!(budget.used(), 0);
-        assert!(budget.try_charge(101).is_none(), "a message larger than the budget never fits");
+        assert!(
+            budget.try_charge(101).is_none(),
+            "a message larger than the budget never fits"
+        );
         assert!(budget.try_charge(usize::MAX).is_none(), "no overflow");
     }
 
@@ -301,7 +304,10 @@ mod tests {
         assert_eq!((subs.len(), subs.bytes()), (2, 400));
         assert_eq!(
             subs.admit("b", 801, key),
-            Err(SubscriptionRefused::TooManyBytes { wanted: 1_101, limit: 1_000 })
+            Err(SubscriptionRefused::TooManyBytes {
+                wanted: 1_101,
+                limit: 1_000
+            })
         );
         assert_eq!((subs.len(), subs.bytes()), (2, 400), "a refusal changes nothing");
         subs.remove("a");

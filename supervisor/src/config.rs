@@ -92,15 +92,36 @@ const KEYS: &[(&str, Kind)] = &[
 /// flag it becomes. Counts are Text keys, sizes Size keys; an unset key leaves the router's
 /// default, so the defaults live in one place (`myelin_router::handler_limits`).
 const HANDLER_LIMITS: &[(&str, &str)] = &[
-    ("axoniq.axonserver.command-queue-capacity-per-client", "--command-queue-capacity"),
-    ("axoniq.axonserver.query-queue-capacity-per-client", "--query-queue-capacity"),
-    ("myelin.limits.command-queue-bytes-per-client", "--command-queue-bytes-per-client"),
+    (
+        "axoniq.axonserver.command-queue-capacity-per-client",
+        "--command-queue-capacity",
+    ),
+    (
+        "axoniq.axonserver.query-queue-capacity-per-client",
+        "--query-queue-capacity",
+    ),
+    (
+        "myelin.limits.command-queue-bytes-per-client",
+        "--command-queue-bytes-per-client",
+    ),
     ("myelin.limits.command-queue-bytes", "--command-queue-bytes"),
-    ("myelin.limits.query-queue-bytes-per-client", "--query-queue-bytes-per-client"),
+    (
+        "myelin.limits.query-queue-bytes-per-client",
+        "--query-queue-bytes-per-client",
+    ),
     ("myelin.limits.query-queue-bytes", "--query-queue-bytes"),
-    ("myelin.limits.command-subscriptions-per-stream", "--command-subscriptions-per-stream"),
-    ("myelin.limits.query-subscriptions-per-stream", "--query-subscriptions-per-stream"),
-    ("myelin.limits.subscription-bytes-per-stream", "--subscription-bytes-per-stream"),
+    (
+        "myelin.limits.command-subscriptions-per-stream",
+        "--command-subscriptions-per-stream",
+    ),
+    (
+        "myelin.limits.query-subscriptions-per-stream",
+        "--query-subscriptions-per-stream",
+    ),
+    (
+        "myelin.limits.subscription-bytes-per-stream",
+        "--subscription-bytes-per-stream",
+    ),
 ];
 
 const DEFAULT_SEGMENT_SIZE: u64 = 256 * 1024 * 1024;
@@ -831,7 +852,10 @@ mod tests {
         let mut with_env = inputs(dir.path());
         with_env.env = vec![
             ("MYELIN_LIMITS_COMMAND_QUEUE_BYTES".to_string(), "8MB".to_string()),
-            ("MYELIN_LIMITS_SUBSCRIPTION_BYTES_PER_STREAM".to_string(), "64KB".to_string()),
+            (
+                "MYELIN_LIMITS_SUBSCRIPTION_BYTES_PER_STREAM".to_string(),
+                "64KB".to_string(),
+            ),
         ];
         let c = load(&with_env).unwrap().config;
         assert_eq!(
