@@ -167,6 +167,8 @@ pub struct StreamSubscriptions {
     bytes: usize,
     /// Name -> its cost, as charged.
     names: std::collections::HashMap<String, usize>,
+    /// Subscribes refused so far (a hostile stream is logged once, not once per subscribe).
+    refused: u64,
 }
 
 /// Why a subscription was refused.
@@ -188,6 +190,7 @@ impl StreamSubscriptions {
             max_bytes,
             bytes: 0,
             names: std::collections::HashMap::new(),
+            refused: 0,
         }
     }
 
@@ -196,6 +199,7 @@ impl StreamSubscriptions {
     pub fn admit(&mut self, name: &str, cost: usize, key: &'static str) -> Result<(), SubscriptionRefused> {
         let previous = self.names.get(name).copied();
         if previous.is_none() && self.names.len() >= self.max_names {
+            self.refused += 1;
             return Err(SubscriptionRefused::TooManyNames {
                 limit: self.max_names,
                 key,
@@ -203,6 +207,7 @@ impl StreamSubscriptions {
         }
         let wanted = self.bytes - previous.unwrap_or(0) + cost;
         if wanted > self.max_bytes {
+            self.refused += 1;
             return Err(SubscriptionRefused::TooManyBytes {
                 wanted,
                 limit: self.max_bytes,
@@ -243,6 +248,11 @@ impl StreamSubscriptions {
 
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Subscribes refused on this stream so far.
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 }
 
@@ -310,6 +320,7 @@ mod tests {
             })
         );
         assert_eq!((subs.len(), subs.bytes()), (2, 400), "a refusal changes nothing");
+        assert_eq!(subs.refused(), 2);
         subs.remove("a");
         subs.remove("never");
         assert_eq!((subs.len(), subs.bytes()), (1, 100));

@@ -222,8 +222,15 @@ impl HandlerStream {
             Some(Outbound::Ack(_)) => Ok(()),
             None => Err(unsupported("Unsupported instruction")),
         };
-        if let Err((_, reason)) = &outcome {
-            tracing::warn!(client_id = %self.link.client_id(), %reason, "command handler message rejected");
+        match &outcome {
+            // A stream that keeps subscribing beyond its limits is logged once, not per subscribe.
+            Err((ErrorCode::TooManyRequests, reason)) if self.subscriptions.refused() > 1 => {
+                tracing::debug!(client_id = %self.link.client_id(), %reason, "command subscription refused");
+            }
+            Err((_, reason)) => {
+                tracing::warn!(client_id = %self.link.client_id(), %reason, "command handler message rejected");
+            }
+            Ok(()) => {}
         }
         if message.instruction_id.is_empty() {
             return None;

@@ -82,12 +82,13 @@ impl QueryService for QueryEndpoint {
                         }
                         let instruction_id = message.instruction_id.clone();
                         let outcome = handle(&queries, id, &destination, &permits, &mut subscriptions, message).await;
-                        if let Err((code, error)) = &outcome {
-                            if *code == ErrorCode::TooManyRequests {
+                        match &outcome {
+                            // Logged once per stream, however often a client keeps trying.
+                            Err((ErrorCode::TooManyRequests, error)) if subscriptions.refused() == 1 => {
                                 tracing::warn!(%client_id, %error, "query handler subscription refused");
-                            } else {
-                                tracing::debug!(%error, "bad message on a query handler stream");
                             }
+                            Err((_, error)) => tracing::debug!(%error, "bad message on a query handler stream"),
+                            Ok(()) => {}
                         }
                         if !instruction_id.is_empty() {
                             let ack = ack(&queries, instruction_id, outcome);
