@@ -42,7 +42,8 @@ pub struct HandlerLimits {
     /// Bytes of queries queued for one handler stream.
     #[arg(long, default_value_t = 64 * MIB, value_parser = at_least_one)]
     pub query_queue_bytes_per_client: usize,
-    /// Bytes of queries queued for all handler streams together.
+    /// Bytes of queries the router holds in all: queued for handler streams, plus the ids of
+    /// queries in flight.
     #[arg(long, default_value_t = 256 * MIB, value_parser = at_least_one)]
     pub query_queue_bytes: usize,
     /// Command names one command handler stream may subscribe.

@@ -65,6 +65,8 @@ struct RouterInner {
     limits: HandlerLimits,
     /// Bytes of queries queued for all handlers (`myelin.limits.query-queue-bytes`).
     queued_bytes: Budget,
+    /// Queries in flight on the node, one unit each (at most [`dispatch::MAX_IN_FLIGHT`]).
+    in_flight: Budget,
 }
 
 impl QueryRouter {
@@ -76,9 +78,17 @@ impl QueryRouter {
                 contexts: Mutex::new(HashMap::new()),
                 next_handler: AtomicU64::new(1),
                 queued_bytes: Budget::new(limits.query_queue_bytes),
+                in_flight: Budget::new(dispatch::MAX_IN_FLIGHT),
                 limits,
             }),
         }
+    }
+
+    /// A router that admits at most `queries` queries in flight at a time (for tests).
+    #[cfg(test)]
+    pub(crate) fn with_max_in_flight(mut self, queries: usize) -> QueryRouter {
+        Arc::get_mut(&mut self.inner).expect("not shared yet").in_flight = Budget::new(queries);
+        self
     }
 
     /// Sets the query queue and subscription limits; only before the router is shared.
@@ -118,6 +128,8 @@ impl QueryRouter {
                     node_name: self.inner.node_name.clone(),
                     state: Mutex::new(State::default()),
                     metrics: QueryMetrics::default(),
+                    in_flight: self.inner.in_flight.clone(),
+                    bytes: self.inner.queued_bytes.clone(),
                 })
             })
             .clone()
@@ -161,6 +173,11 @@ pub struct ContextQueries {
     node_name: String,
     state: Mutex<State>,
     pub metrics: QueryMetrics,
+    /// The node's count of queries in flight, shared by every context.
+    in_flight: Budget,
+    /// The node's query bytes (`myelin.limits.query-queue-bytes`): a query in flight holds its
+    /// id's bytes of it, its queued copies their encoded size.
+    bytes: Budget,
 }
 
 #[derive(Default)]
