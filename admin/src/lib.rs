@@ -137,9 +137,12 @@ pub fn build_state(args: &Args) -> anyhow::Result<AppState> {
         Some(path) => {
             let channel = unix_channel(path)?;
             (
-                Some(myelin_proto::internal::router_control_client::RouterControlClient::new(
-                    channel.clone(),
-                )),
+                // No 4 MiB default on this trusted local link: a node with many handler
+                // subscriptions lists more than that (`GET /v1/handlers` answered 500 before).
+                Some(
+                    myelin_proto::internal::router_control_client::RouterControlClient::new(channel.clone())
+                        .max_decoding_message_size(usize::MAX),
+                ),
                 Some(tonic_health::pb::health_client::HealthClient::new(channel)),
             )
         }

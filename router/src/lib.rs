@@ -13,6 +13,7 @@ pub mod control;
 pub mod event_metrics;
 pub mod event_reads;
 pub mod event_store;
+pub mod handler_limits;
 pub mod limits;
 pub mod metrics;
 pub mod platform;
@@ -79,8 +80,12 @@ pub struct Args {
     /// fsyncs) and the applications on the same machine.
     #[arg(long, default_value_t = 0)]
     pub worker_threads: usize,
+    /// Bounds on streams, event reads and transactions (docs/limits.md).
     #[command(flatten)]
     pub limits: Limits,
+    /// Bounds on command and query queues and handler subscriptions (docs/limits.md).
+    #[command(flatten)]
+    pub handler_limits: handler_limits::HandlerLimits,
 }
 
 /// Bounds on what clients may hold open (docs/limits.md has each one's reason and test).
@@ -180,6 +185,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
     let commands = command::Commands::new(
         args.node_name.clone(),
         std::time::Duration::from_millis(args.command_timeout_ms),
+        args.handler_limits.clone(),
     )
     .with_disconnects(disconnects.clone());
     let access_rules = access::AccessRules::new(args.access_control);
@@ -200,7 +206,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let queries = query::QueryRouter::new(args.node_name.clone());
+    let queries = query::QueryRouter::new(args.node_name.clone()).with_limits(args.handler_limits.clone());
     let router_control = control::Control {
         exporter: metrics::Exporter::new(metrics_handle, platform.clients().clone(), queries.clone()),
         platform: platform.clone(),

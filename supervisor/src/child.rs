@@ -154,7 +154,7 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
                 if let Some(threads) = config.router_worker_threads {
                     arg("--worker-threads", &threads.to_string());
                 }
-                for (flag, value) in config.router_limits.flags() {
+                for (flag, value) in &config.router_limits {
                     arg(flag, &value.to_string());
                 }
                 if config.access_control.enabled {

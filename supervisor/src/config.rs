@@ -76,12 +76,62 @@ const KEYS: &[(&str, Kind)] = &[
     ("myelin.contexts", Kind::List),
     ("myelin.router.worker-threads", Kind::Text),
     ("myelin.eventstore.worker-threads", Kind::Text),
-    // Client limits of the router (docs/limits.md).
+    // The router's limits (docs/limits.md): see ROUTER_LIMITS.
     ("myelin.limits.streams-per-connection", Kind::Text),
     ("myelin.limits.event-reads", Kind::Text),
     ("myelin.limits.events-per-transaction", Kind::Text),
     ("myelin.limits.transaction-buffer", Kind::Size),
-    ("myelin.limits.transaction-timeout", Kind::Millis),
+    ("myelin.limits.transaction-timeout", Kind::Text),
+    ("axoniq.axonserver.command-queue-capacity-per-client", Kind::Text),
+    ("axoniq.axonserver.query-queue-capacity-per-client", Kind::Text),
+    ("myelin.limits.command-queue-bytes-per-client", Kind::Size),
+    ("myelin.limits.command-queue-bytes", Kind::Size),
+    ("myelin.limits.query-queue-bytes-per-client", Kind::Size),
+    ("myelin.limits.query-queue-bytes", Kind::Size),
+    ("myelin.limits.command-subscriptions-per-stream", Kind::Text),
+    ("myelin.limits.query-subscriptions-per-stream", Kind::Text),
+    ("myelin.limits.subscription-bytes-per-stream", Kind::Size),
+];
+
+/// The router's limits (docs/limits.md): each key with the router flag it becomes. Counts (and
+/// the transaction timeout, in milliseconds) are Text keys, sizes Size keys; an unset key leaves
+/// the router's default, so the defaults live in one place (the router's `Args`).
+const ROUTER_LIMITS: &[(&str, &str)] = &[
+    ("myelin.limits.streams-per-connection", "--streams-per-connection"),
+    ("myelin.limits.event-reads", "--event-reads"),
+    ("myelin.limits.events-per-transaction", "--events-per-transaction"),
+    ("myelin.limits.transaction-buffer", "--transaction-buffer-bytes"),
+    ("myelin.limits.transaction-timeout", "--transaction-timeout-ms"),
+    (
+        "axoniq.axonserver.command-queue-capacity-per-client",
+        "--command-queue-capacity",
+    ),
+    (
+        "axoniq.axonserver.query-queue-capacity-per-client",
+        "--query-queue-capacity",
+    ),
+    (
+        "myelin.limits.command-queue-bytes-per-client",
+        "--command-queue-bytes-per-client",
+    ),
+    ("myelin.limits.command-queue-bytes", "--command-queue-bytes"),
+    (
+        "myelin.limits.query-queue-bytes-per-client",
+        "--query-queue-bytes-per-client",
+    ),
+    ("myelin.limits.query-queue-bytes", "--query-queue-bytes"),
+    (
+        "myelin.limits.command-subscriptions-per-stream",
+        "--command-subscriptions-per-stream",
+    ),
+    (
+        "myelin.limits.query-subscriptions-per-stream",
+        "--query-subscriptions-per-stream",
+    ),
+    (
+        "myelin.limits.subscription-bytes-per-stream",
+        "--subscription-bytes-per-stream",
+    ),
 ];
 
 const DEFAULT_SEGMENT_SIZE: u64 = 256 * 1024 * 1024;
@@ -218,34 +268,8 @@ pub struct Config {
     /// and one: see docs/decisions/0006).
     pub router_worker_threads: Option<u16>,
     pub eventstore_worker_threads: Option<u16>,
-    pub router_limits: RouterLimits,
-}
-
-/// The router's bounds on what clients hold open (`myelin.limits.*`, docs/limits.md); `None`
-/// leaves the router's default.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RouterLimits {
-    pub streams_per_connection: Option<u64>,
-    pub event_reads: Option<u64>,
-    pub events_per_transaction: Option<u64>,
-    pub transaction_buffer: Option<u64>,
-    pub transaction_timeout_ms: Option<u64>,
-}
-
-impl RouterLimits {
-    /// The router's flags for the limits that are set.
-    pub fn flags(&self) -> Vec<(&'static str, u64)> {
-        [
-            ("--streams-per-connection", self.streams_per_connection),
-            ("--event-reads", self.event_reads),
-            ("--events-per-transaction", self.events_per_transaction),
-            ("--transaction-buffer-bytes", self.transaction_buffer),
-            ("--transaction-timeout-ms", self.transaction_timeout_ms),
-        ]
-        .into_iter()
-        .filter_map(|(flag, value)| value.map(|v| (flag, v)))
-        .collect()
-    }
+    /// The router's limits that were set: (router flag, value). See [`ROUTER_LIMITS`].
+    pub router_limits: Vec<(&'static str, u64)>,
 }
 
 /// Application-level heartbeats with clients (Axon's `heartbeat.enabled`,
@@ -489,12 +513,8 @@ impl Settings {
     }
 
     fn size(&self, key: &'static str, default: u64) -> Result<u64, ConfigError> {
-        Ok(self.optional_size(key)?.unwrap_or(default))
-    }
-
-    fn optional_size(&self, key: &'static str) -> Result<Option<u64>, ConfigError> {
         debug_assert_eq!(kind_of(key), Kind::Size);
-        self.parse(key, |v| {
+        let size = self.parse(key, |v| {
             datasize::parse(v).and_then(|n| {
                 if n == 0 {
                     Err("must be greater than zero".to_string())
@@ -502,7 +522,8 @@ impl Settings {
                     Ok(n)
                 }
             })
-        })
+        })?;
+        Ok(size.unwrap_or(default))
     }
 
     fn millis(&self, key: &'static str) -> Result<Option<u64>, ConfigError> {
@@ -540,12 +561,25 @@ fn parse_threads(value: &str) -> Result<u16, String> {
     }
 }
 
-/// A count from 1 to `max`.
-fn parse_count(value: &str, max: u64) -> Result<u64, String> {
-    match value.trim().parse::<u64>() {
-        Ok(n) if (1..=max).contains(&n) => Ok(n),
-        _ => Err(format!("not a number from 1 to {max}")),
+/// The [`ROUTER_LIMITS`] that are set, validated: a count from 1 to 100,000,000, a size above
+/// zero that fits this machine.
+fn router_limits(settings: &Settings) -> Result<Vec<(&'static str, u64)>, ConfigError> {
+    let mut set = Vec::new();
+    for &(key, flag) in ROUTER_LIMITS {
+        let value = match kind_of(key) {
+            Kind::Size => settings.parse(key, |v| match datasize::parse(v)? {
+                0 => Err("must be greater than zero".to_string()),
+                n if usize::try_from(n).is_err() => Err("too large for this machine".to_string()),
+                n => Ok(n),
+            })?,
+            _ => settings.parse(key, |v| match v.trim().parse::<u64>() {
+                Ok(n) if (1..=100_000_000).contains(&n) => Ok(n),
+                _ => Err("not a count from 1 to 100000000".to_string()),
+            })?,
+        };
+        set.extend(value.map(|value| (flag, value)));
     }
+    Ok(set)
 }
 
 fn parse_bool(value: &str) -> Result<bool, String> {
@@ -670,18 +704,9 @@ impl Config {
                 frequency_ms: settings.millis("axoniq.axonserver.client-heartbeat-frequency")?,
                 timeout_ms: settings.millis("axoniq.axonserver.client-heartbeat-timeout")?,
             },
+            router_limits: router_limits(settings)?,
             router_worker_threads: settings.parse("myelin.router.worker-threads", parse_threads)?,
             eventstore_worker_threads: settings.parse("myelin.eventstore.worker-threads", parse_threads)?,
-            router_limits: RouterLimits {
-                streams_per_connection: settings.parse("myelin.limits.streams-per-connection", |v| {
-                    parse_count(v, u64::from(u32::MAX))
-                })?,
-                event_reads: settings.parse("myelin.limits.event-reads", |v| parse_count(v, 1 << 20))?,
-                events_per_transaction: settings
-                    .parse("myelin.limits.events-per-transaction", |v| parse_count(v, 1 << 24))?,
-                transaction_buffer: settings.optional_size("myelin.limits.transaction-buffer")?,
-                transaction_timeout_ms: settings.millis("myelin.limits.transaction-timeout")?,
-            },
             access_control: AccessControl {
                 enabled: settings.flag("axoniq.axonserver.accesscontrol.enabled")?,
                 internal_token: settings.text("axoniq.axonserver.accesscontrol.internal-token"),
@@ -825,6 +850,47 @@ mod tests {
     }
 
     #[test]
+    fn command_and_query_limits_reach_the_config_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load(&inputs(dir.path())).unwrap().config.router_limits.is_empty());
+        write(
+            dir.path(),
+            "axonserver.properties",
+            "axoniq.axonserver.command-queue-capacity-per-client=500\n\
+             myelin.limits.query-queue-bytes=1GB\n",
+        );
+        let mut with_env = inputs(dir.path());
+        with_env.env = vec![
+            ("MYELIN_LIMITS_COMMAND_QUEUE_BYTES".to_string(), "8MB".to_string()),
+            (
+                "MYELIN_LIMITS_SUBSCRIPTION_BYTES_PER_STREAM".to_string(),
+                "64KB".to_string(),
+            ),
+        ];
+        let c = load(&with_env).unwrap().config;
+        assert_eq!(
+            c.router_limits,
+            [
+                ("--command-queue-capacity", 500),
+                ("--command-queue-bytes", 8 << 20),
+                ("--query-queue-bytes", 1 << 30),
+                ("--subscription-bytes-per-stream", 64 << 10),
+            ]
+        );
+        for (key, bad) in [
+            ("myelin.limits.command-queue-bytes", "0"),
+            ("myelin.limits.command-queue-bytes", "lots"),
+            ("myelin.limits.query-subscriptions-per-stream", "0"),
+            ("myelin.limits.query-subscriptions-per-stream", "-3"),
+            ("axoniq.axonserver.query-queue-capacity-per-client", "1e9"),
+        ] {
+            write(dir.path(), "axonserver.properties", &format!("{key}={bad}\n"));
+            let error = load(&inputs(dir.path())).unwrap_err().to_string();
+            assert!(error.contains(key) && error.contains(bad), "{bad}: {error}");
+        }
+    }
+
+    #[test]
     fn worker_threads_reach_the_config_and_bad_ones_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let c = load(&inputs(dir.path())).unwrap().config;
@@ -851,13 +917,10 @@ mod tests {
     }
 
     #[test]
-    fn router_limits_reach_its_flags_and_bad_ones_are_refused() {
+    fn client_limits_reach_the_router_flags_and_bad_ones_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let c = load(&inputs(dir.path())).unwrap().config;
-        assert!(
-            c.router_limits.flags().is_empty(),
-            "unset limits keep the router's defaults"
-        );
+        assert!(c.router_limits.is_empty(), "unset limits keep the router's defaults");
         write(
             dir.path(),
             "axonserver.properties",
@@ -866,7 +929,7 @@ mod tests {
         );
         let c = load(&inputs(dir.path())).unwrap().config;
         assert_eq!(
-            c.router_limits.flags(),
+            c.router_limits,
             vec![
                 ("--streams-per-connection", 64),
                 ("--transaction-buffer-bytes", 64 << 20),

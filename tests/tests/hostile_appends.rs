@@ -20,7 +20,6 @@ fn error_code(status: &tonic::Status) -> &str {
         .unwrap_or("")
 }
 
-
 async fn last_token(client: &mut EventStoreClient<Channel>) -> i64 {
     client
         .get_last_token(GetLastTokenRequest {})
@@ -318,4 +317,86 @@ async fn a_unary_snapshot_call_with_two_messages_is_refused() {
     assert!(stored.is_none(), "nothing of the call stored: {stored:?}");
     // One message: stored.
     client.append_snapshot(snapshot(1)).await.unwrap();
+}
+
+/// D10: a connection is never dropped for the small DATA frames one call sent while the router
+/// was not reading. h2 ends a connection (GOAWAY ENHANCE_YOUR_CALM, "too_many_data_frames")
+/// whose unread small frames outweigh half its connection window; at hyper's 1 MiB, one stream
+/// of ~150-byte events that the router read a little slower than a grpcio client sent them took
+/// every call on the connection down. Here the router is stopped while a raw HTTP/2 client sends
+/// a valid transaction as one DATA frame per event, so that on waking it finds a whole stream
+/// window of small frames at once: the transaction is stored, the connection lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_window_of_small_frames_does_not_end_the_connection() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use prost::Message as _;
+
+    let node = Node::start(Options::default()).await;
+    let router = Pid::from_raw(node.child_pid("router").unwrap());
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", node.grpc_port)).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{}/io.axoniq.axonserver.grpc.event.EventStore/AppendEvent", node.grpc_port))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut body) = h2.send_request(request, false).unwrap();
+    // gRPC messages of ~100 bytes, one DATA frame each: 10,000 of them (about 1 MB, the
+    // router's stream window) while the router is stopped.
+    let framed = |i: i64| {
+        let mut e = event("small-frames", i, &format!("f{i:06}"));
+        e.payload.as_mut().unwrap().data = bytes::Bytes::from_static(b"0123456789");
+        e.meta_data.clear();
+        let encoded = e.encode_to_vec();
+        let mut frame = Vec::with_capacity(5 + encoded.len());
+        frame.push(0);
+        frame.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&encoded);
+        bytes::Bytes::from(frame)
+    };
+    const EVENTS: i64 = 10_000;
+    kill(router, Signal::SIGSTOP).unwrap();
+    let sent = tokio::spawn(async move {
+        for i in 0..EVENTS {
+            body.reserve_capacity(128);
+            let _ = futures::future::poll_fn(|cx| body.poll_capacity(cx)).await;
+            body.send_data(framed(i), false).unwrap();
+        }
+        body.send_data(bytes::Bytes::new(), true).unwrap();
+        body
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    kill(router, Signal::SIGCONT).unwrap();
+    let _body = tokio::time::timeout(Duration::from_secs(20), sent)
+        .await
+        .expect("the client could send its transaction")
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(20), response)
+        .await
+        .expect("an answer")
+        .expect("the connection was not dropped");
+    let grpc_status = |headers: &http::HeaderMap| {
+        headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let status = match grpc_status(response.headers()) {
+        Some(status) => status,
+        None => {
+            let mut body = response.into_body();
+            while let Some(chunk) = body.data().await {
+                chunk.unwrap();
+            }
+            grpc_status(&body.trailers().await.unwrap().expect("trailers")).expect("grpc-status")
+        }
+    };
+    assert_eq!(status, "0", "the transaction is stored");
+    assert!(!connection.is_finished(), "the connection lives");
+    let mut client = node.client().await;
+    assert_eq!(read_aggregate(&mut client, "small-frames").await.len() as i64, EVENTS);
 }

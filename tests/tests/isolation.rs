@@ -25,7 +25,6 @@ const HANG: Duration = Duration::from_secs(10);
 /// about 30 MiB.
 const RSS_BOUND_KIB: u64 = 200 * 1024;
 
-
 /// Fills the store with `events` events of `aggregate`, `per_tx` per transaction.
 async fn fill(node: &Node, aggregate: &str, events: i64, per_tx: i64) {
     let mut client = node.client().await;

@@ -6,6 +6,11 @@
 //! the command's id. A pending command is owned by exactly one entry of the pending table; whoever
 //! removes the entry (the response, the lost connection, the timeout, or the caller going away)
 //! decides the outcome, so a command is answered at most once.
+//!
+//! Memory: a command holds bytes of the node's command budget
+//! (`myelin.limits.command-queue-bytes`) from the moment it is dispatched: its encoded size
+//! until its handler's stream takes it, and its pending entry (id and context) until it is
+//! answered. A command that does not fit fails at once with AXONIQ-1900, like a full queue.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,15 +21,19 @@ use myelin_proto::axon::command::{Command, CommandResponse};
 use myelin_proto::axon::meta_data_value::Data;
 use myelin_proto::axon::{ErrorMessage, ProcessingKey};
 use myelin_proto::errors::ErrorCode;
+use prost::Message as _;
 use tokio::sync::oneshot;
 
 use super::metrics::{CommandMetrics, Metrics};
-use super::registry::{HandlerId, HandlerLink, LinkError, Registry};
+use super::registry::{HandlerId, HandlerLink, LinkError, Registry, Routed};
+use crate::handler_limits::{Budget, Charge};
 
 /// The `location` Axon Server puts in the error messages of in-band routing errors.
 pub const ERROR_LOCATION: &str = "AxonServer";
 /// Commands in flight on this node at most (Axon's pending-command cache); beyond: AXONIQ-1900.
 pub const MAX_PENDING: usize = 100_000;
+/// What a pending entry costs besides its id and context (map slot, channel, bookkeeping).
+const PENDING_OVERHEAD: usize = 160;
 
 struct Pending {
     /// Distinguishes this dispatch from a later one that reuses the message id.
@@ -32,6 +41,8 @@ struct Pending {
     context: String,
     handler: HandlerId,
     reply: oneshot::Sender<CommandResponse>,
+    /// The entry's own bytes of the node's budget.
+    _charge: Charge,
 }
 
 /// Routes commands and tracks them until answered.
@@ -41,17 +52,26 @@ pub struct Dispatcher {
     metrics: Metrics,
     default_timeout: Duration,
     next_seq: AtomicU64,
+    /// The node's command budget (`myelin.limits.command-queue-bytes`).
+    bytes: Budget,
 }
 
 impl Dispatcher {
-    pub fn new(default_timeout: Duration) -> Dispatcher {
+    /// A dispatcher whose commands may hold at most `max_bytes` at a time.
+    pub fn new(default_timeout: Duration, max_bytes: usize) -> Dispatcher {
         Dispatcher {
             registry: Registry::default(),
             pending: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
             default_timeout,
             next_seq: AtomicU64::new(1),
+            bytes: Budget::new(max_bytes),
         }
+    }
+
+    /// Bytes the node's commands hold now.
+    pub fn held_bytes(&self) -> usize {
+        self.bytes.used()
     }
 
     pub fn registry(&self) -> &Registry {
@@ -74,7 +94,7 @@ impl Dispatcher {
         let mut guard = InFlight::start(self, &id, seq, metrics.clone());
 
         let (reply, answer) = oneshot::channel();
-        {
+        let routed = {
             let mut pending = self.pending.lock().unwrap();
             if pending.contains_key(&id) {
                 drop(pending);
@@ -86,6 +106,22 @@ impl Dispatcher {
                 guard.owned = false;
                 return error_response(ErrorCode::TooManyRequests, "Too many commands in flight", &id);
             }
+            let size = command.encoded_len();
+            let entry = id.len() + context.len() + PENDING_OVERHEAD;
+            let (Some(charge), Some(entry_charge)) = (self.bytes.try_charge(size), self.bytes.try_charge(entry)) else {
+                drop(pending);
+                guard.owned = false;
+                tracing::debug!(request = %id, size, held = self.bytes.used(), "command refused: node command budget full");
+                return error_response(
+                    ErrorCode::TooManyRequests,
+                    format!(
+                        "Too many command bytes in flight: the command ({size} bytes) does not fit in the \
+                         {} bytes of myelin.limits.command-queue-bytes",
+                        self.bytes.limit()
+                    ),
+                    &id,
+                );
+            };
             pending.insert(
                 id.clone(),
                 Pending {
@@ -93,10 +129,12 @@ impl Dispatcher {
                     context: context.to_owned(),
                     handler: 0,
                     reply,
+                    _charge: entry_charge,
                 },
             );
-        }
-        if let Err(response) = self.route(context, command) {
+            Routed { command, charge }
+        };
+        if let Err(response) = self.route(context, routed) {
             return *response;
         }
         metrics.routed();
@@ -116,9 +154,10 @@ impl Dispatcher {
 
     /// Hands a pending command to a handler. On failure the in-band error is returned and the
     /// pending entry is left to the caller, who holds (or owns) its reply.
-    fn route(&self, context: &str, command: Command) -> Result<(), Box<CommandResponse>> {
+    fn route(&self, context: &str, routed: Routed) -> Result<(), Box<CommandResponse>> {
+        let command = &routed.command;
         let id = command.message_identifier.clone();
-        let Some(link) = self.registry.select(context, &command.name, routing_key(&command)) else {
+        let Some(link) = self.registry.select(context, &command.name, routing_key(command)) else {
             return Err(Box::new(error_response(
                 ErrorCode::NoHandlerForCommand,
                 format!("No Handler for command: {}", command.name),
@@ -129,11 +168,20 @@ impl Dispatcher {
         if let Some(entry) = self.pending.lock().unwrap().get_mut(&id) {
             entry.handler = link.id();
         }
-        match link.send(command) {
+        match link.send(routed) {
             Ok(()) => Ok(()),
             Err(LinkError::QueueFull) => Err(Box::new(error_response(
                 ErrorCode::TooManyRequests,
                 format!("Failed to add request to queue {}", link.client_id()),
+                &id,
+            ))),
+            Err(LinkError::QueueBytesFull) => Err(Box::new(error_response(
+                ErrorCode::TooManyRequests,
+                format!(
+                    "Failed to add request to queue {}: its queued commands reach \
+                     myelin.limits.command-queue-bytes-per-client",
+                    link.client_id()
+                ),
                 &id,
             ))),
             Err(LinkError::Closed) => Err(Box::new(connection_lost(&link.client_id(), &id))),
@@ -166,17 +214,17 @@ impl Dispatcher {
     /// A handler went away: it leaves the registry at once; the commands it had queued but not
     /// received are routed again (to another handler, or failed); the ones it received fail
     /// with AXONIQ-4001.
-    pub fn handler_closed(&self, link: &dyn HandlerLink, unsent: Vec<Command>) {
+    pub fn handler_closed(&self, link: &dyn HandlerLink, unsent: Vec<Routed>) {
         self.registry.remove(link.id());
         let client_id = link.client_id();
         let mut rerouted = 0usize;
-        for command in unsent {
-            let id = command.message_identifier.clone();
+        for routed in unsent {
+            let id = routed.command.message_identifier.clone();
             let context = match self.pending.lock().unwrap().get(&id) {
                 Some(entry) if entry.handler == link.id() => entry.context.clone(),
                 _ => continue, // already answered (timed out, caller gone)
             };
-            if let Err(response) = self.route(&context, command) {
+            if let Err(response) = self.route(&context, routed) {
                 let response = if response.error_code == ErrorCode::NoHandlerForCommand.code() {
                     connection_lost(&client_id, &id)
                 } else {
@@ -311,7 +359,7 @@ mod tests {
     struct Recorder {
         id: HandlerId,
         key: String,
-        sent: StdMutex<Vec<Command>>,
+        sent: StdMutex<Vec<Routed>>,
         full: bool,
     }
 
@@ -325,7 +373,7 @@ mod tests {
         fn client_id(&self) -> String {
             self.key.clone()
         }
-        fn send(&self, command: Command) -> Result<(), LinkError> {
+        fn send(&self, command: Routed) -> Result<(), LinkError> {
             if self.full {
                 return Err(LinkError::QueueFull);
             }
@@ -360,7 +408,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn response_matching_timeout_and_strays() {
         let prometheus = crate::metrics::builder().build_recorder();
-        let dispatcher = Arc::new(Dispatcher::new(Duration::from_secs(300)));
+        let dispatcher = Arc::new(Dispatcher::new(Duration::from_secs(300), usize::MAX));
         // The context's handles are made (and kept) under a recorder of this test's own.
         metrics::with_local_recorder(&prometheus, || dispatcher.metrics().context("c"));
         let link = recorder(1, false);
@@ -411,7 +459,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn lost_handler_and_full_queue() {
-        let dispatcher = Arc::new(Dispatcher::new(Duration::from_secs(300)));
+        let dispatcher = Arc::new(Dispatcher::new(Duration::from_secs(300), usize::MAX));
         let gone = recorder(1, false);
         dispatcher.registry().subscribe("c", "Cmd", gone.clone(), 0);
         let call = tokio::spawn({
@@ -436,7 +484,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn queued_commands_of_a_lost_handler_are_rerouted() {
-        let dispatcher = Arc::new(Dispatcher::new(Duration::from_secs(300)));
+        let dispatcher = Arc::new(Dispatcher::new(Duration::from_secs(300), usize::MAX));
         let gone = recorder(1, false);
         dispatcher.registry().subscribe("c", "Cmd", gone.clone(), 0);
         let call = tokio::spawn({
@@ -455,6 +503,59 @@ mod tests {
         };
         dispatcher.respond(2, answer.clone());
         assert_eq!(call.await.unwrap(), answer);
+    }
+
+    /// The node's command budget: a command that does not fit fails at once with AXONIQ-1900
+    /// and changes nothing; a sent command keeps only its pending entry's bytes until answered;
+    /// everything returns when it is.
+    #[tokio::test(start_paused = true)]
+    async fn the_node_budget_bounds_command_bytes() {
+        let big = |id: &str| Command {
+            payload: Some(myelin_proto::axon::SerializedObject {
+                data: vec![1u8; 10_000].into(),
+                ..Default::default()
+            }),
+            ..command(id)
+        };
+        let dispatcher = Arc::new(Dispatcher::new(Duration::from_secs(300), 25_000));
+        let link = recorder(1, false);
+        dispatcher.registry().subscribe("c", "Cmd", link.clone(), 0);
+        let calls: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|id| {
+                let d = dispatcher.clone();
+                let command = big(id);
+                tokio::spawn(async move { d.dispatch("c", command).await })
+            })
+            .collect();
+        settle().await;
+        let held = dispatcher.held_bytes();
+        assert!(held > 20_000 && held <= 25_000, "{held}");
+        let refused = dispatcher.dispatch("c", big("c")).await;
+        assert_eq!(refused.error_code, "AXONIQ-1900");
+        let message = refused.error_message.unwrap().message;
+        assert!(message.contains("myelin.limits.command-queue-bytes"), "{message}");
+        assert_eq!(dispatcher.held_bytes(), held, "a refusal changes nothing");
+        assert_eq!(link.sent.lock().unwrap().len(), 2);
+
+        // The handler's stream takes them: only the pending entries stay charged.
+        link.sent.lock().unwrap().clear();
+        let entries = dispatcher.held_bytes();
+        assert!(entries < 1_000, "{entries}");
+        for id in ["a", "b"] {
+            dispatcher.respond(
+                1,
+                CommandResponse {
+                    request_identifier: id.to_owned(),
+                    ..Default::default()
+                },
+            );
+        }
+        for call in calls {
+            assert!(call.await.unwrap().error_code.is_empty());
+        }
+        assert_eq!(dispatcher.held_bytes(), 0);
+        assert!(dispatcher.pending.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -2,8 +2,15 @@
 //!
 //! Commands routed to the handler wait in its bounded queue, higher PRIORITY instruction first
 //! and FIFO within a priority; a pump task sends them on the stream only while the handler has
-//! permits (one permit per command; `FlowControl` adds permits). The queue and the permit count sit behind one short mutex that is never held across
-//! an await: the pump takes a batch out under the lock and sends it after releasing it.
+//! permits (one permit per command; `FlowControl` adds permits). The queue and the permit count
+//! sit behind one short mutex that is never held across an await: the pump takes a batch out
+//! under the lock and sends it after releasing it.
+//!
+//! The queue is bounded in commands (Axon's `command-queue-capacity-per-client`) and in bytes
+//! (`myelin.limits.command-queue-bytes-per-client`). A queued command holds two charges, the
+//! handler's and the node's (see [`crate::handler_limits`]); both ride with it through the
+//! outbound channel and return when tonic takes the message for the wire, so everything the
+//! router buffers for a handler that does not read is counted.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -16,34 +23,53 @@ use myelin_proto::axon::meta_data_value::Data;
 use tokio::sync::{Notify, mpsc};
 use tonic::Status;
 
-use super::registry::{HandlerId, HandlerLink, LinkError};
+use super::registry::{HandlerId, HandlerLink, LinkError, Routed};
+use crate::handler_limits::{Budget, Charge};
 
-/// Commands a handler may have queued (Axon's `command-queue-capacity-per-client`).
-pub const QUEUE_CAPACITY: usize = 10_000;
 /// Commands the pump takes out of the queue at a time.
 const BATCH: usize = 64;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// A message to the client, with the bytes it holds until tonic takes it.
+pub struct Outgoing {
+    pub message: Result<CommandProviderInbound, Status>,
+    _held: Option<[Charge; 2]>,
+}
+
+impl Outgoing {
+    /// A message that holds no budget (acks, errors).
+    pub fn plain(message: Result<CommandProviderInbound, Status>) -> Outgoing {
+        Outgoing { message, _held: None }
+    }
+}
+
 /// Where the stream's messages to the client go.
-pub type Outbound = mpsc::Sender<Result<CommandProviderInbound, Status>>;
+pub type Outbound = mpsc::Sender<Outgoing>;
+
+/// A command waiting for a permit, with its charges (the node's and this handler's).
+struct Queued {
+    priority: i64,
+    routed: Routed,
+    client: Charge,
+}
 
 struct Outbox {
     permits: i64,
-    /// (priority, command), ordered by priority descending, then arrival.
-    queue: VecDeque<(i64, Command)>,
+    /// Ordered by priority descending, then arrival.
+    queue: VecDeque<Queued>,
     closed: bool,
 }
 
 impl Outbox {
-    fn push(&mut self, priority: i64, command: Command) {
+    fn push(&mut self, queued: Queued) {
         // The usual case (all equal priority) appends without scanning.
         let at = self
             .queue
             .iter()
-            .rposition(|(p, _)| *p >= priority)
+            .rposition(|q| q.priority >= queued.priority)
             .map_or(0, |i| i + 1);
-        self.queue.insert(at, (priority, command));
+        self.queue.insert(at, queued);
     }
 }
 
@@ -70,10 +96,12 @@ pub struct LocalHandler {
     outbox: Mutex<Outbox>,
     wake: Notify,
     capacity: usize,
+    bytes: Budget,
 }
 
 impl LocalHandler {
-    pub fn new(capacity: usize) -> LocalHandler {
+    /// A handler whose queue holds at most `capacity` commands and `bytes` bytes of them.
+    pub fn new(capacity: usize, bytes: usize) -> LocalHandler {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         LocalHandler {
             id,
@@ -87,6 +115,7 @@ impl LocalHandler {
             }),
             wake: Notify::new(),
             capacity,
+            bytes: Budget::new(bytes),
         }
     }
 
@@ -106,6 +135,11 @@ impl LocalHandler {
         }
     }
 
+    /// Bytes of commands queued for this handler (and not yet taken by its stream).
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes.used()
+    }
+
     /// Adds permits (saturating: a client granting `i64::MAX` twice is not an overflow).
     pub fn grant(&self, permits: i64) {
         let mut outbox = self.outbox.lock().unwrap();
@@ -114,11 +148,12 @@ impl LocalHandler {
         self.wake.notify_one();
     }
 
-    /// Stops the pump; returns the commands that were queued but never sent.
-    pub fn close(&self) -> Vec<Command> {
+    /// Stops the pump; returns the commands that were queued but never sent (with the node's
+    /// charge, for routing them again; this handler's charge is returned).
+    pub fn close(&self) -> Vec<Routed> {
         let mut outbox = self.outbox.lock().unwrap();
         outbox.closed = true;
-        let unsent = outbox.queue.drain(..).map(|(_, command)| command).collect();
+        let unsent = outbox.queue.drain(..).map(|queued| queued.routed).collect();
         drop(outbox);
         self.wake.notify_one();
         unsent
@@ -134,23 +169,28 @@ impl LocalHandler {
                     return;
                 }
                 while outbox.permits > 0 && batch.len() < BATCH {
-                    let Some((_, command)) = outbox.queue.pop_front() else {
+                    let Some(queued) = outbox.queue.pop_front() else {
                         break;
                     };
                     outbox.permits -= 1;
-                    batch.push(command);
+                    batch.push(queued);
                 }
             }
             if batch.is_empty() {
                 self.wake.notified().await;
                 continue;
             }
-            for command in batch.drain(..) {
+            for queued in batch.drain(..) {
+                let Routed { command, charge } = queued.routed;
                 let message = CommandProviderInbound {
                     request: Some(Inbound::Command(command)),
                     instruction_id: String::new(),
                 };
-                if outbound.send(Ok(message)).await.is_err() {
+                let outgoing = Outgoing {
+                    message: Ok(message),
+                    _held: Some([charge, queued.client]),
+                };
+                if outbound.send(outgoing).await.is_err() {
                     return;
                 }
             }
@@ -175,7 +215,7 @@ impl HandlerLink for LocalHandler {
         self.component_name.lock().unwrap().clone()
     }
 
-    fn send(&self, command: Command) -> Result<(), LinkError> {
+    fn send(&self, routed: Routed) -> Result<(), LinkError> {
         let mut outbox = self.outbox.lock().unwrap();
         if outbox.closed {
             return Err(LinkError::Closed);
@@ -183,7 +223,15 @@ impl HandlerLink for LocalHandler {
         if outbox.queue.len() >= self.capacity {
             return Err(LinkError::QueueFull);
         }
-        outbox.push(priority(&command), command);
+        let Some(client) = self.bytes.try_charge(routed.charge.bytes()) else {
+            return Err(LinkError::QueueBytesFull);
+        };
+        let priority = priority(&routed.command);
+        outbox.push(Queued {
+            priority,
+            routed,
+            client,
+        });
         drop(outbox);
         self.wake.notify_one();
         Ok(())
@@ -202,35 +250,91 @@ mod tests {
         }
     }
 
+    /// `command` charged against `node`, as the dispatcher routes it.
+    fn routed(node: &Budget, command: Command) -> Routed {
+        use prost::Message as _;
+        let charge = node.try_charge(command.encoded_len()).expect("fits the node's budget");
+        Routed { command, charge }
+    }
+
+    fn unbounded() -> Budget {
+        Budget::new(usize::MAX)
+    }
+
     #[tokio::test]
     async fn sends_only_with_permits_and_bounds_the_queue() {
-        let handler = Arc::new(LocalHandler::new(3));
+        let node = unbounded();
+        let handler = Arc::new(LocalHandler::new(3, usize::MAX));
         let (tx, mut rx) = mpsc::channel(16);
         let pump = tokio::spawn({
             let handler = handler.clone();
             async move { handler.pump(tx).await }
         });
         for id in ["a", "b", "c"] {
-            handler.send(command(id)).unwrap();
+            handler.send(routed(&node, command(id))).unwrap();
         }
-        assert_eq!(handler.send(command("d")), Err(LinkError::QueueFull));
+        assert_eq!(handler.send(routed(&node, command("d"))), Err(LinkError::QueueFull));
         handler.grant(2);
         for want in ["a", "b"] {
-            let got = rx.recv().await.unwrap().unwrap();
+            let got = rx.recv().await.unwrap().message.unwrap();
             assert!(matches!(got.request, Some(Inbound::Command(c)) if c.message_identifier == want));
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(rx.try_recv().is_err(), "sent beyond the permits");
         let unsent = handler.close();
         assert_eq!(unsent.len(), 1);
-        assert_eq!(handler.send(command("e")), Err(LinkError::Closed));
+        assert_eq!(handler.send(routed(&node, command("e"))), Err(LinkError::Closed));
         pump.await.unwrap();
+    }
+
+    /// The byte bound: commands are admitted while their bytes fit the handler's budget, and
+    /// both charges (the handler's and the node's) stay held while the message waits in the
+    /// outbound channel, until the stream's reader takes it.
+    #[tokio::test]
+    async fn bytes_are_bounded_and_held_until_the_stream_takes_them() {
+        use prost::Message as _;
+        let big = |id: &str| Command {
+            message_identifier: id.to_owned(),
+            payload: Some(myelin_proto::axon::SerializedObject {
+                data: vec![7u8; 1_000].into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let size = big("a").encoded_len();
+        let node = Budget::new(10 * size);
+        let handler = Arc::new(LocalHandler::new(100, 2 * size));
+        handler.send(routed(&node, big("a"))).unwrap();
+        handler.send(routed(&node, big("b"))).unwrap();
+        // The count allows it; the bytes do not. The refused command's node charge is returned.
+        assert_eq!(handler.send(routed(&node, big("c"))), Err(LinkError::QueueBytesFull));
+        assert_eq!((handler.queued_bytes(), node.used()), (2 * size, 2 * size));
+
+        let (tx, mut rx) = mpsc::channel(16);
+        let pump = tokio::spawn({
+            let handler = handler.clone();
+            async move { handler.pump(tx).await }
+        });
+        handler.grant(10);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Both are in the outbound channel now, not yet taken: still charged.
+        assert_eq!((handler.queued_bytes(), node.used()), (2 * size, 2 * size));
+        assert_eq!(handler.send(routed(&node, big("c"))), Err(LinkError::QueueBytesFull));
+        let taken = rx.recv().await.unwrap();
+        drop(taken);
+        assert_eq!((handler.queued_bytes(), node.used()), (size, size));
+        handler.send(routed(&node, big("c"))).unwrap();
+        handler.close();
+        drop(rx);
+        pump.await.unwrap();
+        assert_eq!(node.used(), 0, "everything returned once the stream is gone");
     }
 
     #[tokio::test]
     async fn higher_priority_first_fifo_within() {
         use myelin_proto::axon::{MetaDataValue, ProcessingInstruction};
-        let handler = Arc::new(LocalHandler::new(10));
+        let node = unbounded();
+        let handler = Arc::new(LocalHandler::new(10, usize::MAX));
         let with_priority = |id: &str, p: i64| {
             let mut c = command(id);
             c.processing_instructions.push(ProcessingInstruction {
@@ -241,12 +345,16 @@ mod tests {
             });
             c
         };
-        handler.send(command("a0")).unwrap();
-        handler.send(with_priority("b5", 5)).unwrap();
-        handler.send(command("c0")).unwrap();
-        handler.send(with_priority("d5", 5)).unwrap();
-        handler.send(with_priority("e9", 9)).unwrap();
-        let order: Vec<String> = handler.close().into_iter().map(|c| c.message_identifier).collect();
+        handler.send(routed(&node, command("a0"))).unwrap();
+        handler.send(routed(&node, with_priority("b5", 5))).unwrap();
+        handler.send(routed(&node, command("c0"))).unwrap();
+        handler.send(routed(&node, with_priority("d5", 5))).unwrap();
+        handler.send(routed(&node, with_priority("e9", 9))).unwrap();
+        let order: Vec<String> = handler
+            .close()
+            .into_iter()
+            .map(|r| r.command.message_identifier)
+            .collect();
         assert_eq!(order, ["e9", "b5", "d5", "a0", "c0"]);
     }
 }

@@ -7,7 +7,10 @@
 //!   the handler has permits). A handler on another node will be another `HandlerLink`.
 //! - [`dispatch`]: commands in flight, matched to responses by id; every way a command can fail
 //!   (no handler, duplicate id, full queue, lost handler, timeout) ends in an in-band error.
-//! - this file: the gRPC service; it decodes, calls the layers above and encodes.
+//! - this file: the gRPC service; it decodes, calls the layers above and encodes. It also keeps
+//!   each handler stream's subscriptions within `myelin.limits.command-subscriptions-per-stream`
+//!   and `subscription-bytes-per-stream`: a subscribe beyond them is refused on that stream
+//!   (a failed ack, AXONIQ-1900) and changes nothing.
 
 pub mod dispatch;
 pub mod handler;
@@ -18,7 +21,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use myelin_proto::axon::command::command_provider_inbound::Request as Inbound;
 use myelin_proto::axon::command::command_provider_outbound::Request as Outbound;
 use myelin_proto::axon::command::command_service_server::CommandService;
@@ -30,10 +33,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::context::client_context;
+use crate::handler_limits::{HandlerLimits, StreamSubscriptions, subscription_cost};
 use crate::platform::Disconnects;
 use dispatch::Dispatcher;
-use handler::LocalHandler;
+use handler::{LocalHandler, Outgoing};
 use registry::HandlerLink;
+
+/// The limit a command stream's subscription count is refused by.
+const SUBSCRIPTIONS_KEY: &str = "myelin.limits.command-subscriptions-per-stream";
 
 /// Messages buffered towards one handler stream (commands are further bounded by permits).
 const OUTBOUND_BUFFER: usize = 64;
@@ -44,14 +51,16 @@ pub struct Commands {
     dispatcher: Arc<Dispatcher>,
     node_name: String,
     disconnects: Disconnects,
+    limits: HandlerLimits,
 }
 
 impl Commands {
-    pub fn new(node_name: String, default_timeout: Duration) -> Commands {
+    pub fn new(node_name: String, default_timeout: Duration, limits: HandlerLimits) -> Commands {
         Commands {
-            dispatcher: Arc::new(Dispatcher::new(default_timeout)),
+            dispatcher: Arc::new(Dispatcher::new(default_timeout, limits.command_queue_bytes)),
             node_name,
             disconnects: Disconnects::new(),
+            limits,
         }
     }
 
@@ -77,7 +86,14 @@ impl CommandService for Commands {
         let context = client_context(&request)?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
-        let link = Arc::new(LocalHandler::new(handler::QUEUE_CAPACITY));
+        let link = Arc::new(LocalHandler::new(
+            self.limits.command_queue_capacity,
+            self.limits.command_queue_bytes_per_client,
+        ));
+        let subscriptions = StreamSubscriptions::new(
+            self.limits.command_subscriptions_per_stream,
+            self.limits.subscription_bytes_per_stream,
+        );
         let pump = tokio::spawn({
             let link = link.clone();
             let tx = tx.clone();
@@ -87,11 +103,12 @@ impl CommandService for Commands {
         let node_name = self.node_name.clone();
         let mut disconnects = self.disconnects.listen();
         tokio::spawn(async move {
-            let stream = HandlerStream {
+            let mut stream = HandlerStream {
                 context,
                 link,
                 dispatcher,
                 node_name,
+                subscriptions,
             };
             loop {
                 let message = tokio::select! {
@@ -102,14 +119,14 @@ impl CommandService for Commands {
                         }
                         let status = disconnect.status("Command");
                         tracing::info!(client_id = %stream.link.client_id(), "{}", status.message());
-                        let _ = tx.try_send(Err(status));
+                        let _ = tx.try_send(Outgoing::plain(Err(status)));
                         break;
                     }
                 };
                 match message {
                     Ok(Some(message)) => {
                         if let Some(ack) = stream.on_message(message)
-                            && tx.send(Ok(ack)).await.is_err()
+                            && tx.send(Outgoing::plain(Ok(ack))).await.is_err()
                         {
                             break;
                         }
@@ -117,7 +134,7 @@ impl CommandService for Commands {
                     Ok(None) => break,
                     Err(status) => {
                         tracing::debug!(error = %status, "command handler stream failed");
-                        let _ = tx.try_send(Err(crate::limits::client_stream_error(status)));
+                        let _ = tx.try_send(Outgoing::plain(Err(crate::limits::client_stream_error(status))));
                         break;
                     }
                 }
@@ -126,7 +143,9 @@ impl CommandService for Commands {
             stream.dispatcher.handler_closed(stream.link.as_ref(), unsent);
             let _ = pump.await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // Taking a message for the wire returns the bytes it held.
+        let messages = ReceiverStream::new(rx).map(|outgoing: Outgoing| outgoing.message);
+        Ok(Response::new(Box::pin(messages)))
     }
 
     async fn dispatch(&self, request: Request<Command>) -> Result<Response<CommandResponse>, Status> {
@@ -142,15 +161,30 @@ struct HandlerStream {
     link: Arc<LocalHandler>,
     dispatcher: Arc<Dispatcher>,
     node_name: String,
+    subscriptions: StreamSubscriptions,
+}
+
+/// Why a handler's message was not acted on: the code and text of the failed ack.
+type Refusal = (ErrorCode, String);
+
+fn unsupported(reason: &str) -> Refusal {
+    (ErrorCode::UnsupportedInstruction, reason.to_owned())
 }
 
 impl HandlerStream {
     /// Applies one message from the handler; returns the acknowledgement to send, if any.
-    fn on_message(&self, message: CommandProviderOutbound) -> Option<CommandProviderInbound> {
+    fn on_message(&mut self, message: CommandProviderOutbound) -> Option<CommandProviderInbound> {
         let outcome = match message.request {
             Some(Outbound::Subscribe(subscription)) => {
+                let points = registry::effective_load_factor(subscription.load_factor) as usize;
+                let cost = subscription_cost(&[&subscription.command, &self.context], points);
                 if subscription.command.is_empty() {
-                    Err("subscription without a command name")
+                    Err(unsupported("subscription without a command name"))
+                } else if let Err(refused) = self.subscriptions.admit(&subscription.command, cost, SUBSCRIPTIONS_KEY) {
+                    Err((
+                        ErrorCode::TooManyRequests,
+                        format!("Subscription to {} refused: {refused}", subscription.command),
+                    ))
                 } else {
                     self.link.bind_client(&subscription.client_id);
                     self.link.bind_component(&subscription.component_name);
@@ -166,6 +200,7 @@ impl HandlerStream {
                 }
             }
             Some(Outbound::Unsubscribe(subscription)) => {
+                self.subscriptions.remove(&subscription.command);
                 self.dispatcher
                     .registry()
                     .unsubscribe(&self.context, &subscription.command, self.link.id());
@@ -174,7 +209,7 @@ impl HandlerStream {
             Some(Outbound::FlowControl(flow)) => {
                 self.link.bind_client(&flow.client_id);
                 if flow.permits < 0 {
-                    Err("negative permits")
+                    Err(unsupported("negative permits"))
                 } else {
                     self.link.grant(flow.permits);
                     Ok(())
@@ -185,19 +220,29 @@ impl HandlerStream {
                 Ok(())
             }
             Some(Outbound::Ack(_)) => Ok(()),
-            None => Err("Unsupported instruction"),
+            None => Err(unsupported("Unsupported instruction")),
         };
-        if let Err(reason) = outcome {
-            tracing::warn!(client_id = %self.link.client_id(), reason, "command handler message rejected");
+        match &outcome {
+            // A stream that keeps subscribing beyond its limits is logged once, not per subscribe.
+            Err((ErrorCode::TooManyRequests, reason)) if self.subscriptions.refused() > 1 => {
+                tracing::debug!(client_id = %self.link.client_id(), %reason, "command subscription refused");
+            }
+            Err((_, reason)) => {
+                tracing::warn!(client_id = %self.link.client_id(), %reason, "command handler message rejected");
+            }
+            Ok(()) => {}
         }
         if message.instruction_id.is_empty() {
             return None;
         }
-        let error = outcome.err().map(|reason| ErrorMessage {
-            message: reason.to_owned(),
+        let error = outcome.err().map(|(code, reason)| ErrorMessage {
+            details: match code {
+                ErrorCode::UnsupportedInstruction => vec!["Unsupported instruction".to_owned()],
+                _ => Vec::new(),
+            },
+            message: reason,
             location: self.node_name.clone(),
-            details: vec!["Unsupported instruction".to_owned()],
-            error_code: ErrorCode::UnsupportedInstruction.code().to_owned(),
+            error_code: code.code().to_owned(),
         });
         Some(CommandProviderInbound {
             request: Some(Inbound::Ack(InstructionAck {

@@ -11,10 +11,12 @@
 //! - a handler's share of the keys is about proportional to its load factor;
 //! - a handler that is removed disappears from every ring at once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use myelin_proto::axon::command::Command;
+
+use crate::handler_limits::Charge;
 
 /// Identifies one handler connection for the life of the connection.
 pub type HandlerId = u64;
@@ -29,8 +31,17 @@ pub const MAX_LOAD_FACTOR: i32 = 10_000;
 pub enum LinkError {
     /// The handler's queue is at capacity.
     QueueFull,
+    /// The handler's queue holds as many bytes as it may.
+    QueueBytesFull,
     /// The handler is gone.
     Closed,
+}
+
+/// A command on its way to a handler, with the bytes it holds of the node's command budget
+/// until the handler's stream takes it.
+pub struct Routed {
+    pub command: Command,
+    pub charge: Charge,
 }
 
 /// How a command reaches a handler. Today the only implementation is a local handler stream;
@@ -46,8 +57,9 @@ pub trait HandlerLink: Send + Sync {
     fn component_name(&self) -> String {
         String::new()
     }
-    /// Queues a command for the handler; never blocks.
-    fn send(&self, command: Command) -> Result<(), LinkError>;
+    /// Queues a command for the handler; never blocks. On failure the command and its charge
+    /// are dropped (the caller answers with an error).
+    fn send(&self, routed: Routed) -> Result<(), LinkError>;
 }
 
 #[derive(Clone)]
@@ -59,32 +71,38 @@ struct Member {
 #[derive(Default)]
 struct Handlers {
     members: Vec<Member>,
-    /// Point -> index into `members`.
-    ring: BTreeMap<u64, usize>,
+    /// (point, index into `members`), sorted by point, one entry per point. A sorted vector
+    /// rather than a tree: 16 bytes a point instead of about 40, and the ring is rebuilt on
+    /// every change anyway (see `handler_limits::RING_POINT_BYTES`, which prices it).
+    ring: Vec<(u64, u32)>,
 }
 
 impl Handlers {
     fn rebuild(&mut self) {
-        self.ring.clear();
+        let points: usize = self.members.iter().map(|m| m.load_factor as usize).sum();
+        let mut ring = Vec::with_capacity(points);
         for (index, member) in self.members.iter().enumerate() {
+            let index = u32::try_from(index).expect("fewer than 2^32 handlers of one name");
             for point in 0..member.load_factor {
-                let hash = stable_hash(format!("{} #{point}", member.link.ring_key()).as_bytes());
-                // On the (astronomically rare) collision the smaller key wins, so the ring does
-                // not depend on subscription order.
-                match self.ring.get(&hash) {
-                    Some(&other) if self.members[other].link.ring_key() <= member.link.ring_key() => {}
-                    _ => {
-                        self.ring.insert(hash, index);
-                    }
-                }
+                ring.push((
+                    stable_hash(format!("{} #{point}", member.link.ring_key()).as_bytes()),
+                    index,
+                ));
             }
         }
+        // On the (astronomically rare) collision the smaller key wins, so the ring does not
+        // depend on subscription order: sort colliding points by key, keep the first.
+        let key = |index: u32| self.members[index as usize].link.ring_key();
+        ring.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| key(a.1).cmp(key(b.1))));
+        ring.dedup_by_key(|(point, _)| *point);
+        self.ring = ring;
     }
 
     fn select(&self, routing_key: &str) -> Option<Arc<dyn HandlerLink>> {
         let hash = stable_hash(routing_key.as_bytes());
-        let (_, &index) = self.ring.range(hash..).next().or_else(|| self.ring.iter().next())?;
-        Some(self.members[index].link.clone())
+        let at = self.ring.partition_point(|(point, _)| *point < hash);
+        let &(_, index) = self.ring.get(at).or_else(|| self.ring.first())?;
+        Some(self.members[index as usize].link.clone())
     }
 }
 
@@ -109,10 +127,7 @@ pub struct Registry {
 impl Registry {
     /// Adds (or updates the load factor of) a handler for `name` in `context`.
     pub fn subscribe(&self, context: &str, name: &str, link: Arc<dyn HandlerLink>, load_factor: i32) {
-        let load_factor = match load_factor {
-            0 => DEFAULT_LOAD_FACTOR,
-            n => n.clamp(1, MAX_LOAD_FACTOR),
-        };
+        let load_factor = effective_load_factor(load_factor);
         let mut by_name = self.by_name.lock().unwrap();
         let handlers = by_name.entry((context.to_owned(), name.to_owned())).or_default();
         match handlers.members.iter_mut().find(|m| m.link.id() == link.id()) {
@@ -199,6 +214,15 @@ impl Registry {
     }
 }
 
+/// The load factor a subscription gets: Axon's default for none, else clamped to
+/// 1..=[`MAX_LOAD_FACTOR`]. It is also the number of ring points the subscription adds.
+pub fn effective_load_factor(requested: i32) -> i32 {
+    match requested {
+        0 => DEFAULT_LOAD_FACTOR,
+        n => n.clamp(1, MAX_LOAD_FACTOR),
+    }
+}
+
 /// A 64-bit hash that never changes between builds, runs or platforms (unlike `std`'s
 /// `DefaultHasher`): FNV-1a over the bytes, then the SplitMix64 finalizer so that keys that differ
 /// only in their last characters ("x #1", "x #2") still land far apart on the ring.
@@ -230,7 +254,7 @@ mod tests {
         fn client_id(&self) -> String {
             self.1.clone()
         }
-        fn send(&self, _: Command) -> Result<(), LinkError> {
+        fn send(&self, _: Routed) -> Result<(), LinkError> {
             Ok(())
         }
     }

@@ -11,6 +11,10 @@
 //! `GATHER_BUFFER` is ended with AXONIQ-1900 (and cancelled at its handlers) instead of stalling
 //! every other query on those handler streams.
 //!
+//! Admission: a query in flight holds one of the node's [`MAX_IN_FLIGHT`] places and its id's
+//! bytes of the node's query budget (`myelin.limits.query-queue-bytes`) until its gather ends;
+//! without them it fails at once with AXONIQ-1900.
+//!
 //! Axon's rule for errors: a response carrying an error is held back; a later good response
 //! discards it; one still held when the last handler completes is sent just before completion.
 //!
@@ -58,9 +62,14 @@ use super::ContextQueries;
 use super::demand::{self, Demand, ResponseStream};
 use super::handler::{Destination, Dispatched, HandlerId, SendError, inbound};
 use super::instructions::{forwarded, timeout_of, wants_streaming};
+use crate::handler_limits::Charge;
 
 /// Deadline of a query that names none (Axon's `default-query-timeout`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Queries in flight on this node at most (as for commands); beyond: AXONIQ-1900.
+pub const MAX_IN_FLIGHT: usize = 100_000;
+/// What a query in flight costs besides its id: its entry, gather task and channels.
+const IN_FLIGHT_OVERHEAD: usize = 1_024;
 /// Handler messages waiting for a query's gather task.
 const GATHER_BUFFER: usize = 64;
 /// Responses waiting for the dispatcher to read them.
@@ -146,9 +155,22 @@ impl ContextQueries {
         let timeout = timeout_of(&request);
         let (events, events_rx) = mpsc::channel(GATHER_BUFFER);
         let overflow = CancellationToken::new();
+        // A query in flight holds one unit of the node's count and its id's bytes until it ends.
+        let admission = match (
+            self.in_flight.try_charge(1),
+            self.bytes.try_charge(id.len() + IN_FLIGHT_OVERHEAD),
+        ) {
+            (Some(count), Some(bytes)) => Ok([count, bytes]),
+            (None, _) => Err("Too many queries in flight on this node".to_owned()),
+            (_, None) => {
+                Err("Too many query bytes in flight on this node (myelin.limits.query-queue-bytes)".to_owned())
+            }
+        };
         let chosen = {
             let mut state = self.state();
-            if state.in_flight.contains_key(&id) {
+            if let Err(message) = &admission {
+                Err((ErrorCode::TooManyRequests, message.clone()))
+            } else if state.in_flight.contains_key(&id) {
                 Err((
                     ErrorCode::QueryDuplicated,
                     "Query with supplied ID already present".to_owned(),
@@ -213,11 +235,29 @@ impl ContextQueries {
                         format!("Too many queries queued for a handler of {query_name}"),
                     ));
                 }
+                Err(SendError::QueueBytesFull) => {
+                    held = Some(self.error_response(
+                        &id,
+                        ErrorCode::TooManyRequests,
+                        format!(
+                            "Too many query bytes queued for a handler of {query_name} \
+                             (myelin.limits.query-queue-bytes-per-client)"
+                        ),
+                    ));
+                }
+                Err(SendError::NodeBytesFull) => {
+                    held = Some(self.error_response(
+                        &id,
+                        ErrorCode::TooManyRequests,
+                        "Too many query bytes queued on this node (myelin.limits.query-queue-bytes)".to_owned(),
+                    ));
+                }
                 // It left between being picked and now: counts as completed.
                 Err(SendError::Disconnected) => {}
             }
         }
         let gather = Gather {
+            _admission: admission.expect("admitted, or it returned above"),
             context: self.clone(),
             id,
             targets,
@@ -286,6 +326,8 @@ impl ContextQueries {
 }
 
 struct Gather {
+    /// The query's share of the node's count and bytes, returned when the gather ends.
+    _admission: [Charge; 2],
     context: Arc<ContextQueries>,
     id: String,
     targets: HashMap<HandlerId, Target>,
@@ -465,7 +507,9 @@ impl Gather {
             }
             match target.destination.send_control(flow_control(&self.id, due)) {
                 Ok(()) => target.granted = due_total,
-                Err(SendError::QueueFull) => return Err(End::Overflowed(DEAF_HANDLER)),
+                Err(SendError::QueueFull | SendError::QueueBytesFull | SendError::NodeBytesFull) => {
+                    return Err(End::Overflowed(DEAF_HANDLER));
+                }
                 // It is leaving; its departure completes it.
                 Err(SendError::Disconnected) => {}
             }
@@ -732,6 +776,28 @@ mod tests {
         assert_eq!((metrics.routed, metrics.completed, metrics.in_flight), (2, 2, 0));
         assert_eq!((metrics.failed, metrics.streaming), (2, 0));
         assert!(context.state().in_flight.is_empty());
+    }
+
+    /// The node's count of queries in flight: one beyond it fails at once with AXONIQ-1900,
+    /// and the unit returns when a query ends.
+    #[tokio::test]
+    async fn queries_in_flight_are_bounded() {
+        let context = QueryRouter::new("node").with_max_in_flight(1).context("default");
+        let (_destination, mut stream) = handler_7(&context);
+        let mut first = context.query(request("first", Some(60_000)));
+        next_query(&mut stream).await;
+        let mut refused = context.query(request("second", Some(60_000)));
+        let answer = refused.recv().await.unwrap().unwrap();
+        assert_eq!(answer.error_code, "AXONIQ-1900");
+        assert_eq!(
+            answer.error_message.unwrap().message,
+            "Too many queries in flight on this node"
+        );
+        context.relay_complete(7, "first").await;
+        assert!(tokio::time::timeout(WAIT, first.recv()).await.unwrap().is_none());
+        // Ended: its unit is back.
+        let _third = context.query(request("third", Some(60_000)));
+        assert_eq!(next_query(&mut stream).await.message_identifier, "third");
     }
 
     /// A dispatcher that does not read never stalls the handler's stream: relaying stays

@@ -11,6 +11,14 @@
 //! permits. One task writes both to the stream, so a control message queued after a query was
 //! reported [`Dispatched::Sent`] reaches the handler after that query.
 //!
+//! The query queue is bounded in queries (Axon's `query-queue-capacity-per-client`) and in bytes:
+//! each queued query holds a charge of the handler's budget
+//! (`myelin.limits.query-queue-bytes-per-client`) and one of the node's
+//! (`myelin.limits.query-queue-bytes`), both the size of the encoded query. They ride with the
+//! query through the stream's outbound channel and return when tonic takes it for the wire (or
+//! when it is dropped unsent), so a handler that neither grants permits nor reads its stream
+//! holds at most its budget. A query that does not fit is refused at once ([`SendError`]).
+//!
 //! Every queued query comes with a report channel that says what became of it
 //! ([`Dispatched`]). When the query is taken from the queue:
 //! - nobody listens to the report any more (its query ended meanwhile): it is dropped unsent and
@@ -21,10 +29,14 @@
 //!   instruction is rewritten to the time it has left (Axon Server does the same), so the handler
 //!   does not work on it longer than its dispatcher waits.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use futures::Stream;
+use prost::Message as _;
 
 use myelin_proto::axon::query::query_provider_inbound::Request as Inbound;
 use myelin_proto::axon::query::{QueryProviderInbound, QueryRequest};
@@ -32,7 +44,9 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::Status;
 
-/// Queries waiting for a handler's permits (Axon Server's queue size).
+use crate::handler_limits::{Budget, Charge};
+
+/// Queries waiting for a handler's permits (Axon Server's queue size), unless configured.
 pub const QUERY_QUEUE: usize = 10_000;
 /// A query that waited this long for a permit is sent with its TIMEOUT set to the time it has
 /// left (Axon Server's threshold).
@@ -50,6 +64,10 @@ pub type HandlerId = u64;
 pub enum SendError {
     /// Its queue is full: the handler is slower than its dispatchers.
     QueueFull,
+    /// Its queue holds as many bytes as one handler's may.
+    QueueBytesFull,
+    /// The queries queued for all handlers hold as many bytes as the node allows.
+    NodeBytesFull,
     /// The handler is gone.
     Disconnected,
 }
@@ -78,6 +96,8 @@ struct Queued {
     enqueued: Instant,
     deadline: Instant,
     report: oneshot::Sender<Dispatched>,
+    /// The handler's and the node's bytes, held until the stream takes the query.
+    charges: [Charge; 2],
 }
 
 /// How a message reaches a handler.
@@ -95,14 +115,20 @@ impl Destination {
         deadline: Instant,
     ) -> Result<oneshot::Receiver<Dispatched>, SendError> {
         let (report, dispatched) = oneshot::channel();
-        let queued = Queued {
-            query,
-            enqueued: Instant::now(),
-            deadline,
-            report,
-        };
         match self {
-            Destination::Local(local) => local.queries.try_send(queued).map_err(SendError::from)?,
+            Destination::Local(local) => {
+                let size = query.encoded_len();
+                let client = local.bytes.try_charge(size).ok_or(SendError::QueueBytesFull)?;
+                let node = local.node_bytes.try_charge(size).ok_or(SendError::NodeBytesFull)?;
+                let queued = Queued {
+                    query,
+                    enqueued: Instant::now(),
+                    deadline,
+                    report,
+                    charges: [client, node],
+                };
+                local.queries.try_send(queued).map_err(SendError::from)?
+            }
         }
         Ok(dispatched)
     }
@@ -122,10 +148,60 @@ pub fn inbound(request: Inbound) -> QueryProviderInbound {
     }
 }
 
+/// A message to the handler, with the bytes a query holds until tonic takes it.
+struct Outgoing {
+    message: Result<QueryProviderInbound, Status>,
+    _held: Option<[Charge; 2]>,
+}
+
+impl Outgoing {
+    fn plain(message: Result<QueryProviderInbound, Status>) -> Outgoing {
+        Outgoing { message, _held: None }
+    }
+}
+
+/// What tonic writes to a local handler's stream. Taking a message returns the bytes it held.
+pub struct Messages(mpsc::Receiver<Outgoing>);
+
+impl Messages {
+    pub async fn recv(&mut self) -> Option<Result<QueryProviderInbound, Status>> {
+        self.0.recv().await.map(|outgoing| outgoing.message)
+    }
+
+    pub fn try_recv(&mut self) -> Result<Result<QueryProviderInbound, Status>, mpsc::error::TryRecvError> {
+        self.0.try_recv().map(|outgoing| outgoing.message)
+    }
+}
+
+impl Stream for Messages {
+    type Item = Result<QueryProviderInbound, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|next| next.map(|outgoing| outgoing.message))
+    }
+}
+
+/// Ends a local handler's stream with an error (or sends it a message) ahead of its queues.
+#[derive(Clone)]
+pub struct Errors(mpsc::Sender<Outgoing>);
+
+impl Errors {
+    pub fn try_send(&self, message: Result<QueryProviderInbound, Status>) -> Result<(), SendError> {
+        self.0.try_send(Outgoing::plain(message)).map_err(SendError::from)
+    }
+
+    pub async fn send(&self, message: Result<QueryProviderInbound, Status>) -> Result<(), SendError> {
+        self.0
+            .send(Outgoing::plain(message))
+            .await
+            .map_err(|_| SendError::Disconnected)
+    }
+}
+
 /// The stream tonic writes to a local handler, and a way to end it with an error.
 pub struct HandlerStream {
-    pub errors: mpsc::Sender<Result<QueryProviderInbound, Status>>,
-    pub messages: mpsc::Receiver<Result<QueryProviderInbound, Status>>,
+    pub errors: Errors,
+    pub messages: Messages,
 }
 
 /// A handler connected to this node.
@@ -134,6 +210,10 @@ pub struct LocalHandler {
     queries: mpsc::Sender<Queued>,
     control: mpsc::Sender<QueryProviderInbound>,
     permits: Arc<Permits>,
+    /// This handler's query bytes (`query-queue-bytes-per-client`).
+    bytes: Budget,
+    /// The node's query bytes (`query-queue-bytes`), shared by every handler.
+    node_bytes: Budget,
 }
 
 /// Permits granted by the handler and not yet used.
@@ -161,10 +241,20 @@ impl Permits {
 }
 
 impl LocalHandler {
-    /// Creates the handler's queues and the task that writes them to its stream; returns the
-    /// handler, its permits (for the stream reader), and the stream for tonic.
+    /// A handler with Axon's queue capacity and no byte bounds (for tests).
     pub fn start() -> (LocalHandler, Arc<Permits>, HandlerStream) {
-        let (queries, queries_rx) = mpsc::channel(QUERY_QUEUE);
+        LocalHandler::start_bounded(QUERY_QUEUE, Budget::new(usize::MAX), Budget::new(usize::MAX))
+    }
+
+    /// Creates the handler's queues (at most `capacity` queries, holding at most what `bytes`
+    /// and the node's `node_bytes` allow) and the task that writes them to its stream; returns
+    /// the handler, its permits (for the stream reader), and the stream for tonic.
+    pub fn start_bounded(
+        capacity: usize,
+        bytes: Budget,
+        node_bytes: Budget,
+    ) -> (LocalHandler, Arc<Permits>, HandlerStream) {
+        let (queries, queries_rx) = mpsc::channel(capacity);
         let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (out, out_rx) = mpsc::channel(STREAM_BUFFER);
         let permits = Arc::new(Permits::default());
@@ -174,13 +264,20 @@ impl LocalHandler {
                 queries,
                 control,
                 permits: permits.clone(),
+                bytes,
+                node_bytes,
             },
             permits,
             HandlerStream {
-                errors: out.clone(),
-                messages: out_rx,
+                errors: Errors(out),
+                messages: Messages(out_rx),
             },
         )
+    }
+
+    /// Bytes of queries queued for this handler and not yet taken by its stream.
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes.used()
     }
 
     /// Permits the handler has granted and not used (for tests and metrics).
@@ -195,7 +292,7 @@ async fn pump(
     mut queries: mpsc::Receiver<Queued>,
     mut control: mpsc::Receiver<QueryProviderInbound>,
     permits: Arc<Permits>,
-    out: mpsc::Sender<Result<QueryProviderInbound, Status>>,
+    out: mpsc::Sender<Outgoing>,
 ) {
     loop {
         let have_permit = permits.available() > 0;
@@ -204,9 +301,10 @@ async fn pump(
             message = control.recv() => message,
             queued = queries.recv(), if have_permit => match queued {
                 Some(queued) => {
-                    let Some((query, report)) = take(queued) else { continue };
+                    let Some((query, report, charges)) = take(queued) else { continue };
                     permits.available.fetch_sub(1, Ordering::AcqRel);
-                    if out.send(Ok(inbound(Inbound::Query(query)))).await.is_err() {
+                    let outgoing = Outgoing { message: Ok(inbound(Inbound::Query(query))), _held: Some(charges) };
+                    if out.send(outgoing).await.is_err() {
                         return;
                     }
                     // After the write: what the caller queues next comes after the query.
@@ -220,15 +318,16 @@ async fn pump(
             () = out.closed() => return,
         };
         let Some(message) = message else { return };
-        if out.send(Ok(message)).await.is_err() {
+        if out.send(Outgoing::plain(Ok(message))).await.is_err() {
             return;
         }
     }
 }
 
 /// Decides about a query taken from the queue: `None` if it is not to be sent (reported if
-/// expired), else the query to send (with an adjusted TIMEOUT if it waited) and its report.
-fn take(queued: Queued) -> Option<(QueryRequest, oneshot::Sender<Dispatched>)> {
+/// expired), else the query to send (with an adjusted TIMEOUT if it waited), its report and its
+/// charges.
+fn take(queued: Queued) -> Option<(QueryRequest, oneshot::Sender<Dispatched>, [Charge; 2])> {
     if queued.report.is_closed() {
         return None;
     }
@@ -243,7 +342,7 @@ fn take(queued: Queued) -> Option<(QueryRequest, oneshot::Sender<Dispatched>)> {
     if now - queued.enqueued >= REQUEUE_ADJUST {
         super::instructions::set_timeout(&mut query, queued.deadline - now);
     }
-    Some((query, queued.report))
+    Some((query, queued.report, queued.charges))
 }
 
 #[cfg(test)]
@@ -277,7 +376,7 @@ mod tests {
             .collect()
     }
 
-    async fn quiet(out: &mut mpsc::Receiver<Result<QueryProviderInbound, Status>>) {
+    async fn quiet(out: &mut Messages) {
         let nothing = tokio::time::timeout(Duration::from_millis(50), out.recv()).await;
         assert!(nothing.is_err(), "unexpected message: {nothing:?}");
     }
@@ -359,6 +458,45 @@ mod tests {
         let left = timeout_of(&waited);
         assert_eq!(left.len(), 1, "{left:?}");
         assert_eq!(left, [4_800]);
+    }
+
+    /// Both byte budgets bound the queue; a query holds its bytes until the stream's reader
+    /// takes it, and returns them when it is dropped unsent.
+    #[tokio::test]
+    async fn queued_bytes_are_bounded_per_handler_and_per_node() {
+        let query = |n: usize| QueryRequest {
+            message_identifier: format!("q{n}"),
+            payload: Some(myelin_proto::axon::SerializedObject {
+                data: vec![1u8; 1_000].into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let size = query(0).encoded_len();
+        let node = Budget::new(3 * size);
+        let (a, permits, stream) = LocalHandler::start_bounded(100, Budget::new(2 * size), node.clone());
+        let mut out = stream.messages;
+        let (b, _, _b_stream) = LocalHandler::start_bounded(100, Budget::new(10 * size), node.clone());
+        let (a_handler, a) = (a.clone(), Destination::Local(a));
+        let b = Destination::Local(b);
+        let _q0 = a.send_query(query(0), later()).unwrap();
+        let q1 = a.send_query(query(1), later()).unwrap();
+        assert_eq!(a.send_query(query(2), later()).unwrap_err(), SendError::QueueBytesFull);
+        let _q3 = b.send_query(query(3), later()).unwrap();
+        assert_eq!(b.send_query(query(4), later()).unwrap_err(), SendError::NodeBytesFull);
+        assert_eq!((a_handler.queued_bytes(), node.used()), (2 * size, 3 * size));
+
+        // Sent but not yet taken from the stream: still held. Taken: returned.
+        permits.grant(1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(node.used(), 3 * size);
+        assert!(out.recv().await.is_some());
+        assert_eq!((a_handler.queued_bytes(), node.used()), (size, 2 * size));
+        // An abandoned query is dropped unsent when its turn comes, and returns its bytes.
+        drop(q1);
+        permits.grant(1);
+        quiet(&mut out).await;
+        assert_eq!((a_handler.queued_bytes(), node.used()), (0, size));
     }
 
     #[test]

@@ -48,6 +48,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use myelin_proto::axon::ErrorMessage;
 use myelin_proto::errors::ErrorCode;
 
+use crate::handler_limits::{Budget, HandlerLimits};
+
 pub use metrics::{QueryMetrics, QueryMetricsSnapshot};
 
 /// The query routing of this node: one [`ContextQueries`] per context that has been used.
@@ -60,17 +62,60 @@ struct RouterInner {
     node_name: String,
     contexts: Mutex<HashMap<String, Arc<ContextQueries>>>,
     next_handler: AtomicU64,
+    limits: HandlerLimits,
+    /// Bytes of queries queued for all handlers (`myelin.limits.query-queue-bytes`).
+    queued_bytes: Budget,
+    /// Queries in flight on the node, one unit each (at most [`dispatch::MAX_IN_FLIGHT`]).
+    in_flight: Budget,
 }
 
 impl QueryRouter {
     pub fn new(node_name: impl Into<String>) -> QueryRouter {
+        let limits = HandlerLimits::default();
         QueryRouter {
             inner: Arc::new(RouterInner {
                 node_name: node_name.into(),
                 contexts: Mutex::new(HashMap::new()),
                 next_handler: AtomicU64::new(1),
+                queued_bytes: Budget::new(limits.query_queue_bytes),
+                in_flight: Budget::new(dispatch::MAX_IN_FLIGHT),
+                limits,
             }),
         }
+    }
+
+    /// A router that admits at most `queries` queries in flight at a time (for tests).
+    #[cfg(test)]
+    pub(crate) fn with_max_in_flight(mut self, queries: usize) -> QueryRouter {
+        Arc::get_mut(&mut self.inner).expect("not shared yet").in_flight = Budget::new(queries);
+        self
+    }
+
+    /// Sets the query queue and subscription limits; only before the router is shared.
+    pub fn with_limits(mut self, limits: HandlerLimits) -> QueryRouter {
+        let inner = Arc::get_mut(&mut self.inner).expect("limits are set before the router is shared");
+        inner.queued_bytes = Budget::new(limits.query_queue_bytes);
+        inner.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> &HandlerLimits {
+        &self.inner.limits
+    }
+
+    /// Starts a local handler's queues within the configured limits.
+    pub fn start_handler(&self) -> (handler::LocalHandler, Arc<handler::Permits>, handler::HandlerStream) {
+        let limits = &self.inner.limits;
+        handler::LocalHandler::start_bounded(
+            limits.query_queue_capacity,
+            Budget::new(limits.query_queue_bytes_per_client),
+            self.inner.queued_bytes.clone(),
+        )
+    }
+
+    /// Bytes of queries queued for all handlers now.
+    pub fn queued_bytes(&self) -> usize {
+        self.inner.queued_bytes.used()
     }
 
     /// The routing state of `context`, created on first use.
@@ -83,6 +128,8 @@ impl QueryRouter {
                     node_name: self.inner.node_name.clone(),
                     state: Mutex::new(State::default()),
                     metrics: QueryMetrics::default(),
+                    in_flight: self.inner.in_flight.clone(),
+                    bytes: self.inner.queued_bytes.clone(),
                 })
             })
             .clone()
@@ -126,6 +173,11 @@ pub struct ContextQueries {
     node_name: String,
     state: Mutex<State>,
     pub metrics: QueryMetrics,
+    /// The node's count of queries in flight, shared by every context.
+    in_flight: Budget,
+    /// The node's query bytes (`myelin.limits.query-queue-bytes`): a query in flight holds its
+    /// id's bytes of it, its queued copies their encoded size.
+    bytes: Budget,
 }
 
 #[derive(Default)]

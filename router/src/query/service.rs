@@ -1,4 +1,10 @@
 //! Axon's `QueryService` over gRPC: decodes, calls the context's routing, encodes.
+//!
+//! It also keeps each handler stream's subscriptions within
+//! `myelin.limits.query-subscriptions-per-stream` (distinct query name and result name pairs, as
+//! Axon Framework subscribes one per handler method) and `subscription-bytes-per-stream`: a
+//! subscribe beyond them is refused on that stream (a failed ack, AXONIQ-1900) and changes
+//! nothing.
 
 use std::pin::Pin;
 
@@ -15,9 +21,10 @@ use myelin_proto::errors::ErrorCode;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::handler::{Destination, LocalHandler, inbound};
+use super::handler::{Destination, inbound};
 use super::{ContextQueries, QueryRouter};
 use crate::context::client_context;
+use crate::handler_limits::{StreamSubscriptions, subscription_cost};
 use crate::platform::Disconnects;
 
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -42,7 +49,12 @@ impl QueryService for QueryEndpoint {
         tracing::Span::current().record("context", context.as_str());
         let queries = self.router.context(&context);
         let id = self.router.next_handler_id();
-        let (local, permits, stream) = LocalHandler::start();
+        let (local, permits, stream) = self.router.start_handler();
+        let limits = self.router.limits();
+        let mut subscriptions = StreamSubscriptions::new(
+            limits.query_subscriptions_per_stream,
+            limits.subscription_bytes_per_stream,
+        );
         let destination = Destination::Local(local);
         let mut messages = request.into_inner();
         let errors = stream.errors;
@@ -69,9 +81,14 @@ impl QueryService for QueryEndpoint {
                             client_id = named_client(&message).to_owned();
                         }
                         let instruction_id = message.instruction_id.clone();
-                        let outcome = handle(&queries, id, &destination, &permits, message).await;
-                        if let Err(error) = &outcome {
-                            tracing::debug!(%error, "bad message on a query handler stream");
+                        let outcome = handle(&queries, id, &destination, &permits, &mut subscriptions, message).await;
+                        match &outcome {
+                            // Logged once per stream, however often a client keeps trying.
+                            Err((ErrorCode::TooManyRequests, error)) if subscriptions.refused() == 1 => {
+                                tracing::warn!(%client_id, %error, "query handler subscription refused");
+                            }
+                            Err((_, error)) => tracing::debug!(%error, "bad message on a query handler stream"),
+                            Ok(()) => {}
                         }
                         if !instruction_id.is_empty() {
                             let ack = ack(&queries, instruction_id, outcome);
@@ -87,7 +104,7 @@ impl QueryService for QueryEndpoint {
             }
             queries.handler_gone(id).await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(stream.messages))))
+        Ok(Response::new(Box::pin(stream.messages)))
     }
 
     type QueryStream = Boxed<QueryResponse>;
@@ -122,25 +139,60 @@ fn named_client(message: &QueryProviderOutbound) -> &str {
     }
 }
 
+/// Why a handler's message was not acted on: the code and text of the failed ack.
+type Refusal = (ErrorCode, String);
+
+fn unsupported(reason: &str) -> Refusal {
+    (ErrorCode::UnsupportedInstruction, reason.to_owned())
+}
+
+/// The limit a query stream's subscription count is refused by.
+const SUBSCRIPTIONS_KEY: &str = "myelin.limits.query-subscriptions-per-stream";
+
+/// How a stream's subscription is keyed for its limits: query name and result name.
+fn subscription_key(query: &str, result_name: &str) -> String {
+    format!("{query}\u{0}{result_name}")
+}
+
 /// Acts on one message from a handler; an error is a message the node cannot act on.
 async fn handle(
     queries: &ContextQueries,
     id: super::handler::HandlerId,
     destination: &Destination,
     permits: &super::handler::Permits,
+    subscriptions: &mut StreamSubscriptions,
     message: QueryProviderOutbound,
-) -> Result<(), String> {
+) -> Result<(), Refusal> {
     match message.request {
         Some(Outbound::Subscribe(subscription)) => {
             if subscription.query.is_empty() {
-                return Err("subscribe names no query".to_owned());
+                return Err(unsupported("subscribe names no query"));
             }
+            let key = subscription_key(&subscription.query, &subscription.result_name);
+            let cost = subscription_cost(
+                &[
+                    &subscription.query,
+                    &subscription.result_name,
+                    &subscription.component_name,
+                    &subscription.client_id,
+                ],
+                0,
+            );
+            subscriptions.admit(&key, cost, SUBSCRIPTIONS_KEY).map_err(|refused| {
+                (
+                    ErrorCode::TooManyRequests,
+                    format!("Subscription to {} refused: {refused}", subscription.query),
+                )
+            })?;
             queries.subscribe_handler(id, destination, &subscription);
         }
         Some(Outbound::Unsubscribe(subscription)) => {
             if subscription.query.is_empty() {
-                return Err("unsubscribe names no query".to_owned());
+                return Err(unsupported("unsubscribe names no query"));
             }
+            // The registry forgets the handler for the whole query name: so do the limits.
+            let prefix = subscription_key(&subscription.query, "");
+            subscriptions.remove_where(|key| key.starts_with(&prefix));
             queries.unsubscribe_handler(id, &subscription.query);
         }
         Some(Outbound::FlowControl(flow)) => permits.grant(flow.permits),
@@ -150,15 +202,17 @@ async fn handle(
             queries.relay_subscription_response(id, response).await;
         }
         Some(Outbound::Ack(_)) => {}
-        None => return Err("Unsupported instruction".to_owned()),
+        None => return Err(unsupported("Unsupported instruction")),
     }
     Ok(())
 }
 
-fn ack(queries: &ContextQueries, instruction_id: String, outcome: Result<(), String>) -> QueryProviderInbound {
-    let error = outcome.err().map(|message| {
-        let mut error = queries.error(ErrorCode::UnsupportedInstruction, message);
-        error.details.push("Unsupported instruction".to_owned());
+fn ack(queries: &ContextQueries, instruction_id: String, outcome: Result<(), Refusal>) -> QueryProviderInbound {
+    let error = outcome.err().map(|(code, message)| {
+        let mut error = queries.error(code, message);
+        if code == ErrorCode::UnsupportedInstruction {
+            error.details.push("Unsupported instruction".to_owned());
+        }
         error
     });
     inbound(Inbound::Ack(InstructionAck {
