@@ -334,12 +334,17 @@ async fn a_stream_window_of_small_frames_does_not_end_the_connection() {
 
     let node = Node::start(Options::default()).await;
     let router = Pid::from_raw(node.child_pid("router").unwrap());
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", node.grpc_port)).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", node.grpc_port))
+        .await
+        .unwrap();
     let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
     let connection = tokio::spawn(connection);
     let request = http::Request::builder()
         .method("POST")
-        .uri(format!("http://127.0.0.1:{}/io.axoniq.axonserver.grpc.event.EventStore/AppendEvent", node.grpc_port))
+        .uri(format!(
+            "http://127.0.0.1:{}/io.axoniq.axonserver.grpc.event.EventStore/AppendEvent",
+            node.grpc_port
+        ))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(())
