@@ -81,6 +81,11 @@ impl AppState {
             .db
             .call(|conn| crate::control_db::applications::grants(conn))
             .await?;
+        // Admin's own rules first, at once: a token registered by this call must hold for the
+        // next HTTP call as soon as this one returns (the rules' follower task, which also
+        // serves the router, could be a moment behind: a fresh token was refused as unknown
+        // under load). The router catches up through the published grants.
+        self.access.update(&grants);
         self.grants.send_replace(Arc::new(grants));
         Ok(())
     }

@@ -19,9 +19,15 @@ use myelin_proto::axon::query::QueryResponse;
 use tokio::sync::{Notify, mpsc};
 use tonic::Status;
 
+use crate::handler_limits::Charge;
+
 /// The responses of one query, as the dispatcher's transport takes them.
+/// A response on its way to the dispatcher, holding its bytes of the node's query budget
+/// (`myelin.limits.query-queue-bytes`) until the dispatcher's transport takes it.
+pub type Relayed = (Result<QueryResponse, Status>, Option<Charge>);
+
 pub struct ResponseStream {
-    responses: mpsc::Receiver<Result<QueryResponse, Status>>,
+    responses: mpsc::Receiver<Relayed>,
     /// For a streaming query: what the transport took, which is the dispatcher's demand.
     demand: Option<Arc<Demand>>,
 }
@@ -50,13 +56,14 @@ impl Stream for ResponseStream {
             // notify_one keeps the wake-up if the gather task is not waiting right now.
             demand.changed.notify_one();
         }
-        polled
+        // Taken: its charge returns to the budget.
+        polled.map(|relayed| relayed.map(|(response, _charge)| response))
     }
 }
 
 impl ResponseStream {
     /// The stream of `responses`; `demand`, for a streaming query, counts what is taken.
-    pub fn new(responses: mpsc::Receiver<Result<QueryResponse, Status>>, demand: Option<Arc<Demand>>) -> Self {
+    pub fn new(responses: mpsc::Receiver<Relayed>, demand: Option<Arc<Demand>>) -> Self {
         ResponseStream { responses, demand }
     }
 
@@ -84,8 +91,8 @@ mod tests {
         let (tx, rx) = mpsc::channel(4);
         let demand = Arc::new(Demand::default());
         let mut stream = ResponseStream::new(rx, Some(demand.clone()));
-        tx.send(Ok(QueryResponse::default())).await.unwrap();
-        tx.send(Ok(QueryResponse::default())).await.unwrap();
+        tx.send((Ok(QueryResponse::default()), None)).await.unwrap();
+        tx.send((Ok(QueryResponse::default()), None)).await.unwrap();
         assert_eq!(demand.taken(), 0, "sending is not taking");
         stream.recv().await.unwrap().unwrap();
         // A wake-up given while nobody waited is kept for the next wait.

@@ -13,7 +13,9 @@
 //!
 //! Admission: a query in flight holds one of the node's [`MAX_IN_FLIGHT`] places and its id's
 //! bytes of the node's query budget (`myelin.limits.query-queue-bytes`) until its gather ends;
-//! without them it fails at once with AXONIQ-1900.
+//! without them it fails at once with AXONIQ-1900. Each response holds its encoded size of the
+//! same budget from the moment its handler's stream delivers it until the dispatcher's
+//! transport takes it; a response the budget cannot take ends its query with AXONIQ-1900.
 //!
 //! Axon's rule for errors: a response carrying an error is held back; a later good response
 //! discards it; one still held when the last handler completes is sent just before completion.
@@ -53,13 +55,13 @@ use std::time::Duration;
 use myelin_proto::axon::query::query_provider_inbound::Request as Inbound;
 use myelin_proto::axon::query::{QueryFlowControl, QueryReference, QueryRequest, QueryResponse};
 use myelin_proto::errors::ErrorCode;
+use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 
 use super::ContextQueries;
-use super::demand::{self, Demand, ResponseStream};
+use super::demand::{self, Demand, Relayed, ResponseStream};
 use super::handler::{Destination, Dispatched, HandlerId, SendError, inbound};
 use super::instructions::{forwarded, timeout_of, wants_streaming};
 use crate::handler_limits::Charge;
@@ -98,7 +100,10 @@ fn hand_over(events: &mpsc::Sender<Gathered>, overflow: &CancellationToken, mess
 }
 
 enum Gathered {
-    Response(HandlerId, Box<QueryResponse>),
+    /// A response with its bytes of the node's query budget.
+    Response(HandlerId, Box<QueryResponse>, Charge),
+    /// A response arrived that the node's query budget could not take.
+    OverBudget,
     /// The handler sent `query_complete`, or disconnected.
     Done(HandlerId),
 }
@@ -114,6 +119,8 @@ enum End {
 const SLOW_DISPATCHER: &str = "Query cancelled: its responses were not read fast enough";
 const FLOODING_HANDLER: &str = "Query cancelled: its handler sent more responses than it was granted permits for";
 const DEAF_HANDLER: &str = "Query cancelled: its handler does not read its stream";
+const OVER_BUDGET: &str =
+    "Query cancelled: this node holds its maximum of query bytes (myelin.limits.query-queue-bytes)";
 
 /// One handler a query was routed to.
 struct Target {
@@ -202,7 +209,7 @@ impl ContextQueries {
                 self.metrics.failed();
                 let response = self.error_response(&id, code, message);
                 // A fresh channel has room for one message.
-                let _ = out.try_send(Ok(response));
+                let _ = out.try_send((Ok(response), None));
                 return stream;
             }
         };
@@ -277,7 +284,15 @@ impl ContextQueries {
     pub(super) async fn relay_response(&self, handler: HandlerId, response: QueryResponse) {
         let events = self.gatherer(handler, &response.request_identifier);
         match events {
-            Some((events, overflow)) => hand_over(&events, &overflow, Gathered::Response(handler, Box::new(response))),
+            Some((events, overflow)) => {
+                // Held from here until the dispatcher's transport takes it: responses a slow
+                // dispatcher leaves waiting are bounded in bytes, not only in number.
+                let message = match self.bytes.try_charge(response.encoded_len()) {
+                    Some(charge) => Gathered::Response(handler, Box::new(response), charge),
+                    None => Gathered::OverBudget,
+                };
+                hand_over(&events, &overflow, message);
+            }
             None => tracing::debug!(request_id = %response.request_identifier, "response for no query of this handler"),
         }
     }
@@ -332,7 +347,7 @@ struct Gather {
     id: String,
     targets: HashMap<HandlerId, Target>,
     held: Option<QueryResponse>,
-    out: mpsc::Sender<Result<QueryResponse, Status>>,
+    out: mpsc::Sender<Relayed>,
     overflow: CancellationToken,
     started: Instant,
     timeout: Duration,
@@ -365,9 +380,10 @@ impl Gather {
                 () = self.overflow.cancelled() => Step::Overflowed,
             };
             let outcome = match step {
-                Step::Event(Some(Gathered::Response(handler, response))) => {
-                    self.on_response(handler, *response, deadline).await
+                Step::Event(Some(Gathered::Response(handler, response, charge))) => {
+                    self.on_response(handler, *response, charge, deadline).await
                 }
+                Step::Event(Some(Gathered::OverBudget)) => Err(End::Overflowed(OVER_BUDGET)),
                 Step::Event(Some(Gathered::Done(handler))) => {
                     self.finish(handler);
                     Ok(())
@@ -413,7 +429,13 @@ impl Gather {
     }
 
     /// A response from one of the query's handlers.
-    async fn on_response(&mut self, handler: HandlerId, response: QueryResponse, deadline: Instant) -> Result<(), End> {
+    async fn on_response(
+        &mut self,
+        handler: HandlerId,
+        response: QueryResponse,
+        charge: Charge,
+        deadline: Instant,
+    ) -> Result<(), End> {
         self.reached(handler)?;
         let Some(target) = self.targets.get(&handler) else {
             return Ok(());
@@ -430,7 +452,7 @@ impl Gather {
         if self.demand.is_none() {
             // The deadline and an overflow still count while the dispatcher is slow.
             return tokio::select! {
-                sent = self.out.send(Ok(response)) => if sent.is_err() { Err(End::Cancelled) } else { Ok(()) },
+                sent = self.out.send((Ok(response), Some(charge))) => if sent.is_err() { Err(End::Cancelled) } else { Ok(()) },
                 () = tokio::time::sleep_until(deadline) => Err(End::TimedOut),
                 () = self.overflow.cancelled() => Err(End::Overflowed(SLOW_DISPATCHER)),
             };
@@ -440,7 +462,7 @@ impl Gather {
             self.stop_all_but(handler);
         }
         // Within its permits a handler always finds room: see STREAM_WINDOW.
-        match self.out.try_send(Ok(response)) {
+        match self.out.try_send((Ok(response), Some(charge))) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(query = %self.id, "a streaming query's handler ignores its permits; ending that query");
@@ -554,7 +576,7 @@ impl Gather {
         }
         if let Some(last) = last {
             // A dispatcher that does not read at all must not keep this task forever.
-            let _ = tokio::time::timeout(Duration::from_secs(10), self.out.send(Ok(last))).await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), self.out.send((Ok(last), None))).await;
         }
         metrics.finished(self.started.elapsed());
     }
@@ -826,6 +848,45 @@ mod tests {
         assert_eq!(last.error_code, "AXONIQ-1900");
         assert_eq!(last.error_message.unwrap().message, SLOW_DISPATCHER);
         assert!(context.state().in_flight.is_empty());
+    }
+
+    /// Responses waiting for a dispatcher hold their bytes of the node's query budget until
+    /// the dispatcher takes them; one the budget cannot take ends the query with AXONIQ-1900
+    /// and cancels it at its handler.
+    #[tokio::test]
+    async fn responses_waiting_for_the_dispatcher_are_bounded_in_bytes() {
+        let limits = crate::handler_limits::HandlerLimits {
+            query_queue_bytes: 64 << 10,
+            ..Default::default()
+        };
+        let router = QueryRouter::new("node").with_limits(limits);
+        let context = router.context("default");
+        let (_destination, mut stream) = handler_7(&context);
+        let mut responses = context.query(request("big", Some(60_000)));
+        next_query(&mut stream).await;
+        let held = router.queued_bytes();
+        let mut big = response("big", 1);
+        big.payload.as_mut().unwrap().data = vec![b'7'; 20 << 10].into();
+        context.relay_response(7, big.clone()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            router.queued_bytes() >= held + (20 << 10),
+            "a waiting response holds its bytes"
+        );
+        assert_eq!(take(&mut responses).await.payload, big.payload);
+        assert_eq!(router.queued_bytes(), held, "taken: its bytes are back");
+        // Four more of 20 KiB while the dispatcher reads nothing: the fourth does not fit.
+        for _ in 0..4 {
+            context.relay_response(7, big.clone()).await;
+        }
+        match next(&mut stream).await {
+            Inbound::QueryCancel(reference) => assert_eq!(reference.request_id, "big"),
+            other => panic!("expected query_cancel, got {other:?}"),
+        }
+        let last = last(responses).await;
+        assert_eq!(last.error_code, "AXONIQ-1900");
+        assert_eq!(last.error_message.unwrap().message, OVER_BUDGET);
+        assert_eq!(router.queued_bytes(), 0, "nothing is held once the query ended");
     }
 
     /// Handlers of a plain query hear that the server does not stream it, whatever the
