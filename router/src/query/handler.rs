@@ -133,10 +133,22 @@ impl Destination {
         Ok(dispatched)
     }
 
-    /// Sends a message that needs no permit.
+    /// Sends a message that needs no permit. It holds its bytes of the handler's and the node's
+    /// query budgets until tonic takes it, as a query does: a subscription query's request
+    /// carries a whole query, and a handler that does not read must not hold its queue's
+    /// count of them in memory.
     pub fn send_control(&self, message: QueryProviderInbound) -> Result<(), SendError> {
         match self {
-            Destination::Local(local) => local.control.try_send(message).map_err(SendError::from),
+            Destination::Local(local) => {
+                let size = message.encoded_len();
+                let client = local.bytes.try_charge(size).ok_or(SendError::QueueBytesFull)?;
+                let node = local.node_bytes.try_charge(size).ok_or(SendError::NodeBytesFull)?;
+                let outgoing = Outgoing {
+                    message: Ok(message),
+                    _held: Some([client, node]),
+                };
+                local.control.try_send(outgoing).map_err(SendError::from)
+            }
         }
     }
 }
@@ -208,7 +220,7 @@ pub struct HandlerStream {
 #[derive(Clone)]
 pub struct LocalHandler {
     queries: mpsc::Sender<Queued>,
-    control: mpsc::Sender<QueryProviderInbound>,
+    control: mpsc::Sender<Outgoing>,
     permits: Arc<Permits>,
     /// This handler's query bytes (`query-queue-bytes-per-client`).
     bytes: Budget,
@@ -290,7 +302,7 @@ impl LocalHandler {
 /// the handler's queues close.
 async fn pump(
     mut queries: mpsc::Receiver<Queued>,
-    mut control: mpsc::Receiver<QueryProviderInbound>,
+    mut control: mpsc::Receiver<Outgoing>,
     permits: Arc<Permits>,
     out: mpsc::Sender<Outgoing>,
 ) {
@@ -318,7 +330,7 @@ async fn pump(
             () = out.closed() => return,
         };
         let Some(message) = message else { return };
-        if out.send(Outgoing::plain(Ok(message))).await.is_err() {
+        if out.send(message).await.is_err() {
             return;
         }
     }
@@ -462,6 +474,43 @@ mod tests {
 
     /// Both byte budgets bound the queue; a query holds its bytes until the stream's reader
     /// takes it, and returns them when it is dropped unsent.
+    #[tokio::test]
+    async fn control_messages_hold_their_bytes_until_taken() {
+        use myelin_proto::axon::query::{SubscriptionQuery, SubscriptionQueryRequest};
+        let subscribe = |n: usize| {
+            inbound(Inbound::SubscriptionQueryRequest(SubscriptionQueryRequest {
+                request: Some(
+                    myelin_proto::axon::query::subscription_query_request::Request::Subscribe(SubscriptionQuery {
+                        subscription_identifier: format!("s{n}"),
+                        query_request: Some(QueryRequest {
+                            payload: Some(myelin_proto::axon::SerializedObject {
+                                data: vec![1u8; 1_000].into(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                ),
+            }))
+        };
+        let size = subscribe(0).encoded_len();
+        let node = Budget::new(10 * size);
+        let (handler, _permits, stream) = LocalHandler::start_bounded(100, Budget::new(2 * size), node.clone());
+        let mut out = stream.messages;
+        let (local, handler) = (handler.clone(), Destination::Local(handler));
+        handler.send_control(subscribe(0)).unwrap();
+        handler.send_control(subscribe(1)).unwrap();
+        assert_eq!(
+            handler.send_control(subscribe(2)).unwrap_err(),
+            SendError::QueueBytesFull
+        );
+        assert_eq!((local.queued_bytes(), node.used()), (2 * size, 2 * size));
+        assert!(out.recv().await.is_some());
+        assert_eq!(local.queued_bytes(), size, "taken: its bytes are back");
+        handler.send_control(subscribe(3)).unwrap();
+    }
+
     #[tokio::test]
     async fn queued_bytes_are_bounded_per_handler_and_per_node() {
         let query = |n: usize| QueryRequest {
