@@ -8,6 +8,7 @@
 pub mod access;
 pub mod append_pipe;
 pub mod command;
+pub mod connections;
 pub mod context;
 pub mod control;
 pub mod event_metrics;
@@ -91,6 +92,9 @@ pub struct Args {
 /// Bounds on what clients may hold open (docs/limits.md has each one's reason and test).
 #[derive(clap::Args, Debug, Clone)]
 pub struct Limits {
+    /// Client connections open at once (`myelin.limits.connections`); one more is closed at once.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub connections: u64,
     /// Concurrent streams (calls) one client connection may have open: HTTP/2's
     /// MAX_CONCURRENT_STREAMS (`myelin.limits.streams-per-connection`).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
@@ -264,7 +268,10 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
             .max_decoding_message_size(max),
         )
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            connections::limit(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                usize::try_from(args.limits.connections).unwrap_or(usize::MAX),
+            ),
             async move {
                 let _ = stop_clients.changed().await;
             },

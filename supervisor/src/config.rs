@@ -77,6 +77,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("myelin.router.worker-threads", Kind::Text),
     ("myelin.eventstore.worker-threads", Kind::Text),
     // The router's limits (docs/limits.md): see ROUTER_LIMITS.
+    ("myelin.limits.connections", Kind::Text),
     ("myelin.limits.streams-per-connection", Kind::Text),
     ("myelin.limits.event-reads", Kind::Text),
     ("myelin.limits.events-per-transaction", Kind::Text),
@@ -97,6 +98,7 @@ const KEYS: &[(&str, Kind)] = &[
 /// the transaction timeout, in milliseconds) are Text keys, sizes Size keys; an unset key leaves
 /// the router's default, so the defaults live in one place (the router's `Args`).
 const ROUTER_LIMITS: &[(&str, &str)] = &[
+    ("myelin.limits.connections", "--connections"),
     ("myelin.limits.streams-per-connection", "--streams-per-connection"),
     ("myelin.limits.event-reads", "--event-reads"),
     ("myelin.limits.events-per-transaction", "--events-per-transaction"),

@@ -228,3 +228,47 @@ async fn event_reads_beyond_the_node_limit_are_refused_at_once() {
         }
     }
 }
+
+/// Client connections open at once are bounded: one more is closed at once (its call fails as
+/// on any closed connection), the open ones go on, and a connection that closes frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_closed_and_places_come_back() {
+    let node = Node::start(Options {
+        env: vec![("MYELIN_LIMITS_CONNECTIONS".into(), "3".into())],
+        ..Options::default()
+    })
+    .await;
+    // Let the harness's readiness probes' connections close.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut client = node.client().await;
+        client.get_last_token(GetLastTokenRequest {}).await.unwrap();
+        open.push(client);
+    }
+    let refused = async {
+        let mut client = node.lazy_client();
+        client.get_last_token(GetLastTokenRequest {}).await
+    };
+    let (refused, _) = within("a call on a fourth connection", refused).await;
+    // Failed as on any connection closed under it (tonic says UNAVAILABLE, CANCELLED or UNKNOWN
+    // depending on when it notices).
+    let status = refused.expect_err("a fourth connection");
+    eprintln!("a call on a fourth connection: {status:?}");
+    for client in &mut open {
+        client.get_last_token(GetLastTokenRequest {}).await.unwrap();
+    }
+    drop(open.pop());
+    let deadline = Instant::now() + HANG;
+    loop {
+        let mut client = node.lazy_client();
+        match client.get_last_token(GetLastTokenRequest {}).await {
+            Ok(_) => break,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("no place came back: {status:?}"),
+        }
+    }
+    assert!(node.log_text().contains("refusing client connections"));
+}
