@@ -54,6 +54,14 @@ pub struct Args {
     /// on the blocking pool; a second thread mostly added wake-ups between the two.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: u16,
+    /// Payload types one tracking stream's blacklist keeps; further ones are ignored
+    /// (`myelin.limits.blacklist-entries`).
+    #[arg(long, default_value_t = tracking::BLACKLIST_ENTRIES)]
+    pub blacklist_entries: usize,
+    /// Bytes of payload types one tracking stream's blacklist keeps
+    /// (`myelin.limits.blacklist-bytes`).
+    #[arg(long, default_value_t = tracking::BLACKLIST_BYTES)]
+    pub blacklist_bytes: usize,
 }
 
 /// Runs the eventstore until SIGTERM or SIGINT.
@@ -107,6 +115,10 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
     let storage = myelin_proto::internal::event_storage_server::EventStorageServer::new(service::Service {
         contexts: contexts.clone(),
         max_transaction_bytes: myelin_proto::limits::max_transaction_bytes(args.max_message_size),
+        blacklist: tracking::BlacklistBound {
+            entries: args.blacklist_entries,
+            bytes: args.blacklist_bytes,
+        },
     })
     .max_decoding_message_size(myelin_proto::limits::internal_message_limit(args.max_message_size))
     .max_encoding_message_size(usize::MAX);

@@ -37,6 +37,8 @@ pub struct Service {
     pub contexts: Arc<Contexts>,
     /// Largest transaction (sum of encoded events) one AppendEvent call may carry.
     pub max_transaction_bytes: usize,
+    /// How much of a blacklist one tracking stream keeps.
+    pub blacklist: tracking::BlacklistBound,
 }
 
 /// The context a call is for, from the `myelin-context` metadata the router sets.
@@ -476,7 +478,7 @@ impl EventStorage for Service {
         request: Request<Streaming<GetEventsRequest>>,
     ) -> Result<Response<Self::ListEventsStream>, Status> {
         let context = context_of(&self.contexts, &request)?;
-        let rx = tracking::start(context, request.into_inner()).await?;
+        let rx = tracking::start(context, request.into_inner(), self.blacklist).await?;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

@@ -48,6 +48,7 @@ type Out = mpsc::Sender<Result<EncodedEventsWithToken, Status>>;
 pub async fn start(
     context: Arc<Context>,
     mut requests: Streaming<GetEventsRequest>,
+    bound: BlacklistBound,
 ) -> Result<mpsc::Receiver<Result<EncodedEventsWithToken, Status>>, Status> {
     // A first request that does not decode is reported as such (the `?`), not as a missing one.
     let first = requests
@@ -63,7 +64,10 @@ pub async fn start(
     }
     let (tx, rx) = mpsc::channel(OUT_QUEUE);
     let span = tracing::info_span!("list_events", context = %context.name, client = %first.client_id);
-    tokio::spawn(tracing::Instrument::instrument(run(context, first, requests, tx), span));
+    tokio::spawn(tracing::Instrument::instrument(
+        run(context, first, requests, tx, bound),
+        span,
+    ));
     Ok(rx)
 }
 
@@ -101,13 +105,15 @@ impl Tracker {
 /// Payload types (type, revision) a client does not want, looked up by the bytes of an encoded
 /// event without allocating.
 ///
-/// Bounded per stream by `BLACKLIST_ENTRIES` entries and `BLACKLIST_BYTES` bytes of keys;
+/// Bounded per stream by a [`BlacklistBound`] (`myelin.limits.blacklist-entries` and
+/// `myelin.limits.blacklist-bytes`, by default `BLACKLIST_ENTRIES` and `BLACKLIST_BYTES`);
 /// entries beyond either are ignored, with one warning per stream. A blacklist only spares the
 /// client events it would skip anyway (Axon Framework drops events it has no handler for), so
 /// ignoring an entry costs some traffic, never correctness; refusing the stream instead would
 /// make a client that sends its whole blacklist again on reconnect fail for ever.
 #[derive(Default)]
 struct Blacklist {
+    bound: BlacklistBound,
     /// `type`, 0xFF, `revision`: 0xFF never occurs in UTF-8, so the join is unambiguous.
     keys: HashSet<Vec<u8>>,
     /// Bytes of all keys.
@@ -124,6 +130,22 @@ pub const BLACKLIST_ENTRIES: usize = 1000;
 /// 256 bytes each. With the set's own overhead a stream's blacklist stays under about 320 KiB.
 pub const BLACKLIST_BYTES: usize = 256 << 10;
 
+/// How much of a blacklist one tracking stream keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlacklistBound {
+    pub entries: usize,
+    pub bytes: usize,
+}
+
+impl Default for BlacklistBound {
+    fn default() -> Self {
+        BlacklistBound {
+            entries: BLACKLIST_ENTRIES,
+            bytes: BLACKLIST_BYTES,
+        }
+    }
+}
+
 impl Blacklist {
     fn key<'a>(scratch: &'a mut Vec<u8>, kind: &[u8], revision: &[u8]) -> &'a [u8] {
         scratch.clear();
@@ -139,7 +161,7 @@ impl Blacklist {
         if self.keys.contains(key) {
             return true;
         }
-        if self.keys.len() >= BLACKLIST_ENTRIES || self.bytes + key.len() > BLACKLIST_BYTES {
+        if self.keys.len() >= self.bound.entries || self.bytes + key.len() > self.bound.bytes {
             if self.ignored == 0 {
                 tracing::warn!(
                     entries = self.keys.len(),
@@ -203,11 +225,20 @@ impl Message {
     }
 }
 
-async fn run(context: Arc<Context>, first: GetEventsRequest, mut requests: Streaming<GetEventsRequest>, out: Out) {
+async fn run(
+    context: Arc<Context>,
+    first: GetEventsRequest,
+    mut requests: Streaming<GetEventsRequest>,
+    out: Out,
+    bound: BlacklistBound,
+) {
     let mut tracker = Tracker {
         next: first.tracking_token,
         permits: 0,
-        blacklist: Blacklist::default(),
+        blacklist: Blacklist {
+            bound,
+            ..Blacklist::default()
+        },
         skipped_in_a_row: 0,
     };
     tracker.grant(&first);

@@ -130,6 +130,9 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
                 if let Some(threads) = config.eventstore_worker_threads {
                     arg("--worker-threads", &threads.to_string());
                 }
+                for (flag, value) in &config.eventstore_limits {
+                    arg(flag, &value.to_string());
+                }
             }
             (ChildMode::Real, Role::Router) => {
                 let listen = SocketAddr::new(config.bind_address, config.port);

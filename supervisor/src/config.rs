@@ -76,6 +76,9 @@ const KEYS: &[(&str, Kind)] = &[
     ("myelin.contexts", Kind::List),
     ("myelin.router.worker-threads", Kind::Text),
     ("myelin.eventstore.worker-threads", Kind::Text),
+    // The eventstore's limits: see EVENTSTORE_LIMITS.
+    ("myelin.limits.blacklist-entries", Kind::Text),
+    ("myelin.limits.blacklist-bytes", Kind::Size),
     // The router's limits (docs/limits.md): see ROUTER_LIMITS.
     ("myelin.limits.connections", Kind::Text),
     ("myelin.limits.streams-per-connection", Kind::Text),
@@ -94,9 +97,16 @@ const KEYS: &[(&str, Kind)] = &[
     ("myelin.limits.subscription-bytes-per-stream", Kind::Size),
 ];
 
-/// The router's limits (docs/limits.md): each key with the router flag it becomes. Counts (and
-/// the transaction timeout, in milliseconds) are Text keys, sizes Size keys; an unset key leaves
-/// the router's default, so the defaults live in one place (the router's `Args`).
+/// The eventstore's limits (docs/limits.md): each key with the eventstore flag it becomes. Counts
+/// are Text keys, sizes Size keys; an unset key leaves the process's default, so the defaults
+/// live in one place (the process's `Args`).
+const EVENTSTORE_LIMITS: &[(&str, &str)] = &[
+    ("myelin.limits.blacklist-entries", "--blacklist-entries"),
+    ("myelin.limits.blacklist-bytes", "--blacklist-bytes"),
+];
+
+/// The router's limits, as [`EVENTSTORE_LIMITS`] are the eventstore's (the transaction timeout
+/// is a count of milliseconds).
 const ROUTER_LIMITS: &[(&str, &str)] = &[
     ("myelin.limits.connections", "--connections"),
     ("myelin.limits.streams-per-connection", "--streams-per-connection"),
@@ -272,6 +282,8 @@ pub struct Config {
     pub eventstore_worker_threads: Option<u16>,
     /// The router's limits that were set: (router flag, value). See [`ROUTER_LIMITS`].
     pub router_limits: Vec<(&'static str, u64)>,
+    /// The eventstore's limits that were set: (eventstore flag, value). See [`EVENTSTORE_LIMITS`].
+    pub eventstore_limits: Vec<(&'static str, u64)>,
 }
 
 /// Application-level heartbeats with clients (Axon's `heartbeat.enabled`,
@@ -563,11 +575,14 @@ fn parse_threads(value: &str) -> Result<u16, String> {
     }
 }
 
-/// The [`ROUTER_LIMITS`] that are set, validated: a count from 1 to 100,000,000, a size above
-/// zero that fits this machine.
-fn router_limits(settings: &Settings) -> Result<Vec<(&'static str, u64)>, ConfigError> {
+/// The limits of `table` that are set, as (flag, value), validated: a count from 1 to
+/// 100,000,000, a size above zero that fits this machine.
+fn limits(
+    settings: &Settings,
+    table: &[(&'static str, &'static str)],
+) -> Result<Vec<(&'static str, u64)>, ConfigError> {
     let mut set = Vec::new();
-    for &(key, flag) in ROUTER_LIMITS {
+    for &(key, flag) in table {
         let value = match kind_of(key) {
             Kind::Size => settings.parse(key, |v| match datasize::parse(v)? {
                 0 => Err("must be greater than zero".to_string()),
@@ -706,7 +721,8 @@ impl Config {
                 frequency_ms: settings.millis("axoniq.axonserver.client-heartbeat-frequency")?,
                 timeout_ms: settings.millis("axoniq.axonserver.client-heartbeat-timeout")?,
             },
-            router_limits: router_limits(settings)?,
+            router_limits: limits(settings, ROUTER_LIMITS)?,
+            eventstore_limits: limits(settings, EVENTSTORE_LIMITS)?,
             router_worker_threads: settings.parse("myelin.router.worker-threads", parse_threads)?,
             eventstore_worker_threads: settings.parse("myelin.eventstore.worker-threads", parse_threads)?,
             access_control: AccessControl {
@@ -916,6 +932,30 @@ mod tests {
             let error = load(&inputs(dir.path())).unwrap_err().to_string();
             assert!(error.contains("myelin.eventstore.worker-threads"), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn blacklist_limits_reach_the_eventstore_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load(&inputs(dir.path())).unwrap().config.eventstore_limits.is_empty());
+        write(
+            dir.path(),
+            "axonserver.properties",
+            "myelin.limits.blacklist-entries=50\nmyelin.limits.blacklist-bytes=16KB\n",
+        );
+        let c = load(&inputs(dir.path())).unwrap().config;
+        assert_eq!(
+            c.eventstore_limits,
+            vec![("--blacklist-entries", 50), ("--blacklist-bytes", 16 << 10)]
+        );
+        assert!(c.router_limits.is_empty());
+        write(
+            dir.path(),
+            "axonserver.properties",
+            "myelin.limits.blacklist-entries=0\n",
+        );
+        let error = load(&inputs(dir.path())).unwrap_err().to_string();
+        assert!(error.contains("myelin.limits.blacklist-entries"), "{error}");
     }
 
     #[test]
