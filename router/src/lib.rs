@@ -116,8 +116,8 @@ pub struct Limits {
 }
 
 /// HTTP/2 flow-control windows of the client port (see `run`).
-const CLIENT_STREAM_WINDOW: u32 = 1 << 20;
-const CLIENT_CONNECTION_WINDOW: u32 = 16 << 20;
+const CLIENT_STREAM_WINDOW: u32 = 256 << 10;
+const CLIENT_CONNECTION_WINDOW: u32 = 4 << 20;
 
 /// Runs the router until SIGTERM or SIGINT.
 pub fn main(args: Args) -> anyhow::Result<()> {
@@ -241,13 +241,15 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         .http2_keepalive_interval(Some(std::time::Duration::from_millis(2500)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_millis(5000)))
         .max_concurrent_streams(Some(args.limits.streams_per_connection))
-        // A stream's window bounds what one call may send ahead of the router; the connection's
-        // is larger so that no one call can stop the others. h2 also ends a connection (GOAWAY
+        // A stream's window bounds what one call may send ahead of the router, the connection's
+        // what one client connection may (memory: at most 4 MiB a connection); it is larger so
+        // that no one call can stop the others. h2 also ends a connection (GOAWAY
         // ENHANCE_YOUR_CALM, "too_many_data_frames") whose unread small DATA frames outweigh half
-        // the connection window: at hyper's 1 MiB a single stream of ~150-byte events that the
-        // router read a little slower than a grpcio client sent them took every call of the
-        // connection down (issue 15, D10). With 16 MiB no stream of messages of 32 bytes or more
-        // can reach it, while a flood of tiny frames still does.
+        // the connection window: at hyper's 1 MiB for both, a single stream of ~150-byte events
+        // that the router read a little slower than a grpcio client sent them took every call of
+        // the connection down (issue 15, D10). With sixteen stream windows in the connection's,
+        // no stream of messages of 29 bytes or more can reach that bound (a stream of p-byte
+        // frames costs (256 - p) / p per byte of its window), while a flood of tiny frames does.
         .initial_stream_window_size(Some(CLIENT_STREAM_WINDOW))
         .initial_connection_window_size(Some(CLIENT_CONNECTION_WINDOW))
         .add_service(event_reads::EventStoreService::new(relay, max, max_reads))

@@ -5,7 +5,7 @@ not yet consumed small DATA frames outweigh half its connection window. With hyp
 that was reached whenever the router read a stream of ~150-byte events a little slower than a
 grpcio client sent them (under load, or when a refused transaction kept coming): every call on
 the connection failed with UNAVAILABLE, not just the one. The router's client port now has a
-16 MiB connection window (1 MiB per stream), and drains a refused transaction until the client
+4 MiB connection window (256 KiB per stream), and drains a refused transaction until the client
 half-closes before answering it."""
 
 from __future__ import annotations

@@ -350,8 +350,8 @@ async fn a_stream_window_of_small_frames_does_not_end_the_connection() {
         .body(())
         .unwrap();
     let (response, mut body) = h2.send_request(request, false).unwrap();
-    // gRPC messages of ~100 bytes, one DATA frame each: 10,000 of them (about 1 MB, the
-    // router's stream window) while the router is stopped.
+    // gRPC messages of ~100 bytes, one DATA frame each: 10,000 of them (about 1 MB, more than
+    // the router's stream window, which the client fills while the router is stopped).
     let framed = |i: i64| {
         let mut e = event("small-frames", i, &format!("f{i:06}"));
         e.payload.as_mut().unwrap().data = bytes::Bytes::from_static(b"0123456789");
