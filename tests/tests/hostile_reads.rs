@@ -215,14 +215,18 @@ async fn a_huge_blacklist_is_bounded() {
     drop(tx);
 }
 
-async fn storage_control(node: &Node) -> StorageControlClient<Channel> {
+/// A channel to the eventstore's internal socket, bypassing the router.
+async fn eventstore_channel(node: &Node) -> Channel {
     let socket = std::path::absolute(node.runtime_dir().join("eventstore.sock")).unwrap();
-    let channel = Endpoint::from_shared(format!("unix://{}", socket.display()))
+    Endpoint::from_shared(format!("unix://{}", socket.display()))
         .unwrap()
         .connect()
         .await
-        .unwrap();
-    StorageControlClient::new(channel)
+        .unwrap()
+}
+
+async fn storage_control(node: &Node) -> StorageControlClient<Channel> {
+    StorageControlClient::new(eventstore_channel(node).await)
 }
 
 /// A sample of the eventstore's metrics for the default context; `None` when it is not there.
@@ -336,12 +340,7 @@ async fn a_malformed_first_request_reports_its_decode_error() {
     let node = Node::start(Options::default()).await;
     // Field 1 (tracking_token) as a length-delimited field: not a GetEventsRequest.
     let malformed = bytes::Bytes::from_static(&[0x0a, 0x05, 0x01]);
-    let socket = std::path::absolute(node.runtime_dir().join("eventstore.sock")).unwrap();
-    let channel = Endpoint::from_shared(format!("unix://{}", socket.display()))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = eventstore_channel(&node).await;
     let status = list_events_raw::<myelin_proto::internal::EncodedEventsWithToken>(
         channel,
         "/myelin.internal.EventStorage/ListEvents",

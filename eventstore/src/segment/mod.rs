@@ -46,35 +46,22 @@ pub(crate) mod tests {
 
     pub(crate) fn append(store: &SegmentStore, index: u64, events: &[(&str, i64)]) -> i64 {
         let texts: Vec<String> = events.iter().map(|(id, s)| format!("{id}:{s}")).collect();
-        let items: Vec<(&[u8], Indexed)> = texts
-            .iter()
-            .zip(events)
-            .map(|(t, (id, s))| {
-                (
-                    t.as_bytes(),
-                    Indexed {
-                        aggregate_id: id,
-                        sequence: *s,
-                        indexed: !id.is_empty(),
-                    },
-                )
-            })
-            .collect();
-        let entry = EntryRef {
-            term: 1,
-            leader: 1,
-            index,
-        };
-        store.append(entry, &items).unwrap()
+        append_texts(store, index, &texts, events)
     }
 
     /// Appends one record of events `(aggregate, sequence, timestamp)`.
     pub(crate) fn append_at(store: &SegmentStore, index: u64, events: &[(&str, i64, i64)]) -> i64 {
         let texts: Vec<String> = events.iter().map(|(id, s, t)| format!("{id}:{s}@{t}")).collect();
+        let facts: Vec<(&str, i64)> = events.iter().map(|(id, s, _)| (*id, *s)).collect();
+        append_texts(store, index, &texts, &facts)
+    }
+
+    /// Appends one record of `texts`, each indexed under its `(aggregate, sequence)`.
+    fn append_texts(store: &SegmentStore, index: u64, texts: &[String], facts: &[(&str, i64)]) -> i64 {
         let items: Vec<(&[u8], Indexed)> = texts
             .iter()
-            .zip(events)
-            .map(|(text, (id, s, _))| {
+            .zip(facts)
+            .map(|(text, (id, s))| {
                 (
                     text.as_bytes(),
                     Indexed {
