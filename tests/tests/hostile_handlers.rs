@@ -190,9 +190,11 @@ async fn assert_bystander_unharmed(bystander: &mut Bystander) -> (Duration, Dura
 /// (`myelin.limits.command-queue-bytes-per-client`) and every command beyond that fails at once
 /// with AXONIQ-1900.
 ///
-/// Bound: the router's RSS grows by less than 80 MiB during the scenario (8 MiB queued plus
-/// transport buffers, decoding and allocator slack for 150 MiB arriving at once: 45 to 51 MiB
-/// seen); before the fix it kept every command (about 160 MiB seen).
+/// The proof is the count refused at once (none before the fix). The router's RSS is a sanity
+/// bound: it grows by less than 110 MiB. Beside the 8 MiB queue it holds the commands still being
+/// received (up to streams × message size per connection: the connection window bounds only what
+/// is unread) and allocator slack, which vary with the machine: 33 to 53 MiB seen here, 80 MiB
+/// on CI. Before the fix the router kept every command (+150 MiB seen).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_handler_that_never_answers_holds_a_bounded_queue() {
     let node = node(&[
@@ -262,7 +264,7 @@ async fn a_handler_that_never_answers_holds_a_bounded_queue() {
         started.elapsed()
     );
 
-    assert!(peak < before + 80, "router RSS grew from {before} MiB to {peak} MiB");
+    assert!(peak < before + 110, "router RSS grew from {before} MiB to {peak} MiB");
     // 8 MiB hold about 32 of them; every other one is refused at once, with a clear error.
     assert!(refused.len() >= COMMANDS - 64, "only {} refused", refused.len());
     let message = &refused[0].error_message.as_ref().unwrap().message;
@@ -396,8 +398,9 @@ async fn a_stream_that_subscribes_without_end_is_capped_and_the_listing_still_an
 /// the queries beyond fail at once with AXONIQ-1900. A subscribe beyond
 /// `myelin.limits.query-subscriptions-per-stream` is refused on the stream the same way.
 ///
-/// Bound: the router's RSS grows by less than 48 MiB (about 25 MiB seen); before the fix it kept
-/// all 75 MiB (about 85 MiB seen).
+/// The proof is the count refused at once (none before the fix). The router's RSS is a sanity
+/// bound: it grows by less than 80 MiB (25 to 57 MiB seen; queries still being received count, see
+/// the command test); before the fix it kept all 75 MiB (+86 MiB seen).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_query_handler_without_permits_holds_a_bounded_queue() {
     let node = node(&[
@@ -467,7 +470,7 @@ async fn a_query_handler_without_permits_holds_a_bounded_queue() {
         "queries: {refused} of {QUERIES} refused; router RSS {before} MiB before, peak {peak} MiB; \
          bystander median {median:?}, slowest {slowest:?}"
     );
-    assert!(peak < before + 48, "router RSS grew from {before} MiB to {peak} MiB");
+    assert!(peak < before + 80, "router RSS grew from {before} MiB to {peak} MiB");
     assert!(refused >= QUERIES - 40, "only {refused} refused: {:?}", &codes[..5]);
 
     // One name too many for the stream: refused on it, clearly, and nothing changes.
