@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "axon/command.proto",
         "axon/query.proto",
         "internal/internal.proto",
+        "internal/cluster.proto",
     ];
     let fds = protox::compile(files, [&root])?;
     tonic_prost_build::configure()

@@ -44,7 +44,7 @@ impl Work {
     }
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum AppendError {
     /// Definite: nothing was proposed.
     #[error("this node is not the leader of the context")]
@@ -55,6 +55,10 @@ pub enum AppendError {
     /// Indefinite: the entry may or may not have been stored.
     #[error("storage failure: {0}")]
     Storage(String),
+    /// Indefinite: forwarded to the leader, and the answer was lost on the way back (or the
+    /// leader lost its place before the entry committed).
+    #[error("{0}")]
+    Unknown(String),
 }
 
 struct Pending {

@@ -33,6 +33,10 @@ use crate::stored::{Limits, StoredContext};
 
 pub struct Context {
     pub name: String,
+    /// This node's member id and name in the context's group.
+    pub member: consensus::Member,
+    /// The router's relay: appends forwarded to a leader on another node go through it.
+    pub relay: myelin_proto::internal::raft_relay_client::RaftRelayClient<tonic::transport::Channel>,
     pub stored: Arc<StoredContext>,
     pub raft: Raft,
     pub appender: Appender,
@@ -68,6 +72,9 @@ pub enum LifecycleError {
     /// Definite: nothing changed.
     #[error("{0}: context not found")]
     NotFound(String),
+    /// Definite: nothing changed. The node stores the context as another member of its group.
+    #[error("context {context} is stored on this node as member {stored} of its group, not {asked}")]
+    OtherMember { context: String, stored: u64, asked: u64 },
     /// Indefinite: the operation may have been partly done; retrying it is safe.
     #[error(transparent)]
     Failed(#[from] anyhow::Error),
@@ -81,6 +88,7 @@ impl LifecycleError {
             LifecycleError::InvalidName(_) => ErrorCode::InvalidContextName.status(self),
             LifecycleError::Internal(_) => ErrorCode::CannotDeleteInternalContext.status(self),
             LifecycleError::NotFound(_) => ErrorCode::ContextNotFound.status(self),
+            LifecycleError::OtherMember { .. } => ErrorCode::CannotJoin.status(self),
             LifecycleError::Failed(e) => {
                 tracing::error!(error = format!("{e:#}"), "context create/delete failed");
                 ErrorCode::DatafileWriteError.status(format!("{e:#}"))
@@ -91,6 +99,18 @@ impl LifecycleError {
 
 /// The file recording deleted contexts (see the module docs).
 const DELETED_FILE: &str = "deleted-contexts";
+/// This node's member id and name in a context's group (absent: a standalone group).
+const MEMBER_FILE: &str = "member.json";
+
+fn read_member(path: &Path) -> anyhow::Result<Option<consensus::Member>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(
+            serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
 const TOMBSTONE_PREFIX: &str = ".deleting-";
 const PRESERVED_DIR: &str = ".preserved";
 
@@ -105,20 +125,43 @@ pub struct Contexts {
     data_dir: PathBuf,
     limits: Limits,
     log_segment_size: u64,
+    /// This node's name: a standalone group's member is named by it.
+    node_name: String,
+    /// The router's relay, through which every group reaches its other members.
+    relay: myelin_proto::internal::raft_relay_client::RaftRelayClient<tonic::transport::Channel>,
     map: RwLock<BTreeMap<String, Arc<Context>>>,
     /// Serializes creates and deletes (never taken on a client's path).
     lifecycle: tokio::sync::Mutex<()>,
 }
 
 impl Contexts {
+    /// Contexts of a node without peers (tests): its groups can never send.
     pub fn new(data_dir: &Path, limits: Limits, log_segment_size: u64) -> Contexts {
+        let relay = myelin_raft_relay::relay_client(Path::new("/nonexistent/router.sock")).expect("an absolute path");
+        Contexts::with_relay(data_dir, limits, log_segment_size, "myelin", relay)
+    }
+
+    pub fn with_relay(
+        data_dir: &Path,
+        limits: Limits,
+        log_segment_size: u64,
+        node_name: &str,
+        relay: myelin_proto::internal::raft_relay_client::RaftRelayClient<tonic::transport::Channel>,
+    ) -> Contexts {
         Contexts {
             data_dir: data_dir.to_owned(),
             limits,
             log_segment_size,
+            node_name: node_name.to_owned(),
+            relay,
             map: RwLock::new(BTreeMap::new()),
             lifecycle: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// This node's name.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
     }
 
     /// The directory holding one sub-directory per context.
@@ -169,8 +212,46 @@ impl Contexts {
         Ok(names)
     }
 
-    /// Opens (recovering) or creates a context, and waits until its group has a leader.
+    /// Opens (recovering) or creates a context; a standalone one is ready (has its leader) when
+    /// this returns.
     pub async fn open(&self, name: &str) -> anyhow::Result<Arc<Context>> {
+        self.open_as(name, None).await
+    }
+
+    /// Opens or creates a context as `member` of a group that spans nodes (see
+    /// [`consensus::Bootstrap`]). A context stored here as another member is refused: a node
+    /// that comes back without its data must be given a new member id (openraft requires it).
+    pub async fn join(
+        &self,
+        name: &str,
+        member: consensus::Member,
+        bootstrap: consensus::Bootstrap,
+    ) -> Result<Arc<Context>, LifecycleError> {
+        check_api_name(name)?;
+        let _lifecycle = self.lifecycle.lock().await;
+        if let Some(existing) = self.get(name) {
+            if existing.member == member {
+                return Ok(existing);
+            }
+            return Err(LifecycleError::OtherMember {
+                context: name.to_owned(),
+                stored: existing.member.id,
+                asked: member.id,
+            });
+        }
+        let data_dir = self.data_dir.clone();
+        let owned = name.to_owned();
+        tokio::task::spawn_blocking(move || forget_deleted(&data_dir, &owned))
+            .await
+            .context("join task")??;
+        Ok(self.open_as(name, Some((member, bootstrap))).await?)
+    }
+
+    async fn open_as(
+        &self,
+        name: &str,
+        join: Option<(consensus::Member, consensus::Bootstrap)>,
+    ) -> anyhow::Result<Arc<Context>> {
         if let Some(existing) = self.get(name) {
             return Ok(existing);
         }
@@ -183,13 +264,51 @@ impl Contexts {
             .await?
             .with_context(|| format!("recovering context {name} in {}", dir.display()))?;
         let stored = Arc::new(stored);
-        let raft = consensus::start_group(name, stored.clone(), self.log_segment_size).await?;
-        raft.wait(Some(Duration::from_secs(30)))
-            .current_leader(LOCAL_NODE, "leader elected")
-            .await
-            .with_context(|| format!("context {name}: no leader within 30 s"))?;
+        let member_file = dir.join(MEMBER_FILE);
+        let (member, bootstrap) = match (read_member(&member_file)?, join) {
+            (Some(stored_as), Some((asked, _))) if stored_as != asked => anyhow::bail!(
+                "context {name} is stored here as member {} of its group, not {}",
+                stored_as.id,
+                asked.id
+            ),
+            // Restarted as a member of a group that spans nodes: its membership is in its log,
+            // or comes from the leader.
+            (Some(member), _) => (member, consensus::Bootstrap::Wait),
+            (None, Some((member, bootstrap))) => {
+                let bytes = serde_json::to_vec(&member).context("member file")?;
+                write_atomically(&member_file, &bytes)?;
+                (member, bootstrap)
+            }
+            (None, None) => (
+                consensus::Member {
+                    id: LOCAL_NODE,
+                    node: self.node_name.clone(),
+                },
+                consensus::Bootstrap::Alone,
+            ),
+        };
+        let network = consensus::Network::new(name, self.relay.clone());
+        let raft =
+            consensus::start_group(name, stored.clone(), self.log_segment_size, &member, bootstrap, network).await?;
+        // A group whose only voter is this node elects it at once: wait, so that the context is
+        // ready when it is listed. A group that spans nodes elects when a majority is up.
+        let voters: Vec<u64> = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        if voters == [member.id] {
+            raft.wait(Some(Duration::from_secs(30)))
+                .current_leader(member.id, "leader elected")
+                .await
+                .with_context(|| format!("context {name}: no leader within 30 s"))?;
+        }
         let appender = Appender::start(raft.clone(), stored.clone());
         let context = Arc::new(Context {
+            member,
+            relay: self.relay.clone(),
             name: name.to_owned(),
             stored,
             raft,

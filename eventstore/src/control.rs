@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use myelin_proto::internal::storage_control_server::StorageControl;
 use myelin_proto::internal::{
-    ContextStatus, CreateContextRequest, DeleteContextRequest, DeleteContextResponse, HoldLogCompactionRequest,
-    HoldLogCompactionResponse, ListContextsRequest, ListContextsResponse, ListLogSegmentsRequest,
-    ListLogSegmentsResponse, ListSegmentsRequest, ListSegmentsResponse, MetricsRequest, MetricsText,
+    AddMemberRequest, ContextStatus, CreateContextRequest, DeleteContextRequest, DeleteContextResponse, GroupStatus,
+    GroupStatusRequest, HoldLogCompactionRequest, HoldLogCompactionResponse, JoinContextRequest, ListContextsRequest,
+    ListContextsResponse, ListLogSegmentsRequest, ListLogSegmentsResponse, ListSegmentsRequest, ListSegmentsResponse,
+    MetricsRequest, MetricsText,
 };
 use tonic::{Request, Response, Status};
 
@@ -124,5 +125,54 @@ impl StorageControl for Control {
         Ok(Response::new(MetricsText {
             text: crate::metrics::render(&self.contexts),
         }))
+    }
+
+    #[tracing::instrument(skip_all, fields(context, member))]
+    async fn join_context(&self, request: Request<JoinContextRequest>) -> Result<Response<ContextStatus>, Status> {
+        let request = request.into_inner();
+        tracing::Span::current().record("context", request.name.as_str());
+        tracing::Span::current().record("member", request.member_id);
+        let me = crate::consensus::Member {
+            id: request.member_id,
+            node: self.contexts.node_name().to_owned(),
+        };
+        let bootstrap = if request.initial_members.is_empty() {
+            crate::consensus::Bootstrap::Wait
+        } else {
+            if !request
+                .initial_members
+                .iter()
+                .any(|m| m.id == me.id && m.node == me.node)
+            {
+                return Err(Status::invalid_argument(format!(
+                    "the first members of {} do not include this node as member {}",
+                    request.name, me.id
+                )));
+            }
+            crate::consensus::Bootstrap::Voters(request.initial_members.into_iter().map(|m| (m.id, m.node)).collect())
+        };
+        let context = self
+            .contexts
+            .join(&request.name, me, bootstrap)
+            .await
+            .map_err(|e| e.status())?;
+        Ok(Response::new(context_status(&context)))
+    }
+
+    #[tracing::instrument(skip_all, fields(context))]
+    async fn add_member(&self, request: Request<AddMemberRequest>) -> Result<Response<GroupStatus>, Status> {
+        let request = request.into_inner();
+        tracing::Span::current().record("context", request.context.as_str());
+        let context = crate::backup::find_context(&self.contexts, &request.context)?;
+        let member = request
+            .member
+            .ok_or_else(|| Status::invalid_argument("no member to add"))?;
+        Ok(Response::new(crate::membership::add(&context, member).await?))
+    }
+
+    async fn get_group_status(&self, request: Request<GroupStatusRequest>) -> Result<Response<GroupStatus>, Status> {
+        let request = request.into_inner();
+        let context = crate::backup::find_context(&self.contexts, &request.context)?;
+        Ok(Response::new(crate::membership::status(&context)))
     }
 }

@@ -1,8 +1,11 @@
 //! The eventstore process: stores the events and snapshots of every context on this node.
 //!
 //! Layers, top to bottom:
-//! - `service` / `tracking`: the internal gRPC API on a Unix socket (decode, call, encode).
-//! - `context` / `append`: the contexts, and group commit of concurrent appends.
+//! - `service` / `tracking` / `control` / `inbox`: the internal gRPC API on a Unix socket
+//!   (decode, call, encode); `inbox` takes Raft messages from other nodes via the router.
+//! - `membership`: carrying out the cluster's decisions on who is in a context's group.
+//! - `context` / `append` / `forward`: the contexts, group commit of concurrent appends, and
+//!   appends sent on to the leader when this node does not lead.
 //! - `consensus`: one openraft group per context; the Raft log in `log/` segments.
 //! - `stored` / `segment`: applying committed entries to event and snapshot segment files.
 //!
@@ -16,6 +19,9 @@ pub mod consensus;
 pub mod context;
 pub mod control;
 pub mod crash;
+pub mod forward;
+pub mod inbox;
+pub mod membership;
 pub mod metrics;
 pub mod segment;
 pub mod service;
@@ -34,6 +40,9 @@ pub struct Args {
     /// Unix socket to serve the internal storage API and gRPC health on.
     #[arg(long)]
     pub socket: PathBuf,
+    /// The router's Unix socket: every Raft group reaches its members on other nodes through it.
+    #[arg(long)]
+    pub router_socket: Option<PathBuf>,
     /// Maximum size of an event segment file in bytes.
     #[arg(long, default_value_t = 256 * 1024 * 1024)]
     pub segment_size: u64,
@@ -101,7 +110,19 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
         snapshot_segment_size: args.snapshot_segment_size,
     };
     let _metrics_upkeep = metrics::keep_up(metrics::install());
-    let contexts = std::sync::Arc::new(context::Contexts::new(&args.data_dir, limits, LOG_SEGMENT_SIZE));
+    let router_socket = args
+        .router_socket
+        .clone()
+        .unwrap_or_else(|| args.socket.with_file_name("router.sock"));
+    let relay = myelin_raft_relay::relay_client(&router_socket)
+        .with_context(|| format!("router socket {}", router_socket.display()))?;
+    let contexts = std::sync::Arc::new(context::Contexts::with_relay(
+        &args.data_dir,
+        limits,
+        LOG_SEGMENT_SIZE,
+        &args.node_name,
+        relay,
+    ));
     // Contexts stored earlier, plus the configured ones not deleted through the API.
     let names = contexts.open_at_start(&args.contexts).await?;
 
@@ -125,6 +146,11 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
     let control = myelin_proto::internal::storage_control_server::StorageControlServer::new(control::Control {
         contexts: contexts.clone(),
     });
+    let inbox = myelin_proto::internal::raft_inbox_server::RaftInboxServer::new(inbox::Inbox {
+        contexts: contexts.clone(),
+    })
+    .max_decoding_message_size(usize::MAX)
+    .max_encoding_message_size(usize::MAX);
     tracing::info!(socket = %args.socket.display(), contexts = ?names, "eventstore serving");
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(myelin_proto::local_socket::window::WRITE_STREAM))
@@ -132,6 +158,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
         .add_service(health)
         .add_service(storage)
         .add_service(control)
+        .add_service(inbox)
         .serve_with_incoming_shutdown(myelin_proto::local_socket::incoming(listener), shutdown)
         .await
         .context("serving the internal API")?;

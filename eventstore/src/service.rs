@@ -58,9 +58,10 @@ pub fn storage_status(e: StoreError) -> Status {
     ErrorCode::DatafileReadError.status(e)
 }
 
-fn append_status(e: AppendError) -> Status {
+fn append_status(context: &str, e: AppendError) -> Status {
     match e {
-        AppendError::NotLeader => ErrorCode::NoLeaderAvailable.status("no leader available for the context"),
+        AppendError::NotLeader => ErrorCode::NoLeaderAvailable.status(format!("No leader for {context}")),
+        AppendError::Unknown(why) => Status::unavailable(format!("the outcome of the append is unknown: {why}")),
         AppendError::Closed => Status::unavailable("the event store is shutting down"),
         // The eventstore stops and recovers (space::wait_for_room); until then it is not
         // available, and this append's outcome is unknown.
@@ -174,7 +175,9 @@ async fn store_request(
             .collect::<Result<Vec<_>, _>>()?;
         Work::Events(Transaction { events })
     };
-    let outcome = context.appender.append(work).await.map_err(append_status)?;
+    let outcome = crate::forward::append(&context, work)
+        .await
+        .map_err(|e| append_status(&context.name, e))?;
     outcome_status(outcome).map(|_| ())
 }
 
@@ -364,7 +367,9 @@ impl EventStorage for Service {
         if tx.events.is_empty() {
             return Ok(Response::new(Confirmation { success: true }));
         }
-        let outcome = context.appender.append(Work::Events(tx)).await.map_err(append_status)?;
+        let outcome = crate::forward::append(&context, Work::Events(tx))
+            .await
+            .map_err(|e| append_status(&context.name, e))?;
         outcome_status(outcome)?;
         Ok(Response::new(Confirmation { success: true }))
     }
@@ -376,11 +381,9 @@ impl EventStorage for Service {
         let event = request.into_inner();
         check_snapshot(&event.aggregate_identifier, event.aggregate_sequence_number)?;
         check_event(&event)?;
-        let outcome = context
-            .appender
-            .append(Work::Snapshot(record_of(&event, Kind::Snapshots)))
+        let outcome = crate::forward::append(&context, Work::Snapshot(record_of(&event, Kind::Snapshots)))
             .await
-            .map_err(append_status)?;
+            .map_err(|e| append_status(&context.name, e))?;
         outcome_status(outcome)?;
         Ok(Response::new(Confirmation { success: true }))
     }
@@ -418,6 +421,10 @@ impl EventStorage for Service {
         request: Request<GetAggregateEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let context = context_of(&self.contexts, &request)?;
+        // Every event committed before this call is in what it reads.
+        crate::forward::read_barrier(&context)
+            .await
+            .map_err(|e| append_status(&context.name, e))?;
         let req = request.into_inner();
         tracing::Span::current().record("aggregate", req.aggregate_id.as_str());
         let upper = if req.max_sequence > 0 {
@@ -444,6 +451,10 @@ impl EventStorage for Service {
         request: Request<GetAggregateSnapshotsRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let context = context_of(&self.contexts, &request)?;
+        // Every event committed before this call is in what it reads.
+        crate::forward::read_barrier(&context)
+            .await
+            .map_err(|e| append_status(&context.name, e))?;
         let req = request.into_inner();
         tracing::Span::current().record("aggregate", req.aggregate_id.as_str());
         // The upper bound is exclusive as in Axon Server, and 0 means unbounded.
@@ -487,6 +498,10 @@ impl EventStorage for Service {
         request: Request<ReadHighestSequenceNrRequest>,
     ) -> Result<Response<ReadHighestSequenceNrResponse>, Status> {
         let context = context_of(&self.contexts, &request)?;
+        // Every event committed before this call is in what it reads.
+        crate::forward::read_barrier(&context)
+            .await
+            .map_err(|e| append_status(&context.name, e))?;
         let id = request.into_inner().aggregate_id;
         let stored = context.stored.clone();
         let last = blocking(move || stored.events.last_sequence(&id)).await?;

@@ -57,10 +57,13 @@ codes! {
     InvalidSequence = "AXONIQ-2000", OutOfRange, 409;
     PayloadTooLarge = "AXONIQ-2001", InvalidArgument, 400;
     TooManyEvents = "AXONIQ-2002", InvalidArgument, 400;
-    NoLeaderAvailable = "AXONIQ-2100", NotFound, 404;
+    // Axon Server answers NOT_FOUND; UNAVAILABLE makes Axon's Java connector retry in 50 ms
+    // instead of 5 s, and a context without a leader is a passing state (docs/cluster.md).
+    NoLeaderAvailable = "AXONIQ-2100", Unavailable, 503;
     CannotDeleteInternalContext = "AXONIQ-2304", PermissionDenied, 403;
     InvalidContextName = "AXONIQ-2308", InvalidArgument, 400;
     InvalidPropertyValue = "AXONIQ-2311", InvalidArgument, 400;
+    CannotJoin = "AXONIQ-2502", FailedPrecondition, 400;
     UnknownRole = "AXONIQ-2510", InvalidArgument, 400;
     InvalidQuery = "AXONIQ-2511", InvalidArgument, 400;
     EventProcessorNotFound = "AXONIQ-2800", NotFound, 404;

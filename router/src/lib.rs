@@ -2,8 +2,8 @@
 //!
 //! It serves Axon's client gRPC API (port 8124) and relays event store calls to the eventstore
 //! process over its Unix socket, naming the client's context (`AxonIQ-Context`, else
-//! `default`). It holds no event data itself; command/query routing and node-to-node forwarding
-//! land here next.
+//! `default`). It holds no event data itself. It is also the node's only link to other nodes:
+//! on the internal port it relays every Raft group's messages (`peers`).
 
 pub mod access;
 pub mod append_pipe;
@@ -17,6 +17,7 @@ pub mod event_store;
 pub mod handler_limits;
 pub mod limits;
 pub mod metrics;
+pub mod peers;
 pub mod platform;
 pub mod query;
 pub mod transaction;
@@ -30,6 +31,14 @@ pub struct Args {
     /// Address for the client gRPC API (Axon's `axoniq.axonserver.port`).
     #[arg(long, default_value = "0.0.0.0:8124")]
     pub listen: SocketAddr,
+    /// Address for node-to-node gRPC (Axon's `axoniq.axonserver.internal-port`): other nodes'
+    /// routers send the Raft messages of every group here, on one connection per node.
+    #[arg(long, default_value = "0.0.0.0:8224")]
+    pub internal_listen: SocketAddr,
+    /// The token every node-to-node call carries (Axon's `accesscontrol.internal-token`); when set,
+    /// calls without it are refused. Given in the environment, never on the command line.
+    #[arg(long, env = "MYELIN_INTERNAL_TOKEN", hide_env_values = true)]
+    pub internal_token: Option<String>,
     /// Unix socket to serve gRPC health (for the supervisor) and `RouterControl` (for admin) on.
     #[arg(long)]
     pub socket: PathBuf,
@@ -217,6 +226,15 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         commands: commands.dispatcher().clone(),
         queries: queries.clone(),
     };
+    let peers = peers::Peers::new(
+        args.node_name.clone(),
+        args.internal_token.clone(),
+        peers::LinkBounds::default(),
+    );
+    let internal_listener = tokio::net::TcpListener::bind(args.internal_listen)
+        .await
+        .with_context(|| format!("binding the internal port {}", args.internal_listen))?;
+    tracing::info!(address = %internal_listener.local_addr()?, "router serving other nodes");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_health = stop_rx.clone();
     let health_server = tokio::spawn(
@@ -225,9 +243,45 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
             .add_service(myelin_proto::internal::router_control_server::RouterControlServer::new(
                 router_control,
             ))
+            .add_service(
+                myelin_proto::internal::raft_relay_server::RaftRelayServer::new(peers::Relay { peers: peers.clone() })
+                    .max_decoding_message_size(usize::MAX)
+                    .max_encoding_message_size(usize::MAX),
+            )
+            .add_service(myelin_proto::internal::peer_directory_server::PeerDirectoryServer::new(
+                peers::Directory { peers: peers.clone() },
+            ))
             .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(uds), async move {
                 let _ = stop_health.changed().await;
             }),
+    );
+
+    // Node-to-node: only a stream's own window may stop it (see `peers`).
+    let inbound = peers::Inbound {
+        node_name: args.node_name.clone(),
+        token: args.internal_token.clone(),
+        eventstore: peers::inbox(&args.eventstore_socket)?,
+        admin: args.admin_socket.as_deref().map(peers::inbox).transpose()?,
+        last_refusal_logged: std::sync::atomic::AtomicU64::new(0),
+    };
+    let mut stop_internal = stop_rx.clone();
+    let internal_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(1)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(3)))
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some((1 << 31) - 1))
+            .add_service(
+                myelin_proto::internal::peer_link_server::PeerLinkServer::new(inbound)
+                    .max_decoding_message_size(usize::MAX)
+                    .max_encoding_message_size(usize::MAX),
+            )
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(internal_listener).with_nodelay(Some(true)),
+                async move {
+                    let _ = stop_internal.changed().await;
+                },
+            ),
     );
 
     let max = args.max_message_size;
@@ -284,6 +338,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
     });
     clients.await.context("serving clients")?;
     let _ = health_server.await;
+    let _ = internal_server.await;
     let _ = std::fs::remove_file(&args.socket);
     tracing::info!("router stopped");
     Ok(())

@@ -119,6 +119,7 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
             (ChildMode::Real, Role::Eventstore) => {
                 arg("--data-dir", &config.event_storage);
                 arg("--socket", &own_socket);
+                arg("--router-socket", &router_socket);
                 arg("--segment-size", &config.event_segment_size.to_string());
                 let snapshot_segment_size = config.snapshot_segment_size.to_string();
                 arg("--snapshot-segment-size", &snapshot_segment_size);
@@ -140,6 +141,8 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
                 arg("--socket", &own_socket);
                 arg("--eventstore-socket", &es_socket);
                 arg("--admin-socket", &admin_socket);
+                let internal = SocketAddr::new(config.bind_address, config.internal_port);
+                arg("--internal-listen", &internal.to_string());
                 arg("--max-message-size", &config.max_message_size.to_string());
                 arg("--node-name", &config.name);
                 arg("--hostname", &hostname);
@@ -191,6 +194,13 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
         };
         args.insert(0, subcommand);
         let mut env = Vec::new();
+        if mode == ChildMode::Real
+            && role == Role::Router
+            && config.access_control.enabled
+            && let Some(token) = &config.access_control.internal_token
+        {
+            env.push(("MYELIN_INTERNAL_TOKEN".to_owned(), token.clone()));
+        }
         if mode == ChildMode::Real && role == Role::Admin {
             let access = &config.access_control;
             if let Some(token) = &access.admin_token {
@@ -305,7 +315,8 @@ mod tests {
         assert_eq!(
             es,
             format!(
-                "--data-dir {} --socket {run}/eventstore.sock --segment-size 268435456 \
+                "--data-dir {} --socket {run}/eventstore.sock --router-socket {run}/router.sock \
+                 --segment-size 268435456 \
                  --snapshot-segment-size 268435456 --context default --context orders \
                  --max-message-size 4194304 --node-name box1",
                 c.event_storage.display()
@@ -316,7 +327,7 @@ mod tests {
             format!(
                 "router --listen 127.0.0.1:8124 --socket {run}/router.sock \
                  --eventstore-socket {run}/eventstore.sock --admin-socket {run}/admin.sock \
-                 --max-message-size 4194304 \
+                 --internal-listen 127.0.0.1:8224 --max-message-size 4194304 \
                  --node-name box1 --hostname box1.example.org --grpc-port 8124 --http-port 8024"
             )
         );

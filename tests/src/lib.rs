@@ -4,6 +4,7 @@
 //! The binary is `$MYELIN_BIN`, else `target/release/myelin`, else `target/debug/myelin`: the
 //! test command builds it before running the tests.
 
+pub mod cluster;
 pub mod handlers;
 pub mod history;
 pub mod http;
@@ -45,6 +46,9 @@ pub struct Options {
     pub data_dir: Option<PathBuf>,
     /// The `myelin` binary to run (default: [`binary`]).
     pub binary: Option<PathBuf>,
+    /// The loopback address the node listens on (default 127.0.0.1); cluster tests give each node
+    /// its own (127.0.0.2, ...).
+    pub address: Option<std::net::Ipv4Addr>,
 }
 
 /// A running node. Dropping it kills every process of it.
@@ -80,7 +84,17 @@ impl Node {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.grpc_port)
+        format!("http://{}:{}", self.address(), self.grpc_port)
+    }
+
+    /// The address the node listens on.
+    pub fn address(&self) -> std::net::Ipv4Addr {
+        self.options.address.unwrap_or(std::net::Ipv4Addr::LOCALHOST)
+    }
+
+    /// `host:port` of the node's internal (node-to-node) port.
+    pub fn internal_address(&self) -> String {
+        format!("{}:{}", self.address(), self.internal_port)
     }
 
     /// A connected channel to the client gRPC port, for any of the client services.
@@ -104,7 +118,7 @@ impl Node {
         command
             .arg("--data-dir")
             .arg(&self.data)
-            .args(["--bind-address", "127.0.0.1"])
+            .args(["--bind-address", &self.address().to_string()])
             .args(["--port", &self.grpc_port.to_string()])
             .args(["--http-port", &self.http_port.to_string()])
             .args(["--internal-port", &self.internal_port.to_string()])

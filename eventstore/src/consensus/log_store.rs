@@ -847,7 +847,7 @@ fn read_error(e: impl ToString) -> StorageError {
 // Record encoding
 
 /// Appends the record of `entry` (length, CRC, body) to `out`.
-fn encode_record(entry: &Entry, out: &mut Vec<u8>) -> Result<(), String> {
+pub(crate) fn encode_record(entry: &Entry, out: &mut Vec<u8>) -> Result<(), String> {
     let start = out.len();
     out.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
     out.put_u64_le(entry.log_id.index);
@@ -910,7 +910,7 @@ fn check_record(data: &[u8], pos: usize) -> Result<RecordHead, &'static str> {
 }
 
 /// Decodes a whole record (header included) into an entry, checking its CRC.
-fn decode_record(record: Bytes) -> Result<Entry, String> {
+pub(crate) fn decode_record(record: Bytes) -> Result<Entry, String> {
     let head = check_record(&record, 0).map_err(str::to_string)?;
     if head.len != record.len() {
         return Err("record length does not match the index".into());

@@ -6,6 +6,7 @@
 //!   acknowledged to openraft (flush callback) only after it is fsynced, and concurrent appends
 //!   share one fsync (group commit).
 //! - `state_machine`: applying committed entries into the context's event and snapshot segments.
+//! - `network`: the group's RPCs to other members, through the router (`myelin_raft_relay`).
 
 pub mod log_store;
 pub mod network;
@@ -35,16 +36,44 @@ pub type StorageError = openraft::StorageError<NodeId>;
 /// The Raft handle of a context's group.
 pub type Raft = openraft::Raft<TypeConfig>;
 
-/// This node's id in every group. A single node is always node 1; cluster membership will
-/// assign ids from the `_admin` context.
+/// The member id of a standalone group's one member: every context created before this node
+/// joined a cluster. Groups that span nodes get their ids from the cluster configuration.
 pub const LOCAL_NODE: NodeId = 1;
 
-/// Starts the Raft group of one context over its recovered stores, and makes this node its
-/// single voter if the group is new.
+/// The openraft network of every group: RPCs go through this node's router (see
+/// `myelin_raft_relay`), entries as their log records.
+pub type Network = myelin_raft_relay::RelayNetwork<TypeConfig, network::LogRecords>;
+
+/// Who this node is in a context's group, kept in `<context>/member.json` so that a restart
+/// keeps its identity. A context without the file is a standalone group whose one member is
+/// [`LOCAL_NODE`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Member {
+    pub id: NodeId,
+    pub node: String,
+}
+
+/// How a group that has no membership yet gets one.
+#[derive(Debug, Clone)]
+pub enum Bootstrap {
+    /// This node alone is the group (a standalone context).
+    Alone,
+    /// These members (id -> node name) are the group's first voters; every one of them is given
+    /// the same list, so whichever initialises first, they agree.
+    Voters(std::collections::BTreeMap<NodeId, String>),
+    /// A member added to a running group: the leader brings it the membership.
+    Wait,
+}
+
+/// Starts the Raft group of one context over its recovered stores, as member `me`, and gives a
+/// new group its first membership as `bootstrap` says.
 pub async fn start_group(
     context: &str,
     stored: std::sync::Arc<crate::stored::StoredContext>,
     log_segment_size: u64,
+    me: &Member,
+    bootstrap: Bootstrap,
+    network: Network,
 ) -> anyhow::Result<Raft> {
     use anyhow::Context as _;
     let log_dir = stored.dir.join("log");
@@ -75,13 +104,19 @@ pub async fn start_group(
         ..Default::default()
     };
     let config = std::sync::Arc::new(config.validate().context("raft config")?);
-    let raft = openraft::Raft::new(LOCAL_NODE, config, network::NoPeers, log, sm)
+    let raft = openraft::Raft::new(me.id, config, network, log, sm)
         .await
         .with_context(|| format!("starting the Raft group of context {context}"))?;
     if !raft.is_initialized().await.context("raft state")? {
-        let mut members = std::collections::BTreeMap::new();
-        members.insert(LOCAL_NODE, openraft::BasicNode::default());
-        raft.initialize(members)
+        let voters: std::collections::BTreeMap<NodeId, openraft::BasicNode> = match bootstrap {
+            Bootstrap::Alone => [(me.id, openraft::BasicNode::new(&me.node))].into(),
+            Bootstrap::Voters(voters) => voters
+                .into_iter()
+                .map(|(id, node)| (id, openraft::BasicNode::new(node)))
+                .collect(),
+            Bootstrap::Wait => return Ok(raft),
+        };
+        raft.initialize(voters)
             .await
             .with_context(|| format!("initializing the Raft group of context {context}"))?;
     }
@@ -151,12 +186,29 @@ mod tests {
 
     async fn open(dir: &Path) -> (Arc<StoredContext>, Raft) {
         let stored = Arc::new(StoredContext::open("ctx", dir, LIMITS).unwrap());
-        let raft = start_group("ctx", stored.clone(), LOG_SEGMENT).await.unwrap();
+        let raft = start_group("ctx", stored.clone(), LOG_SEGMENT, &me(), Bootstrap::Alone, no_router())
+            .await
+            .unwrap();
         raft.wait(Some(std::time::Duration::from_secs(10)))
             .current_leader(LOCAL_NODE, "leader")
             .await
             .unwrap();
         (stored, raft)
+    }
+
+    fn me() -> Member {
+        Member {
+            id: LOCAL_NODE,
+            node: "n1".into(),
+        }
+    }
+
+    /// A standalone group never sends: a relay to a socket that does not exist will do.
+    pub(crate) fn no_router() -> Network {
+        Network::new(
+            "ctx",
+            myelin_raft_relay::relay_client(Path::new("/nonexistent/router.sock")).unwrap(),
+        )
     }
 
     async fn append(raft: &Raft, from: i64, to: i64) {

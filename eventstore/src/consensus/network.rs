@@ -1,57 +1,54 @@
-//! Raft RPCs to other nodes. A single-node group has no peers, so every RPC reports the target
-//! unreachable; node-to-node transport (relayed by the router on the internal port) replaces
-//! this when clustering arrives, without touching the storage or apply layers.
+//! How a context's group reaches its other members: through this node's router, which relays to
+//! the other nodes (`myelin_raft_relay`). Entries cross the wire as their log records (length,
+//! CRC, body): events travel as they are stored, and a record damaged on its way is refused by
+//! the receiver's checksum, never stored.
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
-};
-use openraft::{AnyError, BasicNode};
+use bytes::Bytes;
+use myelin_raft_relay::EntryCodec;
 
-use super::{NodeId, TypeConfig};
+use super::log_store::{decode_record, encode_record};
+use super::{Entry, TypeConfig};
 
-#[derive(Debug, Clone, Default)]
-pub struct NoPeers;
+/// The eventstore's entry encoding on the wire: its log record format.
+pub struct LogRecords;
 
-fn unreachable<E: std::error::Error>() -> RPCError<NodeId, BasicNode, E> {
-    RPCError::Unreachable(Unreachable::new(&AnyError::error(
-        "this node has no transport to other nodes yet",
-    )))
-}
+impl EntryCodec<TypeConfig> for LogRecords {
+    fn encode(entry: &Entry) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        encode_record(entry, &mut out)?;
+        Ok(out)
+    }
 
-impl RaftNetworkFactory<TypeConfig> for NoPeers {
-    type Network = NoPeers;
-
-    async fn new_client(&mut self, _target: NodeId, _node: &BasicNode) -> NoPeers {
-        NoPeers
+    fn decode(bytes: Bytes) -> Result<Entry, String> {
+        decode_record(bytes)
     }
 }
 
-impl RaftNetwork<TypeConfig> for NoPeers {
-    async fn append_entries(
-        &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(unreachable())
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{Command, Transaction};
 
-    async fn install_snapshot(
-        &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
-    {
-        Err(unreachable())
-    }
-
-    async fn vote(
-        &mut self,
-        _rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(unreachable())
+    #[test]
+    fn a_record_crosses_the_wire_unchanged_and_damage_is_refused() {
+        let record = crate::stored::record_of(
+            &myelin_proto::axon::event::Event {
+                aggregate_identifier: "a".into(),
+                ..Default::default()
+            },
+            crate::segment::Kind::Events,
+        );
+        let entry = Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(3, 2), 9),
+            payload: openraft::EntryPayload::Normal(Command::AppendEvents(vec![Transaction { events: vec![record] }])),
+        };
+        let wire = LogRecords::encode(&entry).unwrap();
+        let back = LogRecords::decode(Bytes::from(wire.clone())).unwrap();
+        assert_eq!(back.log_id, entry.log_id);
+        assert_eq!(LogRecords::encode(&back).unwrap(), wire);
+        let mut damaged = wire;
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        assert!(LogRecords::decode(Bytes::from(damaged)).is_err());
     }
 }

@@ -1,0 +1,301 @@
+//! What a member that does not lead its context's group asks of the leader: appends, and the
+//! index a read must wait for.
+//!
+//! A client may connect to any member (issue 11). Its append is handed to the local appender
+//! when this node leads; otherwise it is sent, as one command in the log's binary form, through
+//! the router to the leader's eventstore, which appends it with its own appender (one transaction
+//! stays one transaction) and answers with the outcome.
+//!
+//! What a client is told:
+//! - The outcome the leader reported, once committed and applied there.
+//! - `NotLeader` (AXONIQ-2100, UNAVAILABLE) when no leader is known within [`WAIT_FOR_LEADER`]:
+//!   definite, nothing was proposed.
+//! - `Unknown` when the append was sent and its answer was lost: it may have been stored.
+//!   Never a success that was not confirmed.
+//!
+//! Reads that must see every event committed before they started (aggregate reads, the highest
+//! sequence of an aggregate) wait for [`read_barrier`]: on the leader, a confirmation that it
+//! still leads (a heartbeat round to a majority) and its commit index; on a follower, the same
+//! asked of the leader; then until this replica has applied that index. A standalone group has
+//! nothing to wait for: its appends are applied before they are confirmed.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use myelin_proto::internal::raft_answer::Outcome as Answer;
+use myelin_proto::internal::{RaftAnswer, RaftMessage, RaftRpc};
+use myelin_raft_relay::not_delivered;
+
+use crate::append::{AppendError, Work};
+use crate::command::{Command, Outcome};
+use crate::context::Context;
+
+/// How long an append waits for its context to have a leader: longer than an election after the
+/// leader is lost (about one second, see docs/cluster.md), short enough that a client without a
+/// majority hears so at once.
+const WAIT_FOR_LEADER: Duration = Duration::from_millis(2_000);
+
+/// Stores `work` through the context's leader, wherever it is.
+pub async fn append(context: &Context, work: Work) -> Result<Outcome, AppendError> {
+    let deadline = Instant::now() + WAIT_FOR_LEADER;
+    let mut encoded: Option<Bytes> = None;
+    let mut work = Some(work);
+    loop {
+        let leader = context.raft.metrics().borrow().current_leader;
+        match leader {
+            Some(leader) if leader == context.member.id => {
+                if let Some(work) = work.take() {
+                    return context.appender.append(work).await;
+                }
+                // Encoded for a leader elsewhere that has since moved here.
+                let command = Command::decode(encoded.clone().expect("encoded when taken"))
+                    .map_err(|e| AppendError::Storage(format!("re-reading a forwarded append: {e}")))?;
+                return context.appender.append(work_of(command)?).await;
+            }
+            Some(leader) => {
+                let Some(node) = leader_node(context, leader) else {
+                    return Err(AppendError::NotLeader);
+                };
+                let bytes = encoded
+                    .get_or_insert_with(|| encode(work.take().expect("work until encoded")))
+                    .clone();
+                match send(context, leader, &node, bytes).await {
+                    Sent::Answered(result) => return result,
+                    Sent::Lost(why) => return Err(AppendError::Unknown(why)),
+                    // Definite: the leader did not take it; ask again once the group moved on.
+                    Sent::NotTaken => {}
+                }
+            }
+            None => {}
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(AppendError::NotLeader);
+        }
+        // Wait for a (new) leader, or a moment before asking the same one again.
+        let previous = leader;
+        let _ = context
+            .raft
+            .wait(Some((deadline - now).min(Duration::from_millis(100))))
+            .metrics(
+                |m| m.current_leader.is_some() && m.current_leader != previous,
+                "a leader",
+            )
+            .await;
+    }
+}
+
+/// Waits until this replica has applied every entry committed before the call; see the module
+/// docs. `NotLeader` when no leader answers within [`WAIT_FOR_LEADER`].
+pub async fn read_barrier(context: &Context) -> Result<(), AppendError> {
+    let me = context.member.id;
+    let alone = {
+        let metrics = context.raft.metrics();
+        let metrics = metrics.borrow();
+        metrics.membership_config.membership().voter_ids().eq([me])
+    };
+    if alone {
+        return Ok(());
+    }
+    let deadline = Instant::now() + WAIT_FOR_LEADER;
+    loop {
+        let leader = context.raft.metrics().borrow().current_leader;
+        let index = match leader {
+            Some(leader) if leader == me => match context.raft.get_read_log_id().await {
+                Ok((read, _)) => Some(read.map_or(0, |l| l.index)),
+                Err(e) => {
+                    tracing::debug!(context = %context.name, error = %e, "read index: no longer the leader");
+                    None
+                }
+            },
+            Some(leader) => match leader_node(context, leader) {
+                Some(node) => ask_read_index(context, leader, &node).await,
+                None => None,
+            },
+            None => None,
+        };
+        if let Some(index) = index {
+            let remaining = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(100));
+            return context
+                .raft
+                .wait(Some(remaining))
+                .applied_index_at_least(Some(index), "read index applied")
+                .await
+                .map(|_| ())
+                .map_err(|_| AppendError::NotLeader);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(AppendError::NotLeader);
+        }
+        let _ = context
+            .raft
+            .wait(Some((deadline - now).min(Duration::from_millis(100))))
+            .metrics(|m| m.current_leader.is_some() && m.current_leader != leader, "a leader")
+            .await;
+    }
+}
+
+/// The name of the node of member `leader`, from the group's membership.
+fn leader_node(context: &Context, leader: u64) -> Option<String> {
+    context
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .get_node(&leader)
+        .map(|n| n.addr.clone())
+        .filter(|n| !n.is_empty())
+}
+
+async fn ask_read_index(context: &Context, leader: u64, node: &str) -> Option<u64> {
+    let message = RaftMessage {
+        group: context.name.clone(),
+        to_node: node.to_owned(),
+        to_member: leader,
+        from_node: String::new(),
+        rpc: RaftRpc::ReadIndex as i32,
+        header: Bytes::new(),
+        entries: Vec::new(),
+    };
+    let answer = context.relay.clone().send(message).await.ok()?.into_inner();
+    match answer.outcome {
+        Some(Answer::Response(body)) => serde_json::from_slice::<Option<u64>>(&body).ok().flatten(),
+        _ => None,
+    }
+}
+
+/// On the leader: the index a follower's read must wait for, or `None` if this node no longer
+/// leads (the follower then looks for the new leader).
+pub async fn answer_read_index(context: &Context) -> RaftAnswer {
+    let index = match context.raft.get_read_log_id().await {
+        Ok((read, _)) => Some(read.map_or(0, |l| l.index)),
+        Err(_) => None,
+    };
+    match serde_json::to_vec(&index) {
+        Ok(body) => RaftAnswer {
+            outcome: Some(Answer::Response(body.into())),
+        },
+        Err(e) => myelin_raft_relay::lost(format!("cannot encode the read index: {e}")),
+    }
+}
+
+enum Sent {
+    Answered(Result<Outcome, AppendError>),
+    NotTaken,
+    Lost(String),
+}
+
+fn encode(work: Work) -> Bytes {
+    let command = match work {
+        Work::Events(tx) => Command::AppendEvents(vec![tx]),
+        Work::Snapshot(record) => Command::AppendSnapshots(vec![record]),
+    };
+    let mut out = Vec::with_capacity(command.encoded_len_hint());
+    command.encode(&mut out);
+    out.into()
+}
+
+fn work_of(command: Command) -> Result<Work, AppendError> {
+    let malformed = || AppendError::Storage("a forwarded append holds more than one transaction".into());
+    match command {
+        Command::AppendEvents(mut txs) if txs.len() == 1 => Ok(Work::Events(txs.pop().ok_or_else(malformed)?)),
+        Command::AppendSnapshots(mut records) if records.len() == 1 => {
+            Ok(Work::Snapshot(records.pop().ok_or_else(malformed)?))
+        }
+        _ => Err(malformed()),
+    }
+}
+
+async fn send(context: &Context, leader: u64, node: &str, command: Bytes) -> Sent {
+    let message = RaftMessage {
+        group: context.name.clone(),
+        to_node: node.to_owned(),
+        to_member: leader,
+        from_node: String::new(),
+        rpc: RaftRpc::ForwardAppend as i32,
+        header: Bytes::new(),
+        entries: vec![command],
+    };
+    let answer = match context.relay.clone().send(message).await {
+        Ok(answer) => answer.into_inner(),
+        Err(status) => return Sent::Lost(format!("forwarding to the leader on {node}: {}", status.message())),
+    };
+    match answer.outcome {
+        Some(Answer::Response(body)) => match serde_json::from_slice::<Result<Outcome, AppendError>>(&body) {
+            Ok(Err(AppendError::NotLeader)) => Sent::NotTaken,
+            Ok(result) => Sent::Answered(result),
+            Err(e) => Sent::Lost(format!("undecodable answer from the leader on {node}: {e}")),
+        },
+        Some(Answer::Unreachable(why)) => {
+            tracing::debug!(context = %context.name, node, why, "append not delivered to the leader");
+            Sent::NotTaken
+        }
+        Some(Answer::Lost(why)) => Sent::Lost(why),
+        Some(Answer::Refused(_)) | None => Sent::Lost(format!("no answer from the leader on {node}")),
+    }
+}
+
+/// On the leader: an append another member forwarded. Appended here only (never forwarded
+/// again, so a message cannot circle while leadership moves); `NotLeader` sends the sender to
+/// look for the new leader.
+pub async fn receive(context: &Context, message: RaftMessage) -> RaftAnswer {
+    let Some(bytes) = message.entries.into_iter().next() else {
+        return not_delivered("a forwarded append without its command");
+    };
+    let work = match Command::decode(bytes) {
+        Ok(command) => match work_of(command) {
+            Ok(work) => work,
+            Err(e) => return not_delivered(e.to_string()),
+        },
+        Err(e) => return not_delivered(format!("undecodable forwarded append: {e}")),
+    };
+    let result = if context.raft.metrics().borrow().current_leader == Some(context.member.id) {
+        context.appender.append(work).await
+    } else {
+        Err(AppendError::NotLeader)
+    };
+    match serde_json::to_vec(&result) {
+        Ok(body) => RaftAnswer {
+            outcome: Some(Answer::Response(body.into())),
+        },
+        Err(e) => myelin_raft_relay::lost(format!("cannot encode the outcome: {e}")),
+    }
+}
+
+/// What the leader makes of a forwarded `work`.
+#[cfg(test)]
+fn round_trip(work: Work) -> Work {
+    work_of(Command::decode(encode(work)).unwrap()).unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::Transaction;
+
+    #[test]
+    fn a_forwarded_transaction_stays_one_transaction() {
+        let record = |s: i64| crate::command::EventRecord {
+            aggregate_id: "a".into(),
+            sequence: s,
+            indexed: true,
+            encoded: Bytes::from(vec![s as u8; 10]),
+        };
+        let tx = Transaction {
+            events: (0..5).map(record).collect(),
+        };
+        match round_trip(Work::Events(tx.clone())) {
+            Work::Events(back) => assert_eq!(back, tx),
+            Work::Snapshot(_) => panic!("a transaction came back as a snapshot"),
+        }
+        match round_trip(Work::Snapshot(record(7))) {
+            Work::Snapshot(back) => assert_eq!(back, record(7)),
+            Work::Events(_) => panic!("a snapshot came back as events"),
+        }
+        assert!(work_of(Command::AppendEvents(vec![tx.clone(), tx])).is_err());
+    }
+}

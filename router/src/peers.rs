@@ -1,0 +1,382 @@
+//! Links to the other nodes of the cluster: the only place that opens a connection to another
+//! node. Raft and (later) forwarding and routing only say "send this to node N for group G".
+//!
+//! What holds (the rule of docs/decisions/0008-client-isolation.md, between nodes):
+//! - One HTTP/2 connection per peer carries every group's messages, each message its own stream.
+//!   The connection's flow-control window is HTTP/2's maximum, so only a stream's own window can
+//!   stop it: a group whose member on the peer reads slowly never stalls another group.
+//! - What is on its way to a peer is bounded, in bytes per peer and in messages per group and
+//!   peer. A message beyond a bound is refused at once as not delivered (openraft retries it after
+//!   its backoff), never queued: a stalled peer costs a bounded amount of memory, and a stalled
+//!   group never takes another's place.
+//! - The directory of peers (node name -> internal address) is data given by admin, from the
+//!   cluster configuration; a link is opened lazily and re-established by the HTTP/2 client when
+//!   its connection drops.
+//! - When access control is on, every call carries the cluster's internal token, and an incoming
+//!   call without the right one is refused (and logged, at most once a second).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use myelin_proto::internal::peer_directory_server::PeerDirectory;
+use myelin_proto::internal::peer_link_client::PeerLinkClient;
+use myelin_proto::internal::peer_link_server::PeerLink;
+use myelin_proto::internal::raft_inbox_client::RaftInboxClient;
+use myelin_proto::internal::raft_relay_server::RaftRelay;
+use myelin_proto::internal::{
+    ListPeersRequest, ListPeersResponse, PeerStatus, RaftAnswer, RaftMessage, SetPeersRequest, SetPeersResponse,
+};
+use myelin_raft_relay::{lost, not_delivered};
+use prost::Message as _;
+use std::sync::{Mutex, RwLock};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+/// Metadata key of the internal token on node-to-node calls.
+pub const INTERNAL_TOKEN_KEY: &str = "myelin-internal-token";
+
+/// The `_admin` group lives in admin; every other group is a context in the eventstore.
+pub const ADMIN_GROUP: &str = "_admin";
+
+/// Bounds on what may be on its way to one peer.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkBounds {
+    /// Bytes of messages on their way to one peer.
+    pub bytes_per_peer: u64,
+    /// Messages of one group on their way to one peer. openraft has at most one AppendEntries
+    /// and a few votes or snapshot chunks out per member, so this bound only bites on a fault.
+    pub messages_per_group: u32,
+}
+
+impl Default for LinkBounds {
+    fn default() -> Self {
+        LinkBounds {
+            bytes_per_peer: 256 << 20,
+            messages_per_group: 16,
+        }
+    }
+}
+
+/// HTTP/2 windows of the peer links: the connection's is the maximum (see the module docs); a
+/// stream's is large enough that one AppendEntries batch crosses a fast link in one round trip.
+const PEER_STREAM_WINDOW: u32 = 4 << 20;
+const PEER_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+
+struct Link {
+    address: String,
+    client: PeerLinkClient<Channel>,
+    bytes_in_flight: AtomicU64,
+    per_group: Mutex<HashMap<String, u32>>,
+    /// Whether the last call on the link got through.
+    connected: AtomicBool,
+}
+
+/// The links of this node to every other node.
+#[derive(Clone)]
+pub struct Peers {
+    inner: Arc<PeersInner>,
+}
+
+struct PeersInner {
+    node_name: String,
+    token: Option<String>,
+    bounds: LinkBounds,
+    links: RwLock<BTreeMap<String, Arc<Link>>>,
+}
+
+/// Gives back a message's share of its link's bounds when the message is answered or dropped.
+struct Charge {
+    link: Arc<Link>,
+    group: String,
+    bytes: u64,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.link.bytes_in_flight.fetch_sub(self.bytes, Ordering::Relaxed);
+        let mut groups = self.link.per_group.lock().expect("peer link groups");
+        if let Some(count) = groups.get_mut(&self.group) {
+            *count -= 1;
+            if *count == 0 {
+                groups.remove(&self.group);
+            }
+        }
+    }
+}
+
+impl Peers {
+    pub fn new(node_name: String, token: Option<String>, bounds: LinkBounds) -> Peers {
+        Peers {
+            inner: Arc::new(PeersInner {
+                node_name,
+                token,
+                bounds,
+                links: RwLock::new(BTreeMap::new()),
+            }),
+        }
+    }
+
+    /// Replaces the directory. Links whose address is unchanged are kept as they are.
+    pub fn set(&self, peers: Vec<(String, String)>) -> Result<(), Status> {
+        let mut next = BTreeMap::new();
+        let current = self.inner.links.read().expect("peer links").clone();
+        for (node, address) in peers {
+            if node == self.inner.node_name {
+                continue;
+            }
+            let link = match current.get(&node) {
+                Some(link) if link.address == address => link.clone(),
+                _ => Arc::new(open_link(&address)?),
+            };
+            next.insert(node, link);
+        }
+        *self.inner.links.write().expect("peer links") = next;
+        Ok(())
+    }
+
+    pub fn status(&self) -> Vec<PeerStatus> {
+        self.inner
+            .links
+            .read()
+            .expect("peer links")
+            .iter()
+            .map(|(node, link)| PeerStatus {
+                node: node.clone(),
+                internal_address: link.address.clone(),
+                connected: link.connected.load(Ordering::Relaxed),
+                bytes_in_flight: link.bytes_in_flight.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Sends a message to the node it names and returns that node's answer; what cannot be
+    /// sent now is answered as not delivered at once.
+    pub async fn send(&self, mut message: RaftMessage) -> RaftAnswer {
+        let Some(link) = self
+            .inner
+            .links
+            .read()
+            .expect("peer links")
+            .get(&message.to_node)
+            .cloned()
+        else {
+            return not_delivered(format!(
+                "node {:?} is not a known peer of {}",
+                message.to_node, self.inner.node_name
+            ));
+        };
+        let _charge = match self.charge(&link, &message) {
+            Ok(charge) => charge,
+            Err(answer) => return answer,
+        };
+        message.from_node.clone_from(&self.inner.node_name);
+        let mut request = Request::new(message);
+        if let Some(token) = &self.inner.token
+            && let Ok(value) = token.parse()
+        {
+            request.metadata_mut().insert(INTERNAL_TOKEN_KEY, value);
+        }
+        match link.client.clone().raft(request).await {
+            Ok(answer) => {
+                link.connected.store(true, Ordering::Relaxed);
+                answer.into_inner()
+            }
+            Err(status) => {
+                let why = format!("link to {}: {}", link.address, status.message());
+                if status.code() == tonic::Code::Unavailable {
+                    link.connected.store(false, Ordering::Relaxed);
+                }
+                // A connection that could not be made carried nothing: the message was not
+                // delivered. Any other failure may have come after the peer acted on it.
+                if never_connected(&status) {
+                    not_delivered(why)
+                } else {
+                    lost(why)
+                }
+            }
+        }
+    }
+
+    fn charge(&self, link: &Arc<Link>, message: &RaftMessage) -> Result<Charge, RaftAnswer> {
+        let bytes = message.encoded_len() as u64;
+        let bounds = self.inner.bounds;
+        {
+            let mut groups = link.per_group.lock().expect("peer link groups");
+            let count = groups.entry(message.group.clone()).or_insert(0);
+            if *count >= bounds.messages_per_group {
+                return Err(not_delivered(format!(
+                    "{} messages of group {} already on their way to {}",
+                    count, message.group, message.to_node
+                )));
+            }
+            *count += 1;
+        }
+        let before = link.bytes_in_flight.fetch_add(bytes, Ordering::Relaxed);
+        // From here on, dropping the charge gives back both the message and its bytes.
+        let charge = Charge {
+            link: link.clone(),
+            group: message.group.clone(),
+            bytes,
+        };
+        if before + bytes > bounds.bytes_per_peer && before > 0 {
+            return Err(not_delivered(format!(
+                "the link to {} holds {before} bytes already (myelin.limits.peer-link-bytes)",
+                message.to_node
+            )));
+        }
+        Ok(charge)
+    }
+}
+
+/// Whether a failed call never had a connection to go out on: tonic reports a failed connect as
+/// UNAVAILABLE carrying the connector's error, which we recognise by its text.
+fn never_connected(status: &Status) -> bool {
+    use std::error::Error as _;
+    const CONNECT_FAILED: [&str; 3] = ["tcp connect error", "error trying to connect", "Connection refused"];
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let mut texts = vec![status.message().to_owned()];
+    let mut source = status.source();
+    while let Some(error) = source {
+        texts.push(error.to_string());
+        source = error.source();
+    }
+    texts.iter().any(|t| CONNECT_FAILED.iter().any(|c| t.contains(c)))
+}
+
+fn open_link(address: &str) -> Result<Link, Status> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| Status::invalid_argument(format!("peer address {address:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(Some(PEER_STREAM_WINDOW))
+        .initial_connection_window_size(Some(PEER_CONNECTION_WINDOW));
+    let client = PeerLinkClient::new(endpoint.connect_lazy())
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    Ok(Link {
+        address: address.to_owned(),
+        client,
+        bytes_in_flight: AtomicU64::new(0),
+        per_group: Mutex::new(HashMap::new()),
+        connected: AtomicBool::new(false),
+    })
+}
+
+/// `RaftRelay` on the router's socket: the local eventstore's and admin's way out.
+pub struct Relay {
+    pub peers: Peers,
+}
+
+#[tonic::async_trait]
+impl RaftRelay for Relay {
+    #[tracing::instrument(level = "trace", skip_all, fields(group = %request.get_ref().group, to = %request.get_ref().to_node))]
+    async fn send(&self, request: Request<RaftMessage>) -> Result<Response<RaftAnswer>, Status> {
+        Ok(Response::new(self.peers.send(request.into_inner()).await))
+    }
+}
+
+/// `PeerDirectory` on the router's socket: admin tells where the other nodes are.
+pub struct Directory {
+    pub peers: Peers,
+}
+
+#[tonic::async_trait]
+impl PeerDirectory for Directory {
+    async fn set_peers(&self, request: Request<SetPeersRequest>) -> Result<Response<SetPeersResponse>, Status> {
+        let peers = request
+            .into_inner()
+            .peers
+            .into_iter()
+            .map(|p| (p.node, p.internal_address))
+            .collect();
+        self.peers.set(peers)?;
+        Ok(Response::new(SetPeersResponse {}))
+    }
+
+    async fn list_peers(&self, _: Request<ListPeersRequest>) -> Result<Response<ListPeersResponse>, Status> {
+        Ok(Response::new(ListPeersResponse {
+            peers: self.peers.status(),
+        }))
+    }
+}
+
+/// `PeerLink` on the internal port: messages from other nodes, handed to the local process that
+/// hosts their group.
+pub struct Inbound {
+    pub node_name: String,
+    pub token: Option<String>,
+    pub eventstore: RaftInboxClient<Channel>,
+    pub admin: Option<RaftInboxClient<Channel>>,
+    /// Unix second of the last refusal logged.
+    pub last_refusal_logged: AtomicU64,
+}
+
+impl Inbound {
+    fn check_token(&self, request: &Request<RaftMessage>) -> Result<(), Status> {
+        let Some(expected) = &self.token else {
+            return Ok(());
+        };
+        let given = request.metadata().get(INTERNAL_TOKEN_KEY).and_then(|v| v.to_str().ok());
+        if given.is_some_and(|given| constant_time_eq(given.as_bytes(), expected.as_bytes())) {
+            return Ok(());
+        }
+        let from = request.get_ref().from_node.clone();
+        let remote = request.remote_addr();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.last_refusal_logged.swap(now, Ordering::Relaxed) != now {
+            tracing::warn!(from_node = %from, ?remote, "refused a node-to-node call: wrong or missing internal token");
+        }
+        Err(Status::permission_denied(
+            "[AXONIQ-1000] this node-to-node call carries no valid internal token (accesscontrol.internal-token)",
+        ))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[tonic::async_trait]
+impl PeerLink for Inbound {
+    #[tracing::instrument(level = "trace", skip_all, fields(group = %request.get_ref().group, from = %request.get_ref().from_node))]
+    async fn raft(&self, request: Request<RaftMessage>) -> Result<Response<RaftAnswer>, Status> {
+        self.check_token(&request)?;
+        let message = request.into_inner();
+        if message.to_node != self.node_name {
+            return Ok(Response::new(not_delivered(format!(
+                "this is node {}, not {}",
+                self.node_name, message.to_node
+            ))));
+        }
+        let inbox = if message.group == ADMIN_GROUP {
+            match &self.admin {
+                Some(admin) => admin.clone(),
+                None => return Ok(Response::new(not_delivered("no admin on this node"))),
+            }
+        } else {
+            self.eventstore.clone()
+        };
+        let answer = match inbox.clone().deliver(message).await {
+            Ok(answer) => answer.into_inner(),
+            Err(status) => lost(format!("{}: {}", self.node_name, status.message())),
+        };
+        Ok(Response::new(answer))
+    }
+}
+
+/// A client of a local process's `RaftInbox`, without message size limits (the sender's router
+/// already bounded what it sends).
+pub fn inbox(socket: &std::path::Path) -> std::io::Result<RaftInboxClient<Channel>> {
+    Ok(RaftInboxClient::new(myelin_proto::local_socket::channel(socket)?)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX))
+}

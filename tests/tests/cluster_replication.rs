@@ -1,0 +1,339 @@
+//! A context replicated by its Raft group across real nodes: messages go from each eventstore
+//! through its router, over the internal port, to the other nodes (issue 11, first part).
+//!
+//! The cluster configuration (`_admin`) does not decide membership yet: the test plays its part
+//! over the nodes' Unix sockets (see `myelin_tests::cluster`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use myelin_proto::axon::event::event_store_client::EventStoreClient;
+use myelin_proto::axon::event::{
+    Event, GetAggregateEventsRequest, GetEventsRequest, GetLastTokenRequest, ReadHighestSequenceNrRequest,
+};
+use myelin_tests::cluster::{Cluster, node_name};
+use myelin_tests::{event, with_context};
+use prost::Message;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+const CONTEXT: &str = "orders";
+
+/// The events a node serves from its own replica, as (token, encoded event).
+type Replica = Vec<(i64, Vec<u8>)>;
+
+async fn client(cluster: &Cluster, i: usize) -> EventStoreClient<Channel> {
+    EventStoreClient::new(cluster.nodes[i].channel().await)
+}
+
+/// Appends `count` transactions of three events each, on aggregates of their own, through node
+/// `i`; returns how many were confirmed.
+async fn append(cluster: &Cluster, i: usize, first: usize, count: usize) -> usize {
+    let mut client = client(cluster, i).await;
+    let mut confirmed = 0;
+    for t in first..first + count {
+        let events: Vec<Event> = (0..3)
+            .map(|s| event(&format!("agg-{t}"), s, &format!("e-{t}-{s}")))
+            .collect();
+        client
+            .append_event(with_context(tokio_stream::iter(events), CONTEXT))
+            .await
+            .unwrap_or_else(|e| panic!("append {t} through {}: {e}", node_name(i)));
+        confirmed += 1;
+    }
+    confirmed
+}
+
+/// Every event node `i` serves from its own replica, as (token, encoded event).
+async fn replica(cluster: &Cluster, i: usize) -> Replica {
+    let mut client = client(cluster, i).await;
+    let last = client
+        .get_last_token(with_context(GetLastTokenRequest {}, CONTEXT))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    if last < 0 {
+        return Vec::new();
+    }
+    let request = GetEventsRequest {
+        tracking_token: 0,
+        number_of_permits: last + 1,
+        client_id: "replica-check".into(),
+        component_name: "test".into(),
+        processor: "check".into(),
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(request).await.unwrap();
+    let mut stream = client
+        .list_events(with_context(tokio_stream::wrappers::ReceiverStream::new(rx), CONTEXT))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while (events.len() as i64) <= last {
+        let Some(next) = stream.next().await else { break };
+        let next = next.unwrap();
+        events.push((next.token, next.event.unwrap().encode_to_vec()));
+    }
+    drop(tx);
+    events
+}
+
+/// Waits until node `i`'s replica holds `count` events.
+async fn wait_replica(cluster: &Cluster, i: usize, count: usize, within: Duration) -> Replica {
+    let deadline = Instant::now() + within;
+    loop {
+        let events = replica(cluster, i).await;
+        if events.len() >= count {
+            return events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} holds {} of {count} events after {within:?}",
+            node_name(i),
+            events.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The bytes of every event segment file of the context on node `i`, by file name.
+fn segment_files(data: &Path) -> BTreeMap<String, Vec<u8>> {
+    let dir = data.join(CONTEXT).join("events");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".events"))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn assert_same_replicas(cluster: &Cluster, replicas: &[(usize, Replica)]) {
+    let (first, reference) = &replicas[0];
+    for (i, events) in &replicas[1..] {
+        assert_eq!(
+            events.len(),
+            reference.len(),
+            "{} vs {}",
+            node_name(*i),
+            node_name(*first)
+        );
+        for (a, b) in events.iter().zip(reference) {
+            assert_eq!(
+                a,
+                b,
+                "token {} differs between {} and {}",
+                a.0,
+                node_name(*i),
+                node_name(*first)
+            );
+        }
+    }
+    let tokens: Vec<i64> = reference.iter().map(|(t, _)| *t).collect();
+    assert_eq!(
+        tokens,
+        (0..reference.len() as i64).collect::<Vec<_>>(),
+        "tokens are dense"
+    );
+    let files: Vec<(usize, BTreeMap<String, Vec<u8>>)> = replicas
+        .iter()
+        .map(|(i, _)| (*i, segment_files(&cluster.nodes[*i].data)))
+        .collect();
+    for (i, f) in &files[1..] {
+        assert_eq!(
+            f.keys().collect::<Vec<_>>(),
+            files[0].1.keys().collect::<Vec<_>>(),
+            "segment names on {}",
+            node_name(*i)
+        );
+        for (name, bytes) in f {
+            assert!(
+                bytes == &files[0].1[name],
+                "segment {name} differs on {}",
+                node_name(*i)
+            );
+        }
+    }
+}
+
+/// Three nodes replicate a context: what the leader confirms is on every replica, with the same
+/// tokens and byte-identical segment files. The leader is killed; the two others elect a new one
+/// and take writes; the old leader comes back and catches up. A fourth node added as a member
+/// receives the whole history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_context_is_replicated_across_nodes_and_survives_its_leader() {
+    let mut cluster = Cluster::start(3, &[]).await;
+    cluster.create_context(CONTEXT, &[0, 1, 2]).await;
+    let leader = cluster.wait_leader(CONTEXT, Duration::from_secs(15)).await;
+    let status = cluster.status(leader, CONTEXT).await.unwrap();
+    assert_eq!(status.members.iter().filter(|m| m.voter).count(), 3, "{status:?}");
+
+    let confirmed = append(&cluster, leader, 0, 40).await;
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        replicas.push((
+            i,
+            wait_replica(&cluster, i, confirmed * 3, Duration::from_secs(15)).await,
+        ));
+    }
+    assert_same_replicas(&cluster, &replicas);
+
+    // The leader dies: the majority elects another and goes on.
+    cluster.nodes[leader].crash();
+    let started = Instant::now();
+    let next = cluster.wait_leader(CONTEXT, Duration::from_secs(15)).await;
+    eprintln!(
+        "leader {} killed; {} leads after {:?}",
+        node_name(leader),
+        node_name(next),
+        started.elapsed()
+    );
+    assert_ne!(next, leader);
+    let confirmed = confirmed + append(&cluster, next, 40, 20).await;
+
+    // It comes back (its router learns the peers again, as admin will tell it) and catches up.
+    cluster.nodes[leader].launch().await;
+    cluster.set_peers().await;
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        replicas.push((
+            i,
+            wait_replica(&cluster, i, confirmed * 3, Duration::from_secs(20)).await,
+        ));
+    }
+    assert_same_replicas(&cluster, &replicas);
+
+    // A fourth node joins the running group and receives the history.
+    let fourth = cluster.add_node(&[]).await;
+    let status = cluster.add_member(CONTEXT, fourth).await;
+    assert_eq!(status.members.iter().filter(|m| m.voter).count(), 4, "{status:?}");
+    let leader = cluster.wait_leader(CONTEXT, Duration::from_secs(15)).await;
+    let confirmed = confirmed + append(&cluster, leader, 60, 5).await;
+    let mut replicas = Vec::new();
+    for i in 0..4 {
+        replicas.push((
+            i,
+            wait_replica(&cluster, i, confirmed * 3, Duration::from_secs(20)).await,
+        ));
+    }
+    assert_same_replicas(&cluster, &replicas);
+}
+
+/// A client may append through any member: a follower forwards the transaction to the leader,
+/// and it is stored once, whole. With the majority gone, an append fails at once with
+/// AXONIQ-2100 (UNAVAILABLE), and nothing of it is stored; once the majority is back, appends go
+/// on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn followers_forward_appends_and_a_minority_confirms_nothing() {
+    let mut cluster = Cluster::start(3, &[]).await;
+    cluster.create_context(CONTEXT, &[0, 1, 2]).await;
+    let leader = cluster.wait_leader(CONTEXT, Duration::from_secs(15)).await;
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    // Events confirmed so far.
+    let mut confirmed = 0;
+    for (k, follower) in followers.iter().enumerate() {
+        confirmed += 3 * append(&cluster, *follower, k * 10, 10).await;
+    }
+    let events = wait_replica(&cluster, leader, confirmed, Duration::from_secs(10)).await;
+    assert_eq!(events.len(), confirmed);
+
+    // Aggregate reads on any member see every event confirmed before they started: appended
+    // through one follower, read at once from the other.
+    let mut writer = client(&cluster, followers[0]).await;
+    let mut reader = client(&cluster, followers[1]).await;
+    for round in 0..20 {
+        let aggregate = format!("read-{round}");
+        let events: Vec<Event> = (0..2)
+            .map(|s| event(&aggregate, s, &format!("r-{round}-{s}")))
+            .collect();
+        writer
+            .append_event(with_context(tokio_stream::iter(events), CONTEXT))
+            .await
+            .unwrap();
+        confirmed += 2;
+        let highest = reader
+            .read_highest_sequence_nr(with_context(
+                ReadHighestSequenceNrRequest {
+                    aggregate_id: aggregate.clone(),
+                    ..Default::default()
+                },
+                CONTEXT,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .to_sequence_nr;
+        assert_eq!(highest, 1, "round {round}: the other follower missed a confirmed event");
+        let read: Vec<_> = reader
+            .list_aggregate_events(with_context(
+                GetAggregateEventsRequest {
+                    aggregate_id: aggregate,
+                    ..Default::default()
+                },
+                CONTEXT,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .collect::<Vec<_>>()
+            .await;
+        assert_eq!(read.len(), 2, "round {round}");
+    }
+    // A conflicting transaction through a follower is refused as a whole, with Axon's code.
+    let mut follower = client(&cluster, followers[0]).await;
+    let conflict = vec![event("agg-0", 3, "new"), event("agg-0", 2, "dup")];
+    let refused = follower
+        .append_event(with_context(tokio_stream::iter(conflict), CONTEXT))
+        .await
+        .expect_err("a sequence conflict");
+    assert_eq!(
+        refused.metadata().get("axoniq-errorcode").and_then(|v| v.to_str().ok()),
+        Some("AXONIQ-2000"),
+        "{refused:?}"
+    );
+
+    // The majority goes: the one left confirms nothing and says why, without hanging.
+    let survivor = followers[0];
+    for i in (0..3).filter(|i| *i != survivor) {
+        cluster.nodes[i].crash();
+    }
+    let mut lonely = client(&cluster, survivor).await;
+    let started = Instant::now();
+    let failed = lonely
+        .append_event(with_context(tokio_stream::iter(vec![event("lonely", 0, "l")]), CONTEXT))
+        .await
+        .expect_err("no majority, no confirmation");
+    let waited = started.elapsed();
+    eprintln!("minority append failed after {waited:?}: {failed:?}");
+    assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}");
+    assert!(waited < Duration::from_secs(10), "took {waited:?}");
+
+    // The majority returns: a leader again, appends go on, the failed one was never stored.
+    for i in (0..3).filter(|i| *i != survivor) {
+        cluster.nodes[i].launch().await;
+    }
+    cluster.set_peers().await;
+    let leader = cluster.wait_leader(CONTEXT, Duration::from_secs(15)).await;
+    let confirmed = confirmed + 3 * append(&cluster, survivor, 100, 3).await;
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        replicas.push((i, wait_replica(&cluster, i, confirmed, Duration::from_secs(20)).await));
+    }
+    for (_, events) in &replicas {
+        assert_eq!(events.len(), confirmed, "only confirmed events, once each");
+        for (_, bytes) in events {
+            let event = Event::decode(bytes.as_slice()).unwrap();
+            assert_ne!(event.aggregate_identifier, "lonely", "an unconfirmed append was stored");
+        }
+    }
+    assert_same_replicas(&cluster, &replicas);
+    let _ = leader;
+}
