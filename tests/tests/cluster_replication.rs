@@ -337,3 +337,59 @@ async fn followers_forward_appends_and_a_minority_confirms_nothing() {
     assert_same_replicas(&cluster, &replicas);
     let _ = leader;
 }
+
+/// With access control on, node-to-node calls carry the cluster's internal token: two nodes with
+/// the same token form the group's majority; a third with another token is refused by them (and
+/// refuses them), says so in its log, and receives nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_to_node_calls_need_the_internal_token() {
+    let on = ("AXONIQ_AXONSERVER_ACCESSCONTROL_ENABLED", "true");
+    let admin = ("AXONIQ_AXONSERVER_ACCESSCONTROL_ADMIN_TOKEN", "admin-token");
+    let mut cluster = Cluster::start(
+        2,
+        &[on, admin, ("AXONIQ_AXONSERVER_ACCESSCONTROL_INTERNAL_TOKEN", "shared")],
+    )
+    .await;
+    let stranger = cluster
+        .add_node(&[on, admin, ("AXONIQ_AXONSERVER_ACCESSCONTROL_INTERNAL_TOKEN", "another")])
+        .await;
+    cluster.create_context(CONTEXT, &[0, 1, stranger]).await;
+
+    // n1 and n2 elect a leader between them: their calls get through.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        let status = cluster.status(0, CONTEXT).await.unwrap();
+        if let Some(leader) = status.leader
+            && let Some(leads) = cluster.status(myelin_tests::cluster::node_of(leader), CONTEXT).await
+            && leads.leader == Some(leader)
+            && leads
+                .members
+                .iter()
+                .any(|m| m.matched_index.is_some() && m.node == node_name(1 - node_of_leader(leader)))
+        {
+            break leads;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader among the nodes with the same token: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The stranger matched nothing, knows no leader, and logged the refusals.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stranger_name = node_name(stranger);
+    let seen = cluster
+        .status(node_of_leader(status.leader.unwrap()), CONTEXT)
+        .await
+        .unwrap();
+    let member = seen.members.iter().find(|m| m.node == stranger_name).unwrap();
+    assert_eq!(member.matched_index, None, "{seen:?}");
+    assert_eq!(cluster.status(stranger, CONTEXT).await.unwrap().leader, None);
+    let refused = |i: usize| cluster.nodes[i].log_text().contains("refused a node-to-node call");
+    assert!(refused(stranger), "the stranger did not log the refused calls");
+    assert!(refused(0) || refused(1), "n1 and n2 did not log the stranger's calls");
+}
+
+fn node_of_leader(member: u64) -> usize {
+    myelin_tests::cluster::node_of(member)
+}
