@@ -151,16 +151,21 @@ fn leader_node(context: &Context, leader: u64) -> Option<String> {
         .filter(|n| !n.is_empty())
 }
 
-async fn ask_read_index(context: &Context, leader: u64, node: &str) -> Option<u64> {
-    let message = RaftMessage {
+/// A request for the group's leader, member `leader` on `node`.
+fn to_leader(context: &Context, leader: u64, node: &str, rpc: RaftRpc, entries: Vec<Bytes>) -> RaftMessage {
+    RaftMessage {
         group: context.name.clone(),
         to_node: node.to_owned(),
         to_member: leader,
         from_node: String::new(),
-        rpc: RaftRpc::ReadIndex as i32,
+        rpc: rpc as i32,
         header: Bytes::new(),
-        entries: Vec::new(),
-    };
+        entries,
+    }
+}
+
+async fn ask_read_index(context: &Context, leader: u64, node: &str) -> Option<u64> {
+    let message = to_leader(context, leader, node, RaftRpc::ReadIndex, Vec::new());
     let answer = context.relay.clone().send(message).await.ok()?.into_inner();
     match answer.outcome {
         Some(Answer::Response(body)) => serde_json::from_slice::<Option<u64>>(&body).ok().flatten(),
@@ -211,15 +216,7 @@ fn work_of(command: Command) -> Result<Work, AppendError> {
 }
 
 async fn send(context: &Context, leader: u64, node: &str, command: Bytes) -> Sent {
-    let message = RaftMessage {
-        group: context.name.clone(),
-        to_node: node.to_owned(),
-        to_member: leader,
-        from_node: String::new(),
-        rpc: RaftRpc::ForwardAppend as i32,
-        header: Bytes::new(),
-        entries: vec![command],
-    };
+    let message = to_leader(context, leader, node, RaftRpc::ForwardAppend, vec![command]);
     let answer = match context.relay.clone().send(message).await {
         Ok(answer) => answer.into_inner(),
         Err(status) => return Sent::Lost(format!("forwarding to the leader on {node}: {}", status.message())),

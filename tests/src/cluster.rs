@@ -29,19 +29,10 @@ pub fn node_name(i: usize) -> String {
 impl Cluster {
     /// Starts `n` nodes named n1..nN on 127.0.0.1..N and tells every router about the others.
     pub async fn start(n: usize, env: &[(&str, &str)]) -> Cluster {
-        let mut nodes = Vec::new();
-        for i in 0..n {
-            let mut options = Options {
-                address: Some(Ipv4Addr::new(127, 0, 0, 1 + i as u8)),
-                ..Options::default()
-            };
-            options.env.push(("AXONIQ_AXONSERVER_NAME".into(), node_name(i)));
-            for (k, v) in env {
-                options.env.push(((*k).into(), (*v).into()));
-            }
-            nodes.push(Node::start(options).await);
+        let mut cluster = Cluster { nodes: Vec::new() };
+        for _ in 0..n {
+            cluster.nodes.push(start_node(cluster.nodes.len(), env).await);
         }
-        let cluster = Cluster { nodes };
         cluster.set_peers().await;
         cluster
     }
@@ -49,15 +40,7 @@ impl Cluster {
     /// Adds one more node (started, and known to every router).
     pub async fn add_node(&mut self, env: &[(&str, &str)]) -> usize {
         let i = self.nodes.len();
-        let mut options = Options {
-            address: Some(Ipv4Addr::new(127, 0, 0, 1 + i as u8)),
-            ..Options::default()
-        };
-        options.env.push(("AXONIQ_AXONSERVER_NAME".into(), node_name(i)));
-        for (k, v) in env {
-            options.env.push(((*k).into(), (*v).into()));
-        }
-        self.nodes.push(Node::start(options).await);
+        self.nodes.push(start_node(i, env).await);
         self.set_peers().await;
         i
     }
@@ -175,6 +158,19 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Starts node `i` (0-based) on 127.0.0.(i+1), named `n(i+1)`.
+async fn start_node(i: usize, env: &[(&str, &str)]) -> Node {
+    let mut options = Options {
+        address: Some(Ipv4Addr::new(127, 0, 0, 1 + i as u8)),
+        ..Options::default()
+    };
+    options.env.push(("AXONIQ_AXONSERVER_NAME".into(), node_name(i)));
+    for (k, v) in env {
+        options.env.push(((*k).into(), (*v).into()));
+    }
+    Node::start(options).await
 }
 
 /// Node `i`'s member id in every group of the cluster tests (never 1, the standalone id).
