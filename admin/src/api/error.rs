@@ -15,6 +15,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::control_db::DbError;
+use crate::raft::{ProposeError, Refusal};
 
 /// The body of every error response.
 #[derive(Debug, Serialize, ToSchema)]
@@ -123,6 +124,43 @@ impl IntoResponse for ApiError {
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> ApiError {
         ApiError::internal(e.to_string())
+    }
+}
+
+impl From<ProposeError> for ApiError {
+    fn from(e: ProposeError) -> ApiError {
+        match e {
+            ProposeError::ForwardToLeader(forward) if forward.leader_id.is_none() => ApiError::with_status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::NoLeaderAvailable,
+                "No leader for _admin",
+            ),
+            // Until changes are forwarded to the leader, this node can only say where it is.
+            ProposeError::ForwardToLeader(_) => ApiError::new(ErrorCode::NodeIsReplica, e.to_string()),
+            ProposeError::Stopped(_) | ProposeError::Unexpected(_) => {
+                ApiError::internal(format!("{e}; the change may or may not have been applied"))
+            }
+        }
+    }
+}
+
+/// A change the configuration's state refused: the same answers the API gave before changes
+/// went through `_admin`.
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> ApiError {
+        let message = refusal.to_string();
+        match refusal {
+            Refusal::ContextExists(_) => ApiError::new(ErrorCode::ContextExists, message),
+            Refusal::ContextNotFound(_) => ApiError::new(ErrorCode::ContextNotFound, message),
+            Refusal::NoSuchNode(_) => ApiError::new(ErrorCode::NoSuchNode, message),
+            Refusal::NoSuchApplication(_) => ApiError::new(ErrorCode::NoSuchApplication, message),
+            Refusal::NodeInUse { .. }
+            | Refusal::AlreadyMember { .. }
+            | Refusal::NotAMember { .. }
+            | Refusal::ApplicationExists(_)
+            | Refusal::TokenInUse
+            | Refusal::Constraint(_) => ApiError::bad_request(message),
+        }
     }
 }
 
