@@ -182,7 +182,10 @@ mod tests {
             roles: BTreeMap::from([
                 (
                     "default".to_owned(),
-                    vec![Role::ReadEvents.name().to_owned(), Role::PublishEvents.name().to_owned()],
+                    vec![
+                        Role::ReadEvents.name().to_owned(),
+                        Role::PublishEvents.name().to_owned(),
+                    ],
                 ),
                 ("*".to_owned(), vec![Role::Monitor.name().to_owned()]),
             ]),
@@ -194,14 +197,8 @@ mod tests {
     fn create_list_grants_delete() {
         let (_dir, conn) = open();
         create(&conn, &app("billing", 1)).unwrap();
-        assert!(matches!(
-            create(&conn, &app("billing", 2)),
-            Err(CreateError::Exists(_))
-        ));
-        assert!(matches!(
-            create(&conn, &app("other", 1)),
-            Err(CreateError::TokenInUse)
-        ));
+        assert!(matches!(create(&conn, &app("billing", 2)), Err(CreateError::Exists(_))));
+        assert!(matches!(create(&conn, &app("other", 1)), Err(CreateError::TokenInUse)));
         let listed = list(&conn).unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].token_prefix, "abcd");

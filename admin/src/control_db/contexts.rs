@@ -363,7 +363,15 @@ pub(crate) mod tests {
         assert!(remove_node(&conn, "n1").is_err());
         assert!(remove_member(&conn, "orders", "n1").unwrap());
         assert!(!remove_member(&conn, "orders", "n1").unwrap());
-        add_member(&conn, "orders", &Member { node: "n1".into(), role: MemberRole::Primary }).unwrap();
+        add_member(
+            &conn,
+            "orders",
+            &Member {
+                node: "n1".into(),
+                role: MemberRole::Primary,
+            },
+        )
+        .unwrap();
 
         assert!(delete_context(&conn, "orders").unwrap());
         assert!(!delete_context(&conn, "orders").unwrap());

@@ -279,9 +279,7 @@ mod tests {
             let columns = statement.column_count();
             let mut rows = statement.query([]).unwrap();
             while let Some(row) = rows.next().unwrap() {
-                let cells: Vec<String> = (0..columns)
-                    .map(|i| format!("{:?}", row.get_ref(i).unwrap()))
-                    .collect();
+                let cells: Vec<String> = (0..columns).map(|i| format!("{:?}", row.get_ref(i).unwrap())).collect();
                 out.push_str(&format!("{table}: {}\n", cells.join(", ")));
             }
         }
@@ -304,11 +302,17 @@ mod tests {
         use AdminResponse::Applied;
         let refused = AdminResponse::Refused;
         vec![
-            (create_context("orders", &["n1"]), refused(Refusal::NoSuchNode("n1".into()))),
+            (
+                create_context("orders", &["n1"]),
+                refused(Refusal::NoSuchNode("n1".into())),
+            ),
             (AdminCommand::UpsertNode(node("n1")), Applied),
             (AdminCommand::UpsertNode(node("n2")), Applied),
             (create_context("orders", &["n1"]), Applied),
-            (create_context("orders", &["n2"]), refused(Refusal::ContextExists("orders".into()))),
+            (
+                create_context("orders", &["n2"]),
+                refused(Refusal::ContextExists("orders".into())),
+            ),
             (
                 AdminCommand::AddMember {
                     context: "orders".into(),

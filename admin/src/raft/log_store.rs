@@ -197,7 +197,8 @@ impl RaftLogStorage<AdminTypes> for AdminLog {
                 let tx = conn.transaction()?;
                 {
                     // REPLACE: openraft may rewrite an index it truncated before.
-                    let mut insert = tx.prepare_cached("INSERT OR REPLACE INTO raft_log (log_index, entry) VALUES (?1, ?2)")?;
+                    let mut insert =
+                        tx.prepare_cached("INSERT OR REPLACE INTO raft_log (log_index, entry) VALUES (?1, ?2)")?;
                     for (index, text) in &rows {
                         insert.execute(params![index, text])?;
                     }

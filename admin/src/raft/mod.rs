@@ -64,6 +64,7 @@ pub type LogId = openraft::LogId<NodeId>;
 pub type Vote = openraft::Vote<NodeId>;
 pub type Entry = openraft::Entry<AdminTypes>;
 pub type Membership = openraft::StoredMembership<NodeId, BasicNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, BasicNode>;
 pub type StorageError = openraft::StorageError<NodeId>;
 pub type Fatal = openraft::error::Fatal<NodeId>;
 /// The Raft handle of the `_admin` group.
@@ -218,7 +219,10 @@ impl AdminGroup {
         let metrics = self
             .raft
             .wait(Some(options.start_wait))
-            .metrics(|m| m.membership_config.voter_ids().next().is_some(), "an _admin membership")
+            .metrics(
+                |m| m.membership_config.voter_ids().next().is_some(),
+                "an _admin membership",
+            )
             .await
             .map_err(wait("the _admin membership is loaded"))?;
         let voters: Vec<NodeId> = metrics.membership_config.voter_ids().collect();
@@ -299,7 +303,11 @@ impl AdminGroup {
     /// members left out stay learners.
     pub async fn change_voters(&self, voters: impl IntoIterator<Item = NodeId>) -> Result<LogId, ProposeError> {
         let voters: std::collections::BTreeSet<NodeId> = voters.into_iter().collect();
-        match self.raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), true).await {
+        match self
+            .raft
+            .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
+            .await
+        {
             Ok(written) => Ok(written.log_id),
             Err(e) => Err(membership_error(e)),
         }

@@ -84,7 +84,7 @@ pub fn dump(conn: &Connection) -> Result<Vec<u8>, DbError> {
     let mut tables = BTreeMap::new();
     for table in REPLICATED_TABLES {
         let mut statement = conn.prepare(&format!("SELECT * FROM \"{table}\" ORDER BY rowid"))?;
-        let columns: Vec<String> = statement.column_names().into_iter().map(str::to_owned).collect();
+        let columns: Vec<String> = statement.column_names().map(str::to_owned).collect();
         let width = columns.len();
         let mut rows = Vec::new();
         let mut cursor = statement.query([])?;

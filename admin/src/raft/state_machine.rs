@@ -20,16 +20,14 @@ use std::io::Cursor;
 use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
-use openraft::{
-    AnyError, EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageIOError, StoredMembership,
-};
+use openraft::{AnyError, EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, StorageIOError, StoredMembership};
 use rusqlite::{OptionalExtension, params};
 use tokio::sync::watch;
 
 use super::command::{self, AdminResponse};
 use super::log_store::{corrupt, read_state, write_state};
 use super::snapshot;
-use super::{AdminTypes, Entry, LogId, Membership, StorageError};
+use super::{AdminTypes, Entry, LogId, Membership, SnapshotMeta, StorageError};
 use crate::control_db::{ControlDb, DbError};
 
 /// The state machine over one control DB; cheap to clone (it is its own snapshot builder).
@@ -45,7 +43,7 @@ fn read_applied(conn: &rusqlite::Connection) -> Result<(Option<LogId>, Membershi
     Ok((applied, membership))
 }
 
-fn read_snapshot(conn: &rusqlite::Connection) -> Result<Option<(SnapshotMeta<u64, openraft::BasicNode>, Vec<u8>)>, DbError> {
+fn read_snapshot(conn: &rusqlite::Connection) -> Result<Option<(SnapshotMeta, Vec<u8>)>, DbError> {
     let row: Option<(String, Vec<u8>)> = conn
         .query_row("SELECT meta, data FROM raft_snapshot WHERE id = 1", [], |r| {
             Ok((r.get(0)?, r.get(1)?))
@@ -58,7 +56,7 @@ fn read_snapshot(conn: &rusqlite::Connection) -> Result<Option<(SnapshotMeta<u64
     .transpose()
 }
 
-fn write_snapshot(conn: &rusqlite::Connection, meta: &SnapshotMeta<u64, openraft::BasicNode>, data: &[u8]) -> Result<(), DbError> {
+fn write_snapshot(conn: &rusqlite::Connection, meta: &SnapshotMeta, data: &[u8]) -> Result<(), DbError> {
     let meta = serde_json::to_string(meta).expect("snapshot meta serializes");
     conn.execute(
         "INSERT INTO raft_snapshot (id, meta, data) VALUES (1, ?1, ?2)
@@ -68,7 +66,7 @@ fn write_snapshot(conn: &rusqlite::Connection, meta: &SnapshotMeta<u64, openraft
     Ok(())
 }
 
-fn snapshot_error(meta: Option<&SnapshotMeta<u64, openraft::BasicNode>>, verb_write: bool, e: impl std::error::Error + 'static) -> StorageError {
+fn snapshot_error(meta: Option<&SnapshotMeta>, verb_write: bool, e: impl std::error::Error + 'static) -> StorageError {
     let signature = meta.map(|m| m.signature());
     let source = AnyError::new(&e);
     if verb_write {
@@ -162,11 +160,20 @@ impl RaftStateMachine<AdminTypes> for AdminStateMachine {
                         EntryPayload::Normal(command) => {
                             let response = command::apply(&mut tx, &command)?;
                             changed |= response == AdminResponse::Applied;
-                            tracing::debug!(index = entry.log_id.index, command = command.kind(), ?response, "_admin applied");
+                            tracing::debug!(
+                                index = entry.log_id.index,
+                                command = command.kind(),
+                                ?response,
+                                "_admin applied"
+                            );
                             response
                         }
                         EntryPayload::Membership(membership) => {
-                            write_state(&tx, "membership", &StoredMembership::new(Some(entry.log_id), membership))?;
+                            write_state(
+                                &tx,
+                                "membership",
+                                &StoredMembership::new(Some(entry.log_id), membership),
+                            )?;
                             AdminResponse::Applied
                         }
                     };
@@ -194,7 +201,7 @@ impl RaftStateMachine<AdminTypes> for AdminStateMachine {
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<u64, openraft::BasicNode>,
+        meta: &SnapshotMeta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
