@@ -207,4 +207,37 @@ mod tests {
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         assert_eq!(response.headers().get(ERROR_CODE_KEY).unwrap(), "AXONIQ-1304");
     }
+
+    #[test]
+    fn refusals_and_proposal_failures_answer_as_before() {
+        let e = ApiError::from(Refusal::ContextExists("orders".into()));
+        assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, ErrorCode::ContextExists));
+        assert_eq!(e.message, "orders: context already exists");
+        let e = ApiError::from(Refusal::NoSuchApplication("billing".into()));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::NOT_FOUND, ErrorCode::NoSuchApplication)
+        );
+        assert_eq!(e.message, "billing: no such application");
+        let e = ApiError::from(Refusal::TokenInUse);
+        assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, ErrorCode::Other));
+        assert_eq!(e.message, "that token is in use by another application");
+
+        let no_leader = openraft::error::ForwardToLeader::empty();
+        let e = ApiError::from(ProposeError::ForwardToLeader(no_leader));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::NoLeaderAvailable)
+        );
+        let elsewhere = openraft::error::ForwardToLeader::new(2, openraft::BasicNode::new("n2:8224"));
+        let e = ApiError::from(ProposeError::ForwardToLeader(elsewhere));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::NodeIsReplica)
+        );
+        assert!(e.message.contains("n2:8224"), "{}", e.message);
+        let e = ApiError::from(ProposeError::Stopped(openraft::error::Fatal::Stopped));
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(e.message.contains("may or may not"), "{}", e.message);
+    }
 }

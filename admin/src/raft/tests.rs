@@ -113,7 +113,7 @@ fn options(id: NodeId, bootstrap: Bootstrap) -> GroupOptions {
         node: openraft::BasicNode::new(format!("node-{id}")),
         bootstrap,
         config: test_config(),
-        leader_wait: Duration::from_secs(5),
+        leader_wait: Duration::from_secs(1),
         start_wait: WAIT,
     }
 }
