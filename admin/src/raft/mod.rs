@@ -238,7 +238,13 @@ impl AdminGroup {
             .await
             .map_err(wait("this node leads its one-node _admin group"))?;
         if metrics.purged.is_none() {
-            // The rows from before the first entry must reach new members by a snapshot.
+            // The rows from before the first entry must reach new members by a snapshot. It is
+            // taken once something is applied (a snapshot of nothing names no entry to purge to).
+            self.raft
+                .wait(Some(options.start_wait))
+                .metrics(|m| m.last_applied.is_some(), "an applied _admin entry")
+                .await
+                .map_err(wait("the first entry is applied"))?;
             self.raft.trigger().snapshot().await?;
             let built = self
                 .raft
@@ -262,12 +268,18 @@ impl AdminGroup {
     /// applied on this node (the leader). When the group has no leader it waits up to
     /// `leader_wait` for one; a command this node cannot append (it does not lead) comes back as
     /// [`ProposeError::ForwardToLeader`].
-    #[tracing::instrument(level = "debug", skip_all, fields(command = command.kind()))]
     pub async fn propose(&self, command: AdminCommand) -> Result<AdminResponse, ProposeError> {
+        Ok(self.propose_at(command).await?.1)
+    }
+
+    /// [`propose`](Self::propose), also returning the entry's log id (for waiting until other
+    /// members have applied it).
+    #[tracing::instrument(level = "debug", skip_all, fields(command = command.kind()))]
+    pub async fn propose_at(&self, command: AdminCommand) -> Result<(LogId, AdminResponse), ProposeError> {
         let deadline = tokio::time::Instant::now() + self.leader_wait;
         loop {
             let forward = match self.raft.client_write(command.clone()).await {
-                Ok(written) => return Ok(written.data),
+                Ok(written) => return Ok((written.log_id, written.data)),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => forward,
                 Err(RaftError::APIError(e)) => return Err(ProposeError::Unexpected(e.to_string())),
                 Err(RaftError::Fatal(fatal)) => return Err(ProposeError::Stopped(fatal)),

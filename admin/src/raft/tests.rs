@@ -197,8 +197,12 @@ async fn a_restart_applies_each_committed_entry_exactly_once() {
     let group = AdminGroup::start(db.clone(), options(LOCAL_NODE, Bootstrap::Standalone), NoPeers)
         .await
         .unwrap();
-    let metrics = group.raft().metrics().borrow().clone();
-    assert!(metrics.last_applied >= Some(log_id(5)), "{metrics:?}");
+    group
+        .raft()
+        .wait(Some(WAIT))
+        .metrics(|m| m.last_applied >= Some(log_id(5)), "entry 5 applied")
+        .await
+        .unwrap();
     let after_restart = rows(&db).await;
     assert!(
         has_context(&after_restart, "orders"),
@@ -210,21 +214,20 @@ async fn a_restart_applies_each_committed_entry_exactly_once() {
     );
 
     // A change after the restart, then a clean restart: log, applied id and rows agree.
-    assert_eq!(
-        group.propose(application("billing", 7)).await.unwrap(),
-        AdminResponse::Applied
-    );
-    let applied = group.raft().metrics().borrow().last_applied;
+    let (written, response) = group.propose_at(application("billing", 7)).await.unwrap();
+    assert_eq!(response, AdminResponse::Applied);
+    let applied = written;
     group.shutdown().await;
     drop(group);
 
     let db = ControlDb::open(&path).unwrap();
     let before = rows(&db).await;
-    assert_eq!(applied_state(&db).await.0, applied);
+    assert_eq!(applied_state(&db).await.0, Some(applied));
     let mut log = AdminLog::new(db.clone());
     let state = log.get_log_state().await.unwrap();
     assert_eq!(
-        state.last_log_id, applied,
+        state.last_log_id,
+        Some(applied),
         "every log entry is applied after a clean stop"
     );
     let purged = state
@@ -232,7 +235,7 @@ async fn a_restart_applies_each_committed_entry_exactly_once() {
         .expect("the first start purged the log behind a snapshot");
     let kept = log.try_get_log_entries(..).await.unwrap();
     let indexes: Vec<u64> = kept.iter().map(|e| e.log_id.index).collect();
-    let expected: Vec<u64> = (purged.index + 1..=applied.unwrap().index).collect();
+    let expected: Vec<u64> = (purged.index + 1..=applied.index).collect();
     assert_eq!(indexes, expected, "the log is one run of entries after the purged id");
 
     let group = AdminGroup::start(db.clone(), options(LOCAL_NODE, Bootstrap::Standalone), NoPeers)
@@ -421,9 +424,11 @@ async fn wait_applied(member: &Replica, index: u64) {
         .unwrap_or_else(|e| panic!("{}: {e}", member.path.display()));
 }
 
+/// Proposes a change that must apply; returns its index.
 async fn propose(group: &AdminGroup, command: AdminCommand) -> u64 {
-    assert_eq!(group.propose(command).await.unwrap(), AdminResponse::Applied);
-    group.raft().metrics().borrow().last_applied.unwrap().index
+    let (log_id, response) = group.propose_at(command).await.unwrap();
+    assert_eq!(response, AdminResponse::Applied);
+    log_id.index
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
