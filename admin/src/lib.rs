@@ -2,6 +2,8 @@
 //!
 //! - `control_db`: the SQLite file holding nodes, contexts and members, applications, users and
 //!   backup pointers; migrations in code; every access on one dedicated thread.
+//! - `raft`: the `_admin` Raft group, whose log and state machine live in the control DB: every
+//!   change to cluster configuration is a committed entry applied to each member's file.
 //! - `api`: the REST API (Axon Server's paths), its OpenAPI document and Swagger UI, health and
 //!   Prometheus metrics. `api::router` builds the whole HTTP service in one place.
 //! - `reconcile`: at start, the control DB is aligned with the contexts the event store holds.
@@ -15,6 +17,7 @@ pub mod access;
 pub mod api;
 pub mod backup;
 pub mod control_db;
+pub mod raft;
 pub mod reconcile;
 pub mod status;
 
@@ -125,11 +128,23 @@ fn unix_channel(path: &std::path::Path) -> anyhow::Result<tonic::transport::Chan
     )
 }
 
-/// Opens the control DB and builds the state every handler shares (binds nothing).
-pub fn build_state(args: &Args) -> anyhow::Result<AppState> {
+/// Opens the control DB, starts this node's member of `_admin` over `network`, and builds the
+/// state every handler shares (binds nothing).
+pub async fn build_state<N>(args: &Args, network: N) -> anyhow::Result<AppState>
+where
+    N: openraft::network::RaftNetworkFactory<raft::AdminTypes>,
+{
     use anyhow::Context as _;
     let db = control_db::ControlDb::open(&args.control_db)
         .with_context(|| format!("opening the control DB {}", args.control_db.display()))?;
+    let internal_hostname = args.internal_hostname.clone().unwrap_or_else(|| args.hostname.clone());
+    let admin = raft::AdminGroup::start(
+        db.clone(),
+        raft::GroupOptions::standalone(format!("{internal_hostname}:{}", args.internal_port)),
+        network,
+    )
+    .await
+    .context("starting the _admin group")?;
     let storage = myelin_proto::internal::storage_control_client::StorageControlClient::new(unix_channel(
         &args.eventstore_socket,
     )?);
@@ -162,6 +177,8 @@ pub fn build_state(args: &Args) -> anyhow::Result<AppState> {
     }
     Ok(AppState {
         db,
+        admin,
+        grants_reload: Arc::new(tokio::sync::Mutex::new(())),
         storage,
         router,
         router_health,
@@ -170,7 +187,7 @@ pub fn build_state(args: &Args) -> anyhow::Result<AppState> {
             hostname: args.hostname.clone(),
             grpc_port: args.grpc_port,
             http_port: args.listen.port(),
-            internal_hostname: args.internal_hostname.clone().unwrap_or_else(|| args.hostname.clone()),
+            internal_hostname,
             internal_port: args.internal_port,
             data_dir: args.data_dir.clone(),
             disk_space_threshold: args.disk_space_threshold,
@@ -191,12 +208,38 @@ pub fn build_state(args: &Args) -> anyhow::Result<AppState> {
     })
 }
 
-/// Serves HTTP until `shutdown`.
+/// Serves HTTP until `shutdown`, as a standalone node (its `_admin` group has no peers).
 pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    run_with_network(args, raft::NoPeers, shutdown).await
+}
+
+/// Serves HTTP until `shutdown`, reaching the other `_admin` members through `network`. Returns
+/// an error if the `_admin` group stops on a storage failure (the supervisor restarts admin,
+/// which recovers from the control DB).
+pub async fn run_with_network<N>(
+    args: Args,
+    network: N,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()>
+where
+    N: openraft::network::RaftNetworkFactory<raft::AdminTypes>,
+{
     use anyhow::Context as _;
-    let state = build_state(&args)?;
+    let state = build_state(&args, network).await?;
     reconcile::this_node(&state).await.context("recording this node")?;
     state.applications_changed().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Grants change on every member when an entry is applied, not only where a handler ran.
+    tokio::spawn({
+        let state = state.clone();
+        let mut changes = state.admin.changes();
+        async move {
+            while changes.changed().await.is_ok() {
+                if let Err(e) = state.applications_changed().await {
+                    tracing::warn!(error = %e, "republishing grants after an _admin change");
+                }
+            }
+        }
+    });
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -239,12 +282,17 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(async move {
-            let _ = stop_rx.changed().await;
-        })
-        .await
-        .context("serving HTTP")?;
+    let serve = axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(async move {
+        let _ = stop_rx.changed().await;
+    });
+    let served = tokio::select! {
+        served = std::future::IntoFuture::into_future(serve) => served.context("serving HTTP"),
+        // A storage error stops the group for good: stop the process, so that it restarts and
+        // recovers from the control DB, rather than serve a configuration that no longer moves.
+        fatal = state.admin.stopped() => Err(anyhow::anyhow!("the _admin group stopped: {fatal}")),
+    };
+    state.admin.shutdown().await;
+    served?;
     let _ = health_server.await;
     let _ = std::fs::remove_file(&args.socket);
     Ok(())

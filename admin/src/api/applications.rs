@@ -17,7 +17,9 @@ use utoipa::ToSchema;
 
 use super::error::ErrorBody;
 use super::{ApiError, AppState, Body, PathParams, check_context_name, clip};
-use crate::control_db::applications::{self as db, CreateError, NewApplication};
+use crate::control_db::applications::{self as db, NewApplication};
+use crate::control_db::now_millis;
+use crate::raft::AdminCommand;
 
 const MAX_NAME: usize = 128;
 const MAX_DESCRIPTION: usize = 1024;
@@ -190,19 +192,13 @@ pub async fn create(
         description,
         token_sha256: Sha256::digest(token.as_bytes()).into(),
         token_prefix: token.chars().take(PREFIX_CHARS).collect(),
-        roles,
+        roles: roles
+            .into_iter()
+            .map(|(context, roles)| (context, roles.iter().map(|r| r.name().to_owned()).collect()))
+            .collect(),
+        created_at_millis: now_millis(),
     };
-    let created = state.db.call(move |conn| Ok(db::create(conn, &app))).await?;
-    match created {
-        Ok(()) => {}
-        Err(CreateError::Exists(name)) => {
-            return Err(ApiError::bad_request(format!("an application named {name} exists")));
-        }
-        Err(CreateError::TokenInUse) => {
-            return Err(ApiError::bad_request("that token is in use by another application"));
-        }
-        Err(CreateError::Db(e)) => return Err(e.into()),
-    }
+    state.change(AdminCommand::CreateApplication(app)).await?;
     state.applications_changed().await?;
     tracing::info!(application = %request.name, "application registered");
     Ok(Json(CreatedApplication {
@@ -249,13 +245,9 @@ pub async fn delete(
     PathParams(name): PathParams<String>,
 ) -> Result<Json<DeletedApplication>, ApiError> {
     check_application_name(&name)?;
-    let owned = name.clone();
-    if !state.db.call(move |conn| db::delete(conn, &owned)).await? {
-        return Err(ApiError::new(
-            ErrorCode::NoSuchApplication,
-            format!("{name}: no such application"),
-        ));
-    }
+    state
+        .change(AdminCommand::DeleteApplication { name: name.clone() })
+        .await?;
     state.applications_changed().await?;
     tracing::info!(application = %name, "application deleted");
     Ok(Json(DeletedApplication { name }))

@@ -2,11 +2,13 @@
 //!
 //! A create or delete spans two stores, done in this order so a crash in between heals at the
 //! next start (`crate::reconcile`):
-//! - create: the event store creates the storage (idempotent), then the control DB records the
+//! - create: the event store creates the storage (idempotent), then an `_admin` entry records the
 //!   context; a context the event store has and the control DB lacks is added at start.
-//! - delete: the event store stops the context and removes its files, then the control DB forgets
-//!   it, then the router closes the context's client streams; a context the control DB has and the
-//!   event store lacks is removed at start.
+//! - delete: the event store stops the context and removes its files, then an `_admin` entry
+//!   forgets it, then the router closes the context's client streams; a context the control DB
+//!   has and the event store lacks is removed at start.
+//!
+//! The handler answers once the entry is committed and applied to this node's control DB.
 //!
 //! `_admin` is the control DB itself: it is listed (this node PRIMARY) but holds no event
 //! storage, and neither it nor any other name starting with `_` can be created or deleted here.
@@ -26,6 +28,8 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::ErrorBody;
 use super::{ApiError, AppState, Body, Params, PathParams, check_context_name, check_name, clip};
 use crate::control_db::contexts::{self as db, ContextRow, Member, MemberRole};
+use crate::control_db::now_millis;
+use crate::raft::AdminCommand;
 
 /// The control DB's own context.
 pub const ADMIN_CONTEXT: &str = "_admin";
@@ -348,17 +352,13 @@ pub async fn create(
         .create_context(call)
         .await
         .map_err(|s| ApiError::from_status("the event store", s))?;
-    let owned = name.clone();
-    let inserted = state
-        .db
-        .call(move |conn| db::insert_context(conn, &owned, &meta, &members))
-        .await?;
-    if !inserted {
-        return Err(ApiError::new(
-            ErrorCode::ContextExists,
-            format!("{name}: context already exists"),
-        ));
-    }
+    let command = AdminCommand::CreateContext {
+        name: name.clone(),
+        meta_data: meta,
+        members,
+        created_at_millis: now_millis(),
+    };
+    state.change(command).await?;
     tracing::info!(context = %name, "context created");
     let row = find(&state, &name).await?;
     Ok(Json(to_json(&row)))
@@ -406,8 +406,11 @@ pub async fn delete(
             Err(status) => return Err(ApiError::from_status("the event store", status)),
         }
     }
-    let owned = name.clone();
-    state.db.call(move |conn| db::delete_context(conn, &owned)).await?;
+    match state.change(AdminCommand::DeleteContext { name: name.clone() }).await {
+        // Gone already: what the caller asked for holds.
+        Err(e) if e.code == ErrorCode::ContextNotFound => {}
+        other => other?,
+    }
     // Grants in the context went with it.
     state.applications_changed().await?;
     close_clients(&state, &name).await;

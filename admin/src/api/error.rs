@@ -15,6 +15,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::control_db::DbError;
+use crate::raft::{ProposeError, Refusal};
 
 /// The body of every error response.
 #[derive(Debug, Serialize, ToSchema)]
@@ -126,6 +127,43 @@ impl From<DbError> for ApiError {
     }
 }
 
+impl From<ProposeError> for ApiError {
+    fn from(e: ProposeError) -> ApiError {
+        match e {
+            ProposeError::ForwardToLeader(forward) if forward.leader_id.is_none() => ApiError::with_status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::NoLeaderAvailable,
+                "No leader for _admin",
+            ),
+            // Until changes are forwarded to the leader, this node can only say where it is.
+            ProposeError::ForwardToLeader(_) => ApiError::new(ErrorCode::NodeIsReplica, e.to_string()),
+            ProposeError::Stopped(_) | ProposeError::Unexpected(_) => {
+                ApiError::internal(format!("{e}; the change may or may not have been applied"))
+            }
+        }
+    }
+}
+
+/// A change the configuration's state refused: the same answers the API gave before changes
+/// went through `_admin`.
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> ApiError {
+        let message = refusal.to_string();
+        match refusal {
+            Refusal::ContextExists(_) => ApiError::new(ErrorCode::ContextExists, message),
+            Refusal::ContextNotFound(_) => ApiError::new(ErrorCode::ContextNotFound, message),
+            Refusal::NoSuchNode(_) => ApiError::new(ErrorCode::NoSuchNode, message),
+            Refusal::NoSuchApplication(_) => ApiError::new(ErrorCode::NoSuchApplication, message),
+            Refusal::NodeInUse { .. }
+            | Refusal::AlreadyMember { .. }
+            | Refusal::NotAMember { .. }
+            | Refusal::ApplicationExists(_)
+            | Refusal::TokenInUse
+            | Refusal::Constraint(_) => ApiError::bad_request(message),
+        }
+    }
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> ApiError {
         // 413 (too large) and 415 (not JSON) say what is wrong; every other rejection is an
@@ -168,5 +206,38 @@ mod tests {
         let response = ApiError::new(ErrorCode::ContextExists, "x").into_response();
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         assert_eq!(response.headers().get(ERROR_CODE_KEY).unwrap(), "AXONIQ-1304");
+    }
+
+    #[test]
+    fn refusals_and_proposal_failures_answer_as_before() {
+        let e = ApiError::from(Refusal::ContextExists("orders".into()));
+        assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, ErrorCode::ContextExists));
+        assert_eq!(e.message, "orders: context already exists");
+        let e = ApiError::from(Refusal::NoSuchApplication("billing".into()));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::NOT_FOUND, ErrorCode::NoSuchApplication)
+        );
+        assert_eq!(e.message, "billing: no such application");
+        let e = ApiError::from(Refusal::TokenInUse);
+        assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, ErrorCode::Other));
+        assert_eq!(e.message, "that token is in use by another application");
+
+        let no_leader = openraft::error::ForwardToLeader::empty();
+        let e = ApiError::from(ProposeError::ForwardToLeader(no_leader));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::NoLeaderAvailable)
+        );
+        let elsewhere = openraft::error::ForwardToLeader::new(2, openraft::BasicNode::new("n2:8224"));
+        let e = ApiError::from(ProposeError::ForwardToLeader(elsewhere));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::NodeIsReplica)
+        );
+        assert!(e.message.contains("n2:8224"), "{}", e.message);
+        let e = ApiError::from(ProposeError::Stopped(openraft::error::Fatal::Stopped));
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(e.message.contains("may or may not"), "{}", e.message);
     }
 }

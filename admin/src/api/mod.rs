@@ -33,6 +33,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::control_db::ControlDb;
 use crate::control_db::applications::Grant;
+use crate::raft::{AdminCommand, AdminGroup};
 pub use error::ApiError;
 
 /// Largest request body accepted.
@@ -56,7 +57,14 @@ pub struct NodeSettings {
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
+    /// The local control DB: handlers read it directly, and change replicated rows only through
+    /// `admin`.
     pub db: ControlDb,
+    /// This node's member of `_admin`.
+    pub admin: AdminGroup,
+    /// Serializes reloading and publishing the grants, so that a reload that read older rows
+    /// never publishes after one that read newer rows.
+    pub grants_reload: Arc<tokio::sync::Mutex<()>>,
     pub storage: StorageControlClient<Channel>,
     /// `None` when admin runs without a router (tests).
     pub router: Option<RouterControlClient<Channel>>,
@@ -75,8 +83,16 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Proposes a change to `_admin` and waits until it is committed and applied here. A change
+    /// the state refuses comes back as its API error.
+    pub async fn change(&self, command: AdminCommand) -> Result<(), ApiError> {
+        self.admin.propose(command).await?.into_result()?;
+        Ok(())
+    }
+
     /// Reloads the applications' grants and publishes them.
     pub async fn applications_changed(&self) -> Result<(), ApiError> {
+        let _one_at_a_time = self.grants_reload.lock().await;
         let grants = self
             .db
             .call(|conn| crate::control_db::applications::grants(conn))

@@ -1,11 +1,15 @@
 //! Registered applications: their token (as a SHA-256 only) and the roles they hold per context.
+//!
+//! Cluster configuration, replicated through `_admin`: `create` and `delete` are called only by
+//! the `_admin` state machine, inside the transaction that applies an entry.
 
 use std::collections::BTreeMap;
 
 use myelin_proto::roles::Role;
 use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
 
-use super::{DbError, now_millis};
+use super::DbError;
 
 /// An application as listed: never its token, only the first characters for recognition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,14 +30,18 @@ pub struct Grant {
     pub roles: Vec<(String, Vec<Role>)>,
 }
 
-/// A new application to store.
-#[derive(Debug, Clone)]
+/// A new application to store (the payload of its `_admin` entry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewApplication {
     pub name: String,
     pub description: String,
     pub token_sha256: [u8; 32],
     pub token_prefix: String,
-    pub roles: BTreeMap<String, Vec<Role>>,
+    /// Context (or `*`) to role names. Names, not `Role`s: a member stores what the proposer
+    /// checked, whatever roles its own build knows (`list` skips unknown ones).
+    pub roles: BTreeMap<String, Vec<String>>,
+    /// Set by the proposer, so every member stores the same time.
+    pub created_at_millis: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,9 +125,8 @@ pub fn grants(conn: &Connection) -> Result<Vec<Grant>, DbError> {
     Ok(out)
 }
 
-/// Stores a new application with its roles in one transaction.
-pub fn create(conn: &mut Connection, app: &NewApplication) -> Result<(), CreateError> {
-    let tx = conn.transaction().map_err(DbError::from)?;
+/// Stores a new application with its roles, inside the caller's transaction.
+pub fn create(tx: &Connection, app: &NewApplication) -> Result<(), CreateError> {
     let exists = |sql: &str, value: &dyn rusqlite::ToSql| -> Result<bool, DbError> {
         Ok(tx.query_row(sql, [value], |_| Ok(())).optional()?.is_some())
     };
@@ -140,7 +147,7 @@ pub fn create(conn: &mut Connection, app: &NewApplication) -> Result<(), CreateE
             app.description,
             app.token_sha256.as_slice(),
             app.token_prefix,
-            now_millis()
+            app.created_at_millis
         ],
     )
     .map_err(DbError::from)?;
@@ -148,12 +155,11 @@ pub fn create(conn: &mut Connection, app: &NewApplication) -> Result<(), CreateE
         for role in roles {
             tx.execute(
                 "INSERT OR IGNORE INTO application_roles (application, context, role) VALUES (?1, ?2, ?3)",
-                params![app.name, context, role.name()],
+                params![app.name, context, role],
             )
             .map_err(DbError::from)?;
         }
     }
-    tx.commit().map_err(DbError::from)?;
     Ok(())
 }
 
@@ -174,27 +180,29 @@ mod tests {
             token_sha256: [token; 32],
             token_prefix: "abcd".into(),
             roles: BTreeMap::from([
-                ("default".to_owned(), vec![Role::ReadEvents, Role::PublishEvents]),
-                ("*".to_owned(), vec![Role::Monitor]),
+                (
+                    "default".to_owned(),
+                    vec![
+                        Role::ReadEvents.name().to_owned(),
+                        Role::PublishEvents.name().to_owned(),
+                    ],
+                ),
+                ("*".to_owned(), vec![Role::Monitor.name().to_owned()]),
             ]),
+            created_at_millis: 5,
         }
     }
 
     #[test]
     fn create_list_grants_delete() {
-        let (_dir, mut conn) = open();
-        create(&mut conn, &app("billing", 1)).unwrap();
-        assert!(matches!(
-            create(&mut conn, &app("billing", 2)),
-            Err(CreateError::Exists(_))
-        ));
-        assert!(matches!(
-            create(&mut conn, &app("other", 1)),
-            Err(CreateError::TokenInUse)
-        ));
+        let (_dir, conn) = open();
+        create(&conn, &app("billing", 1)).unwrap();
+        assert!(matches!(create(&conn, &app("billing", 2)), Err(CreateError::Exists(_))));
+        assert!(matches!(create(&conn, &app("other", 1)), Err(CreateError::TokenInUse)));
         let listed = list(&conn).unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].token_prefix, "abcd");
+        assert_eq!(listed[0].created_at_millis, 5);
         assert_eq!(
             listed[0].roles["default"],
             vec![Role::PublishEvents, Role::ReadEvents],

@@ -1,5 +1,8 @@
 //! Backup pointers: when the control DB was last copied, and per context and kind the newest
 //! segment a backup took. The backup procedure reads and advances them; nothing else does.
+//!
+//! They say what this node's backups copied, so they are node-local: written directly, never
+//! replicated through `_admin` nor replaced by its snapshots.
 
 use rusqlite::{Connection, OptionalExtension, params};
 

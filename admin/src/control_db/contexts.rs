@@ -1,15 +1,22 @@
 //! Nodes, contexts and the role each member node plays in a context.
+//!
+//! These tables are cluster configuration, replicated through `_admin`: the functions that
+//! change them are called only by the `_admin` state machine (`crate::raft::command`), inside
+//! the transaction that applies an entry, and they take every value (timestamps included) from
+//! the entry so that each member writes the same rows.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
 use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
 
-use super::{DbError, now_millis};
+use super::DbError;
 
 /// The role a node plays in a context (Axon's names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum MemberRole {
     /// Votes, may lead, serves clients.
     Primary,
@@ -64,7 +71,7 @@ impl FromStr for MemberRole {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
     pub name: String,
     pub host_name: String,
@@ -74,7 +81,7 @@ pub struct Node {
     pub grpc_internal_port: u16,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub node: String,
     pub role: MemberRole,
@@ -89,7 +96,7 @@ pub struct ContextRow {
     pub members: Vec<Member>,
 }
 
-/// Records this node (or updates its addresses).
+/// Records a node (or updates its addresses).
 pub fn upsert_node(conn: &Connection, node: &Node) -> Result<(), DbError> {
     conn.execute(
         "INSERT INTO nodes (name, host_name, grpc_port, http_port, internal_host_name, grpc_internal_port)
@@ -126,11 +133,43 @@ pub fn nodes(conn: &Connection) -> Result<Vec<Node>, DbError> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+pub fn node(conn: &Connection, name: &str) -> Result<Option<Node>, DbError> {
+    Ok(conn
+        .query_row(
+            "SELECT name, host_name, grpc_port, http_port, internal_host_name, grpc_internal_port
+             FROM nodes WHERE name = ?1",
+            [name],
+            |r| {
+                Ok(Node {
+                    name: r.get(0)?,
+                    host_name: r.get(1)?,
+                    grpc_port: r.get(2)?,
+                    http_port: r.get(3)?,
+                    internal_host_name: r.get(4)?,
+                    grpc_internal_port: r.get(5)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
 pub fn node_exists(conn: &Connection, name: &str) -> Result<bool, DbError> {
     Ok(conn
         .query_row("SELECT 1 FROM nodes WHERE name = ?1", [name], |_| Ok(()))
         .optional()?
         .is_some())
+}
+
+/// The contexts a node is a member of, ordered by name.
+pub fn contexts_of_node(conn: &Connection, node: &str) -> Result<Vec<String>, DbError> {
+    let mut statement = conn.prepare("SELECT context FROM context_members WHERE node = ?1 ORDER BY context")?;
+    let rows = statement.query_map([node], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Removes a node that is a member of no context. `Ok(false)`: there was no such node.
+pub fn remove_node(conn: &Connection, name: &str) -> Result<bool, DbError> {
+    Ok(conn.execute("DELETE FROM nodes WHERE name = ?1", [name])? > 0)
 }
 
 fn members_of(conn: &Connection, context: &str) -> Result<Vec<Member>, DbError> {
@@ -186,16 +225,16 @@ pub fn contexts(conn: &Connection) -> Result<Vec<ContextRow>, DbError> {
     Ok(out)
 }
 
-/// Inserts a context with its members in one transaction. `Ok(false)`: it exists already, and
-/// nothing changed.
+/// Inserts a context with its members, inside the caller's transaction (a member on an unknown
+/// node fails it: the caller rolls back). `Ok(false)`: it exists already, and nothing changed.
 pub fn insert_context(
-    conn: &mut Connection,
+    conn: &Connection,
     name: &str,
     meta_data: &BTreeMap<String, String>,
     members: &[Member],
+    created_at_millis: i64,
 ) -> Result<bool, DbError> {
-    let tx = conn.transaction()?;
-    let exists = tx
+    let exists = conn
         .query_row("SELECT 1 FROM contexts WHERE name = ?1", [name], |_| Ok(()))
         .optional()?
         .is_some();
@@ -203,31 +242,62 @@ pub fn insert_context(
         return Ok(false);
     }
     let meta = serde_json::to_string(meta_data).expect("a string map serializes");
-    tx.execute(
+    conn.execute(
         "INSERT INTO contexts (name, meta_data, created_at_millis) VALUES (?1, ?2, ?3)",
-        params![name, meta, now_millis()],
+        params![name, meta, created_at_millis],
     )?;
     for member in members {
-        tx.execute(
-            "INSERT INTO context_members (context, node, role) VALUES (?1, ?2, ?3)",
-            params![name, member.node, member.role.name()],
-        )?;
+        add_member(conn, name, member)?;
     }
-    tx.commit()?;
     Ok(true)
 }
 
-/// Removes a context, its members, the application roles granted in it and its backup
-/// pointers, in one transaction. `Ok(false)`: there was no such context.
-pub fn delete_context(conn: &mut Connection, name: &str) -> Result<bool, DbError> {
-    let tx = conn.transaction()?;
-    let deleted = tx.execute("DELETE FROM contexts WHERE name = ?1", [name])?;
+/// Removes a context, its members, the application and user roles granted in it and this node's
+/// backup pointers for it, inside the caller's transaction. `Ok(false)`: there was no such
+/// context.
+pub fn delete_context(conn: &Connection, name: &str) -> Result<bool, DbError> {
+    let deleted = conn.execute("DELETE FROM contexts WHERE name = ?1", [name])?;
     // A context created later under the same name must not inherit these grants.
-    tx.execute("DELETE FROM application_roles WHERE context = ?1", [name])?;
-    tx.execute("DELETE FROM user_roles WHERE context = ?1", [name])?;
-    tx.execute("DELETE FROM segment_backups WHERE context = ?1", [name])?;
-    tx.commit()?;
+    conn.execute("DELETE FROM application_roles WHERE context = ?1", [name])?;
+    conn.execute("DELETE FROM user_roles WHERE context = ?1", [name])?;
+    // Node-local bookkeeping, but what it points at is gone.
+    conn.execute("DELETE FROM segment_backups WHERE context = ?1", [name])?;
     Ok(deleted > 0)
+}
+
+/// Makes a node a member of a context (which must exist, as must the node).
+pub fn add_member(conn: &Connection, context: &str, member: &Member) -> Result<(), DbError> {
+    conn.execute(
+        "INSERT INTO context_members (context, node, role) VALUES (?1, ?2, ?3)",
+        params![context, member.node, member.role.name()],
+    )?;
+    Ok(())
+}
+
+/// `Ok(false)`: the node was no member of the context.
+pub fn remove_member(conn: &Connection, context: &str, node: &str) -> Result<bool, DbError> {
+    Ok(conn.execute(
+        "DELETE FROM context_members WHERE context = ?1 AND node = ?2",
+        params![context, node],
+    )? > 0)
+}
+
+pub fn context_exists(conn: &Connection, name: &str) -> Result<bool, DbError> {
+    Ok(conn
+        .query_row("SELECT 1 FROM contexts WHERE name = ?1", [name], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+pub fn is_member(conn: &Connection, context: &str, node: &str) -> Result<bool, DbError> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM context_members WHERE context = ?1 AND node = ?2",
+            params![context, node],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
 }
 
 #[cfg(test)]
@@ -270,23 +340,44 @@ pub(crate) mod tests {
             node: "n1".into(),
             role: MemberRole::Primary,
         }];
-        assert!(insert_context(&mut conn, "orders", &meta, &members).unwrap());
-        assert!(!insert_context(&mut conn, "orders", &BTreeMap::new(), &[]).unwrap());
+        assert!(insert_context(&conn, "orders", &meta, &members, 7).unwrap());
+        assert!(!insert_context(&conn, "orders", &BTreeMap::new(), &[], 8).unwrap());
         let row = context(&conn, "orders").unwrap().unwrap();
-        assert_eq!((row.meta_data, row.members), (meta, members));
+        assert_eq!((row.meta_data, row.members, row.created_at_millis), (meta, members, 7));
         assert_eq!(contexts(&conn).unwrap().len(), 1);
+        assert_eq!(contexts_of_node(&conn, "n1").unwrap(), vec!["orders".to_owned()]);
+        assert!(is_member(&conn, "orders", "n1").unwrap());
 
-        // A member on an unknown node fails the whole insert.
+        // A member on an unknown node fails the insert; the caller's transaction takes it back.
         let bad = vec![Member {
             node: "ghost".into(),
             role: MemberRole::Primary,
         }];
-        assert!(insert_context(&mut conn, "other", &BTreeMap::new(), &bad).is_err());
+        {
+            let tx = conn.transaction().unwrap();
+            assert!(insert_context(&tx, "other", &BTreeMap::new(), &bad, 1).is_err());
+        }
         assert!(context(&conn, "other").unwrap().is_none());
 
-        assert!(delete_context(&mut conn, "orders").unwrap());
-        assert!(!delete_context(&mut conn, "orders").unwrap());
+        // A node with members cannot go.
+        assert!(remove_node(&conn, "n1").is_err());
+        assert!(remove_member(&conn, "orders", "n1").unwrap());
+        assert!(!remove_member(&conn, "orders", "n1").unwrap());
+        add_member(
+            &conn,
+            "orders",
+            &Member {
+                node: "n1".into(),
+                role: MemberRole::Primary,
+            },
+        )
+        .unwrap();
+
+        assert!(delete_context(&conn, "orders").unwrap());
+        assert!(!delete_context(&conn, "orders").unwrap());
         assert!(contexts(&conn).unwrap().is_empty());
+        assert!(remove_node(&conn, "n1").unwrap());
+        assert!(!remove_node(&conn, "n1").unwrap());
     }
 
     #[test]

@@ -13,8 +13,10 @@
 //!   channel and awaits the answer, so SQLite's blocking I/O never runs on the async runtime and
 //!   no lock is held across an await.
 //!
-//! In a single node this file is the whole `_admin` context: it is not (yet) replicated through
-//! a Raft group, and `_admin` has no eventstore storage.
+//! This file is also the `_admin` context's storage (`crate::raft`): its Raft log, vote and
+//! snapshot are tables here, and the cluster configuration (nodes, contexts and members,
+//! applications, users) changes only by applying committed `_admin` entries. The backup
+//! pointers are this node's own and are written directly. `_admin` has no eventstore storage.
 
 pub mod applications;
 pub mod backups;

@@ -96,6 +96,29 @@ pub const MIGRATIONS: &[Migration] = &[
             ) STRICT;
         ",
     },
+    Migration {
+        description: "the _admin Raft log, its pointers and its snapshot",
+        // The rows a file already holds stay as they are: they are the `_admin` state before
+        // its first entry (see `crate::raft`). Values are openraft's types as JSON.
+        sql: "
+            CREATE TABLE raft_log (
+                log_index INTEGER PRIMARY KEY NOT NULL CHECK (log_index >= 0),
+                entry TEXT NOT NULL CHECK (json_valid(entry))
+            ) STRICT;
+            -- vote, committed and purged belong to the log; applied and membership to the state
+            -- machine, written in the transaction that applies the entry they name.
+            CREATE TABLE raft_state (
+                name TEXT PRIMARY KEY NOT NULL
+                    CHECK (name IN ('vote', 'committed', 'purged', 'applied', 'membership')),
+                value TEXT NOT NULL CHECK (json_valid(value))
+            ) STRICT;
+            CREATE TABLE raft_snapshot (
+                id INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
+                meta TEXT NOT NULL CHECK (json_valid(meta)),
+                data BLOB NOT NULL
+            ) STRICT;
+        ",
+    },
 ];
 
 /// The schema version this build writes.

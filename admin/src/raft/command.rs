@@ -1,0 +1,410 @@
+//! The changes `_admin` replicates, and how one is applied to a control DB.
+//!
+//! [`AdminCommand`] has one variant per change the admin API and the start-up reconciliation
+//! make to cluster configuration. [`apply`] is a deterministic function of (DB state, command):
+//! every value it writes comes from the command (timestamps are the proposer's), and it reads
+//! nothing but the replicated tables. So every member that applies the same entries to the same
+//! state ends with the same rows.
+//!
+//! Two kinds of failure, kept apart:
+//! - **Refused** ([`Refusal`]): the state does not allow the change (the context exists, the node
+//!   is unknown, a constraint of the schema says no). Nothing of the command is written, the
+//!   entry still counts as applied, and the refusal is the proposer's answer. Every member
+//!   refuses the same entry, since it depends only on the state and the command.
+//! - **Failed** (`DbError`): SQLite could not read or write (I/O, a full disk, corruption). That
+//!   is not a property of the entry: the state machine reports it to openraft as a storage
+//!   error, which stops this member's group rather than let it skip an entry others applied.
+
+use std::collections::BTreeMap;
+
+use rusqlite::{Connection, ErrorCode};
+use serde::{Deserialize, Serialize};
+
+use crate::control_db::DbError;
+use crate::control_db::applications::{self, CreateError, NewApplication};
+use crate::control_db::contexts::{self, Member, MemberRole, Node};
+
+/// A change to cluster configuration, as proposed to `_admin`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminCommand {
+    /// Records a node, or updates its addresses.
+    UpsertNode(Node),
+    /// Forgets a node that is a member of no context.
+    RemoveNode { name: String },
+    /// Creates a context with its members (every member node must be known).
+    CreateContext {
+        name: String,
+        meta_data: BTreeMap<String, String>,
+        members: Vec<Member>,
+        created_at_millis: i64,
+    },
+    /// Deletes a context with its members and the roles granted in it.
+    DeleteContext { name: String },
+    /// Makes a known node a member of a context.
+    AddMember {
+        context: String,
+        node: String,
+        role: MemberRole,
+    },
+    /// Removes a node from a context's members.
+    RemoveMember { context: String, node: String },
+    /// Registers an application with its token hash and roles.
+    CreateApplication(NewApplication),
+    /// Removes an application (its roles go with it).
+    DeleteApplication { name: String },
+}
+
+impl AdminCommand {
+    /// A short name for logs and spans.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AdminCommand::UpsertNode(_) => "upsert-node",
+            AdminCommand::RemoveNode { .. } => "remove-node",
+            AdminCommand::CreateContext { .. } => "create-context",
+            AdminCommand::DeleteContext { .. } => "delete-context",
+            AdminCommand::AddMember { .. } => "add-member",
+            AdminCommand::RemoveMember { .. } => "remove-member",
+            AdminCommand::CreateApplication(_) => "create-application",
+            AdminCommand::DeleteApplication { .. } => "delete-application",
+        }
+    }
+}
+
+/// Why the state did not allow a change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}: context already exists")]
+    ContextExists(String),
+    #[error("{0}: context not found")]
+    ContextNotFound(String),
+    #[error("{0}: no such node")]
+    NoSuchNode(String),
+    #[error("node {node} is a member of {contexts:?}; remove it from them first")]
+    NodeInUse { node: String, contexts: Vec<String> },
+    #[error("node {node} is already a member of {context}")]
+    AlreadyMember { context: String, node: String },
+    #[error("node {node} is not a member of {context}")]
+    NotAMember { context: String, node: String },
+    #[error("an application named {0} exists")]
+    ApplicationExists(String),
+    #[error("that token is in use by another application")]
+    TokenInUse,
+    #[error("{0}: no such application")]
+    NoSuchApplication(String),
+    /// A rule of the schema said no (a check or a reference): still a function of the state.
+    #[error("the control DB refused the change: {0}")]
+    Constraint(String),
+}
+
+/// What applying an entry answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminResponse {
+    /// The change is in the state (for blank and membership entries: nothing to change).
+    Applied,
+    /// The state did not allow it; nothing was written.
+    Refused(Refusal),
+}
+
+impl AdminResponse {
+    pub fn into_result(self) -> Result<(), Refusal> {
+        match self {
+            AdminResponse::Applied => Ok(()),
+            AdminResponse::Refused(refusal) => Err(refusal),
+        }
+    }
+}
+
+/// Applies one command inside the caller's transaction. A refused command leaves nothing behind
+/// (it runs in a savepoint that is rolled back); an `Err` is an I/O failure, not a refusal.
+pub fn apply(tx: &mut rusqlite::Transaction<'_>, command: &AdminCommand) -> Result<AdminResponse, DbError> {
+    let savepoint = tx.savepoint()?;
+    let outcome = match change(&savepoint, command) {
+        Ok(outcome) => outcome,
+        Err(DbError::Sqlite(e)) if is_constraint(&e) => Err(Refusal::Constraint(e.to_string())),
+        Err(e) => return Err(e),
+    };
+    match outcome {
+        Ok(()) => {
+            savepoint.commit()?;
+            Ok(AdminResponse::Applied)
+        }
+        Err(refusal) => {
+            // Dropping the savepoint rolls back whatever the command wrote before it was refused.
+            drop(savepoint);
+            Ok(AdminResponse::Refused(refusal))
+        }
+    }
+}
+
+fn is_constraint(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
+}
+
+fn change(conn: &Connection, command: &AdminCommand) -> Result<Result<(), Refusal>, DbError> {
+    Ok(match command {
+        AdminCommand::UpsertNode(node) => {
+            contexts::upsert_node(conn, node)?;
+            Ok(())
+        }
+        AdminCommand::RemoveNode { name } => {
+            let member_of = contexts::contexts_of_node(conn, name)?;
+            if !member_of.is_empty() {
+                Err(Refusal::NodeInUse {
+                    node: name.clone(),
+                    contexts: member_of,
+                })
+            } else if contexts::remove_node(conn, name)? {
+                Ok(())
+            } else {
+                Err(Refusal::NoSuchNode(name.clone()))
+            }
+        }
+        AdminCommand::CreateContext {
+            name,
+            meta_data,
+            members,
+            created_at_millis,
+        } => {
+            if contexts::context_exists(conn, name)? {
+                return Ok(Err(Refusal::ContextExists(name.clone())));
+            }
+            for member in members {
+                if !contexts::node_exists(conn, &member.node)? {
+                    return Ok(Err(Refusal::NoSuchNode(member.node.clone())));
+                }
+            }
+            if contexts::insert_context(conn, name, meta_data, members, *created_at_millis)? {
+                Ok(())
+            } else {
+                Err(Refusal::ContextExists(name.clone()))
+            }
+        }
+        AdminCommand::DeleteContext { name } => {
+            if contexts::delete_context(conn, name)? {
+                Ok(())
+            } else {
+                Err(Refusal::ContextNotFound(name.clone()))
+            }
+        }
+        AdminCommand::AddMember { context, node, role } => {
+            if !contexts::context_exists(conn, context)? {
+                Err(Refusal::ContextNotFound(context.clone()))
+            } else if !contexts::node_exists(conn, node)? {
+                Err(Refusal::NoSuchNode(node.clone()))
+            } else if contexts::is_member(conn, context, node)? {
+                Err(Refusal::AlreadyMember {
+                    context: context.clone(),
+                    node: node.clone(),
+                })
+            } else {
+                let member = Member {
+                    node: node.clone(),
+                    role: *role,
+                };
+                contexts::add_member(conn, context, &member)?;
+                Ok(())
+            }
+        }
+        AdminCommand::RemoveMember { context, node } => {
+            if !contexts::context_exists(conn, context)? {
+                Err(Refusal::ContextNotFound(context.clone()))
+            } else if contexts::remove_member(conn, context, node)? {
+                Ok(())
+            } else {
+                Err(Refusal::NotAMember {
+                    context: context.clone(),
+                    node: node.clone(),
+                })
+            }
+        }
+        AdminCommand::CreateApplication(app) => match applications::create(conn, app) {
+            Ok(()) => Ok(()),
+            Err(CreateError::Exists(name)) => Err(Refusal::ApplicationExists(name)),
+            Err(CreateError::TokenInUse) => Err(Refusal::TokenInUse),
+            Err(CreateError::Db(e)) => return Err(e),
+        },
+        AdminCommand::DeleteApplication { name } => {
+            if applications::delete(conn, name)? {
+                Ok(())
+            } else {
+                Err(Refusal::NoSuchApplication(name.clone()))
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control_db::contexts::tests::open;
+
+    fn node(name: &str) -> Node {
+        Node {
+            name: name.into(),
+            host_name: "h".into(),
+            grpc_port: 8124,
+            http_port: 8024,
+            internal_host_name: "ih".into(),
+            grpc_internal_port: 8224,
+        }
+    }
+
+    fn create_context(name: &str, nodes: &[&str]) -> AdminCommand {
+        AdminCommand::CreateContext {
+            name: name.into(),
+            meta_data: BTreeMap::new(),
+            members: nodes
+                .iter()
+                .map(|n| Member {
+                    node: (*n).into(),
+                    role: MemberRole::Primary,
+                })
+                .collect(),
+            created_at_millis: 42,
+        }
+    }
+
+    fn run(conn: &mut Connection, command: &AdminCommand) -> AdminResponse {
+        let mut tx = conn.transaction().unwrap();
+        let response = apply(&mut tx, command).unwrap();
+        tx.commit().unwrap();
+        response
+    }
+
+    /// Every replicated row, as text, for comparing two DBs.
+    fn dump(conn: &Connection) -> String {
+        let mut out = String::new();
+        for table in crate::raft::snapshot::REPLICATED_TABLES {
+            let mut statement = conn.prepare(&format!("SELECT * FROM {table} ORDER BY 1, 2")).unwrap();
+            let columns = statement.column_count();
+            let mut rows = statement.query([]).unwrap();
+            while let Some(row) = rows.next().unwrap() {
+                let cells: Vec<String> = (0..columns).map(|i| format!("{:?}", row.get_ref(i).unwrap())).collect();
+                out.push_str(&format!("{table}: {}\n", cells.join(", ")));
+            }
+        }
+        out
+    }
+
+    fn app(name: &str, token: u8) -> AdminCommand {
+        AdminCommand::CreateApplication(NewApplication {
+            name: name.into(),
+            description: String::new(),
+            token_sha256: [token; 32],
+            token_prefix: "abcd".into(),
+            roles: BTreeMap::from([("orders".to_owned(), vec!["READ_EVENTS".to_owned()])]),
+            created_at_millis: 9,
+        })
+    }
+
+    /// A history with refusals in it: what each command answers.
+    fn history() -> Vec<(AdminCommand, AdminResponse)> {
+        use AdminResponse::Applied;
+        let refused = AdminResponse::Refused;
+        vec![
+            (
+                create_context("orders", &["n1"]),
+                refused(Refusal::NoSuchNode("n1".into())),
+            ),
+            (AdminCommand::UpsertNode(node("n1")), Applied),
+            (AdminCommand::UpsertNode(node("n2")), Applied),
+            (create_context("orders", &["n1"]), Applied),
+            (
+                create_context("orders", &["n2"]),
+                refused(Refusal::ContextExists("orders".into())),
+            ),
+            (
+                AdminCommand::AddMember {
+                    context: "orders".into(),
+                    node: "n2".into(),
+                    role: MemberRole::PassiveBackup,
+                },
+                Applied,
+            ),
+            (
+                AdminCommand::AddMember {
+                    context: "orders".into(),
+                    node: "n2".into(),
+                    role: MemberRole::Primary,
+                },
+                refused(Refusal::AlreadyMember {
+                    context: "orders".into(),
+                    node: "n2".into(),
+                }),
+            ),
+            (
+                AdminCommand::RemoveNode { name: "n2".into() },
+                refused(Refusal::NodeInUse {
+                    node: "n2".into(),
+                    contexts: vec!["orders".into()],
+                }),
+            ),
+            (app("billing", 1), Applied),
+            (app("billing", 2), refused(Refusal::ApplicationExists("billing".into()))),
+            (app("other", 1), refused(Refusal::TokenInUse)),
+            (
+                AdminCommand::RemoveMember {
+                    context: "orders".into(),
+                    node: "n2".into(),
+                },
+                Applied,
+            ),
+            (AdminCommand::RemoveNode { name: "n2".into() }, Applied),
+            (
+                AdminCommand::DeleteApplication { name: "nope".into() },
+                refused(Refusal::NoSuchApplication("nope".into())),
+            ),
+            (AdminCommand::DeleteContext { name: "orders".into() }, Applied),
+            (
+                AdminCommand::DeleteContext { name: "orders".into() },
+                refused(Refusal::ContextNotFound("orders".into())),
+            ),
+        ]
+    }
+
+    #[test]
+    fn refused_commands_are_answers_and_two_dbs_end_equal() {
+        let (_a, mut a) = open();
+        let (_b, mut b) = open();
+        for (command, expected) in history() {
+            assert_eq!(run(&mut a, &command), expected, "{command:?}");
+            assert_eq!(run(&mut b, &command), expected, "{command:?}");
+            assert_eq!(dump(&a), dump(&b), "after {command:?}");
+        }
+        // The grant in the deleted context went with it; the application stayed.
+        let apps = crate::control_db::applications::list(&a).unwrap();
+        assert_eq!(apps.len(), 1);
+        assert!(apps[0].roles.is_empty());
+        assert_eq!(dump(&a).lines().filter(|l| l.starts_with("nodes:")).count(), 1);
+    }
+
+    #[test]
+    fn a_schema_rule_that_says_no_is_a_refusal_and_writes_nothing() {
+        let (_dir, mut conn) = open();
+        run(&mut conn, &AdminCommand::UpsertNode(node("n1")));
+        let before = dump(&conn);
+        // A port the schema's CHECK refuses cannot come from a u16; an empty name can.
+        let mut bad = node("");
+        bad.grpc_port = 1;
+        let response = run(&mut conn, &AdminCommand::UpsertNode(bad));
+        assert!(
+            matches!(response, AdminResponse::Refused(Refusal::Constraint(_))),
+            "{response:?}"
+        );
+        assert_eq!(dump(&conn), before);
+        // A context whose second member is unknown leaves no row of the first.
+        let response = run(&mut conn, &create_context("c", &["n1", "ghost"]));
+        assert_eq!(response, AdminResponse::Refused(Refusal::NoSuchNode("ghost".into())));
+        assert_eq!(dump(&conn), before);
+    }
+
+    #[test]
+    fn commands_round_trip_through_json() {
+        for (command, response) in history() {
+            let text = serde_json::to_string(&command).unwrap();
+            assert_eq!(serde_json::from_str::<AdminCommand>(&text).unwrap(), command);
+            let text = serde_json::to_string(&response).unwrap();
+            assert_eq!(serde_json::from_str::<AdminResponse>(&text).unwrap(), response);
+        }
+    }
+}
