@@ -16,6 +16,7 @@
 pub mod access;
 pub mod api;
 pub mod backup;
+pub mod cluster_links;
 pub mod control_db;
 pub mod raft;
 pub mod reconcile;
@@ -140,7 +141,8 @@ where
     let internal_hostname = args.internal_hostname.clone().unwrap_or_else(|| args.hostname.clone());
     let admin = raft::AdminGroup::start(
         db.clone(),
-        raft::GroupOptions::standalone(format!("{internal_hostname}:{}", args.internal_port)),
+        // Members are named by node name; routers map names to addresses (decision 0010).
+        raft::GroupOptions::standalone(&args.node_name),
         network,
     )
     .await
@@ -210,7 +212,15 @@ where
 
 /// Serves HTTP until `shutdown`, as a standalone node (its `_admin` group has no peers).
 pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    run_with_network(args, raft::NoPeers, shutdown).await
+    match args.router_socket.clone() {
+        // The `_admin` group reaches the other nodes through this node's router.
+        Some(router) => {
+            let relay = myelin_raft_relay::relay_client(&router)?;
+            let network = cluster_links::AdminNetwork::new(raft::ADMIN_GROUP, relay);
+            run_with_network(args, network, shutdown).await
+        }
+        None => run_with_network(args, raft::NoPeers, shutdown).await,
+    }
 }
 
 /// Serves HTTP until `shutdown`, reaching the other `_admin` members through `network`. Returns
@@ -264,11 +274,22 @@ where
                 .await;
         }
     });
+    let _follow_peers = match &args.router_socket {
+        Some(router) => Some(cluster_links::follow_peers(state.clone(), unix_channel(router)?)),
+        None => None,
+    };
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_health = stop_rx.clone();
     let health_server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health)
+            .add_service(
+                myelin_proto::internal::raft_inbox_server::RaftInboxServer::new(cluster_links::Inbox {
+                    admin: state.admin.clone(),
+                })
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+            )
             .add_service(myelin_proto::internal::access_rules_server::AccessRulesServer::new(
                 access::RulesService {
                     access: state.access.clone(),

@@ -109,6 +109,10 @@ pub enum Command {
     DeleteContext(DeleteContext),
     /// List the cluster's nodes
     Nodes,
+    /// Make this node a cluster of its own with `_admin` and a first context (Axon's init-cluster)
+    InitCluster(InitCluster),
+    /// List the cluster's nodes (Axon's `cluster`)
+    Cluster,
     /// Register an application and print its access token (shown only once)
     RegisterApplication(RegisterApplication),
     /// List registered applications with their roles per context
@@ -137,6 +141,13 @@ pub struct RegisterContext {
     /// Nodes that are MESSAGING_ONLY members (comma-separated)
     #[arg(short = 'm', long = "messaging-only", value_name = "NODES", value_delimiter = ',')]
     pub messaging_only: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct InitCluster {
+    /// The first context besides `_admin` [default: default]
+    #[arg(short = 'c', long = "context", value_name = "NAME")]
+    pub context: Option<String>,
 }
 
 #[derive(Args, Debug)]

@@ -6,8 +6,8 @@
 use serde_json::{Value, json};
 
 use crate::args::{
-    Command, DeleteApplication, DeleteContext, Format, RegisterApplication, RegisterContext, check_application,
-    check_user_context,
+    Command, DeleteApplication, DeleteContext, Format, InitCluster, RegisterApplication, RegisterContext,
+    check_application, check_user_context,
 };
 use crate::failure::Failure;
 use crate::output;
@@ -18,6 +18,8 @@ pub fn run(command: &Command, server: &Server, format: Format) -> Result<String,
     match command {
         Command::Contexts => list(server, "/v1/public/context", json_output, output::contexts_table),
         Command::Nodes => list(server, "/v1/public", json_output, output::nodes_table),
+        Command::Cluster => list(server, "/v1/cluster", json_output, output::nodes_table),
+        Command::InitCluster(args) => init_cluster(server, args, json_output),
         Command::Applications => list(
             server,
             "/v1/public/applications",
@@ -58,6 +60,21 @@ fn register_context(server: &Server, args: &RegisterContext, json_output: bool) 
     server.post("/v1/context", Some(&body))?;
     Ok(output::action("context", &args.context, "created", json_output))
 }
+
+fn init_cluster(server: &Server, args: &InitCluster, json_output: bool) -> Result<String, Failure> {
+    let context = args.context.as_deref().unwrap_or(DEFAULT_CONTEXT);
+    check_user_context(context)?;
+    server.post(&format!("/v1/context/init?context={context}"), None)?;
+    Ok(output::action(
+        "cluster with context",
+        context,
+        "initialised",
+        json_output,
+    ))
+}
+
+/// The context a cluster starts with when none is named (Axon's `default`).
+const DEFAULT_CONTEXT: &str = "default";
 
 fn delete_context(server: &Server, args: &DeleteContext, json_output: bool) -> Result<String, Failure> {
     check_user_context(&args.context)?;

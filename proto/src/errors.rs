@@ -61,6 +61,7 @@ codes! {
     // instead of 5 s, and a context without a leader is a passing state (docs/cluster.md).
     NoLeaderAvailable = "AXONIQ-2100", Unavailable, 503;
     CannotDeleteInternalContext = "AXONIQ-2304", PermissionDenied, 403;
+    AlreadyMemberOfCluster = "AXONIQ-2306", AlreadyExists, 406;
     InvalidContextName = "AXONIQ-2308", InvalidArgument, 400;
     InvalidPropertyValue = "AXONIQ-2311", InvalidArgument, 400;
     CannotJoin = "AXONIQ-2502", FailedPrecondition, 400;

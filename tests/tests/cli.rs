@@ -355,3 +355,21 @@ fn an_unreachable_server_exits_3_and_names_the_url() {
     let help = run_cli(&["--help"]).ok();
     assert!(help.stdout.contains("register-application"), "{help:?}");
 }
+
+/// Axon's documented start-up works on a fresh node: `init-cluster` succeeds (the node already is
+/// a cluster of its own), again without change, and with `-c` creates that context; `cluster`
+/// lists the node. A reserved name is a usage error and nothing is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_cluster_on_a_fresh_node() {
+    let node = start_node().await;
+    let first = cli(&node, &["init-cluster"]).ok().stdout;
+    assert!(first.contains("default"), "{first}");
+    cli(&node, &["init-cluster"]).ok();
+    assert!(!context_names(&node).contains(&"orders".to_string()));
+    cli(&node, &["init-cluster", "-c", "orders"]).ok();
+    assert!(context_names(&node).contains(&"orders".to_string()));
+    cli(&node, &["init-cluster", "-c", "_admin"]).fails(2, "_admin");
+    let nodes = cli(&node, &["cluster", "--json"]).json();
+    assert_eq!(nodes.as_array().unwrap().len(), 1, "{nodes:?}");
+    assert_eq!(nodes[0]["grpcInternalPort"], node.internal_port);
+}

@@ -334,6 +334,12 @@ pub async fn create(
     State(state): State<AppState>,
     Body(request): Body<CreateContext>,
 ) -> Result<Json<ContextJson>, ApiError> {
+    create_context(&state, request).await.map(Json)
+}
+
+/// Creates a context as `POST /v1/context` does (also used by `POST /v1/context/init`).
+pub(crate) async fn create_context(state: &AppState, request: CreateContext) -> Result<ContextJson, ApiError> {
+    let state = state.clone();
     let (members, meta) = validate(&state, &request).await?;
     let name = request.context;
     let _lifecycle = state.lifecycle.lock().await;
@@ -361,7 +367,7 @@ pub async fn create(
     state.change(command).await?;
     tracing::info!(context = %name, "context created");
     let row = find(&state, &name).await?;
-    Ok(Json(to_json(&row)))
+    Ok(to_json(&row))
 }
 
 /// Deletes a context: stops it, removes its files (unless `preserveEventStore=true`), forgets it,

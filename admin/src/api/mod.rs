@@ -10,6 +10,7 @@
 pub mod actuator;
 pub mod applications;
 pub mod clients;
+pub mod cluster;
 pub mod contexts;
 pub mod error;
 pub mod nodes;
@@ -128,6 +129,7 @@ impl AppState {
     ),
     tags(
         (name = "contexts", description = "Contexts and the nodes that serve them"),
+        (name = "cluster", description = "The cluster as a whole: init-cluster and its nodes"),
         (name = "nodes", description = "Nodes of the cluster"),
         (name = "applications", description = "Registered applications and their access tokens"),
         (name = "clients", description = "Connected client applications, their event processors and handlers"),
@@ -144,6 +146,8 @@ pub fn openapi_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(contexts::list))
         .routes(routes!(contexts::create))
         .routes(routes!(contexts::details, contexts::delete))
+        .routes(routes!(cluster::init))
+        .routes(routes!(cluster::nodes))
         .routes(routes!(nodes::list))
         .routes(routes!(nodes::me))
         .routes(routes!(applications::create))
