@@ -7,7 +7,8 @@
 //!   ([`install`]). The batch loop of a context holds its handles ([`context`]), so recording
 //!   is a few atomic operations per batch.
 //! - **Gauges** of where each stored context stands (first, last and snapshot tokens, Raft
-//!   applied index, segment files and bytes per kind) are read from the contexts at scrape time
+//!   applied index, term, leader and log index, each member's lag on the leader, segment files
+//!   and bytes per kind) are read from the contexts at scrape time
 //!   and written out directly ([`render`]), so a deleted context's series simply disappear
 //!   instead of lingering with stale values.
 //!
@@ -156,6 +157,31 @@ fn gauges_of(contexts: &[Arc<Context>]) -> Vec<Family> {
             help: "Bytes in segment files, by kind (events, snapshots)",
             samples: Vec::new(),
         },
+        Family {
+            name: "myelin_eventstore_raft_term",
+            help: "Current Raft term of the context's group on this node",
+            samples: Vec::new(),
+        },
+        Family {
+            name: "myelin_eventstore_raft_leader",
+            help: "Member id of the group's leader as this node knows it, -1 when none",
+            samples: Vec::new(),
+        },
+        Family {
+            name: "myelin_eventstore_raft_is_leader",
+            help: "1 when this node leads the context's group, else 0",
+            samples: Vec::new(),
+        },
+        Family {
+            name: "myelin_eventstore_raft_last_log_index",
+            help: "Index of the newest entry in this node's Raft log",
+            samples: Vec::new(),
+        },
+        Family {
+            name: "myelin_eventstore_raft_member_lag",
+            help: "On the leader: log entries a member has not yet made durable (-1: none known yet)",
+            samples: Vec::new(),
+        },
     ];
     for c in contexts {
         let status = crate::control::context_status(c);
@@ -171,6 +197,26 @@ fn gauges_of(contexts: &[Arc<Context>]) -> Vec<Family> {
             let label = format!("context=\"{}\",kind=\"{kind}\"", c.name);
             families[4].samples.push((label.clone(), count as f64));
             families[5].samples.push((label, bytes as f64));
+        }
+        let group = crate::membership::status(c);
+        let label = format!("context=\"{}\"", c.name);
+        let leads = group.leader == Some(group.member_id);
+        families[6].samples.push((label.clone(), group.term as f64));
+        families[7]
+            .samples
+            .push((label.clone(), group.leader.map_or(-1.0, |l| l as f64)));
+        families[8].samples.push((label.clone(), if leads { 1.0 } else { 0.0 }));
+        let last = group.last_log_index.unwrap_or(0);
+        families[9].samples.push((label, last as f64));
+        if leads {
+            for member in group.members.iter().filter(|m| m.id != group.member_id) {
+                let lag = member.matched_index.map_or(-1.0, |m| last.saturating_sub(m) as f64);
+                let label = format!(
+                    "context=\"{}\",member=\"{}\",node=\"{}\"",
+                    c.name, member.id, member.node
+                );
+                families[10].samples.push((label, lag));
+            }
         }
     }
     families

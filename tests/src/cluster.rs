@@ -123,6 +123,16 @@ impl Cluster {
             .into_inner()
     }
 
+    /// Node `i`'s eventstore metrics, in the Prometheus text format.
+    pub async fn metrics(&self, i: usize) -> String {
+        self.storage_control(i)
+            .metrics(myelin_proto::internal::MetricsRequest {})
+            .await
+            .expect("eventstore metrics")
+            .into_inner()
+            .text
+    }
+
     pub async fn status(&self, i: usize, context: &str) -> Option<GroupStatus> {
         self.storage_control(i)
             .get_group_status(GroupStatusRequest {

@@ -186,6 +186,25 @@ async fn a_context_is_replicated_across_nodes_and_survives_its_leader() {
     }
     assert_same_replicas(&cluster, &replicas);
 
+    // The leader's metrics say it leads, and each member's lag comes down to nothing.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = cluster.metrics(leader).await;
+        assert!(
+            text.contains(&format!("myelin_eventstore_raft_is_leader{{context=\"{CONTEXT}\"}} 1")),
+            "{text}"
+        );
+        let lags: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("myelin_eventstore_raft_member_lag{") && l.contains(CONTEXT))
+            .collect();
+        if lags.len() == 2 && lags.iter().all(|l| l.ends_with(" 0")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "members still lag: {lags:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // The leader dies: the majority elects another and goes on.
     cluster.nodes[leader].crash();
     let started = Instant::now();
