@@ -120,17 +120,21 @@ pub fn nodes(conn: &Connection) -> Result<Vec<Node>, DbError> {
         "SELECT name, host_name, grpc_port, http_port, internal_host_name, grpc_internal_port
          FROM nodes ORDER BY name",
     )?;
-    let rows = statement.query_map([], |r| {
-        Ok(Node {
-            name: r.get(0)?,
-            host_name: r.get(1)?,
-            grpc_port: r.get(2)?,
-            http_port: r.get(3)?,
-            internal_host_name: r.get(4)?,
-            grpc_internal_port: r.get(5)?,
-        })
-    })?;
+    let rows = statement.query_map([], node_of_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A `nodes` row selected as (name, host_name, grpc_port, http_port, internal_host_name,
+/// grpc_internal_port).
+fn node_of_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Node> {
+    Ok(Node {
+        name: r.get(0)?,
+        host_name: r.get(1)?,
+        grpc_port: r.get(2)?,
+        http_port: r.get(3)?,
+        internal_host_name: r.get(4)?,
+        grpc_internal_port: r.get(5)?,
+    })
 }
 
 pub fn node(conn: &Connection, name: &str) -> Result<Option<Node>, DbError> {
@@ -139,16 +143,7 @@ pub fn node(conn: &Connection, name: &str) -> Result<Option<Node>, DbError> {
             "SELECT name, host_name, grpc_port, http_port, internal_host_name, grpc_internal_port
              FROM nodes WHERE name = ?1",
             [name],
-            |r| {
-                Ok(Node {
-                    name: r.get(0)?,
-                    host_name: r.get(1)?,
-                    grpc_port: r.get(2)?,
-                    http_port: r.get(3)?,
-                    internal_host_name: r.get(4)?,
-                    grpc_internal_port: r.get(5)?,
-                })
-            },
+            node_of_row,
         )
         .optional()?)
 }
@@ -313,7 +308,7 @@ pub(crate) mod tests {
         (dir, conn)
     }
 
-    fn node(name: &str) -> Node {
+    pub(crate) fn node(name: &str) -> Node {
         Node {
             name: name.into(),
             host_name: "h".into(),

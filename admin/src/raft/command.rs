@@ -236,18 +236,7 @@ fn change(conn: &Connection, command: &AdminCommand) -> Result<Result<(), Refusa
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control_db::contexts::tests::open;
-
-    fn node(name: &str) -> Node {
-        Node {
-            name: name.into(),
-            host_name: "h".into(),
-            grpc_port: 8124,
-            http_port: 8024,
-            internal_host_name: "ih".into(),
-            grpc_internal_port: 8224,
-        }
-    }
+    use crate::control_db::contexts::tests::{node, open};
 
     fn create_context(name: &str, nodes: &[&str]) -> AdminCommand {
         AdminCommand::CreateContext {
