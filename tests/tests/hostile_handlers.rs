@@ -191,10 +191,11 @@ async fn assert_bystander_unharmed(bystander: &mut Bystander) -> (Duration, Dura
 /// with AXONIQ-1900.
 ///
 /// The proof is the count refused at once (none before the fix). The router's RSS is a sanity
-/// bound: it grows by less than 110 MiB. Beside the 8 MiB queue it holds the commands still being
+/// bound: it grows by less than 140 MiB. Beside the 8 MiB queue it holds the commands still being
 /// received (up to streams × message size per connection: the connection window bounds only what
-/// is unread) and allocator slack, which vary with the machine: 33 to 53 MiB seen here, 80 MiB
-/// on CI. Before the fix the router kept every command (+150 MiB seen).
+/// is unread) and allocator slack, which vary with the machine and its load: 33 to 53 MiB seen
+/// here, 80 MiB on CI, 96 MiB here while three builds ran. Before the fix the router kept every
+/// command (+150 MiB seen).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_handler_that_never_answers_holds_a_bounded_queue() {
     let node = node(&[
@@ -264,7 +265,7 @@ async fn a_handler_that_never_answers_holds_a_bounded_queue() {
         started.elapsed()
     );
 
-    assert!(peak < before + 110, "router RSS grew from {before} MiB to {peak} MiB");
+    assert!(peak < before + 140, "router RSS grew from {before} MiB to {peak} MiB");
     // 8 MiB hold about 32 of them; every other one is refused at once, with a clear error.
     assert!(refused.len() >= COMMANDS - 64, "only {} refused", refused.len());
     let message = &refused[0].error_message.as_ref().unwrap().message;
