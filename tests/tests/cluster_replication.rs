@@ -12,7 +12,7 @@ use myelin_proto::axon::event::event_store_client::EventStoreClient;
 use myelin_proto::axon::event::{
     Event, GetAggregateEventsRequest, GetEventsRequest, GetLastTokenRequest, ReadHighestSequenceNrRequest,
 };
-use myelin_tests::cluster::{Cluster, node_name};
+use myelin_tests::cluster::{Cluster, node_name, node_of};
 use myelin_tests::{event, with_context};
 use prost::Message;
 use tokio_stream::StreamExt;
@@ -379,12 +379,12 @@ async fn node_to_node_calls_need_the_internal_token() {
     let status = loop {
         let status = cluster.status(0, CONTEXT).await.unwrap();
         if let Some(leader) = status.leader
-            && let Some(leads) = cluster.status(myelin_tests::cluster::node_of(leader), CONTEXT).await
+            && let Some(leads) = cluster.status(node_of(leader), CONTEXT).await
             && leads.leader == Some(leader)
             && leads
                 .members
                 .iter()
-                .any(|m| m.matched_index.is_some() && m.node == node_name(1 - node_of_leader(leader)))
+                .any(|m| m.matched_index.is_some() && m.node == node_name(1 - node_of(leader)))
         {
             break leads;
         }
@@ -397,18 +397,11 @@ async fn node_to_node_calls_need_the_internal_token() {
     // The stranger matched nothing, knows no leader, and logged the refusals.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stranger_name = node_name(stranger);
-    let seen = cluster
-        .status(node_of_leader(status.leader.unwrap()), CONTEXT)
-        .await
-        .unwrap();
+    let seen = cluster.status(node_of(status.leader.unwrap()), CONTEXT).await.unwrap();
     let member = seen.members.iter().find(|m| m.node == stranger_name).unwrap();
     assert_eq!(member.matched_index, None, "{seen:?}");
     assert_eq!(cluster.status(stranger, CONTEXT).await.unwrap().leader, None);
     let refused = |i: usize| cluster.nodes[i].log_text().contains("refused a node-to-node call");
     assert!(refused(stranger), "the stranger did not log the refused calls");
     assert!(refused(0) || refused(1), "n1 and n2 did not log the stranger's calls");
-}
-
-fn node_of_leader(member: u64) -> usize {
-    myelin_tests::cluster::node_of(member)
 }
