@@ -16,7 +16,7 @@
 pub mod access;
 pub mod api;
 pub mod backup;
-pub mod cluster_links;
+pub mod cluster;
 pub mod control_db;
 pub mod raft;
 pub mod reconcile;
@@ -78,6 +78,15 @@ pub struct Args {
     #[arg(long, default_value_t = backup::DEFAULT_LOG_HOLD_MINUTES,
           value_parser = clap::value_parser!(u64).range(1..=backup::MAX_LOG_HOLD_MINUTES))]
     pub backup_log_hold_minutes: u64,
+    /// Axon's `autocluster.first`: the internal address (`host[:port]`, port 8224 by default) of
+    /// the node that starts the cluster. On a clean start, this node joins that node's cluster,
+    /// or starts it if it is that node.
+    #[arg(long)]
+    pub autocluster_first: Option<String>,
+    /// Axon's `autocluster.contexts`: the contexts the first node creates and the others join
+    /// (none: only `_admin`).
+    #[arg(long, value_delimiter = ',')]
+    pub autocluster_contexts: Vec<String>,
     /// Whether calls must carry a token (Axon's `accesscontrol.enabled`).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub access_control: bool,
@@ -139,18 +148,18 @@ where
     let db = control_db::ControlDb::open(&args.control_db)
         .with_context(|| format!("opening the control DB {}", args.control_db.display()))?;
     let internal_hostname = args.internal_hostname.clone().unwrap_or_else(|| args.hostname.clone());
-    let admin = raft::AdminGroup::start(
-        db.clone(),
-        // Members are named by node name; routers map names to addresses (decision 0010).
-        raft::GroupOptions::standalone(&args.node_name),
-        network,
-    )
-    .await
-    .context("starting the _admin group")?;
+    // Members are named by node name; routers map names to addresses (decision 0010).
+    let options = match db.call(|conn| control_db::contexts::admin_identity(conn)).await? {
+        Some(id) => raft::GroupOptions::joined(&args.node_name, id),
+        None => raft::GroupOptions::standalone(&args.node_name),
+    };
+    let admin = raft::AdminGroup::start(db.clone(), options, network)
+        .await
+        .context("starting the _admin group")?;
     let storage = myelin_proto::internal::storage_control_client::StorageControlClient::new(unix_channel(
         &args.eventstore_socket,
     )?);
-    let (router, router_health) = match &args.router_socket {
+    let (router, router_health, admin_relay, peers) = match &args.router_socket {
         Some(path) => {
             let channel = unix_channel(path)?;
             (
@@ -160,10 +169,16 @@ where
                     myelin_proto::internal::router_control_client::RouterControlClient::new(channel.clone())
                         .max_decoding_message_size(usize::MAX),
                 ),
-                Some(tonic_health::pb::health_client::HealthClient::new(channel)),
+                Some(tonic_health::pb::health_client::HealthClient::new(channel.clone())),
+                Some(myelin_proto::internal::admin_relay_client::AdminRelayClient::new(
+                    channel.clone(),
+                )),
+                Some(myelin_proto::internal::peer_directory_client::PeerDirectoryClient::new(
+                    channel,
+                )),
             )
         }
-        None => (None, None),
+        None => (None, None, None, None),
     };
     let (grants, grants_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
     let access = access::Access::new(
@@ -207,6 +222,10 @@ where
             &args.control_db,
             args.backup_log_hold_minutes,
         )),
+        admin_relay,
+        peers,
+        membership: Arc::new(tokio::sync::Mutex::new(())),
+        restarting: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     })
 }
 
@@ -216,7 +235,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         // The `_admin` group reaches the other nodes through this node's router.
         Some(router) => {
             let relay = myelin_raft_relay::relay_client(&router)?;
-            let network = cluster_links::AdminNetwork::new(raft::ADMIN_GROUP, relay);
+            let network = cluster::links::AdminNetwork::new(raft::ADMIN_GROUP, relay);
             run_with_network(args, network, shutdown).await
         }
         None => run_with_network(args, raft::NoPeers, shutdown).await,
@@ -236,7 +255,14 @@ where
 {
     use anyhow::Context as _;
     let state = build_state(&args, network).await?;
-    reconcile::this_node(&state).await.context("recording this node")?;
+    // A node that joined a cluster records its addresses through the cluster's leader, once it
+    // knows one; a standalone node does so before it serves.
+    let joined = state.admin.id() != raft::LOCAL_NODE;
+    if joined {
+        tokio::spawn(reconcile::this_node_until_done(state.clone()));
+    } else {
+        reconcile::this_node(&state).await.context("recording this node")?;
+    }
     state.applications_changed().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     // Grants change on every member when an entry is applied, not only where a handler ran.
     tokio::spawn({
@@ -275,21 +301,34 @@ where
         }
     });
     let _follow_peers = match &args.router_socket {
-        Some(router) => Some(cluster_links::follow_peers(state.clone(), unix_channel(router)?)),
+        Some(router) => Some(cluster::links::follow_peers(state.clone(), unix_channel(router)?)),
         None => None,
     };
+    let _follow_nodes = cluster::members::follow_nodes(state.clone());
+    if let Some(first) = args.autocluster_first.clone() {
+        tokio::spawn(cluster::join::autocluster(
+            state.clone(),
+            first,
+            args.autocluster_contexts.clone(),
+        ));
+    }
+    let _follow_configuration =
+        cluster::placement::follow_configuration(state.clone(), cluster::placement::Changing::default());
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_health = stop_rx.clone();
     let health_server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health)
             .add_service(
-                myelin_proto::internal::raft_inbox_server::RaftInboxServer::new(cluster_links::Inbox {
+                myelin_proto::internal::raft_inbox_server::RaftInboxServer::new(cluster::links::Inbox {
                     admin: state.admin.clone(),
                 })
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX),
             )
+            .add_service(myelin_proto::internal::admin_inbox_server::AdminInboxServer::new(
+                cluster::calls::Inbox { state: state.clone() },
+            ))
             .add_service(myelin_proto::internal::access_rules_server::AccessRulesServer::new(
                 access::RulesService {
                     access: state.access.clone(),
@@ -299,19 +338,44 @@ where
                 let _ = stop_health.changed().await;
             }),
     );
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
+    let stop_tx = Arc::new(stop_tx);
+    tokio::spawn({
+        let stop_tx = stop_tx.clone();
+        async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        }
     });
     let serve = axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(async move {
         let _ = stop_rx.changed().await;
     });
+    let mut serve = tokio::spawn(std::future::IntoFuture::into_future(serve));
     let served = tokio::select! {
-        served = std::future::IntoFuture::into_future(serve) => served.context("serving HTTP"),
-        // A storage error stops the group for good: stop the process, so that it restarts and
-        // recovers from the control DB, rather than serve a configuration that no longer moves.
-        fatal = state.admin.stopped() => Err(anyhow::anyhow!("the _admin group stopped: {fatal}")),
+        served = &mut serve => served.context("the HTTP server task")?.context("serving HTTP"),
+        fatal = state.admin.stopped() => {
+            if state.restarting.load(std::sync::atomic::Ordering::SeqCst) {
+                // Joined a cluster: finish the answer that says so, then end; the supervisor
+                // starts admin again as a member of the cluster.
+                tracing::info!("joined a cluster: admin restarts to follow it");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let _ = stop_tx.send(true);
+                let _ = tokio::time::timeout(Duration::from_secs(5), serve).await;
+                Ok(())
+            } else {
+                // A storage error stops the group for good: stop the process, so that it
+                // restarts and recovers from the control DB, rather than serve a
+                // configuration that no longer moves.
+                Err(anyhow::anyhow!("the _admin group stopped: {fatal}"))
+            }
+        }
     };
+    if state.restarting.load(std::sync::atomic::Ordering::SeqCst) {
+        // The socket's server would wait for the router's connections to close: the process
+        // ends now instead, and the supervisor starts admin again.
+        health_server.abort();
+        let _ = std::fs::remove_file(&args.socket);
+        return served;
+    }
     state.admin.shutdown().await;
     served?;
     let _ = health_server.await;

@@ -1,18 +1,19 @@
-//! Bringing the control DB in line with what this node actually stores, at start.
+//! Recording this node, and adopting what a standalone node's event store holds, at start.
 //!
-//! A context create or delete touches the event store first and the control DB second (see
-//! `api::contexts`), so a crash between the two leaves the control DB one step behind. At start
-//! admin records this node, makes sure `_admin` exists with this node as PRIMARY, then asks the
-//! event store which contexts it stores: each one missing from the control DB is added (this node
-//! PRIMARY; on a fresh node that is `default`), and each context the control DB says this node
-//! stores but the event store does not have is removed (its delete had reached the event store).
-//! Every such change is an `_admin` entry, like the API's; a change that already holds (refused
-//! as existing, or as gone) is no error.
+//! At start admin records this node (when it is new or its addresses changed) and makes sure
+//! `_admin` exists. On a standalone node (a cluster of one) it then asks the event store which
+//! contexts it stores: each one missing from the configuration is adopted, this node PRIMARY
+//! under the member id the event store holds it as (on a fresh node that is `default`; also a
+//! data directory restored without its control DB). In a cluster of several nodes nothing is
+//! adopted: the configuration decides what is stored where (`cluster::placement`), and a context
+//! configured here but missing from the event store is joined there, not forgotten.
+//! Every change is an `_admin` entry, like the API's; a change that already holds (refused as
+//! existing) is no error.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use myelin_proto::internal::ListContextsRequest;
+use myelin_proto::internal::{GroupStatusRequest, ListContextsRequest};
 
 use crate::api::AppState;
 use crate::api::contexts::ADMIN_CONTEXT;
@@ -24,7 +25,10 @@ use crate::raft::{AdminCommand, AdminResponse, Refusal};
 /// success, another refusal is an error.
 async fn ensure(state: &AppState, command: AdminCommand, holds_if: fn(&Refusal) -> bool) -> anyhow::Result<bool> {
     let kind = command.kind();
-    match state.admin.propose(command).await? {
+    match crate::cluster::calls::propose(state, command)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+    {
         AdminResponse::Applied => Ok(true),
         AdminResponse::Refused(refusal) if holds_if(&refusal) => Ok(false),
         AdminResponse::Refused(refusal) => Err(anyhow::anyhow!("{kind}: {refusal}")),
@@ -60,15 +64,39 @@ pub async fn this_node(state: &AppState) -> anyhow::Result<()> {
                 role: MemberRole::Primary,
             }],
             created_at_millis: now_millis(),
+            seats: vec![state.admin.id()],
         };
         ensure(state, command, |r| matches!(r, Refusal::ContextExists(_))).await?;
     }
     Ok(())
 }
 
-/// Aligns the contexts with the event store's; returns (added, removed).
-pub async fn contexts(state: &AppState) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+/// Retries [`this_node`] until it holds (a node that joined a cluster records itself through
+/// the cluster's leader, which it may not know yet at start).
+pub async fn this_node_until_done(state: AppState) {
+    let mut attempt = 0u32;
+    loop {
+        match this_node(&state).await {
+            Ok(()) => return,
+            Err(e) => {
+                attempt += 1;
+                if attempt % 20 == 1 {
+                    tracing::warn!(error = %e, attempt, "cannot yet record this node's addresses in the cluster");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// On a standalone node: adopts the contexts the event store holds and the configuration
+/// lacks; returns those adopted.
+pub async fn contexts(state: &AppState) -> anyhow::Result<Vec<String>> {
     let _lifecycle = state.lifecycle.lock().await;
+    let nodes = state.db.call(|conn| db::nodes(conn)).await?;
+    if nodes.len() > 1 || state.admin.voter_count() > 1 || state.admin.id() != crate::raft::LOCAL_NODE {
+        return Ok(Vec::new());
+    }
     let stored: Vec<String> = state
         .storage
         .clone()
@@ -86,6 +114,12 @@ pub async fn contexts(state: &AppState) -> anyhow::Result<(Vec<String>, Vec<Stri
         if known.iter().any(|c| &c.name == name) {
             continue;
         }
+        let group = state
+            .storage
+            .clone()
+            .get_group_status(GroupStatusRequest { context: name.clone() })
+            .await?
+            .into_inner();
         let command = AdminCommand::CreateContext {
             name: name.clone(),
             meta_data: BTreeMap::new(),
@@ -94,33 +128,16 @@ pub async fn contexts(state: &AppState) -> anyhow::Result<(Vec<String>, Vec<Stri
                 role: MemberRole::Primary,
             }],
             created_at_millis: now_millis(),
+            seats: vec![group.member_id],
         };
         if ensure(state, command, |r| matches!(r, Refusal::ContextExists(_))).await? {
             added.push(name.clone());
         }
     }
-    let mut removed = Vec::new();
-    for context in known {
-        let stored_here = context.members.iter().any(|m| m.node == me && m.role.stores());
-        if context.name != ADMIN_CONTEXT && stored_here && !stored.contains(&context.name) {
-            let command = AdminCommand::DeleteContext {
-                name: context.name.clone(),
-            };
-            if ensure(state, command, |r| matches!(r, Refusal::ContextNotFound(_))).await? {
-                removed.push(context.name);
-            }
-        }
-    }
     if !added.is_empty() {
         tracing::info!(contexts = ?added, "contexts the event store holds added to the control DB");
     }
-    if !removed.is_empty() {
-        tracing::warn!(contexts = ?removed, "contexts the event store no longer holds removed from the control DB");
-        if let Err(e) = state.applications_changed().await {
-            tracing::warn!(error = %e, "republishing grants");
-        }
-    }
-    Ok((added, removed))
+    Ok(added)
 }
 
 /// Retries [`contexts`] until the event store answers (it may still be starting).

@@ -113,6 +113,14 @@ pub enum Command {
     InitCluster(InitCluster),
     /// List the cluster's nodes (Axon's `cluster`)
     Cluster,
+    /// Make the node at --server join the cluster that the node at -h belongs to
+    RegisterNode(RegisterNode),
+    /// Remove a node from the cluster (it leaves every context it serves)
+    UnregisterNode(UnregisterNode),
+    /// Make a node a member of a context (it catches up in the background)
+    AddNodeToContext(AddNodeToContext),
+    /// Remove a node from a context's members
+    DeleteNodeFromContext(DeleteNodeFromContext),
     /// Register an application and print its access token (shown only once)
     RegisterApplication(RegisterApplication),
     /// List registered applications with their roles per context
@@ -141,6 +149,60 @@ pub struct RegisterContext {
     /// Nodes that are MESSAGING_ONLY members (comma-separated)
     #[arg(short = 'm', long = "messaging-only", value_name = "NODES", value_delimiter = ',')]
     pub messaging_only: Vec<String>,
+}
+
+/// `-h` names the cluster node, as in Axon's CLI, so help is `--help` only.
+#[derive(Args, Debug)]
+#[command(disable_help_flag = true)]
+pub struct RegisterNode {
+    /// Internal host name of a node of the cluster to join
+    #[arg(short = 'h', long = "internal-host", value_name = "HOST")]
+    pub internal_host: String,
+    /// That node's internal port
+    #[arg(short = 'p', long = "internal-port", value_name = "PORT", default_value_t = 8224)]
+    pub internal_port: u16,
+    /// Serve only this context [default: every context of the cluster]
+    #[arg(short = 'c', long = "context", value_name = "NAME", conflicts_with = "no_contexts")]
+    pub context: Option<String>,
+    /// Serve no context (only `_admin`)
+    #[arg(long = "no-contexts")]
+    pub no_contexts: bool,
+    /// Print help
+    #[arg(long, action = clap::ArgAction::Help)]
+    pub help: Option<bool>,
+}
+
+#[derive(Args, Debug)]
+pub struct UnregisterNode {
+    /// Name of the node to remove
+    #[arg(short = 'n', long = "node", value_name = "NODE")]
+    pub node: String,
+}
+
+#[derive(Args, Debug)]
+pub struct AddNodeToContext {
+    /// The context
+    #[arg(short = 'c', long = "context", value_name = "NAME")]
+    pub context: String,
+    /// The node to add
+    #[arg(short = 'n', long = "node", value_name = "NODE")]
+    pub node: String,
+    /// Its role: PRIMARY, ACTIVE_BACKUP, PASSIVE_BACKUP or MESSAGING_ONLY
+    #[arg(short = 'r', long = "role", value_name = "ROLE", default_value = "PRIMARY")]
+    pub role: String,
+}
+
+#[derive(Args, Debug)]
+pub struct DeleteNodeFromContext {
+    /// The context
+    #[arg(short = 'c', long = "context", value_name = "NAME")]
+    pub context: String,
+    /// The node to remove
+    #[arg(short = 'n', long = "node", value_name = "NODE")]
+    pub node: String,
+    /// Keep the node's copy of the context on its disk (set aside)
+    #[arg(long = "preserve-event-store")]
+    pub preserve_event_store: bool,
 }
 
 #[derive(Args, Debug)]

@@ -6,8 +6,8 @@
 use serde_json::{Value, json};
 
 use crate::args::{
-    Command, DeleteApplication, DeleteContext, Format, InitCluster, RegisterApplication, RegisterContext,
-    check_application, check_user_context,
+    AddNodeToContext, Command, DeleteApplication, DeleteContext, DeleteNodeFromContext, Format, InitCluster,
+    RegisterApplication, RegisterContext, RegisterNode, UnregisterNode, check_application, check_user_context,
 };
 use crate::failure::Failure;
 use crate::output;
@@ -20,6 +20,10 @@ pub fn run(command: &Command, server: &Server, format: Format) -> Result<String,
         Command::Nodes => list(server, "/v1/public", json_output, output::nodes_table),
         Command::Cluster => list(server, "/v1/cluster", json_output, output::nodes_table),
         Command::InitCluster(args) => init_cluster(server, args, json_output),
+        Command::RegisterNode(args) => register_node(server, args, json_output),
+        Command::UnregisterNode(args) => unregister_node(server, args, json_output),
+        Command::AddNodeToContext(args) => add_node_to_context(server, args, json_output),
+        Command::DeleteNodeFromContext(args) => delete_node_from_context(server, args, json_output),
         Command::Applications => list(
             server,
             "/v1/public/applications",
@@ -71,6 +75,89 @@ fn init_cluster(server: &Server, args: &InitCluster, json_output: bool) -> Resul
         "initialised",
         json_output,
     ))
+}
+
+fn register_node(server: &Server, args: &RegisterNode, json_output: bool) -> Result<String, Failure> {
+    if args.internal_host.is_empty() || args.internal_host.len() > 255 {
+        return Err(Failure::Usage("-h/--internal-host: 1 to 255 characters".to_owned()));
+    }
+    let mut body = json!({
+        "internalHostName": args.internal_host,
+        "internalGrpcPort": args.internal_port,
+    });
+    if let Some(context) = &args.context {
+        check_user_context(context)?;
+        body["context"] = json!(context);
+    }
+    if args.no_contexts {
+        body["noContexts"] = json!(true);
+    }
+    server.post("/v1/cluster", Some(&body))?;
+    let cluster = format!("{}:{}", args.internal_host, args.internal_port);
+    Ok(output::action(
+        "node at",
+        server.base(),
+        &format!("joined the cluster of {cluster}"),
+        json_output,
+    ))
+}
+
+fn unregister_node(server: &Server, args: &UnregisterNode, json_output: bool) -> Result<String, Failure> {
+    check_node(&args.node)?;
+    server.delete(&format!("/v1/cluster/{}", args.node))?;
+    Ok(output::action("node", &args.node, "unregistered", json_output))
+}
+
+fn add_node_to_context(server: &Server, args: &AddNodeToContext, json_output: bool) -> Result<String, Failure> {
+    check_user_context(&args.context)?;
+    check_node(&args.node)?;
+    let role = args.role.to_ascii_uppercase();
+    if !["PRIMARY", "ACTIVE_BACKUP", "PASSIVE_BACKUP", "MESSAGING_ONLY"].contains(&role.as_str()) {
+        return Err(Failure::Usage(format!(
+            "-r/--role {:?}: one of PRIMARY, ACTIVE_BACKUP, PASSIVE_BACKUP, MESSAGING_ONLY",
+            args.role
+        )));
+    }
+    server.post(&format!("/v1/context/{}/{}?role={role}", args.context, args.node), None)?;
+    Ok(output::action(
+        "node",
+        &args.node,
+        &format!("added to {} as {role}", args.context),
+        json_output,
+    ))
+}
+
+fn delete_node_from_context(
+    server: &Server,
+    args: &DeleteNodeFromContext,
+    json_output: bool,
+) -> Result<String, Failure> {
+    check_user_context(&args.context)?;
+    check_node(&args.node)?;
+    let mut path = format!("/v1/context/{}/{}", args.context, args.node);
+    if args.preserve_event_store {
+        path.push_str("?preserveEventStore=true");
+    }
+    server.delete(&path)?;
+    let status = if args.preserve_event_store {
+        format!("removed from {} (its copy kept on disk)", args.context)
+    } else {
+        format!("removed from {}", args.context)
+    };
+    Ok(output::action("node", &args.node, &status, json_output))
+}
+
+/// A node name as it may appear in a path.
+fn check_node(node: &str) -> Result<(), Failure> {
+    let fine =
+        !node.is_empty() && node.len() <= 255 && node.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if fine {
+        Ok(())
+    } else {
+        Err(Failure::Usage(format!(
+            "node {node:?}: 1 to 255 letters, digits, '-', '_' or '.'"
+        )))
+    }
 }
 
 /// The context a cluster starts with when none is named (Axon's `default`).

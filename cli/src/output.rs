@@ -89,7 +89,7 @@ pub fn contexts_table(items: &[Value]) -> String {
             .iter()
             .map(|m| match m {
                 Value::String(node) => node.clone(),
-                m => format!("{} ({})", field(m, &["node", "nodeName", "name"]), field(m, &["role"])),
+                m => format!("{}[{}]", field(m, &["node", "nodeName", "name"]), field(m, &["role"])),
             })
             .collect();
         t.add_row(vec![
@@ -233,11 +233,11 @@ mod tests {
             "{text}"
         );
         assert!(
-            lines[1].starts_with("default") && lines[1].contains("node-1 (PRIMARY)"),
+            lines[1].starts_with("default") && lines[1].contains("node-1[PRIMARY]"),
             "{text}"
         );
         assert!(lines[2].starts_with("orders") && lines[2].contains(" - "), "{text}");
-        assert!(lines[3].trim_start().starts_with("node-2 (PASSIVE_BACKUP)"), "{text}");
+        assert!(lines[3].trim_start().starts_with("node-2[PASSIVE_BACKUP]"), "{text}");
         assert!(lines[4].starts_with("empty"), "{text}");
         assert!(text.lines().all(|l| l == l.trim_end()), "no trailing blanks");
         assert_eq!(contexts_table(&[]), "no contexts\n");

@@ -101,6 +101,8 @@ impl LifecycleError {
 const DELETED_FILE: &str = "deleted-contexts";
 /// This node's member id and name in a context's group (absent: a standalone group).
 const MEMBER_FILE: &str = "member.json";
+/// In the data directory once the configured contexts were created (the first start).
+const INITIALIZED_FILE: &str = ".initialized";
 
 fn read_member(path: &Path) -> anyhow::Result<Option<consensus::Member>> {
     match std::fs::read(path) {
@@ -178,8 +180,8 @@ impl Contexts {
     }
 
     /// At start: finishes interrupted deletes, then opens every context stored in the data
-    /// directory and creates the `configured` ones that are missing, unless they were deleted
-    /// through the API. Returns the names opened.
+    /// directory and, on a fresh data directory only, creates the `configured` ones. Returns the
+    /// names opened.
     pub async fn open_at_start(&self, configured: &[String]) -> anyhow::Result<Vec<String>> {
         let deleted = read_deleted(&self.data_dir)?;
         for (name, fate) in &deleted {
@@ -190,8 +192,14 @@ impl Contexts {
             }
         }
         remove_tombstones(&self.data_dir);
+        // The configured contexts are created on a fresh data directory only: later, what this
+        // node stores is decided by the cluster's configuration (a node that joined a cluster
+        // gave its own `default` up, and must not grow a standalone one at its next start).
+        let marker = self.data_dir.join(INITIALIZED_FILE);
+        let fresh = !marker.exists();
         let mut names: Vec<String> = configured
             .iter()
+            .filter(|_| fresh)
             .filter(|n| !deleted.iter().any(|(d, _)| d == *n))
             .cloned()
             .collect();
@@ -208,6 +216,9 @@ impl Contexts {
         }
         for name in &names {
             self.open(name).await?;
+        }
+        if fresh {
+            write_atomically(&marker, b"the configured contexts were created here\n")?;
         }
         Ok(names)
     }

@@ -8,7 +8,7 @@ use myelin_proto::internal::{
     AddMemberRequest, ContextStatus, CreateContextRequest, DeleteContextRequest, DeleteContextResponse, GroupStatus,
     GroupStatusRequest, HoldLogCompactionRequest, HoldLogCompactionResponse, JoinContextRequest, ListContextsRequest,
     ListContextsResponse, ListLogSegmentsRequest, ListLogSegmentsResponse, ListSegmentsRequest, ListSegmentsResponse,
-    MetricsRequest, MetricsText,
+    MetricsRequest, MetricsText, RemoveMemberRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -168,6 +168,17 @@ impl StorageControl for Control {
             .member
             .ok_or_else(|| Status::invalid_argument("no member to add"))?;
         Ok(Response::new(crate::membership::add(&context, member).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(context, member))]
+    async fn remove_member(&self, request: Request<RemoveMemberRequest>) -> Result<Response<GroupStatus>, Status> {
+        let request = request.into_inner();
+        tracing::Span::current().record("context", request.context.as_str());
+        tracing::Span::current().record("member", request.member_id);
+        let context = crate::backup::find_context(&self.contexts, &request.context)?;
+        Ok(Response::new(
+            crate::membership::remove(&context, request.member_id).await?,
+        ))
     }
 
     async fn get_group_status(&self, request: Request<GroupStatusRequest>) -> Result<Response<GroupStatus>, Status> {

@@ -115,6 +115,40 @@ pub async fn add(context: &Context, member: GroupMember) -> Result<GroupStatus, 
     Ok(status(context))
 }
 
+/// On the leader: removes member `id` from the group (as a voter first, so the group never
+/// counts a departing member towards a majority, then entirely). The last voter is never
+/// removed: a group without voters could never commit again.
+pub async fn remove(context: &Context, id: u64) -> Result<GroupStatus, Status> {
+    let me = context.member.id;
+    let metrics = context.raft.metrics().borrow().clone();
+    if metrics.current_leader != Some(me) {
+        return Err(not_leader(context));
+    }
+    let membership = metrics.membership_config.membership().clone();
+    if membership.get_node(&id).is_none() {
+        return Ok(status(context));
+    }
+    let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+    if voters.contains(&id) {
+        if voters.len() == 1 {
+            return Err(ErrorCode::CannotRemoveLastNode
+                .status(format!("member {id} is the last voter of context {}", context.name)));
+        }
+        context
+            .raft
+            .change_membership(ChangeMembers::RemoveVoters([id].into()), true)
+            .await
+            .map_err(|e| change_failed(context, &e))?;
+    }
+    context
+        .raft
+        .change_membership(ChangeMembers::RemoveNodes([id].into()), false)
+        .await
+        .map_err(|e| change_failed(context, &e))?;
+    tracing::info!(context = %context.name, member = id, "member removed");
+    Ok(status(context))
+}
+
 fn change_failed(context: &Context, e: &dyn std::fmt::Display) -> Status {
     tracing::warn!(context = %context.name, error = %e, "membership change failed");
     Status::failed_precondition(format!("changing the members of context {}: {e}", context.name))

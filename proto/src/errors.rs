@@ -62,8 +62,12 @@ codes! {
     NoLeaderAvailable = "AXONIQ-2100", Unavailable, 503;
     CannotDeleteInternalContext = "AXONIQ-2304", PermissionDenied, 403;
     AlreadyMemberOfCluster = "AXONIQ-2306", AlreadyExists, 406;
+    NotAMember = "AXONIQ-2307", FailedPrecondition, 400;
     InvalidContextName = "AXONIQ-2308", InvalidArgument, 400;
+    CannotRemoveLastNode = "AXONIQ-2310", FailedPrecondition, 400;
     InvalidPropertyValue = "AXONIQ-2311", InvalidArgument, 400;
+    SameNodeName = "AXONIQ-2500", AlreadyExists, 400;
+    UnknownHost = "AXONIQ-2501", Unavailable, 400;
     CannotJoin = "AXONIQ-2502", FailedPrecondition, 400;
     UnknownRole = "AXONIQ-2510", InvalidArgument, 400;
     InvalidQuery = "AXONIQ-2511", InvalidArgument, 400;

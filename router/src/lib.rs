@@ -231,6 +231,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         args.internal_token.clone(),
         peers::LinkBounds::default(),
     );
+    let _pinging = peers.keep_pinging();
     let internal_listener = tokio::net::TcpListener::bind(args.internal_listen)
         .await
         .with_context(|| format!("binding the internal port {}", args.internal_listen))?;
@@ -248,6 +249,9 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
                     .max_decoding_message_size(usize::MAX)
                     .max_encoding_message_size(usize::MAX),
             )
+            .add_service(myelin_proto::internal::admin_relay_server::AdminRelayServer::new(
+                peers::AdminCalls { peers: peers.clone() },
+            ))
             .add_service(myelin_proto::internal::peer_directory_server::PeerDirectoryServer::new(
                 peers::Directory { peers: peers.clone() },
             ))
@@ -262,6 +266,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         token: args.internal_token.clone(),
         eventstore: peers::inbox(&args.eventstore_socket)?,
         admin: args.admin_socket.as_deref().map(peers::inbox).transpose()?,
+        admin_calls: args.admin_socket.as_deref().map(peers::admin_inbox).transpose()?,
         last_refusal_logged: std::sync::atomic::AtomicU64::new(0),
     };
     let mut stop_internal = stop_rx.clone();

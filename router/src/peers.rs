@@ -12,6 +12,10 @@
 //! - The directory of peers (node name -> internal address) is data given by admin, from the
 //!   cluster configuration; a link is opened lazily and re-established by the HTTP/2 client when
 //!   its connection drops.
+//! - Admin's calls to other nodes' admins (`AdminCall`: a change forwarded to the `_admin`
+//!   leader, a node asking to join) take the same links, under the same bounds (as group
+//!   [`ADMIN_CALLS`]); a call to a node not yet in the directory (the cluster a joining node was
+//!   pointed at) opens a link of its own for that one call.
 //! - When access control is on, every call carries the cluster's internal token, and an incoming
 //!   call without the right one is refused (and logged, at most once a second).
 
@@ -20,13 +24,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use myelin_proto::internal::admin_call::Target;
+use myelin_proto::internal::admin_inbox_client::AdminInboxClient;
+use myelin_proto::internal::admin_relay_server::AdminRelay;
 use myelin_proto::internal::peer_directory_server::PeerDirectory;
 use myelin_proto::internal::peer_link_client::PeerLinkClient;
 use myelin_proto::internal::peer_link_server::PeerLink;
 use myelin_proto::internal::raft_inbox_client::RaftInboxClient;
 use myelin_proto::internal::raft_relay_server::RaftRelay;
 use myelin_proto::internal::{
-    ListPeersRequest, ListPeersResponse, PeerStatus, RaftAnswer, RaftMessage, SetPeersRequest, SetPeersResponse,
+    AdminAnswer, AdminCall, ListPeersRequest, ListPeersResponse, PeerStatus, PingAnswer, PingRequest, RaftAnswer,
+    RaftMessage, SetPeersRequest, SetPeersResponse,
 };
 use myelin_raft_relay::{lost, not_delivered};
 use prost::Message as _;
@@ -39,6 +47,13 @@ pub const INTERNAL_TOKEN_KEY: &str = "myelin-internal-token";
 
 /// The `_admin` group lives in admin; every other group is a context in the eventstore.
 pub const ADMIN_GROUP: &str = "_admin";
+/// The name admin calls are counted under in a link's per-group bound.
+pub const ADMIN_CALLS: &str = "_admin-calls";
+/// How often each link is pinged, and how long a ping may take.
+const PING_PERIOD: Duration = Duration::from_secs(2);
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an admin call may take (a join waits for a committed `_admin` entry).
+const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Bounds on what may be on its way to one peer.
 #[derive(Debug, Clone, Copy)]
@@ -167,7 +182,8 @@ impl Peers {
                 message.to_node, self.inner.node_name
             ));
         };
-        let _charge = match self.charge(&link, &message) {
+        let bytes = message.encoded_len() as u64;
+        let _charge = match self.charge(&link, &message.group, &message.to_node, bytes) {
             Ok(charge) => charge,
             Err(answer) => return answer,
         };
@@ -199,16 +215,85 @@ impl Peers {
         }
     }
 
-    fn charge(&self, link: &Arc<Link>, message: &RaftMessage) -> Result<Charge, RaftAnswer> {
-        let bytes = message.encoded_len() as u64;
+    /// Pings every peer once (a link's `connected` flag follows the answer).
+    pub async fn ping_all(&self) {
+        let links: Vec<Arc<Link>> = self.inner.links.read().expect("peer links").values().cloned().collect();
+        let pings = links.into_iter().map(|link| {
+            let token = self.inner.token.clone();
+            async move {
+                let mut request = Request::new(PingRequest {});
+                request.set_timeout(PING_TIMEOUT);
+                if let Some(token) = &token
+                    && let Ok(value) = token.parse()
+                {
+                    request.metadata_mut().insert(INTERNAL_TOKEN_KEY, value);
+                }
+                let up = link.client.clone().ping(request).await.is_ok();
+                link.connected.store(up, Ordering::Relaxed);
+            }
+        });
+        futures::future::join_all(pings).await;
+    }
+
+    /// Pings the peers every [`PING_PERIOD`] until the process ends.
+    pub fn keep_pinging(&self) -> tokio::task::JoinHandle<()> {
+        let peers = self.clone();
+        tokio::spawn(async move {
+            loop {
+                peers.ping_all().await;
+                tokio::time::sleep(PING_PERIOD).await;
+            }
+        })
+    }
+
+    /// Sends an admin call to the node it names (or to the address it names) and returns that
+    /// admin's answer; the remote's error status comes back as it was given.
+    pub async fn call_admin(&self, mut call: AdminCall) -> Result<AdminAnswer, Status> {
+        let link = match &call.target {
+            Some(Target::Node(node)) => self
+                .inner
+                .links
+                .read()
+                .expect("peer links")
+                .get(node)
+                .cloned()
+                .ok_or_else(|| {
+                    Status::unavailable(format!("node {node:?} is not a known peer of {}", self.inner.node_name))
+                })?,
+            Some(Target::Address(address)) => Arc::new(open_link(address)?),
+            None => return Err(Status::invalid_argument("an admin call names no node")),
+        };
+        let bytes = call.encoded_len() as u64;
+        let _charge = self
+            .charge(&link, ADMIN_CALLS, &link.address, bytes)
+            .map_err(|answer| Status::resource_exhausted(format!("{:?}", answer.outcome)))?;
+        call.from_node.clone_from(&self.inner.node_name);
+        let mut request = Request::new(call);
+        request.set_timeout(ADMIN_CALL_TIMEOUT);
+        if let Some(token) = &self.inner.token
+            && let Ok(value) = token.parse()
+        {
+            request.metadata_mut().insert(INTERNAL_TOKEN_KEY, value);
+        }
+        match link.client.clone().admin(request).await {
+            Ok(answer) => Ok(answer.into_inner()),
+            Err(status) if never_connected(&status) => Err(Status::unavailable(format!(
+                "cannot reach {}: {}",
+                link.address,
+                status.message()
+            ))),
+            Err(status) => Err(myelin_proto::errors::relay(status)),
+        }
+    }
+
+    fn charge(&self, link: &Arc<Link>, group: &str, to_node: &str, bytes: u64) -> Result<Charge, RaftAnswer> {
         let bounds = self.inner.bounds;
         {
             let mut groups = link.per_group.lock().expect("peer link groups");
-            let count = groups.entry(message.group.clone()).or_insert(0);
+            let count = groups.entry(group.to_owned()).or_insert(0);
             if *count >= bounds.messages_per_group {
                 return Err(not_delivered(format!(
-                    "{} messages of group {} already on their way to {}",
-                    count, message.group, message.to_node
+                    "{count} messages of group {group} already on their way to {to_node}"
                 )));
             }
             *count += 1;
@@ -217,13 +302,12 @@ impl Peers {
         // From here on, dropping the charge gives back both the message and its bytes.
         let charge = Charge {
             link: link.clone(),
-            group: message.group.clone(),
+            group: group.to_owned(),
             bytes,
         };
         if before + bytes > bounds.bytes_per_peer && before > 0 {
             return Err(not_delivered(format!(
-                "the link to {} holds {before} bytes already (myelin.limits.peer-link-bytes)",
-                message.to_node
+                "the link to {to_node} holds {before} bytes already (myelin.limits.peer-link-bytes)"
             )));
         }
         Ok(charge)
@@ -282,6 +366,19 @@ impl RaftRelay for Relay {
     }
 }
 
+/// `AdminRelay` on the router's socket: the local admin's calls to other nodes' admins.
+pub struct AdminCalls {
+    pub peers: Peers,
+}
+
+#[tonic::async_trait]
+impl AdminRelay for AdminCalls {
+    #[tracing::instrument(level = "debug", skip_all, fields(kind = request.get_ref().kind))]
+    async fn call(&self, request: Request<AdminCall>) -> Result<Response<AdminAnswer>, Status> {
+        self.peers.call_admin(request.into_inner()).await.map(Response::new)
+    }
+}
+
 /// `PeerDirectory` on the router's socket: admin tells where the other nodes are.
 pub struct Directory {
     pub peers: Peers,
@@ -314,12 +411,13 @@ pub struct Inbound {
     pub token: Option<String>,
     pub eventstore: RaftInboxClient<Channel>,
     pub admin: Option<RaftInboxClient<Channel>>,
+    pub admin_calls: Option<AdminInboxClient<Channel>>,
     /// Unix second of the last refusal logged.
     pub last_refusal_logged: AtomicU64,
 }
 
 impl Inbound {
-    fn check_token(&self, request: &Request<RaftMessage>) -> Result<(), Status> {
+    fn check_token<T>(&self, request: &Request<T>, from: &str) -> Result<(), Status> {
         let Some(expected) = &self.token else {
             return Ok(());
         };
@@ -327,7 +425,6 @@ impl Inbound {
         if given.is_some_and(|given| constant_time_eq(given.as_bytes(), expected.as_bytes())) {
             return Ok(());
         }
-        let from = request.get_ref().from_node.clone();
         let remote = request.remote_addr();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -349,7 +446,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 impl PeerLink for Inbound {
     #[tracing::instrument(level = "trace", skip_all, fields(group = %request.get_ref().group, from = %request.get_ref().from_node))]
     async fn raft(&self, request: Request<RaftMessage>) -> Result<Response<RaftAnswer>, Status> {
-        self.check_token(&request)?;
+        self.check_token(&request, &request.get_ref().from_node)?;
         let message = request.into_inner();
         if message.to_node != self.node_name {
             return Ok(Response::new(not_delivered(format!(
@@ -371,6 +468,30 @@ impl PeerLink for Inbound {
         };
         Ok(Response::new(answer))
     }
+
+    async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingAnswer>, Status> {
+        self.check_token(&request, "")?;
+        Ok(Response::new(PingAnswer {
+            node: self.node_name.clone(),
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(kind = request.get_ref().kind, from = %request.get_ref().from_node))]
+    async fn admin(&self, request: Request<AdminCall>) -> Result<Response<AdminAnswer>, Status> {
+        self.check_token(&request, &request.get_ref().from_node)?;
+        let Some(admin) = &self.admin_calls else {
+            return Err(Status::unavailable(format!("no admin runs on {}", self.node_name)));
+        };
+        let mut call = request.into_inner();
+        // The address the caller dialled is this node, whatever it was called.
+        call.target = Some(Target::Node(self.node_name.clone()));
+        admin.clone().call(call).await.map_err(myelin_proto::errors::relay)
+    }
+}
+
+/// A client of admin's `AdminInbox` on its Unix socket.
+pub fn admin_inbox(socket: &std::path::Path) -> std::io::Result<AdminInboxClient<Channel>> {
+    Ok(AdminInboxClient::new(myelin_proto::local_socket::channel(socket)?))
 }
 
 /// A client of a local process's `RaftInbox`, without message size limits (the sender's router

@@ -186,6 +186,12 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
                 if config.access_control.enabled {
                     arg("--access-control", &"true");
                 }
+                if let Some(first) = &config.autocluster_first {
+                    arg("--autocluster-first", first);
+                    if !config.autocluster_contexts.is_empty() {
+                        arg("--autocluster-contexts", &config.autocluster_contexts.join(","));
+                    }
+                }
             }
         }
         let subcommand: OsString = match mode {

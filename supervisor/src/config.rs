@@ -74,6 +74,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("myelin.runtime-directory", Kind::Path),
     ("myelin.bind-address", Kind::Address),
     ("myelin.contexts", Kind::List),
+    ("axoniq.axonserver.autocluster.first", Kind::Text),
+    ("axoniq.axonserver.autocluster.contexts", Kind::List),
     ("myelin.router.worker-threads", Kind::Text),
     ("myelin.eventstore.worker-threads", Kind::Text),
     // The eventstore's limits: see EVENTSTORE_LIMITS.
@@ -260,6 +262,11 @@ pub struct Config {
     pub runtime_directory: PathBuf,
     /// Contexts created at first start.
     pub contexts: Vec<String>,
+    /// `autocluster.first`: the internal address (`host[:port]`) of the node that starts the
+    /// cluster; on a clean start a node joins it (or, if it is that node, starts the cluster).
+    pub autocluster_first: Option<String>,
+    /// `autocluster.contexts`: the contexts the first node creates and the others join.
+    pub autocluster_contexts: Vec<String>,
     /// The control DB file: `<axoniq.axonserver.controldb-path>/myelin-controldb.sqlite3`, by
     /// default in `<event storage>/_admin/` (the `_admin` context's directory, which no API call
     /// can create or delete).
@@ -716,6 +723,10 @@ impl Config {
             contexts: settings
                 .parse("myelin.contexts", parse_contexts)?
                 .unwrap_or_else(|| vec!["default".to_string()]),
+            autocluster_first: settings.text("axoniq.axonserver.autocluster.first"),
+            autocluster_contexts: settings
+                .parse("axoniq.axonserver.autocluster.contexts", parse_contexts)?
+                .unwrap_or_default(),
             heartbeat: Heartbeat {
                 enabled: settings.parse("axoniq.axonserver.heartbeat.enabled", parse_bool)?,
                 frequency_ms: settings.millis("axoniq.axonserver.client-heartbeat-frequency")?,

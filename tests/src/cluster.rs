@@ -1,9 +1,12 @@
 //! A test cluster as a value: N real nodes on their own loopback addresses (127.0.0.1,
 //! 127.0.0.2, ...), each with its own data directory and ports, told where the others are.
 //!
-//! Until the `_admin` group decides membership, the cluster tests play admin's part: they give
-//! each router its peers (`PeerDirectory`) and each eventstore its membership of a context
-//! (`StorageControl.JoinContext` / `AddMember`), over the nodes' own Unix sockets.
+//! Two ways to use it:
+//! - as operators do: [`Cluster::start_nodes`] starts standalone nodes, and the test joins them
+//!   with `register-node` ([`Cluster::register`]) and places contexts through the admin API;
+//! - playing admin's part, to test replication alone: [`Cluster::start`] gives each router its
+//!   peers (`PeerDirectory`) and the tests give each eventstore its membership of a context
+//!   (`StorageControl.JoinContext` / `AddMember`), over the nodes' own Unix sockets.
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -15,6 +18,7 @@ use myelin_proto::internal::{
 };
 use tonic::transport::Channel;
 
+use crate::http::Reply;
 use crate::{Node, Options};
 
 pub struct Cluster {
@@ -27,22 +31,158 @@ pub fn node_name(i: usize) -> String {
 }
 
 impl Cluster {
-    /// Starts `n` nodes named n1..nN on 127.0.0.1..N and tells every router about the others.
+    /// Starts `n` nodes named n1..nN on 127.0.0.1..N, makes them one cluster (n2.. register
+    /// with n1, serving no context, so that `_admin` knows every node and keeps every router's
+    /// directory), and tells every router about the others at once.
     pub async fn start(n: usize, env: &[(&str, &str)]) -> Cluster {
+        let mut cluster = Cluster { nodes: Vec::new() };
+        for _ in 0..n {
+            cluster.add_node(env).await;
+        }
+        cluster
+    }
+
+    /// Adds one more node: started, registered with n1 (serving no context), known to every
+    /// router.
+    pub async fn add_node(&mut self, env: &[(&str, &str)]) -> usize {
+        let i = self.nodes.len();
+        self.nodes.push(start_node(i, env).await);
+        if i > 0 {
+            let token = env
+                .iter()
+                .find(|(k, _)| *k == "AXONIQ_AXONSERVER_ACCESSCONTROL_ADMIN_TOKEN")
+                .map(|(_, v)| *v);
+            let reply = self
+                .register_with(i, 0, serde_json::json!({"noContexts": true}), token)
+                .await;
+            assert_eq!(reply.status, 202, "register {}: {reply:?}", node_name(i));
+            let count = i + 1;
+            self.wait_for_with(i, "/v1/cluster", Duration::from_secs(60), "joined", token, |v| {
+                v.as_array().is_some_and(|nodes| nodes.len() == count)
+            })
+            .await;
+        }
+        self.set_peers().await;
+        i
+    }
+
+    /// Starts `n` standalone nodes named n1..nN on 127.0.0.1..N (each its own cluster of one,
+    /// until the test joins them).
+    pub async fn start_nodes(n: usize, env: &[(&str, &str)]) -> Cluster {
         let mut cluster = Cluster { nodes: Vec::new() };
         for _ in 0..n {
             cluster.nodes.push(start_node(cluster.nodes.len(), env).await);
         }
-        cluster.set_peers().await;
         cluster
     }
 
-    /// Adds one more node (started, and known to every router).
-    pub async fn add_node(&mut self, env: &[(&str, &str)]) -> usize {
-        let i = self.nodes.len();
-        self.nodes.push(start_node(i, env).await);
-        self.set_peers().await;
-        i
+    /// Starts `n` nodes that form a cluster by themselves (`autocluster.first` names n1, which
+    /// creates `contexts`; the others join it and serve them).
+    pub async fn start_autocluster(n: usize, contexts: &str) -> Cluster {
+        let first_port = crate::free_port();
+        let first = format!("127.0.0.1:{first_port}");
+        let env = [
+            ("AXONIQ_AXONSERVER_AUTOCLUSTER_FIRST", first.as_str()),
+            ("AXONIQ_AXONSERVER_AUTOCLUSTER_CONTEXTS", contexts),
+        ];
+        let mut cluster = Cluster { nodes: Vec::new() };
+        for i in 0..n {
+            let port = (i == 0).then_some(first_port);
+            cluster.nodes.push(start_node_at(i, &env, port).await);
+        }
+        cluster
+    }
+
+    /// An admin API call to node `i`.
+    pub async fn http(&self, i: usize, method: &'static str, path: &str, body: Option<serde_json::Value>) -> Reply {
+        self.http_with(i, method, path, body, None).await
+    }
+
+    /// An admin API call to node `i` carrying `token`.
+    pub async fn http_with(
+        &self,
+        i: usize,
+        method: &'static str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        token: Option<&str>,
+    ) -> Reply {
+        let node = &self.nodes[i];
+        crate::http::request_at(
+            &node.address().to_string(),
+            node.http_port,
+            method,
+            path,
+            body.map(|b| b.to_string()),
+            token,
+        )
+        .await
+    }
+
+    /// `register-node` on node `i`, naming node `via` as the cluster to join.
+    pub async fn register(&self, i: usize, via: usize, extra: serde_json::Value) -> Reply {
+        self.register_with(i, via, extra, None).await
+    }
+
+    async fn register_with(&self, i: usize, via: usize, extra: serde_json::Value, token: Option<&str>) -> Reply {
+        let mut body = serde_json::json!({
+            "internalHostName": self.nodes[via].address().to_string(),
+            "internalGrpcPort": self.nodes[via].internal_port,
+        });
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        self.http_with(i, "POST", "/v1/cluster", Some(body), token).await
+    }
+
+    /// Polls `check` on the answer of `GET path` on node `i` until it holds (a node whose admin
+    /// is restarting answers nothing for a moment).
+    pub async fn wait_for(
+        &self,
+        i: usize,
+        path: &str,
+        within: Duration,
+        what: &str,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        self.wait_for_with(i, path, within, what, None, check).await
+    }
+
+    async fn wait_for_with(
+        &self,
+        i: usize,
+        path: &str,
+        within: Duration,
+        what: &str,
+        token: Option<&str>,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        let mut last = String::new();
+        loop {
+            if self.nodes[i].admin_serving().await {
+                let reply = self.http_with(i, "GET", path, None, token).await;
+                if reply.status == 200 {
+                    let value = reply.json();
+                    if check(&value) {
+                        return value;
+                    }
+                }
+                last = reply.body;
+            }
+            if Instant::now() >= deadline {
+                let tail = |text: String| {
+                    let lines: Vec<&str> = text.lines().collect();
+                    lines[lines.len().saturating_sub(60)..].join("\n")
+                };
+                panic!(
+                    "{}: {what} did not happen within {within:?}; last answer to GET {path}: {last}\n--- its log:\n{}",
+                    node_name(i),
+                    tail(self.nodes[i].log_text())
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Gives every running router the directory of all nodes.
@@ -153,16 +293,20 @@ impl Cluster {
                     continue;
                 }
                 if let Some(status) = self.status(i, context).await {
-                    leaders.push(status.leader);
+                    // The leader's node, by the name its member has in the group.
+                    let node = status
+                        .leader
+                        .and_then(|id| status.members.iter().find(|m| m.id == id))
+                        .map(|m| m.node.clone());
+                    leaders.push(node);
                 }
             }
             if let Some(Some(leader)) = leaders.first()
-                && leaders.iter().all(|l| *l == Some(*leader))
+                && leaders.iter().all(|l| l.as_ref() == Some(leader))
+                && let Some(i) = index_of(leader)
+                && self.nodes[i].supervisor_pid().is_some()
             {
-                let i = node_of(*leader);
-                if self.nodes[i].supervisor_pid().is_some() {
-                    return i;
-                }
+                return i;
             }
             assert!(Instant::now() < deadline, "no agreed leader for {context}: {leaders:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -172,11 +316,21 @@ impl Cluster {
 
 /// Starts node `i` (0-based) on 127.0.0.(i+1), named `n(i+1)`.
 async fn start_node(i: usize, env: &[(&str, &str)]) -> Node {
+    start_node_at(i, env, None).await
+}
+
+async fn start_node_at(i: usize, env: &[(&str, &str)], internal_port: Option<u16>) -> Node {
     let mut options = Options {
         address: Some(Ipv4Addr::new(127, 0, 0, 1 + i as u8)),
+        internal_port,
         ..Options::default()
     };
     options.env.push(("AXONIQ_AXONSERVER_NAME".into(), node_name(i)));
+    // Other nodes reach it where it listens.
+    options.env.push((
+        "AXONIQ_AXONSERVER_HOSTNAME".into(),
+        options.address.unwrap().to_string(),
+    ));
     for (k, v) in env {
         options.env.push(((*k).into(), (*v).into()));
     }
@@ -186,6 +340,11 @@ async fn start_node(i: usize, env: &[(&str, &str)]) -> Node {
 /// Node `i`'s member id in every group of the cluster tests (never 1, the standalone id).
 pub fn member_id(i: usize) -> u64 {
     101 + i as u64
+}
+
+/// The node (0-based) named `name` (`n1` is 0).
+pub fn index_of(name: &str) -> Option<usize> {
+    name.strip_prefix('n')?.parse::<usize>().ok()?.checked_sub(1)
 }
 
 /// The node (0-based) of a member id.

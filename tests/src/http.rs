@@ -34,7 +34,19 @@ impl Reply {
 /// One request. `method` is GET, DELETE, PATCH, POST (JSON body when given) or POST-TEXT;
 /// `token` goes in the `AxonIQ-Access-Token` header.
 pub async fn request(port: u16, method: &'static str, path: &str, body: Option<String>, token: Option<&str>) -> Reply {
-    let url = format!("http://127.0.0.1:{port}{path}");
+    request_at("127.0.0.1", port, method, path, body, token).await
+}
+
+/// [`request`] to a node listening on another loopback address.
+pub async fn request_at(
+    host: &str,
+    port: u16,
+    method: &'static str,
+    path: &str,
+    body: Option<String>,
+    token: Option<&str>,
+) -> Reply {
+    let url = format!("http://{host}:{port}{path}");
     let token = token.map(str::to_owned);
     tokio::task::spawn_blocking(move || {
         let agent: ureq::Agent = ureq::Agent::config_builder()

@@ -33,7 +33,7 @@ pub fn binary() -> PathBuf {
     target.join("debug/myelin")
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -49,6 +49,9 @@ pub struct Options {
     /// The loopback address the node listens on (default 127.0.0.1); cluster tests give each node
     /// its own (127.0.0.2, ...).
     pub address: Option<std::net::Ipv4Addr>,
+    /// The internal port (default: a free one), for a test that must name it before the node
+    /// starts (`autocluster.first`).
+    pub internal_port: Option<u16>,
 }
 
 /// A running node. Dropping it kills every process of it.
@@ -74,13 +77,19 @@ impl Node {
             log,
             grpc_port: free_port(),
             http_port: free_port(),
-            internal_port: free_port(),
+            internal_port: options.internal_port.unwrap_or_else(free_port),
             options,
             process: None,
             _dir: dir,
         };
         node.launch().await;
         node
+    }
+
+    /// Sets an environment entry for the node's next launch.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.options.env.retain(|(k, _)| k != key);
+        self.options.env.push((key.to_owned(), value.to_owned()));
     }
 
     pub fn url(&self) -> String {
@@ -145,11 +154,12 @@ impl Node {
                 );
             }
             // With access control on, a refusal for want of a token also shows the node serving
-            // (rules not loaded yet would be UNAVAILABLE).
+            // (rules not loaded yet would be UNAVAILABLE); so does "no such context" on a node of
+            // a cluster that does not store `default`.
             if let Ok(mut client) = self.try_client().await
                 && match client.get_last_token(GetLastTokenRequest {}).await {
                     Ok(_) => true,
-                    Err(status) => status.code() == tonic::Code::Unauthenticated,
+                    Err(status) => matches!(status.code(), tonic::Code::Unauthenticated | tonic::Code::NotFound),
                 }
                 && self.admin_serving().await
             {

@@ -163,7 +163,7 @@ async fn nodes_and_contexts_as_tables_and_json() {
     assert_eq!(first.as_array().unwrap().len(), listed.len());
     let table = cli(&node, &["contexts"]).ok().stdout;
     assert!(table.starts_with("CONTEXT"), "{table}");
-    assert_eq!(row(&table, "default")[2], format!("{name} (PRIMARY)"), "{table}");
+    assert_eq!(row(&table, "default")[2], format!("{name}[PRIMARY]"), "{table}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,7 +184,7 @@ async fn register_and_delete_contexts() {
         assert_eq!(c["roles"], json!([{"node": name, "role": "PRIMARY"}]), "{c}");
     }
     let table = cli(&node, &["contexts"]).ok().stdout;
-    assert_eq!(row(&table, "orders")[2], format!("{name} (PRIMARY)"), "{table}");
+    assert_eq!(row(&table, "orders")[2], format!("{name}[PRIMARY]"), "{table}");
 
     // Refused by the server: exit 1 with its message and code; nothing changed.
     cli(&node, &["register-context", "-c", "orders"]).fails(1, "orders: context already exists (AXONIQ-1304)");

@@ -365,13 +365,15 @@ async fn node_to_node_calls_need_the_internal_token() {
     let on = ("AXONIQ_AXONSERVER_ACCESSCONTROL_ENABLED", "true");
     let admin = ("AXONIQ_AXONSERVER_ACCESSCONTROL_ADMIN_TOKEN", "admin-token");
     let mut cluster = Cluster::start(
-        2,
+        3,
         &[on, admin, ("AXONIQ_AXONSERVER_ACCESSCONTROL_INTERNAL_TOKEN", "shared")],
     )
     .await;
-    let stranger = cluster
-        .add_node(&[on, admin, ("AXONIQ_AXONSERVER_ACCESSCONTROL_INTERNAL_TOKEN", "another")])
-        .await;
+    // The third node joined with the cluster's token; it comes back with another one.
+    let stranger = 2;
+    cluster.nodes[stranger].stop();
+    cluster.nodes[stranger].set_env("AXONIQ_AXONSERVER_ACCESSCONTROL_INTERNAL_TOKEN", "another");
+    cluster.nodes[stranger].launch().await;
     cluster.create_context(CONTEXT, &[0, 1, stranger]).await;
 
     // n1 and n2 elect a leader between them: their calls get through.

@@ -1,14 +1,14 @@
-//! Contexts: list, details, create, delete.
+//! Contexts: list, details, create, delete, and their members (add and remove a node).
 //!
-//! A create or delete spans two stores, done in this order so a crash in between heals at the
-//! next start (`crate::reconcile`):
-//! - create: the event store creates the storage (idempotent), then an `_admin` entry records the
-//!   context; a context the event store has and the control DB lacks is added at start.
-//! - delete: the event store stops the context and removes its files, then an `_admin` entry
-//!   forgets it, then the router closes the context's client streams; a context the control DB
-//!   has and the event store lacks is removed at start.
+//! Every change is an `_admin` entry first; each member's node then carries it out on its event
+//! store (`crate::cluster::placement`): a create gives every member its seat in the context's
+//! group, a delete or a removed member leaves a departure that the member's node acts on (its
+//! copy removed, or set aside with `preserveEventStore`). A crash at any step heals by itself:
+//! placement retries until the event stores match the configuration.
 //!
-//! The handler answers once the entry is committed and applied to this node's control DB.
+//! The handler answers once the entry is committed and applied to this node's control DB, and
+//! this node's own part is done (its storage created or removed); membership changes of a
+//! context's group (a node added or removed) complete in the background, on the group's leader.
 //!
 //! `_admin` is the control DB itself: it is listed (this node PRIMARY) but holds no event
 //! storage, and neither it nor any other name starting with `_` can be created or deleted here.
@@ -19,9 +19,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::State;
 use myelin_proto::errors::ErrorCode;
-use myelin_proto::internal::{
-    CloseContextRequest, ContextStatus, CreateContextRequest, DeleteContextRequest, ListContextsRequest,
-};
+use myelin_proto::internal::{CloseContextRequest, ContextStatus, GroupStatusRequest, ListContextsRequest};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -37,8 +35,6 @@ const MAX_ROLES: usize = 16;
 const MAX_META_ENTRIES: usize = 64;
 const MAX_META_KEY: usize = 128;
 const MAX_META_VALUE: usize = 1024;
-/// A create waits for the new context's Raft group to elect itself (a few hundred ms).
-const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A node's role in a context.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -113,6 +109,10 @@ pub struct CreateContext {
     #[serde(default)]
     #[schema(max_items = 16)]
     pub roles: Option<Vec<NodeAndRole>>,
+    /// Axon's shorthand: these nodes as PRIMARY members (beside `roles`).
+    #[serde(default)]
+    #[schema(max_items = 16)]
+    pub nodes: Option<Vec<String>>,
     /// Free-form properties, kept with the context.
     #[serde(default)]
     pub meta_data: Option<BTreeMap<String, String>>,
@@ -139,12 +139,26 @@ pub struct Deleted {
     pub preserved_event_store: bool,
 }
 
-fn to_json(row: &ContextRow) -> ContextJson {
-    let leader = row
-        .members
-        .iter()
-        .find(|m| m.role == MemberRole::Primary)
-        .map(|m| m.node.clone());
+/// The node leading `row`'s group, as this node knows it: `_admin`'s from its own member, a
+/// context's from this node's event store when it stores the context (else unknown here).
+async fn leader_of(state: &AppState, row: &ContextRow) -> Option<String> {
+    if row.name == ADMIN_CONTEXT {
+        return state.admin.leader().map(|(_, name)| name);
+    }
+    row.member(&state.node.name)?;
+    let status = state
+        .storage
+        .clone()
+        .get_group_status(GroupStatusRequest {
+            context: row.name.clone(),
+        })
+        .await
+        .ok()?
+        .into_inner();
+    row.node_of(status.leader?).map(str::to_owned)
+}
+
+fn to_json(row: &ContextRow, leader: Option<String>) -> ContextJson {
     ContextJson {
         context: row.name.clone(),
         replication_group: row.name.clone(),
@@ -177,7 +191,11 @@ fn positions(status: &ContextStatus) -> Positions {
     responses((status = 200, description = "OK", body = Vec<ContextJson>)))]
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<ContextJson>>, ApiError> {
     let rows = state.db.call(|conn| db::contexts(conn)).await?;
-    Ok(Json(rows.iter().map(to_json).collect()))
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        out.push(to_json(row, leader_of(&state, row).await));
+    }
+    Ok(Json(out))
 }
 
 async fn find(state: &AppState, name: &str) -> Result<ContextRow, ApiError> {
@@ -216,7 +234,7 @@ pub async fn details(
         }
     };
     Ok(Json(ContextDetails {
-        context: to_json(&row),
+        context: to_json(&row, leader_of(&state, &row).await),
         created_at: row.created_at_millis,
         event_store,
     }))
@@ -266,7 +284,15 @@ async fn validate(
         }
     }
 
-    let requested = request.roles.clone().unwrap_or_default();
+    let mut requested = request.roles.clone().unwrap_or_default();
+    for node in request.nodes.clone().unwrap_or_default() {
+        if !requested.iter().any(|r| r.node == node) {
+            requested.push(NodeAndRole {
+                node,
+                role: MemberRole::Primary.name().to_owned(),
+            });
+        }
+    }
     if requested.len() > MAX_ROLES {
         return Err(ApiError::bad_request(format!("at most {MAX_ROLES} roles")));
     }
@@ -350,24 +376,25 @@ pub(crate) async fn create_context(state: &AppState, request: CreateContext) -> 
             format!("{name}: context already exists"),
         ));
     }
-    let mut call = tonic::Request::new(CreateContextRequest { name: name.clone() });
-    call.set_timeout(CREATE_TIMEOUT);
-    state
-        .storage
-        .clone()
-        .create_context(call)
-        .await
-        .map_err(|s| ApiError::from_status("the event store", s))?;
+    let stores_here = members.iter().any(|m| m.node == state.node.name && m.role.stores());
     let command = AdminCommand::CreateContext {
         name: name.clone(),
         meta_data: meta,
         members,
         created_at_millis: now_millis(),
+        seats: Vec::new(),
     };
     state.change(command).await?;
+    if stores_here {
+        // Its storage here, now (the other members' nodes create theirs as they apply it).
+        crate::cluster::placement::converge(&state, &name)
+            .await
+            .map_err(|e| ApiError::internal(format!("{name} is created, but its storage here is not yet: {e}")))?;
+    }
     tracing::info!(context = %name, "context created");
     let row = find(&state, &name).await?;
-    Ok(to_json(&row))
+    let leader = leader_of(&state, &row).await;
+    Ok(to_json(&row, leader))
 }
 
 /// Deletes a context: stops it, removes its files (unless `preserveEventStore=true`), forgets it,
@@ -395,27 +422,21 @@ pub async fn delete(
     }
     let preserve = params.preserve_event_store.unwrap_or(false);
     let _lifecycle = state.lifecycle.lock().await;
-    let row = find(&state, &name).await?;
-    let stores_here = row.members.iter().any(|m| m.node == state.node.name && m.role.stores());
-    if stores_here {
-        let mut call = tonic::Request::new(DeleteContextRequest {
+    find(&state, &name).await?;
+    match state
+        .change(AdminCommand::DeleteContext {
             name: name.clone(),
-            preserve_files: preserve,
-        });
-        call.set_timeout(CREATE_TIMEOUT);
-        match state.storage.clone().delete_context(call).await {
-            Ok(_) => {}
-            // Already gone there (an earlier delete that stopped half-way): finish it here.
-            Err(status) if status.code() == tonic::Code::NotFound => {
-                tracing::warn!(context = %name, "the event store did not have the context")
-            }
-            Err(status) => return Err(ApiError::from_status("the event store", status)),
-        }
-    }
-    match state.change(AdminCommand::DeleteContext { name: name.clone() }).await {
+            preserve,
+        })
+        .await
+    {
         // Gone already: what the caller asked for holds.
         Err(e) if e.code == ErrorCode::ContextNotFound => {}
         other => other?,
+    }
+    // This node's copy goes now (the other members' nodes remove theirs as they apply it).
+    if let Err(e) = crate::cluster::placement::converge(&state, &name).await {
+        tracing::warn!(context = %name, error = %e, "removing this node's copy; retried in the background");
     }
     // Grants in the context went with it.
     state.applications_changed().await?;
@@ -447,4 +468,126 @@ async fn close_clients(state: &AppState, name: &str) {
         }
         Err(status) => tracing::warn!(context = name, error = %status, "closing the context's client streams"),
     }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RoleParams {
+    /// The node's role in the context (default PRIMARY).
+    pub role: Option<String>,
+}
+
+/// Makes a node a member of a context (`add-node-to-context`). The node's copy is created and
+/// caught up in the background; the context's listing shows it as a member at once.
+#[utoipa::path(post, path = "/v1/context/{context}/{node}", operation_id = "addNodeToContext", tag = "contexts",
+    params(
+        ("context" = String, Path, description = "Context name", min_length = 1, max_length = 64),
+        ("node" = String, Path, description = "Node name", min_length = 1, max_length = 255),
+        RoleParams),
+    responses(
+        (status = 202, description = "Added; the node catches up in the background", body = super::cluster::RestResponse),
+        (status = 400, description = "Already a member, unknown role (AXONIQ-2510), bad name", body = ErrorBody),
+        (status = 404, description = "No such context (AXONIQ-1302) or node (AXONIQ-1301)", body = ErrorBody),
+    ))]
+pub async fn add_node(
+    State(state): State<AppState>,
+    PathParams((context, node)): PathParams<(String, String)>,
+    Params(params): Params<RoleParams>,
+) -> Result<(axum::http::StatusCode, Json<super::cluster::RestResponse>), ApiError> {
+    check_context_name(&context)?;
+    check_name("node name", &node, 255)?;
+    if context.starts_with('_') {
+        return Err(ApiError::new(
+            ErrorCode::InvalidContextName,
+            format!("{context}: the members of internal contexts follow the nodes of the cluster"),
+        ));
+    }
+    let role: MemberRole = params.role.as_deref().unwrap_or("PRIMARY").parse().map_err(|_| {
+        ApiError::new(
+            ErrorCode::UnknownRole,
+            format!(
+                "unknown role {:?}; a node's role in a context is PRIMARY, ACTIVE_BACKUP, PASSIVE_BACKUP or MESSAGING_ONLY",
+                clip(params.role.as_deref().unwrap_or_default())
+            ),
+        )
+    })?;
+    if role != MemberRole::Primary {
+        return Err(ApiError::new(
+            ErrorCode::InvalidPropertyValue,
+            format!("node {node} as {role}: only PRIMARY members are built so far (node roles come next)"),
+        ));
+    }
+    let _lifecycle = state.lifecycle.lock().await;
+    state
+        .change(AdminCommand::AddMember {
+            context: context.clone(),
+            node: node.clone(),
+            role,
+        })
+        .await?;
+    if node == state.node.name
+        && let Err(e) = crate::cluster::placement::converge(&state, &context).await
+    {
+        tracing::warn!(context = %context, error = %e, "joining the context here; retried in the background");
+    }
+    tracing::info!(context = %context, node = %node, %role, "node added to context");
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Json(super::cluster::RestResponse {
+            success: true,
+            message: format!("{node} is a {role} member of {context}; it catches up in the background"),
+        }),
+    ))
+}
+
+/// Removes a node from a context's members (`delete-node-from-context`); its copy is removed
+/// there, or set aside with `preserveEventStore=true`.
+#[utoipa::path(delete, path = "/v1/context/{context}/{node}", operation_id = "deleteNodeFromContext", tag = "contexts",
+    params(
+        ("context" = String, Path, description = "Context name", min_length = 1, max_length = 64),
+        ("node" = String, Path, description = "Node name", min_length = 1, max_length = 255),
+        DeleteParams),
+    responses(
+        (status = 202, description = "Removed", body = super::cluster::RestResponse),
+        (status = 400, description = "Not a member (AXONIQ-2307), the last PRIMARY (AXONIQ-2310)", body = ErrorBody),
+        (status = 404, description = "No such context (AXONIQ-1302)", body = ErrorBody),
+    ))]
+pub async fn remove_node(
+    State(state): State<AppState>,
+    PathParams((context, node)): PathParams<(String, String)>,
+    Params(params): Params<DeleteParams>,
+) -> Result<(axum::http::StatusCode, Json<super::cluster::RestResponse>), ApiError> {
+    check_context_name(&context)?;
+    check_name("node name", &node, 255)?;
+    if context.starts_with('_') {
+        return Err(ApiError::new(
+            ErrorCode::CannotDeleteInternalContext,
+            format!("{context}: the members of internal contexts follow the nodes of the cluster (unregister-node)"),
+        ));
+    }
+    let preserve = params.preserve_event_store.unwrap_or(false);
+    let _lifecycle = state.lifecycle.lock().await;
+    state
+        .change(AdminCommand::RemoveMember {
+            context: context.clone(),
+            node: node.clone(),
+            preserve,
+        })
+        .await?;
+    if node == state.node.name
+        && let Err(e) = crate::cluster::placement::converge(&state, &context).await
+    {
+        tracing::warn!(context = %context, error = %e, "removing the copy here; retried in the background");
+    }
+    tracing::info!(context = %context, node = %node, preserve, "node removed from context");
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Json(super::cluster::RestResponse {
+            success: true,
+            message: format!(
+                "{node} is no longer a member of {context}; its copy is {}",
+                if preserve { "set aside" } else { "removed" }
+            ),
+        }),
+    ))
 }

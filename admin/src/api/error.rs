@@ -52,6 +52,22 @@ impl ApiError {
         }
     }
 
+    /// The error as a gRPC status carrying its code, for an admin call from another node
+    /// (`from_status` reads it back there).
+    pub fn into_status(self) -> tonic::Status {
+        if self.code != ErrorCode::Other {
+            return self.code.status(self.message);
+        }
+        let code = match self.status {
+            StatusCode::BAD_REQUEST => tonic::Code::InvalidArgument,
+            StatusCode::NOT_FOUND => tonic::Code::NotFound,
+            StatusCode::SERVICE_UNAVAILABLE => tonic::Code::Unavailable,
+            StatusCode::GATEWAY_TIMEOUT => tonic::Code::DeadlineExceeded,
+            _ => tonic::Code::Internal,
+        };
+        tonic::Status::new(code, self.message)
+    }
+
     /// A malformed request.
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::with_status(StatusCode::BAD_REQUEST, ErrorCode::Other, message)
@@ -153,10 +169,12 @@ impl From<Refusal> for ApiError {
             Refusal::ContextExists(_) => ApiError::new(ErrorCode::ContextExists, message),
             Refusal::ContextNotFound(_) => ApiError::new(ErrorCode::ContextNotFound, message),
             Refusal::NoSuchNode(_) => ApiError::new(ErrorCode::NoSuchNode, message),
+            Refusal::NodeExists(_) => ApiError::new(ErrorCode::SameNodeName, message),
+            Refusal::LastPrimary { .. } => ApiError::new(ErrorCode::CannotRemoveLastNode, message),
             Refusal::NoSuchApplication(_) => ApiError::new(ErrorCode::NoSuchApplication, message),
+            Refusal::NotAMember { .. } => ApiError::new(ErrorCode::NotAMember, message),
             Refusal::NodeInUse { .. }
             | Refusal::AlreadyMember { .. }
-            | Refusal::NotAMember { .. }
             | Refusal::ApplicationExists(_)
             | Refusal::TokenInUse
             | Refusal::Constraint(_) => ApiError::bad_request(message),

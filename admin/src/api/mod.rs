@@ -23,6 +23,7 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use myelin_proto::errors::ErrorCode;
+use myelin_proto::internal::admin_relay_client::AdminRelayClient;
 use myelin_proto::internal::router_control_client::RouterControlClient;
 use myelin_proto::internal::storage_control_client::StorageControlClient;
 use serde::de::DeserializeOwned;
@@ -81,13 +82,24 @@ pub struct AppState {
     pub backup: Arc<crate::backup::Settings>,
     /// Who may call what (`crate::access`); checked on every HTTP call.
     pub access: Arc<crate::access::Access>,
+    /// The router's relay to other nodes' admins; `None` without a router (tests).
+    pub admin_relay: Option<AdminRelayClient<Channel>>,
+    /// The router's directory of peers (which links are up); `None` without a router.
+    pub peers: Option<myelin_proto::internal::peer_directory_client::PeerDirectoryClient<Channel>>,
+    /// Serializes joins and unregistrations handled here (each checks, then proposes).
+    pub membership: Arc<tokio::sync::Mutex<()>>,
+    /// Set when this node joined a cluster: its `_admin` group stopped on purpose, and the
+    /// process ends (to be started again) once the answer is sent.
+    pub restarting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {
     /// Proposes a change to `_admin` and waits until it is committed and applied here. A change
     /// the state refuses comes back as its API error.
+    /// Proposed on this node when it leads `_admin`, else forwarded to the leader (and then
+    /// waited for until this node has applied it too, so a read after it sees it).
     pub async fn change(&self, command: AdminCommand) -> Result<(), ApiError> {
-        self.admin.propose(command).await?.into_result()?;
+        crate::cluster::calls::propose(self, command).await?.into_result()?;
         Ok(())
     }
 
@@ -147,7 +159,9 @@ pub fn openapi_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(contexts::create))
         .routes(routes!(contexts::details, contexts::delete))
         .routes(routes!(cluster::init))
-        .routes(routes!(cluster::nodes))
+        .routes(routes!(cluster::nodes, crate::cluster::join::register))
+        .routes(routes!(crate::cluster::join::unregister))
+        .routes(routes!(contexts::add_node, contexts::remove_node))
         .routes(routes!(nodes::list))
         .routes(routes!(nodes::me))
         .routes(routes!(applications::create))

@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use myelin_proto::internal::ListContextsRequest;
+use myelin_proto::internal::{ListContextsRequest, ListPeersRequest};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -20,7 +20,7 @@ pub struct NodeJson {
     pub http_port: u16,
     pub internal_host_name: String,
     pub grpc_internal_port: u16,
-    /// Whether this node is connected to it (always true for itself).
+    /// Whether this node's link to it is up (always true for itself).
     pub connected: bool,
 }
 
@@ -61,11 +61,29 @@ pub struct Me {
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<NodeJson>>, ApiError> {
     let nodes = state.db.call(|conn| db::nodes(conn)).await?;
     let me = state.node.name.clone();
+    // Whether this node's router has its link to each peer up (best effort: none if the
+    // router does not answer).
+    let connected: Vec<String> = match state.peers.clone() {
+        Some(mut peers) => match peers.list_peers(ListPeersRequest {}).await {
+            Ok(list) => list
+                .into_inner()
+                .peers
+                .into_iter()
+                .filter(|p| p.connected)
+                .map(|p| p.node)
+                .collect(),
+            Err(status) => {
+                tracing::debug!(error = %status, "the router did not list its peers");
+                Vec::new()
+            }
+        },
+        None => Vec::new(),
+    };
     Ok(Json(
         nodes
             .into_iter()
             .map(|n| NodeJson {
-                connected: n.name == me,
+                connected: n.name == me || connected.contains(&n.name),
                 name: n.name,
                 host_name: n.host_name,
                 grpc_port: n.grpc_port,
@@ -93,6 +111,7 @@ pub async fn me(State(state): State<AppState>) -> Result<Json<Me>, ApiError> {
         .into_inner()
         .contexts;
     let all = state.db.call(|conn| db::contexts(conn)).await?;
+    let clustered = state.db.call(|conn| db::nodes(conn)).await?.len() > 1;
     let node = &state.node;
     let mut context_names: Vec<String> = all.into_iter().map(|c| c.name).collect();
     for c in &stored {
@@ -108,7 +127,7 @@ pub async fn me(State(state): State<AppState>) -> Result<Json<Me>, ApiError> {
         internal_host_name: node.internal_hostname.clone(),
         grpc_internal_port: node.internal_port,
         authentication: false,
-        clustered: false,
+        clustered,
         ssl: false,
         admin_node: true,
         development_mode: false,

@@ -87,6 +87,16 @@ pub struct Member {
     pub role: MemberRole,
 }
 
+/// A member's place in its context's Raft group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seat {
+    /// The member's id in the group: allocated when the member is added, never reused.
+    pub id: u64,
+    /// Whether the member was one of the context's first members (they start the group
+    /// together); a member added later waits for the group's leader to add it.
+    pub founding: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContextRow {
     pub name: String,
@@ -94,6 +104,31 @@ pub struct ContextRow {
     pub created_at_millis: i64,
     /// Ordered by node name.
     pub members: Vec<Member>,
+    /// Each member's seat, by node name.
+    pub seats: BTreeMap<String, Seat>,
+}
+
+impl ContextRow {
+    /// The member on `node`, with its seat.
+    pub fn member(&self, node: &str) -> Option<(&Member, Seat)> {
+        let member = self.members.iter().find(|m| m.node == node)?;
+        Some((member, *self.seats.get(node)?))
+    }
+
+    /// The node holding member `id`.
+    pub fn node_of(&self, id: u64) -> Option<&str> {
+        self.seats.iter().find(|(_, s)| s.id == id).map(|(n, _)| n.as_str())
+    }
+}
+
+/// A member that left a context, or whose context was deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Departure {
+    pub context: String,
+    pub node: String,
+    pub member_id: u64,
+    /// Keep the files (set aside) instead of removing them.
+    pub preserve: bool,
 }
 
 /// Records a node (or updates its addresses).
@@ -167,19 +202,37 @@ pub fn remove_node(conn: &Connection, name: &str) -> Result<bool, DbError> {
     Ok(conn.execute("DELETE FROM nodes WHERE name = ?1", [name])? > 0)
 }
 
-fn members_of(conn: &Connection, context: &str) -> Result<Vec<Member>, DbError> {
-    let mut statement = conn.prepare("SELECT node, role FROM context_members WHERE context = ?1 ORDER BY node")?;
-    let rows = statement.query_map([context], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+type Members = (Vec<Member>, BTreeMap<String, Seat>);
+
+fn members_of(conn: &Connection, context: &str) -> Result<Members, DbError> {
+    let mut statement =
+        conn.prepare("SELECT node, role, member_id, founding FROM context_members WHERE context = ?1 ORDER BY node")?;
+    let rows = statement.query_map([context], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, i64>(3)?,
+        ))
+    })?;
     let mut members = Vec::new();
+    let mut seats = BTreeMap::new();
     for row in rows {
-        let (node, role) = row?;
+        let (node, role, id, founding) = row?;
         // The CHECK constraint admits only known roles.
         let role = role
             .parse()
             .map_err(|e: UnknownMemberRole| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        seats.insert(
+            node.clone(),
+            Seat {
+                id: id as u64,
+                founding: founding == 1,
+            },
+        );
         members.push(Member { node, role });
     }
-    Ok(members)
+    Ok((members, seats))
 }
 
 fn parse_meta(text: &str) -> BTreeMap<String, String> {
@@ -197,12 +250,13 @@ pub fn context(conn: &Connection, name: &str) -> Result<Option<ContextRow>, DbEr
     let Some((name, meta, created_at_millis)) = row else {
         return Ok(None);
     };
-    let members = members_of(conn, &name)?;
+    let (members, seats) = members_of(conn, &name)?;
     Ok(Some(ContextRow {
         name,
         meta_data: parse_meta(&meta),
         created_at_millis,
         members,
+        seats,
     }))
 }
 
@@ -220,13 +274,14 @@ pub fn contexts(conn: &Connection) -> Result<Vec<ContextRow>, DbError> {
     Ok(out)
 }
 
-/// Inserts a context with its members, inside the caller's transaction (a member on an unknown
-/// node fails it: the caller rolls back). `Ok(false)`: it exists already, and nothing changed.
+/// Inserts a context with its members (each the seat beside it, all founding), inside the
+/// caller's transaction (a member on an unknown node fails it: the caller rolls back).
+/// `Ok(false)`: it exists already, and nothing changed.
 pub fn insert_context(
     conn: &Connection,
     name: &str,
     meta_data: &BTreeMap<String, String>,
-    members: &[Member],
+    members: &[(Member, u64)],
     created_at_millis: i64,
 ) -> Result<bool, DbError> {
     let exists = conn
@@ -241,8 +296,16 @@ pub fn insert_context(
         "INSERT INTO contexts (name, meta_data, created_at_millis) VALUES (?1, ?2, ?3)",
         params![name, meta, created_at_millis],
     )?;
-    for member in members {
-        add_member(conn, name, member)?;
+    for (member, id) in members {
+        add_member(
+            conn,
+            name,
+            member,
+            Seat {
+                id: *id,
+                founding: true,
+            },
+        )?;
     }
     Ok(true)
 }
@@ -260,13 +323,74 @@ pub fn delete_context(conn: &Connection, name: &str) -> Result<bool, DbError> {
     Ok(deleted > 0)
 }
 
-/// Makes a node a member of a context (which must exist, as must the node).
-pub fn add_member(conn: &Connection, context: &str, member: &Member) -> Result<(), DbError> {
+/// Makes a node a member of a context (which must exist, as must the node) in `seat`.
+pub fn add_member(conn: &Connection, context: &str, member: &Member, seat: Seat) -> Result<(), DbError> {
     conn.execute(
-        "INSERT INTO context_members (context, node, role) VALUES (?1, ?2, ?3)",
-        params![context, member.node, member.role.name()],
+        "INSERT INTO context_members (context, node, role, member_id, founding) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            context,
+            member.node,
+            member.role.name(),
+            seat.id as i64,
+            i64::from(seat.founding)
+        ],
     )?;
     Ok(())
+}
+
+/// Records that a member left its context (or the context went).
+pub fn add_departure(conn: &Connection, departure: &Departure) -> Result<(), DbError> {
+    conn.execute(
+        "INSERT OR REPLACE INTO departures (context, node, member_id, preserve) VALUES (?1, ?2, ?3, ?4)",
+        params![
+            departure.context,
+            departure.node,
+            departure.member_id as i64,
+            i64::from(departure.preserve)
+        ],
+    )?;
+    Ok(())
+}
+
+/// The departures of `node`'s members.
+pub fn departures_of(conn: &Connection, node: &str) -> Result<Vec<Departure>, DbError> {
+    let mut statement =
+        conn.prepare("SELECT context, node, member_id, preserve FROM departures WHERE node = ?1 ORDER BY context")?;
+    let rows = statement.query_map([node], |r| {
+        Ok(Departure {
+            context: r.get(0)?,
+            node: r.get(1)?,
+            member_id: r.get::<_, i64>(2)? as u64,
+            preserve: r.get::<_, i64>(3)? == 1,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The `_admin` member id a node was given when it registered (none for the node that started
+/// the cluster: it is member [`crate::raft::LOCAL_NODE`] of the group it initialised).
+pub fn admin_member(conn: &Connection, node: &str) -> Result<Option<u64>, DbError> {
+    let id: Option<Option<i64>> = conn
+        .query_row("SELECT admin_member FROM nodes WHERE name = ?1", [node], |r| r.get(0))
+        .optional()?;
+    Ok(id.flatten().map(|id| id as u64))
+}
+
+/// Records a registered node's `_admin` member id.
+pub fn set_admin_member(conn: &Connection, node: &str, id: u64) -> Result<(), DbError> {
+    conn.execute(
+        "UPDATE nodes SET admin_member = ?2 WHERE name = ?1",
+        params![node, id as i64],
+    )?;
+    Ok(())
+}
+
+/// This node's `_admin` member id once it joined a cluster (node-local, never replicated).
+pub fn admin_identity(conn: &Connection) -> Result<Option<u64>, DbError> {
+    let id: Option<i64> = conn
+        .query_row("SELECT member FROM admin_identity WHERE id = 1", [], |r| r.get(0))
+        .optional()?;
+    Ok(id.map(|id| id as u64))
 }
 
 /// `Ok(false)`: the node was no member of the context.
@@ -335,19 +459,31 @@ pub(crate) mod tests {
             node: "n1".into(),
             role: MemberRole::Primary,
         }];
-        assert!(insert_context(&conn, "orders", &meta, &members, 7).unwrap());
+        let seated: Vec<(Member, u64)> = members.iter().map(|m| (m.clone(), 701)).collect();
+        assert!(insert_context(&conn, "orders", &meta, &seated, 7).unwrap());
         assert!(!insert_context(&conn, "orders", &BTreeMap::new(), &[], 8).unwrap());
         let row = context(&conn, "orders").unwrap().unwrap();
+        assert_eq!(
+            row.member("n1").map(|(_, seat)| seat),
+            Some(Seat {
+                id: 701,
+                founding: true
+            })
+        );
+        assert_eq!(row.node_of(701), Some("n1"));
         assert_eq!((row.meta_data, row.members, row.created_at_millis), (meta, members, 7));
         assert_eq!(contexts(&conn).unwrap().len(), 1);
         assert_eq!(contexts_of_node(&conn, "n1").unwrap(), vec!["orders".to_owned()]);
         assert!(is_member(&conn, "orders", "n1").unwrap());
 
         // A member on an unknown node fails the insert; the caller's transaction takes it back.
-        let bad = vec![Member {
-            node: "ghost".into(),
-            role: MemberRole::Primary,
-        }];
+        let bad = vec![(
+            Member {
+                node: "ghost".into(),
+                role: MemberRole::Primary,
+            },
+            1,
+        )];
         {
             let tx = conn.transaction().unwrap();
             assert!(insert_context(&tx, "other", &BTreeMap::new(), &bad, 1).is_err());
@@ -364,6 +500,10 @@ pub(crate) mod tests {
             &Member {
                 node: "n1".into(),
                 role: MemberRole::Primary,
+            },
+            Seat {
+                id: 901,
+                founding: false,
             },
         )
         .unwrap();

@@ -119,6 +119,33 @@ pub const MIGRATIONS: &[Migration] = &[
             ) STRICT;
         ",
     },
+    Migration {
+        description: "placement: member ids, departures, this node's _admin identity",
+        // Before this migration every context had one member, this node, as member 1 of its
+        // group (the id a standalone eventstore gives itself).
+        sql: "
+            ALTER TABLE nodes ADD COLUMN admin_member INTEGER CHECK (admin_member IS NULL OR admin_member > 0);
+            ALTER TABLE context_members ADD COLUMN member_id INTEGER NOT NULL DEFAULT 1 CHECK (member_id > 0);
+            ALTER TABLE context_members ADD COLUMN founding INTEGER NOT NULL DEFAULT 1 CHECK (founding IN (0, 1));
+            CREATE UNIQUE INDEX context_member_ids ON context_members (context, member_id);
+            -- Members that left a context (or whose context was deleted): the node that held one
+            -- removes (or, with preserve, sets aside) its copy when it sees its own row here.
+            CREATE TABLE departures (
+                context TEXT NOT NULL CHECK (length(context) BETWEEN 1 AND 64),
+                node TEXT NOT NULL CHECK (length(node) BETWEEN 1 AND 255),
+                member_id INTEGER NOT NULL CHECK (member_id > 0),
+                preserve INTEGER NOT NULL CHECK (preserve IN (0, 1)),
+                PRIMARY KEY (context, node, member_id)
+            ) STRICT;
+            -- Node-local: this node's member id in _admin once it joined a cluster (absent: a
+            -- standalone node, member 1 of its own one-node group).
+            CREATE TABLE admin_identity (
+                id INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
+                member INTEGER NOT NULL CHECK (member > 1),
+                joined_at_millis INTEGER NOT NULL
+            ) STRICT;
+        ",
+    },
 ];
 
 /// The schema version this build writes.
@@ -172,9 +199,9 @@ mod tests {
             migrate(&mut conn, &path, &MIGRATIONS[..1]).unwrap();
             assert_eq!(version(&conn).unwrap(), 1);
             conn.execute_batch(
-                "INSERT INTO nodes VALUES ('n1', 'h', 8124, 8024, 'h', 8224);
+                "INSERT INTO nodes (name, host_name, grpc_port, http_port, internal_host_name, grpc_internal_port) VALUES ('n1', 'h', 8124, 8024, 'h', 8224);
                  INSERT INTO contexts (name, created_at_millis) VALUES ('orders', 1);
-                 INSERT INTO context_members VALUES ('orders', 'n1', 'PRIMARY');",
+                 INSERT INTO context_members (context, node, role) VALUES ('orders', 'n1', 'PRIMARY');",
             )
             .unwrap();
         }
@@ -236,20 +263,20 @@ mod tests {
         let mut conn = connect(&path).unwrap();
         migrate(&mut conn, &path, MIGRATIONS).unwrap();
         conn.execute_batch(
-            "INSERT INTO nodes VALUES ('n1', 'h', 8124, 8024, 'h', 8224);
+            "INSERT INTO nodes (name, host_name, grpc_port, http_port, internal_host_name, grpc_internal_port) VALUES ('n1', 'h', 8124, 8024, 'h', 8224);
              INSERT INTO contexts (name, created_at_millis) VALUES ('c', 1);",
         )
         .unwrap();
         let bad = [
             // unknown member role
-            "INSERT INTO context_members VALUES ('c', 'n1', 'LEADER')",
+            "INSERT INTO context_members (context, node, role) VALUES ('c', 'n1', 'LEADER')",
             // member of a context that does not exist
-            "INSERT INTO context_members VALUES ('nope', 'n1', 'PRIMARY')",
+            "INSERT INTO context_members (context, node, role) VALUES ('nope', 'n1', 'PRIMARY')",
             // member on a node that does not exist
-            "INSERT INTO context_members VALUES ('c', 'n2', 'PRIMARY')",
+            "INSERT INTO context_members (context, node, role) VALUES ('c', 'n2', 'PRIMARY')",
             // port out of range, and a text where a number belongs (STRICT)
-            "INSERT INTO nodes VALUES ('n3', 'h', 70000, 8024, 'h', 8224)",
-            "INSERT INTO nodes VALUES ('n3', 'h', 'x', 8024, 'h', 8224)",
+            "INSERT INTO nodes (name, host_name, grpc_port, http_port, internal_host_name, grpc_internal_port) VALUES ('n3', 'h', 70000, 8024, 'h', 8224)",
+            "INSERT INTO nodes (name, host_name, grpc_port, http_port, internal_host_name, grpc_internal_port) VALUES ('n3', 'h', 'x', 8024, 'h', 8224)",
             // token hash of the wrong length
             "INSERT INTO applications (name, token_sha256, token_prefix, created_at_millis) VALUES ('a', x'00', 'p', 1)",
             // invalid JSON metadata
@@ -261,8 +288,11 @@ mod tests {
             assert!(conn.execute(sql, []).is_err(), "accepted: {sql}");
         }
         // A node with members cannot go; deleting a context takes its members with it.
-        conn.execute("INSERT INTO context_members VALUES ('c', 'n1', 'PRIMARY')", [])
-            .unwrap();
+        conn.execute(
+            "INSERT INTO context_members (context, node, role) VALUES ('c', 'n1', 'PRIMARY')",
+            [],
+        )
+        .unwrap();
         assert!(conn.execute("DELETE FROM nodes WHERE name = 'n1'", []).is_err());
         conn.execute("DELETE FROM contexts WHERE name = 'c'", []).unwrap();
         let members: i64 = conn

@@ -20,16 +20,22 @@ use std::collections::BTreeMap;
 use rusqlite::{Connection, ErrorCode};
 use serde::{Deserialize, Serialize};
 
+use crate::api::contexts::ADMIN_CONTEXT;
 use crate::control_db::DbError;
 use crate::control_db::applications::{self, CreateError, NewApplication};
-use crate::control_db::contexts::{self, Member, MemberRole, Node};
+use crate::control_db::contexts::{self, Departure, Member, MemberRole, Node, Seat};
 
 /// A change to cluster configuration, as proposed to `_admin`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AdminCommand {
     /// Records a node, or updates its addresses.
     UpsertNode(Node),
-    /// Forgets a node that is a member of no context.
+    /// A node joins the cluster (`register-node`): recorded with its `_admin` member id, which
+    /// is this entry's log index (unique forever), and made a member of `_admin`. Refused if a
+    /// node of that name exists.
+    RegisterNode(Node),
+    /// A node leaves the cluster (`unregister-node`): it leaves every context it is a member of,
+    /// then is forgotten. Refused if it is the last PRIMARY of a context.
     RemoveNode { name: String },
     /// Creates a context with its members (every member node must be known).
     CreateContext {
@@ -37,17 +43,33 @@ pub enum AdminCommand {
         meta_data: BTreeMap<String, String>,
         members: Vec<Member>,
         created_at_millis: i64,
+        /// The members' ids in the context's group, beside `members`, when they are given (a
+        /// context this node's event store already holds is recorded under the id it has);
+        /// empty: allocated from the entry's index.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        seats: Vec<u64>,
     },
-    /// Deletes a context with its members and the roles granted in it.
-    DeleteContext { name: String },
+    /// Deletes a context with its members and the roles granted in it; each member's node then
+    /// removes its copy (or sets it aside, with `preserve`).
+    DeleteContext {
+        name: String,
+        #[serde(default)]
+        preserve: bool,
+    },
     /// Makes a known node a member of a context.
     AddMember {
         context: String,
         node: String,
         role: MemberRole,
     },
-    /// Removes a node from a context's members.
-    RemoveMember { context: String, node: String },
+    /// Removes a node from a context's members (refused for the last PRIMARY); its node then
+    /// removes its copy (or sets it aside, with `preserve`).
+    RemoveMember {
+        context: String,
+        node: String,
+        #[serde(default)]
+        preserve: bool,
+    },
     /// Registers an application with its token hash and roles.
     CreateApplication(NewApplication),
     /// Removes an application (its roles go with it).
@@ -59,6 +81,7 @@ impl AdminCommand {
     pub fn kind(&self) -> &'static str {
         match self {
             AdminCommand::UpsertNode(_) => "upsert-node",
+            AdminCommand::RegisterNode(_) => "register-node",
             AdminCommand::RemoveNode { .. } => "remove-node",
             AdminCommand::CreateContext { .. } => "create-context",
             AdminCommand::DeleteContext { .. } => "delete-context",
@@ -79,6 +102,10 @@ pub enum Refusal {
     ContextNotFound(String),
     #[error("{0}: no such node")]
     NoSuchNode(String),
+    #[error("a node named {0} is already a member of the cluster")]
+    NodeExists(String),
+    #[error("node {node} is the last PRIMARY of context {context}; add another first")]
+    LastPrimary { context: String, node: String },
     #[error("node {node} is a member of {contexts:?}; remove it from them first")]
     NodeInUse { node: String, contexts: Vec<String> },
     #[error("node {node} is already a member of {context}")]
@@ -114,11 +141,21 @@ impl AdminResponse {
     }
 }
 
-/// Applies one command inside the caller's transaction. A refused command leaves nothing behind
-/// (it runs in a savepoint that is rolled back); an `Err` is an I/O failure, not a refusal.
-pub fn apply(tx: &mut rusqlite::Transaction<'_>, command: &AdminCommand) -> Result<AdminResponse, DbError> {
+/// The first member id of the members an entry adds: ids come from the entry's log index, so
+/// they are unique forever (an index is never used twice), and readable (entry 12's members
+/// are 1201, 1202, ...). At most [`MAX_MEMBERS_PER_ENTRY`] members per entry.
+pub fn first_member_id(index: u64) -> u64 {
+    index * 100 + 1
+}
+
+pub const MAX_MEMBERS_PER_ENTRY: usize = 99;
+
+/// Applies one command, the entry at log `index`, inside the caller's transaction. A refused
+/// command leaves nothing behind (it runs in a savepoint that is rolled back); an `Err` is an
+/// I/O failure, not a refusal.
+pub fn apply(tx: &mut rusqlite::Transaction<'_>, index: u64, command: &AdminCommand) -> Result<AdminResponse, DbError> {
     let savepoint = tx.savepoint()?;
-    let outcome = match change(&savepoint, command) {
+    let outcome = match change(&savepoint, index, command) {
         Ok(outcome) => outcome,
         Err(DbError::Sqlite(e)) if is_constraint(&e) => Err(Refusal::Constraint(e.to_string())),
         Err(e) => return Err(e),
@@ -140,51 +177,134 @@ fn is_constraint(e: &rusqlite::Error) -> bool {
     e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
 }
 
-fn change(conn: &Connection, command: &AdminCommand) -> Result<Result<(), Refusal>, DbError> {
+/// Removes `node` from `context`, recording its departure; refused for the last PRIMARY.
+fn leave(conn: &Connection, context: &str, node: &str, preserve: bool) -> Result<Result<(), Refusal>, DbError> {
+    let Some(row) = contexts::context(conn, context)? else {
+        return Ok(Err(Refusal::ContextNotFound(context.to_owned())));
+    };
+    let Some((member, seat)) = row.member(node) else {
+        return Ok(Err(Refusal::NotAMember {
+            context: context.to_owned(),
+            node: node.to_owned(),
+        }));
+    };
+    let primaries = row.members.iter().filter(|m| m.role == MemberRole::Primary).count();
+    if member.role == MemberRole::Primary && primaries == 1 {
+        return Ok(Err(Refusal::LastPrimary {
+            context: context.to_owned(),
+            node: node.to_owned(),
+        }));
+    }
+    contexts::remove_member(conn, context, node)?;
+    if member.role.stores() {
+        contexts::add_departure(
+            conn,
+            &Departure {
+                context: context.to_owned(),
+                node: node.to_owned(),
+                member_id: seat.id,
+                preserve,
+            },
+        )?;
+    }
+    Ok(Ok(()))
+}
+
+fn change(conn: &Connection, index: u64, command: &AdminCommand) -> Result<Result<(), Refusal>, DbError> {
     Ok(match command {
         AdminCommand::UpsertNode(node) => {
             contexts::upsert_node(conn, node)?;
             Ok(())
         }
-        AdminCommand::RemoveNode { name } => {
-            let member_of = contexts::contexts_of_node(conn, name)?;
-            if !member_of.is_empty() {
-                Err(Refusal::NodeInUse {
-                    node: name.clone(),
-                    contexts: member_of,
-                })
-            } else if contexts::remove_node(conn, name)? {
-                Ok(())
-            } else {
-                Err(Refusal::NoSuchNode(name.clone()))
+        AdminCommand::RegisterNode(node) => {
+            if contexts::node_exists(conn, &node.name)? {
+                return Ok(Err(Refusal::NodeExists(node.name.clone())));
             }
+            contexts::upsert_node(conn, node)?;
+            contexts::set_admin_member(conn, &node.name, index)?;
+            if contexts::context_exists(conn, ADMIN_CONTEXT)? {
+                let member = Member {
+                    node: node.name.clone(),
+                    role: MemberRole::Primary,
+                };
+                let seat = Seat {
+                    id: index,
+                    founding: false,
+                };
+                contexts::add_member(conn, ADMIN_CONTEXT, &member, seat)?;
+            }
+            Ok(())
+        }
+        AdminCommand::RemoveNode { name } => {
+            if !contexts::node_exists(conn, name)? {
+                return Ok(Err(Refusal::NoSuchNode(name.clone())));
+            }
+            for context in contexts::contexts_of_node(conn, name)? {
+                if let Err(refusal) = leave(conn, &context, name, false)? {
+                    return Ok(Err(refusal));
+                }
+            }
+            contexts::remove_node(conn, name)?;
+            Ok(())
         }
         AdminCommand::CreateContext {
             name,
             meta_data,
             members,
             created_at_millis,
+            seats,
         } => {
+            if !seats.is_empty() && seats.len() != members.len() {
+                return Ok(Err(Refusal::Constraint("one seat per member".to_owned())));
+            }
             if contexts::context_exists(conn, name)? {
                 return Ok(Err(Refusal::ContextExists(name.clone())));
             }
-            for member in members {
+            if members.len() > MAX_MEMBERS_PER_ENTRY {
+                return Ok(Err(Refusal::Constraint(format!(
+                    "at most {MAX_MEMBERS_PER_ENTRY} members at once"
+                ))));
+            }
+            let mut seated = Vec::with_capacity(members.len());
+            for (k, member) in members.iter().enumerate() {
                 if !contexts::node_exists(conn, &member.node)? {
                     return Ok(Err(Refusal::NoSuchNode(member.node.clone())));
                 }
+                // `_admin`'s members are the nodes' `_admin` member ids (its group is admin's).
+                let id = if let Some(id) = seats.get(k) {
+                    *id
+                } else if name == ADMIN_CONTEXT {
+                    contexts::admin_member(conn, &member.node)?.unwrap_or(super::LOCAL_NODE)
+                } else {
+                    first_member_id(index) + k as u64
+                };
+                seated.push((member.clone(), id));
             }
-            if contexts::insert_context(conn, name, meta_data, members, *created_at_millis)? {
+            if contexts::insert_context(conn, name, meta_data, &seated, *created_at_millis)? {
                 Ok(())
             } else {
                 Err(Refusal::ContextExists(name.clone()))
             }
         }
-        AdminCommand::DeleteContext { name } => {
-            if contexts::delete_context(conn, name)? {
-                Ok(())
-            } else {
-                Err(Refusal::ContextNotFound(name.clone()))
+        AdminCommand::DeleteContext { name, preserve } => {
+            let Some(row) = contexts::context(conn, name)? else {
+                return Ok(Err(Refusal::ContextNotFound(name.clone())));
+            };
+            for member in row.members.iter().filter(|m| m.role.stores()) {
+                if let Some(seat) = row.seats.get(&member.node) {
+                    contexts::add_departure(
+                        conn,
+                        &Departure {
+                            context: name.clone(),
+                            node: member.node.clone(),
+                            member_id: seat.id,
+                            preserve: *preserve,
+                        },
+                    )?;
+                }
             }
+            contexts::delete_context(conn, name)?;
+            Ok(())
         }
         AdminCommand::AddMember { context, node, role } => {
             if !contexts::context_exists(conn, context)? {
@@ -201,22 +321,19 @@ fn change(conn: &Connection, command: &AdminCommand) -> Result<Result<(), Refusa
                     node: node.clone(),
                     role: *role,
                 };
-                contexts::add_member(conn, context, &member)?;
+                let seat = Seat {
+                    id: first_member_id(index),
+                    founding: false,
+                };
+                contexts::add_member(conn, context, &member, seat)?;
                 Ok(())
             }
         }
-        AdminCommand::RemoveMember { context, node } => {
-            if !contexts::context_exists(conn, context)? {
-                Err(Refusal::ContextNotFound(context.clone()))
-            } else if contexts::remove_member(conn, context, node)? {
-                Ok(())
-            } else {
-                Err(Refusal::NotAMember {
-                    context: context.clone(),
-                    node: node.clone(),
-                })
-            }
-        }
+        AdminCommand::RemoveMember {
+            context,
+            node,
+            preserve,
+        } => leave(conn, context, node, *preserve)?,
         AdminCommand::CreateApplication(app) => match applications::create(conn, app) {
             Ok(()) => Ok(()),
             Err(CreateError::Exists(name)) => Err(Refusal::ApplicationExists(name)),
@@ -250,12 +367,17 @@ mod tests {
                 })
                 .collect(),
             created_at_millis: 42,
+            seats: Vec::new(),
         }
     }
 
     fn run(conn: &mut Connection, command: &AdminCommand) -> AdminResponse {
+        run_at(conn, 7, command)
+    }
+
+    fn run_at(conn: &mut Connection, index: u64, command: &AdminCommand) -> AdminResponse {
         let mut tx = conn.transaction().unwrap();
-        let response = apply(&mut tx, command).unwrap();
+        let response = apply(&mut tx, index, command).unwrap();
         tx.commit().unwrap();
         response
     }
@@ -322,12 +444,18 @@ mod tests {
                 }),
             ),
             (
-                AdminCommand::RemoveNode { name: "n2".into() },
-                refused(Refusal::NodeInUse {
-                    node: "n2".into(),
-                    contexts: vec!["orders".into()],
+                AdminCommand::RemoveNode { name: "n1".into() },
+                refused(Refusal::LastPrimary {
+                    context: "orders".into(),
+                    node: "n1".into(),
                 }),
             ),
+            (AdminCommand::RegisterNode(node("n3")), Applied),
+            (
+                AdminCommand::RegisterNode(node("n3")),
+                refused(Refusal::NodeExists("n3".into())),
+            ),
+            (AdminCommand::RemoveNode { name: "n3".into() }, Applied),
             (app("billing", 1), Applied),
             (app("billing", 2), refused(Refusal::ApplicationExists("billing".into()))),
             (app("other", 1), refused(Refusal::TokenInUse)),
@@ -335,6 +463,7 @@ mod tests {
                 AdminCommand::RemoveMember {
                     context: "orders".into(),
                     node: "n2".into(),
+                    preserve: true,
                 },
                 Applied,
             ),
@@ -343,9 +472,18 @@ mod tests {
                 AdminCommand::DeleteApplication { name: "nope".into() },
                 refused(Refusal::NoSuchApplication("nope".into())),
             ),
-            (AdminCommand::DeleteContext { name: "orders".into() }, Applied),
             (
-                AdminCommand::DeleteContext { name: "orders".into() },
+                AdminCommand::DeleteContext {
+                    name: "orders".into(),
+                    preserve: false,
+                },
+                Applied,
+            ),
+            (
+                AdminCommand::DeleteContext {
+                    name: "orders".into(),
+                    preserve: false,
+                },
                 refused(Refusal::ContextNotFound("orders".into())),
             ),
         ]
@@ -355,9 +493,9 @@ mod tests {
     fn refused_commands_are_answers_and_two_dbs_end_equal() {
         let (_a, mut a) = open();
         let (_b, mut b) = open();
-        for (command, expected) in history() {
-            assert_eq!(run(&mut a, &command), expected, "{command:?}");
-            assert_eq!(run(&mut b, &command), expected, "{command:?}");
+        for (index, (command, expected)) in (2..).zip(history()) {
+            assert_eq!(run_at(&mut a, index, &command), expected, "{command:?}");
+            assert_eq!(run_at(&mut b, index, &command), expected, "{command:?}");
             assert_eq!(dump(&a), dump(&b), "after {command:?}");
         }
         // The grant in the deleted context went with it; the application stayed.

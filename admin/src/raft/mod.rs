@@ -113,6 +113,38 @@ impl GroupOptions {
             start_wait: Duration::from_secs(30),
         }
     }
+
+    /// A node that joined a cluster as member `id` (it never initialises a group of its own).
+    pub fn joined(address: impl ToString, id: NodeId) -> GroupOptions {
+        GroupOptions {
+            id,
+            bootstrap: Bootstrap::Join,
+            ..GroupOptions::standalone(address)
+        }
+    }
+}
+
+/// Makes this node's control DB ready to join a cluster as `_admin` member `id`: its own
+/// `_admin` log, vote, snapshot and every replicated row are dropped (the cluster's snapshot
+/// replaces them), and the new identity is recorded, in one transaction. The group must be
+/// shut down first; the next start follows the cluster ([`GroupOptions::joined`]).
+pub async fn prepare_join(db: &ControlDb, id: NodeId) -> Result<(), crate::control_db::DbError> {
+    db.call(move |conn| {
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM raft_log", [])?;
+        tx.execute("DELETE FROM raft_state", [])?;
+        tx.execute("DELETE FROM raft_snapshot", [])?;
+        for table in snapshot::REPLICATED_TABLES.iter().rev() {
+            tx.execute(&format!("DELETE FROM {table}"), [])?;
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO admin_identity (id, member, joined_at_millis) VALUES (1, ?1, ?2)",
+            rusqlite::params![id as i64, crate::control_db::now_millis()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    })
+    .await
 }
 
 /// The `_admin` group's Raft settings.
@@ -302,10 +334,10 @@ impl AdminGroup {
         }
     }
 
-    /// Adds a node as a learner (it receives the log, or a snapshot, but does not vote) and waits
-    /// until it has caught up.
+    /// Adds a node as a learner (it receives the log, or a snapshot, but does not vote); returns
+    /// once the change is committed, without waiting for the learner to catch up.
     pub async fn add_learner(&self, id: NodeId, node: BasicNode) -> Result<LogId, ProposeError> {
-        match self.raft.add_learner(id, node, true).await {
+        match self.raft.add_learner(id, node, false).await {
             Ok(written) => Ok(written.log_id),
             Err(e) => Err(membership_error(e)),
         }
@@ -323,6 +355,55 @@ impl AdminGroup {
             Ok(written) => Ok(written.log_id),
             Err(e) => Err(membership_error(e)),
         }
+    }
+
+    /// Removes members entirely (voters and learners alike).
+    pub async fn remove_members(&self, ids: impl IntoIterator<Item = NodeId>) -> Result<LogId, ProposeError> {
+        let ids: std::collections::BTreeSet<NodeId> = ids.into_iter().collect();
+        let voters: std::collections::BTreeSet<NodeId> = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            metrics.membership_config.membership().voter_ids().collect()
+        };
+        let leaving: std::collections::BTreeSet<NodeId> = ids.intersection(&voters).copied().collect();
+        if !leaving.is_empty() {
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters(leaving), true)
+                .await
+                .map_err(membership_error)?;
+        }
+        match self
+            .raft
+            .change_membership(ChangeMembers::RemoveNodes(ids), false)
+            .await
+        {
+            Ok(written) => Ok(written.log_id),
+            Err(e) => Err(membership_error(e)),
+        }
+    }
+
+    /// The leader as this member knows it: its id and node name.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let id = metrics.current_leader?;
+        let name = metrics.membership_config.membership().get_node(&id)?.addr.clone();
+        Some((id, name))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// How many voters the group has, as this member knows.
+    pub fn voter_count(&self) -> usize {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .count()
     }
 
     /// The openraft handle: for the network to deliver RPCs (`append_entries`, `vote`,
@@ -359,6 +440,16 @@ impl AdminGroup {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "_admin group did not stop cleanly");
         }
+    }
+}
+
+/// Waits for the next applied change, or `period`, whichever comes first. Once the group has
+/// stopped (no more changes will come), it waits the whole period: a loop that follows changes
+/// never spins.
+pub async fn next_change(changes: &mut watch::Receiver<u64>, period: Duration) {
+    match tokio::time::timeout(period, changes.changed()).await {
+        Ok(Ok(())) | Err(_) => {}
+        Ok(Err(_)) => tokio::time::sleep(period).await,
     }
 }
 

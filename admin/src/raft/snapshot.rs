@@ -22,10 +22,11 @@ use serde::{Deserialize, Serialize};
 use crate::control_db::DbError;
 
 /// The replicated tables, parents before the tables that reference them.
-pub const REPLICATED_TABLES: [&str; 7] = [
+pub const REPLICATED_TABLES: [&str; 8] = [
     "nodes",
     "contexts",
     "context_members",
+    "departures",
     "applications",
     "application_roles",
     "users",
@@ -179,10 +180,10 @@ mod tests {
 
     fn fill(conn: &Connection) {
         conn.execute_batch(
-            "INSERT INTO nodes VALUES ('n1', 'h', 8124, 8024, 'h', 8224);
-             INSERT INTO nodes VALUES ('n2', 'h2', 8125, 8025, 'h2', 8225);
+            "INSERT INTO nodes (name, host_name, grpc_port, http_port, internal_host_name, grpc_internal_port) VALUES ('n1', 'h', 8124, 8024, 'h', 8224);
+             INSERT INTO nodes (name, host_name, grpc_port, http_port, internal_host_name, grpc_internal_port) VALUES ('n2', 'h2', 8125, 8025, 'h2', 8225);
              INSERT INTO contexts (name, meta_data, created_at_millis) VALUES ('orders', '{\"k\":\"v\"}', 3);
-             INSERT INTO context_members VALUES ('orders', 'n1', 'PRIMARY');
+             INSERT INTO context_members (context, node, role) VALUES ('orders', 'n1', 'PRIMARY');
              INSERT INTO applications VALUES ('app', 'd', zeroblob(32), 'pre', 4);
              INSERT INTO application_roles VALUES ('app', 'orders', 'READ_EVENTS');
              INSERT INTO users VALUES ('u', NULL, 1);
@@ -199,9 +200,9 @@ mod tests {
 
         let (_b, mut b) = open();
         b.execute_batch(
-            "INSERT INTO nodes VALUES ('stale', 'x', 1, 2, 'x', 3);
+            "INSERT INTO nodes (name, host_name, grpc_port, http_port, internal_host_name, grpc_internal_port) VALUES ('stale', 'x', 1, 2, 'x', 3);
              INSERT INTO contexts (name, created_at_millis) VALUES ('gone', 1);
-             INSERT INTO context_members VALUES ('gone', 'stale', 'PRIMARY');
+             INSERT INTO context_members (context, node, role) VALUES ('gone', 'stale', 'PRIMARY');
              INSERT INTO segment_backups VALUES ('gone', 'EVENT', 10, 1);
              INSERT INTO segment_backups VALUES ('orders', 'EVENT', 20, 1);
              INSERT INTO control_db_backups (path, created_at_millis) VALUES ('/b.zip', 1);",

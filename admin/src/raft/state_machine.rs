@@ -158,7 +158,7 @@ impl RaftStateMachine<AdminTypes> for AdminStateMachine {
                     let response = match entry.payload {
                         EntryPayload::Blank => AdminResponse::Applied,
                         EntryPayload::Normal(command) => {
-                            let response = command::apply(&mut tx, &command)?;
+                            let response = command::apply(&mut tx, entry.log_id.index, &command)?;
                             changed |= response == AdminResponse::Applied;
                             tracing::debug!(
                                 index = entry.log_id.index,

@@ -65,6 +65,7 @@ fn create_context(name: &str, node: &str) -> AdminCommand {
             role: MemberRole::Primary,
         }],
         created_at_millis: 1_700_000_000_000,
+        seats: Vec::new(),
     }
 }
 
@@ -157,6 +158,7 @@ async fn crashed_before_applying_the_last_entry(path: &Path) {
         entry(
             4,
             EntryPayload::Normal(AdminCommand::DeleteContext {
+                preserve: false,
                 name: "short-lived".into(),
             }),
         ),

@@ -38,7 +38,7 @@ pub fn follow_peers(state: AppState, router: Channel) -> tokio::task::JoinHandle
                 }
                 Err(_) => {}
             }
-            let _ = tokio::time::timeout(REFRESH, changes.changed()).await;
+            crate::raft::next_change(&mut changes, REFRESH).await;
         }
     })
 }
