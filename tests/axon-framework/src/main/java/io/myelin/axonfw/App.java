@@ -115,7 +115,14 @@ public final class App implements AutoCloseable {
             processing.registerPooledStreamingEventProcessor(
                     Ledgers.POOLED,
                     Configuration::eventStore,
-                    (c, builder) -> builder.initialSegmentCount(2).tokenClaimInterval(200));
+                    // A work package stores the token of events it does not handle only when it
+                    // extends its claim (5 s by default); a merge of two segments then starts from
+                    // the lower of their stored tokens and redelivers what the other half handled
+                    // (Axon Framework's documented merge behaviour). Extending often keeps the
+                    // stored tokens close to the handled ones.
+                    (c, builder) -> builder.initialSegmentCount(2)
+                            .tokenClaimInterval(200)
+                            .claimExtensionThreshold(200));
             processing.registerEventHandler(c -> new Ledgers.TrackingLedger(options.ledgers()));
             processing.registerEventHandler(c -> new Ledgers.PooledLedger(options.ledgers()));
         }
