@@ -95,7 +95,7 @@ class ProcessorTest {
     }
 
     /** The processor's latest report in /v1/processors, once it satisfies `check`. */
-    static JsonNode awaitStatus(String processor, Predicate<JsonNode> check) throws Exception {
+    static JsonNode awaitStatus(MyelinNode node, String processor, Predicate<JsonNode> check) throws Exception {
         long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(20);
         JsonNode last = null;
         while (System.nanoTime() < deadline) {
@@ -130,8 +130,8 @@ class ProcessorTest {
             awaitHandled(recorder, storedEventIds(app, total), 1);
 
             // Status: both processors, two segments each, streaming, running.
-            JsonNode tracking = awaitStatus(Ledgers.TRACKING, segments(2));
-            JsonNode pooled = awaitStatus(Ledgers.POOLED, segments(2));
+            JsonNode tracking = awaitStatus(node, Ledgers.TRACKING, segments(2));
+            JsonNode pooled = awaitStatus(node, Ledgers.POOLED, segments(2));
             for (JsonNode report : List.of(tracking, pooled)) {
                 assertEquals(App.COMPONENT, report.path("componentName").asText());
                 assertEquals("proc-1", report.path("clientId").asText());
@@ -158,10 +158,10 @@ class ProcessorTest {
             // Split through Myelin's REST API: three segments; then merge back to two.
             for (String processor : PROCESSORS) {
                 String base = "/v1/components/" + App.COMPONENT + "/processors/" + processor + "/segments/";
-                awaitStatus(processor, segments(2));
+                awaitStatus(node, processor, segments(2));
                 HttpResponse<String> split = node.patch(base + "split?context=default");
                 assertEquals(200, split.statusCode(), split.body());
-                awaitStatus(processor, segments(3));
+                awaitStatus(node, processor, segments(3));
                 total += produce(app, 2, 2);
                 awaitHandled(recorder, storedEventIds(app, total), 1);
 
@@ -169,7 +169,7 @@ class ProcessorTest {
                 Thread.sleep(1000);
                 HttpResponse<String> merge = node.patch(base + "merge?context=default");
                 assertEquals(200, merge.statusCode(), merge.body());
-                awaitStatus(processor, segments(2));
+                awaitStatus(node, processor, segments(2));
                 total += produce(app, 2, 2);
                 awaitHandled(recorder, storedEventIds(app, total), 1);
             }
@@ -185,7 +185,7 @@ class ProcessorTest {
             awaitHandled(recorder, ids, 2);
             for (String processor : PROCESSORS) {
                 assertEquals(total, recorder.replays(processor), processor + ": replayed events");
-                awaitStatus(processor, r -> r.path("running").asBoolean());
+                awaitStatus(node, processor, r -> r.path("running").asBoolean());
             }
         } finally {
             app.close();
