@@ -4,7 +4,10 @@ import com.fasterxml.jackson.annotation.JsonAutoDetect;
 import com.fasterxml.jackson.annotation.PropertyAccessor;
 import com.fasterxml.jackson.databind.DeserializationFeature;
 import com.fasterxml.jackson.databind.ObjectMapper;
+import java.util.concurrent.TimeUnit;
 import org.axonframework.axonserver.connector.AxonServerConfiguration;
+import org.axonframework.axonserver.connector.AxonServerConnectionManager;
+import org.axonframework.axonserver.connector.event.axon.AxonServerEventScheduler;
 import org.axonframework.axonserver.connector.command.AxonServerCommandBus;
 import org.axonframework.commandhandling.CommandBus;
 import org.axonframework.commandhandling.gateway.CommandGateway;
@@ -15,6 +18,7 @@ import org.axonframework.config.DefaultConfigurer;
 import org.axonframework.config.EventProcessingConfigurer;
 import org.axonframework.eventhandling.EventProcessor;
 import org.axonframework.eventhandling.TrackingEventProcessorConfiguration;
+import org.axonframework.eventhandling.scheduling.EventScheduler;
 import org.axonframework.eventhandling.tokenstore.TokenStore;
 import org.axonframework.eventsourcing.EventCountSnapshotTriggerDefinition;
 import org.axonframework.eventsourcing.eventstore.EventStore;
@@ -85,6 +89,12 @@ public final class App implements AutoCloseable {
         configurer.configureMessageSerializer(c -> serializer);
         configurer.configureEventSerializer(c -> serializer);
 
+        // Axon's connector leaves the scheduler to the application: the Axon Server one here.
+        configurer.registerComponent(EventScheduler.class, c -> AxonServerEventScheduler.builder()
+                .connectionManager(c.getComponent(AxonServerConnectionManager.class))
+                .eventSerializer(c.eventSerializer())
+                .build());
+
         if (options.accounts()) {
             AggregateConfigurer<Account> accounts = AggregateConfigurer.defaultConfiguration(Account.class);
             if (options.snapshotEvery() > 0) {
@@ -108,10 +118,11 @@ public final class App implements AutoCloseable {
             processing.registerTrackingEventProcessor(
                     Ledgers.TRACKING,
                     Configuration::eventStore,
+                    // Three threads for two segments: a third segment after a split finds one.
                     c -> TrackingEventProcessorConfiguration.forParallelProcessing(3)
                             .andInitialSegmentsCount(2)
-                            .andTokenClaimInterval(200, java.util.concurrent.TimeUnit.MILLISECONDS)
-                            .andEventAvailabilityTimeout(200, java.util.concurrent.TimeUnit.MILLISECONDS));
+                            .andTokenClaimInterval(200, TimeUnit.MILLISECONDS)
+                            .andEventAvailabilityTimeout(200, TimeUnit.MILLISECONDS));
             processing.registerPooledStreamingEventProcessor(
                     Ledgers.POOLED,
                     Configuration::eventStore,
@@ -157,6 +168,8 @@ public final class App implements AutoCloseable {
     /** Builds and starts an instance: it connects and subscribes its handlers. */
     public static App start(Options options) {
         App app = new App(options);
+        // Created before the start, so that its start handler runs with the others.
+        app.eventScheduler();
         app.configuration.start();
         return app;
     }
@@ -171,6 +184,10 @@ public final class App implements AutoCloseable {
 
     public QueryGateway queries() {
         return configuration.queryGateway();
+    }
+
+    public EventScheduler eventScheduler() {
+        return configuration.getComponent(EventScheduler.class);
     }
 
     public EventStore eventStore() {

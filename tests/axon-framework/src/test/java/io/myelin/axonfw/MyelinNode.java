@@ -11,6 +11,7 @@ import java.nio.file.Files;
 import java.nio.file.Path;
 import java.time.Duration;
 import java.util.Comparator;
+import java.util.List;
 import java.util.concurrent.TimeUnit;
 import java.util.stream.Stream;
 
@@ -144,9 +145,19 @@ public final class MyelinNode implements AutoCloseable {
                 HttpResponse.BodyHandlers.ofString());
     }
 
+    /** Whether the test expects the application to call what the node does not implement. */
+    public boolean unimplementedCallsExpected;
+
+    /** The node's log lines for calls it answered UNIMPLEMENTED (router/src/unimplemented.rs). */
+    public List<String> unimplementedCalls() {
+        return logText().lines().filter(l -> l.contains("does not implement")).toList();
+    }
+
+    /** Stops the node and removes its files; fails if the application called what it lacks. */
     @Override
     public void close() throws Exception {
         stop();
+        List<String> unimplemented = unimplementedCalls();
         try (Stream<Path> files = Files.walk(dir)) {
             files.sorted(Comparator.reverseOrder()).forEach(p -> {
                 try {
@@ -155,6 +166,9 @@ public final class MyelinNode implements AutoCloseable {
                     throw new UncheckedIOException(e);
                 }
             });
+        }
+        if (!unimplementedCallsExpected && !unimplemented.isEmpty()) {
+            throw new AssertionError("the application called what Myelin does not implement: " + unimplemented);
         }
     }
 
