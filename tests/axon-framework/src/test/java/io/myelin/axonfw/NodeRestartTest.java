@@ -3,6 +3,7 @@ package io.myelin.axonfw;
 import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
+import com.fasterxml.jackson.databind.JsonNode;
 import io.myelin.axonfw.Messages.AccountOpened;
 import io.myelin.axonfw.Messages.OpenAccount;
 import java.util.ArrayList;
@@ -112,18 +113,24 @@ class NodeRestartTest {
             String clients = node.get("/v1/clients?context=default").body();
             assertTrue(clients.contains("\"clientId\":\"restart-1\""), clients);
 
-            // Heartbeats both ways: the client, which gives up a connection whose heartbeats go
-            // unanswered for 2.5 s, stays on the same connection while idle for longer.
+            // Heartbeats both ways: the node records the client's heartbeats while it is idle,
+            // and the client, which gives up a connection whose heartbeats go unanswered for
+            // 2.5 s, stays on the same connection for longer than that.
+            JsonNode before = client(clients);
             Thread.sleep(4000);
-            assertEquals(connectedAt(clients), connectedAt(node.get("/v1/clients?context=default").body()),
+            JsonNode after = client(node.get("/v1/clients?context=default").body());
+            assertEquals(before.path("clientStreamId").asText(), after.path("clientStreamId").asText(),
                     "the client did not reconnect while idle");
+            assertEquals(before.path("connectedAt").asLong(), after.path("connectedAt").asLong());
+            assertTrue(after.path("lastHeartbeat").asLong() >= before.path("lastHeartbeat").asLong() + 3000,
+                    "the node saw heartbeats while the client was idle: " + before + " then " + after);
         }
     }
 
-    static String connectedAt(String clients) throws Exception {
-        for (com.fasterxml.jackson.databind.JsonNode client : ProcessorTest.JSON.readTree(clients)) {
+    static JsonNode client(String clients) throws Exception {
+        for (JsonNode client : ProcessorTest.JSON.readTree(clients)) {
             if (client.path("clientId").asText().equals("restart-1")) {
-                return client.path("connectedAt").asText() + "/" + client.path("clientStreamId").asText();
+                return client;
             }
         }
         throw new AssertionError("restart-1 not connected: " + clients);
