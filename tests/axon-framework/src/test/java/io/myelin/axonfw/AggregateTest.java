@@ -63,8 +63,8 @@ class AggregateTest {
     }
 
     @Test
-    void an_aggregate_is_created_changed_and_loaded() {
-        try (App app = App.start(App.Options.of(node.servers(), "agg-1"))) {
+    void an_aggregate_is_created_changed_and_loaded() throws Exception {
+        try (App app = node.startApp(App.Options.of(node.servers(), "agg-1"))) {
             String id = "acc-" + UUID.randomUUID();
             app.commands().sendAndWait(new OpenAccount(id, "ada"));
             for (int amount : new int[] {10, 20, 30}) {
@@ -92,8 +92,8 @@ class AggregateTest {
             throws Exception {
         // Two instances, each with its own lock on the aggregate, take a command for it straight
         // to their own handlers: both load the same version and both append the next sequence.
-        try (App a = App.start(App.Options.of(node.servers(), "agg-a"));
-                App b = App.start(App.Options.of(node.servers(), "agg-b"))) {
+        try (App a = node.startApp(App.Options.of(node.servers(), "agg-a"));
+                App b = node.startApp(App.Options.of(node.servers(), "agg-b"))) {
             String id = "acc-" + UUID.randomUUID();
             a.commands().sendAndWait(new OpenAccount(id, "bob"));
             Account.barrier = new CyclicBarrier(2);
@@ -142,7 +142,7 @@ class AggregateTest {
         String id = "acc-" + UUID.randomUUID();
         int deposits = 16;
         long snapshotAt;
-        try (App app = App.start(App.Options.of(node.servers(), "agg-snap").snapshotEvery(every))) {
+        try (App app = node.startApp(App.Options.of(node.servers(), "agg-snap").snapshotEvery(every))) {
             app.commands().sendAndWait(new OpenAccount(id, "cy"));
             for (int i = 1; i <= deposits; i++) {
                 app.commands().sendAndWait(new Deposit(id, i, false));
@@ -158,7 +158,7 @@ class AggregateTest {
             assertEquals(deposits - snapshotAt, stream.size() - 1, "after the snapshot: the later events only");
         }
         // Another instance, taking no snapshots, adds two events after the snapshot.
-        try (App app = App.start(App.Options.of(node.servers(), "agg-plain"))) {
+        try (App app = node.startApp(App.Options.of(node.servers(), "agg-plain"))) {
             app.commands().sendAndWait(new Deposit(id, 100, false));
             app.commands().sendAndWait(new Deposit(id, 200, false));
             long last = deposits + 2;

@@ -145,6 +145,39 @@ public final class MyelinNode implements AutoCloseable {
                 HttpResponse.BodyHandlers.ofString());
     }
 
+    /**
+     * Starts an application instance and waits until the node lists its command handlers: Axon
+     * Framework subscribes them without waiting for the node's acknowledgement, so a command
+     * sent at once could find no handler yet (with Axon Server as well).
+     */
+    public App startApp(App.Options options) throws Exception {
+        App app = App.start(options);
+        List<String> commands = new java.util.ArrayList<>();
+        if (options.accounts()) {
+            commands.add("io.myelin.axonfw.Messages$Deposit");
+        }
+        if (options.pinger()) {
+            commands.add("io.myelin.axonfw.Messages$Ping");
+        }
+        long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(15);
+        String listing = "";
+        while (System.nanoTime() < deadline) {
+            listing = get("/v1/handlers").body();
+            List<String> listed = new java.util.ArrayList<>();
+            for (com.fasterxml.jackson.databind.JsonNode handler : new com.fasterxml.jackson.databind.ObjectMapper().readTree(listing)) {
+                if (handler.path("clientId").asText().equals(options.name())) {
+                    listed.add(handler.path("name").asText());
+                }
+            }
+            if (listed.containsAll(commands)) {
+                return app;
+            }
+            Thread.sleep(20);
+        }
+        app.close();
+        throw new AssertionError(options.name() + ": handlers " + commands + " not listed: " + listing);
+    }
+
     /** Whether the test expects the application to call what the node does not implement. */
     public boolean unimplementedCallsExpected;
 

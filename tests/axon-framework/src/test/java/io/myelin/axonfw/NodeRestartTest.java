@@ -42,7 +42,7 @@ class NodeRestartTest {
     void the_application_reconnects_after_a_node_restart_and_loses_or_repeats_nothing() throws Exception {
         Recorder recorder = new Recorder();
         InMemoryTokenStore tokens = new InMemoryTokenStore();
-        try (App app = App.start(
+        try (App app = node.startApp(
                 App.Options.of(node.servers(), "restart-1").withLedgers(recorder, tokens).withHeartbeats())) {
             int accounts = 60;
             Set<String> opened = new ConcurrentSkipListSet<>();

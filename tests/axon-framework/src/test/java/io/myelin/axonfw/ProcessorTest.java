@@ -124,7 +124,7 @@ class ProcessorTest {
         InMemoryTokenStore tokens = new InMemoryTokenStore(); // outlives the instances, as a database would
         App.Options options = App.Options.of(node.servers(), "proc-1").withLedgers(recorder, tokens);
         int total;
-        App app = App.start(options);
+        App app = node.startApp(options);
         try {
             total = produce(app, 5, 3);
             awaitHandled(recorder, storedEventIds(app, total), 1);
@@ -147,10 +147,10 @@ class ProcessorTest {
         }
 
         // The client restarts; events appended meanwhile are handled once, the old ones not again.
-        try (App writer = App.start(App.Options.of(node.servers(), "proc-writer"))) {
+        try (App writer = node.startApp(App.Options.of(node.servers(), "proc-writer"))) {
             total += produce(writer, 3, 2);
         }
-        app = App.start(options.withLedgers(recorder, tokens));
+        app = node.startApp(options.withLedgers(recorder, tokens));
         try {
             List<String> ids = storedEventIds(app, total);
             awaitHandled(recorder, ids, 1);

@@ -65,9 +65,9 @@ class RoutingTest {
         for (int i = 0; i < 24; i++) {
             keys.add("key-" + i);
         }
-        try (App a = App.start(App.Options.of(node.servers(), "route-a"));
-                App sender = App.start(App.Options.client(node.servers(), "route-sender"))) {
-            App b = App.start(App.Options.of(node.servers(), "route-b"));
+        try (App a = node.startApp(App.Options.of(node.servers(), "route-a"));
+                App sender = node.startApp(App.Options.client(node.servers(), "route-sender"))) {
+            App b = node.startApp(App.Options.of(node.servers(), "route-b"));
             awaitHandlers("Ping", 2);
 
             Map<String, Set<String>> handledBy = pingAll(sender, keys, 3);
@@ -104,8 +104,8 @@ class RoutingTest {
     }
 
     @Test
-    void a_command_without_handler_fails_with_no_handler() {
-        try (App a = App.start(App.Options.of(node.servers(), "nohandler-a"))) {
+    void a_command_without_handler_fails_with_no_handler() throws Exception {
+        try (App a = node.startApp(App.Options.of(node.servers(), "nohandler-a"))) {
             Exception e = assertThrows(Exception.class,
                     () -> a.commands().sendAndWait(new Unhandled("x"), 10, TimeUnit.SECONDS));
             assertInstanceOf(NoHandlerForCommandException.class, e, AggregateTest.describe(e));
@@ -114,9 +114,9 @@ class RoutingTest {
 
     @Test
     void queries_point_to_point_scatter_gather_subscription_and_streaming() throws Exception {
-        try (App a = App.start(App.Options.of(node.servers(), "query-a").withBalances());
-                App b = App.start(App.Options.of(node.servers(), "query-b").component("myelin-bank-b"));
-                App a2 = App.start(App.Options.of(node.servers(), "query-a2"))) {
+        try (App a = node.startApp(App.Options.of(node.servers(), "query-a").withBalances());
+                App b = node.startApp(App.Options.of(node.servers(), "query-b").component("myelin-bank-b"));
+                App a2 = node.startApp(App.Options.of(node.servers(), "query-a2"))) {
             awaitHandlers("io.myelin.axonfw.Messages$WhoIsThere", 3);
             String id = "acc-" + UUID.randomUUID();
             b.commands().sendAndWait(new OpenAccount(id, "dee"));

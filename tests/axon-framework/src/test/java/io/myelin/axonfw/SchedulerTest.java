@@ -32,7 +32,7 @@ class SchedulerTest {
 
     @Test
     void the_event_scheduler_is_refused_as_unimplemented_and_the_node_logs_it_once() throws Exception {
-        try (App app = App.start(App.Options.of(node.servers(), "scheduler-1"))) {
+        try (App app = node.startApp(App.Options.of(node.servers(), "scheduler-1"))) {
             for (int i = 0; i < 3; i++) {
                 assertThrows(UnsupportedOperationException.class,
                         () -> app.eventScheduler().schedule(Duration.ofSeconds(1), new Deposited("s", 1, 1)));
