@@ -132,6 +132,7 @@ impl RouterControl for Control {
                 version: c.version,
                 tags: c.tags.into_iter().collect(),
                 connected_at_millis: unix_millis(c.connected_since),
+                last_heartbeat_millis: c.last_heartbeat.map_or(0, unix_millis),
             })
             .collect();
         Ok(Response::new(ListClientsResponse { clients }))

@@ -21,6 +21,7 @@ pub mod peers;
 pub mod platform;
 pub mod query;
 pub mod transaction;
+pub mod unimplemented;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -296,6 +297,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
             limits::rewrite_response::<tonic::body::Body>,
         ))
         .layer(access::AccessLayer::new(access_rules))
+        .layer(unimplemented::UnimplementedLayer::default())
         .layer(event_metrics::EventMetricsLayer::default())
         .http2_keepalive_interval(Some(std::time::Duration::from_millis(2500)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_millis(5000)))

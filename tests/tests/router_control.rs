@@ -265,6 +265,7 @@ async fn clients_processors_and_instructions_over_the_router_socket() {
     assert!(listed.client_stream_id.starts_with("app-1."), "{listed:?}");
     assert_eq!(listed.tags.get("zone").map(String::as_str), Some("a"));
     assert!((before..=after).contains(&listed.connected_at_millis), "{listed:?}");
+    assert_eq!(listed.last_heartbeat_millis, 0, "no heartbeat yet: {listed:?}");
     let everywhere = control
         .list_clients(ListClientsRequest::default())
         .await
@@ -391,6 +392,20 @@ async fn clients_processors_and_instructions_over_the_router_socket() {
     // The client is still there and still answers.
     let again = send_instruction(&mut control, "ctl", "app-1", pause("orders-processor"), 0).await;
     assert!(again.success, "{again:?}");
+
+    // A heartbeat shows in the listing (last: from now on the router expects more of them).
+    let sent = unix_millis_now();
+    client.send(Inbound::Heartbeat(Default::default()), "heartbeat-1").await;
+    let beat = control
+        .list_clients(ListClientsRequest { context: "ctl".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .clients;
+    assert!(
+        (sent..=unix_millis_now()).contains(&beat[0].last_heartbeat_millis),
+        "{beat:?}"
+    );
 }
 
 /// A command handler stream that answers every command: its outbound side, and its reader,

@@ -70,6 +70,10 @@ pub struct ClientJson {
     pub tags: BTreeMap<String, String>,
     /// Unix time in milliseconds.
     pub connected_at: i64,
+    /// Unix time in milliseconds of the client's latest heartbeat; absent when it sent none (heartbeats
+    /// off on either side, or an older client).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<i64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -162,6 +166,7 @@ pub async fn clients(
                 version: c.version,
                 tags: c.tags.into_iter().collect(),
                 connected_at: c.connected_at_millis,
+                last_heartbeat: (c.last_heartbeat_millis > 0).then_some(c.last_heartbeat_millis),
             })
             .collect(),
     ))
