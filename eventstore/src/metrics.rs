@@ -52,6 +52,14 @@ fn describe() {
         "myelin_eventstore_token_at_records_read_total",
         "Segment records GetTokenAt read from disk to find its answers (at most one per call)"
     );
+    describe_counter!(
+        "myelin_eventstore_snapshot_installs_total",
+        "Snapshots of segment files received from the leader and installed (a member that was behind the purged log)"
+    );
+    describe_counter!(
+        "myelin_eventstore_snapshot_bytes_received_total",
+        "Bytes of the snapshot streams installed (segment files and their framing)"
+    );
     describe_histogram!(
         "myelin_eventstore_batch_duration_seconds",
         Unit::Seconds,
@@ -67,6 +75,8 @@ pub struct ContextMetrics {
     pub batches: Counter,
     pub batch_duration: Histogram,
     pub token_at_records_read: Counter,
+    pub snapshots_installed: Counter,
+    pub snapshot_bytes_received: Counter,
 }
 
 impl ContextMetrics {
@@ -78,7 +88,9 @@ impl ContextMetrics {
             rejected: metrics::counter!("myelin_eventstore_appends_rejected_total", "context" => ctx.clone()),
             batches: metrics::counter!("myelin_eventstore_batches_total", "context" => ctx.clone()),
             batch_duration: metrics::histogram!("myelin_eventstore_batch_duration_seconds", "context" => ctx.clone()),
-            token_at_records_read: metrics::counter!("myelin_eventstore_token_at_records_read_total", "context" => ctx),
+            token_at_records_read: metrics::counter!("myelin_eventstore_token_at_records_read_total", "context" => ctx.clone()),
+            snapshots_installed: metrics::counter!("myelin_eventstore_snapshot_installs_total", "context" => ctx.clone()),
+            snapshot_bytes_received: metrics::counter!("myelin_eventstore_snapshot_bytes_received_total", "context" => ctx),
         }
     }
 }
