@@ -7,7 +7,7 @@
 //!   ([`install`]). The batch loop of a context holds its handles ([`context`]), so recording
 //!   is a few atomic operations per batch.
 //! - **Gauges** of where each stored context stands (first, last and snapshot tokens, Raft
-//!   applied index, term, leader and log index, each member's lag on the leader, segment files
+//!   applied index, term, leader, log and purged index, each member's lag on the leader, segment files
 //!   and bytes per kind) are read from the contexts at scrape time
 //!   and written out directly ([`render`]), so a deleted context's series simply disappear
 //!   instead of lingering with stale values.
@@ -194,6 +194,11 @@ fn gauges_of(contexts: &[Arc<Context>]) -> Vec<Family> {
             help: "On the leader: log entries a member has not yet made durable (-1: none known yet)",
             samples: Vec::new(),
         },
+        Family {
+            name: "myelin_eventstore_raft_purged_index",
+            help: "Index of the newest entry purged from this node's Raft log (-1: none); a member behind it catches up by a snapshot of segment files",
+            samples: Vec::new(),
+        },
     ];
     for c in contexts {
         let status = crate::control::context_status(c);
@@ -219,7 +224,9 @@ fn gauges_of(contexts: &[Arc<Context>]) -> Vec<Family> {
             .push((label.clone(), group.leader.map_or(-1.0, |l| l as f64)));
         families[8].samples.push((label.clone(), if leads { 1.0 } else { 0.0 }));
         let last = group.last_log_index.unwrap_or(0);
-        families[9].samples.push((label, last as f64));
+        families[9].samples.push((label.clone(), last as f64));
+        let purged = c.raft.metrics().borrow().purged.map_or(-1.0, |p| p.index as f64);
+        families[11].samples.push((label, purged));
         if leads {
             for member in group.members.iter().filter(|m| m.id != group.member_id) {
                 let lag = member.matched_index.map_or(-1.0, |m| last.saturating_sub(m) as f64);

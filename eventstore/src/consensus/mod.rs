@@ -73,7 +73,10 @@ pub const TEST_SNAPSHOT_LOGS_ENV: &str = "MYELIN_TEST_SNAPSHOT_LOGS";
 
 /// How many entries go between snapshots, and how many are kept behind one.
 fn snapshot_logs() -> (u64, u64) {
-    match std::env::var(TEST_SNAPSHOT_LOGS_ENV).ok().and_then(|v| v.parse::<u64>().ok()) {
+    match std::env::var(TEST_SNAPSHOT_LOGS_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         Some(n) if n >= 10 => (n, n / 5),
         _ => (1_000, 200),
     }

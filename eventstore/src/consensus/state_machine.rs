@@ -174,14 +174,20 @@ impl StateMachine {
         };
         let (events, snapshots) = tokio::task::block_in_place(|| {
             Ok::<_, StorageError<NodeId>>((
-                self.stored.events.shipment(pointer.event_tokens).map_err(sm_read_error)?,
-                self.stored.snapshots.shipment(pointer.snapshot_tokens).map_err(sm_read_error)?,
+                self.stored
+                    .events
+                    .shipment(pointer.event_tokens)
+                    .map_err(sm_read_error)?,
+                self.stored
+                    .snapshots
+                    .shipment(pointer.snapshot_tokens)
+                    .map_err(sm_read_error)?,
             ))
         })?;
         let last = pointer.meta.last_log_id.map(|l| l.index);
-        let exact = [&events, &snapshots].iter().all(|s| {
-            s.last.is_none_or(|e| Some(e.index) <= last) && s.following.is_none_or(|e| Some(e.index) > last)
-        });
+        let exact = [&events, &snapshots]
+            .iter()
+            .all(|s| s.last.is_none_or(|e| Some(e.index) <= last) && s.following.is_none_or(|e| Some(e.index) > last));
         if !exact {
             tracing::info!(context = %self.stored.name, "the snapshot pointer is not exact: taking it anew");
             tokio::task::block_in_place(|| self.snapshot_applied_state()).map_err(sm_write_error)?;
@@ -252,7 +258,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<SegmentStream>, StorageError<NodeId>> {
-        Ok(Box::new(SegmentStream::Incoming(Box::new(Incoming::new(&self.stored.dir)))))
+        Ok(Box::new(SegmentStream::Incoming(Box::new(Incoming::new(
+            &self.stored.dir,
+        )))))
     }
 
     async fn install_snapshot(

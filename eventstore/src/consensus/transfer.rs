@@ -514,7 +514,10 @@ impl Incoming {
             self.pos += skip as u64;
         }
         if !data.is_empty() && self.pos > self.taken {
-            let why = format!("a gap in the snapshot stream: {} bytes taken, a chunk at {}", self.taken, self.pos);
+            let why = format!(
+                "a gap in the snapshot stream: {} bytes taken, a chunk at {}",
+                self.taken, self.pos
+            );
             self.failed = Some(why.clone());
             return Err(invalid(why));
         }
@@ -562,7 +565,10 @@ impl SegmentStream {
 }
 
 fn wrong_side(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::Unsupported, format!("a snapshot stream cannot {what} on this side"))
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!("a snapshot stream cannot {what} on this side"),
+    )
 }
 
 impl AsyncRead for SegmentStream {
@@ -652,7 +658,11 @@ mod tests {
     /// on an aggregate of its own, every third one also a snapshot of an earlier aggregate.
     fn apply(stored: &StoredContext, from: u64, to: u64) {
         for index in from..to {
-            let entry = EntryRef { term: 2, leader: 1, index };
+            let entry = EntryRef {
+                term: 2,
+                leader: 1,
+                index,
+            };
             let events: Vec<_> = (0..2)
                 .map(|s| {
                     let event = Event {
@@ -676,9 +686,16 @@ mod tests {
                     snapshot: true,
                     ..Default::default()
                 };
-                let entry = EntryRef { term: 2, leader: 1, index };
+                let entry = EntryRef {
+                    term: 2,
+                    leader: 1,
+                    index,
+                };
                 stored
-                    .apply(entry, &Command::AppendSnapshots(vec![record_of(&snapshot, Kind::Snapshots)]))
+                    .apply(
+                        entry,
+                        &Command::AppendSnapshots(vec![record_of(&snapshot, Kind::Snapshots)]),
+                    )
                     .unwrap();
             }
         }
@@ -707,7 +724,12 @@ mod tests {
     /// offset, read it, the receiver seeks and writes), sending every chunk twice as if its
     /// answer had been lost, and flipping a bit of the chunk numbered `damage` if given.
     /// Returns the first write error.
-    async fn send(from: &mut SegmentStream, to: &mut SegmentStream, chunk: usize, damage: Option<usize>) -> io::Result<()> {
+    async fn send(
+        from: &mut SegmentStream,
+        to: &mut SegmentStream,
+        chunk: usize,
+        damage: Option<usize>,
+    ) -> io::Result<()> {
         let end = from.seek(SeekFrom::End(0)).await?;
         let mut offset = 0;
         let mut n = 0;
@@ -787,11 +809,21 @@ mod tests {
         assert_eq!(member.snapshots.next_token(), snapshot.snapshot_tokens);
         assert_eq!(member.last_entry().unwrap().index, 49);
         assert_eq!(events(&member)[..], events(&leader)[..snapshot.event_tokens as usize]);
-        assert!(!member_dir.path().join(crate::install::INSTALL_DIR).read_dir().unwrap().any(|_| true));
+        assert!(
+            !member_dir
+                .path()
+                .join(crate::install::INSTALL_DIR)
+                .read_dir()
+                .unwrap()
+                .any(|_| true)
+        );
         assert!(member_dir.path().join(crate::install::POINTER_FILE).is_file());
         // Aggregate reads use the installed indexes.
         assert_eq!(member.events.last_sequence("agg-12").unwrap(), Some(1));
-        assert_eq!(member.snapshots.read_aggregate("agg-12", 0..=i64::MAX).unwrap().len(), 1);
+        assert_eq!(
+            member.snapshots.read_aggregate("agg-12", 0..=i64::MAX).unwrap().len(),
+            1
+        );
 
         apply(&member, 50, 60);
         assert_eq!(files(member_dir.path()), files(leader_dir.path()));
@@ -820,7 +852,10 @@ mod tests {
             assert_eq!(refused.kind(), io::ErrorKind::InvalidData, "{refused}");
             assert!(refused.to_string().contains("checksum"), "{refused}");
             let staged = member_dir.path().join(crate::install::INSTALL_DIR);
-            assert!(!staged.exists() || !staged.read_dir().unwrap().any(|_| true), "staged files left");
+            assert!(
+                !staged.exists() || !staged.read_dir().unwrap().any(|_| true),
+                "staged files left"
+            );
             assert_eq!(files(member_dir.path()), before);
             assert_eq!(member.events.next_token(), 8);
         }
@@ -886,18 +921,25 @@ mod tests {
 
             let member = open(member_dir.path());
             let staged = member_dir.path().join(crate::install::INSTALL_DIR);
-            assert!(!staged.read_dir().unwrap().any(|_| true), "crash after {crash_after}: staging left");
+            assert!(
+                !staged.read_dir().unwrap().any(|_| true),
+                "crash after {crash_after}: staging left"
+            );
             if crash_after == 0 {
                 assert_eq!(files(member_dir.path()), before);
                 assert_eq!(member.events.next_token(), 4);
                 assert!(!member_dir.path().join(crate::install::POINTER_FILE).exists());
             } else {
                 // The leader's open segment was cut at the snapshot, which is the end here.
-                assert_eq!(files(member_dir.path()).keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
+                assert_eq!(
+                    files(member_dir.path()).keys().collect::<Vec<_>>(),
+                    expected.keys().collect::<Vec<_>>()
+                );
                 assert_eq!(events(&member), events(&leader), "crash after {crash_after}");
-                let pointer: SnapshotPointer =
-                    serde_json::from_slice(&std::fs::read(member_dir.path().join(crate::install::POINTER_FILE)).unwrap())
-                        .unwrap();
+                let pointer: SnapshotPointer = serde_json::from_slice(
+                    &std::fs::read(member_dir.path().join(crate::install::POINTER_FILE)).unwrap(),
+                )
+                .unwrap();
                 assert_eq!(pointer.meta.last_log_id, snapshot.meta.last_log_id);
             }
         }
@@ -926,7 +968,10 @@ mod tests {
             assert!(segments.len() == whole || segments.len() == whole + 1, "{index}");
             assert!(last.len <= std::fs::metadata(&last.path).unwrap().len());
         }
-        assert!(stored.events.shipment(1).is_err(), "token 1 is inside a record of two events");
+        assert!(
+            stored.events.shipment(1).is_err(),
+            "token 1 is inside a record of two events"
+        );
         assert!(stored.events.shipment(stored.events.next_token() + 2).is_err());
     }
 }

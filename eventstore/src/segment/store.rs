@@ -473,20 +473,38 @@ impl SegmentStore {
             return Err(StoreError::corrupt(
                 &self.dir,
                 0,
-                format!("cannot ship up to token {upto}: the store holds {}..{}", self.first_token_locked(&state), state.next_token),
+                format!(
+                    "cannot ship up to token {upto}: the store holds {}..{}",
+                    self.first_token_locked(&state),
+                    state.next_token
+                ),
             ));
         }
         let mut files = Vec::new();
-        let name = |path: &Path| path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = |path: &Path| {
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
         let mut cut = None;
         for (base, closed) in &state.closed {
             if closed.next_token <= upto {
-                let len = fs::metadata(&closed.path).map_err(|e| StoreError::io(&closed.path, e))?.len();
-                files.push(ShipFile { name: name(&closed.path), path: closed.path.clone(), len });
+                let len = fs::metadata(&closed.path)
+                    .map_err(|e| StoreError::io(&closed.path, e))?
+                    .len();
+                files.push(ShipFile {
+                    name: name(&closed.path),
+                    path: closed.path.clone(),
+                    len,
+                });
                 for what in ["index", "bloom"] {
                     let path = side_path(&self.dir, *base, what, self.kind);
                     let len = fs::metadata(&path).map_err(|e| StoreError::io(&path, e))?.len();
-                    files.push(ShipFile { name: name(&path), path, len });
+                    files.push(ShipFile {
+                        name: name(&path),
+                        path,
+                        len,
+                    });
                 }
             } else {
                 cut = Some((*base, closed.path.clone(), None));
@@ -503,27 +521,57 @@ impl SegmentStore {
             {
                 return Ok(len);
             }
-            let index = if open_len.is_some() { None } else { Some(self.closed_index(base)?) };
+            let index = if open_len.is_some() {
+                None
+            } else {
+                Some(self.closed_index(base)?)
+            };
             let index = index.as_deref().unwrap_or(&state.open.index);
             match index.record_for(token) {
                 Some((first, offset)) if first == token => Ok(offset),
-                _ => Err(StoreError::corrupt(&path, 0, format!("token {upto} does not start a record"))),
+                _ => Err(StoreError::corrupt(
+                    &path,
+                    0,
+                    format!("token {upto} does not start a record"),
+                )),
             }
         };
         let len = offset_of(upto)?;
-        files.push(ShipFile { name: name(&path), path: path.clone(), len });
-        let following = if upto < state.next_token { self.entry_of(&state, upto)? } else { None };
-        let last = if upto > self.first_token_locked(&state) { self.entry_of(&state, upto - 1)? } else { None };
+        files.push(ShipFile {
+            name: name(&path),
+            path: path.clone(),
+            len,
+        });
+        let following = if upto < state.next_token {
+            self.entry_of(&state, upto)?
+        } else {
+            None
+        };
+        let last = if upto > self.first_token_locked(&state) {
+            self.entry_of(&state, upto - 1)?
+        } else {
+            None
+        };
         Ok(Shipment { files, last, following })
     }
 
     /// The Raft entry of the record holding `token` (which must be stored).
     fn entry_of(&self, state: &State, token: i64) -> Result<Option<EntryRef>, StoreError> {
         let (path, offset) = if token >= state.open.base {
-            (state.open.path.clone(), state.open.index.record_for(token).map(|(_, o)| o))
+            (
+                state.open.path.clone(),
+                state.open.index.record_for(token).map(|(_, o)| o),
+            )
         } else {
-            let (base, closed) = state.closed.range(..=token).next_back().expect("token within closed segments");
-            (closed.path.clone(), self.closed_index(*base)?.record_for(token).map(|(_, o)| o))
+            let (base, closed) = state
+                .closed
+                .range(..=token)
+                .next_back()
+                .expect("token within closed segments");
+            (
+                closed.path.clone(),
+                self.closed_index(*base)?.record_for(token).map(|(_, o)| o),
+            )
         };
         match offset {
             Some(offset) => entry_at(&path, offset).map(Some),
