@@ -26,6 +26,48 @@ const ENV: &[(&str, &str)] = &[
     ("AXONIQ_AXONSERVER_SNAPSHOT_SEGMENT_SIZE", "64KB"),
 ];
 
+/// Gives every router the test's directory of peers again every 500 ms until dropped. Each
+/// node's admin resets its router's directory to its own `nodes` table every 5 s, and in these
+/// tests (which play admin's part) that table knows no other node; a transfer or catch-up that
+/// takes longer than that would lose its links.
+struct KeepPeers(tokio::task::JoinHandle<()>);
+
+impl Drop for KeepPeers {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn keep_peers(cluster: &Cluster) -> KeepPeers {
+    use myelin_proto::internal::peer_directory_client::PeerDirectoryClient;
+    use myelin_proto::internal::{PeerAddress, SetPeersRequest};
+    let peers: Vec<PeerAddress> = cluster
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| PeerAddress {
+            node: node_name(i),
+            internal_address: node.internal_address(),
+        })
+        .collect();
+    let sockets: Vec<_> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.runtime_dir().join("router.sock"))
+        .collect();
+    KeepPeers(tokio::spawn(async move {
+        loop {
+            for socket in &sockets {
+                if let Ok(channel) = myelin_proto::local_socket::channel(socket) {
+                    let request = SetPeersRequest { peers: peers.clone() };
+                    let _ = PeerDirectoryClient::new(channel).set_peers(request).await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }))
+}
+
 async fn client(cluster: &Cluster, i: usize) -> EventStoreClient<Channel> {
     EventStoreClient::new(cluster.nodes[i].channel().await).max_decoding_message_size(usize::MAX)
 }
@@ -197,6 +239,7 @@ async fn assert_same(cluster: &Cluster, reference: usize, i: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_added_behind_the_purged_log_receives_the_segment_files() {
     let mut cluster = Cluster::start(3, ENV).await;
+    let _peers = keep_peers(&cluster);
     cluster.create_context(CONTEXT, &[0, 1, 2]).await;
     let leader = cluster.wait_leader(CONTEXT, Duration::from_secs(15)).await;
     let mut events = append(&cluster, leader, 0, 400, 40).await;
@@ -204,6 +247,7 @@ async fn a_member_added_behind_the_purged_log_receives_the_segment_files() {
     eprintln!("{events} events; the leader's log is purged up to {purged}");
 
     let fourth = cluster.add_node(ENV).await;
+    let _peers = keep_peers(&cluster);
     let started = Instant::now();
     let status = cluster.add_member(CONTEXT, fourth).await;
     eprintln!("member added in {:?}", started.elapsed());
@@ -238,6 +282,7 @@ async fn a_member_added_behind_the_purged_log_receives_the_segment_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_follower_back_after_the_log_moved_on_receives_the_segment_files() {
     let mut cluster = Cluster::start(3, ENV).await;
+    let _peers = keep_peers(&cluster);
     cluster.create_context(CONTEXT, &[0, 1, 2]).await;
     let leader = cluster.wait_leader(CONTEXT, Duration::from_secs(15)).await;
     let mut events = append(&cluster, leader, 0, 50, 40).await;
@@ -304,6 +349,7 @@ async fn a_member_added_to_a_context_of_a_million_events() {
     eprintln!("the leader's log is purged up to {purged}; its stores hold {bytes_on_leader} bytes");
 
     let second = cluster.add_node(&[]).await;
+    let _peers = keep_peers(&cluster);
     let started = Instant::now();
     cluster.add_member(CONTEXT, second).await;
     wait_events(&cluster, second, EVENTS, Duration::from_secs(600)).await;

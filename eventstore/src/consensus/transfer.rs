@@ -44,6 +44,8 @@ const MAGIC: &[u8; 8] = b"MYELSNP1";
 const HEAD_LEN: u64 = 16;
 /// Bytes of file data per checked frame.
 pub const FRAME: u64 = 256 << 10;
+/// The largest manifest a receiver takes (about 200 bytes a file: hundreds of thousands of files).
+const MAX_MANIFEST: u32 = 64 << 20;
 
 /// One file of a snapshot stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -446,6 +448,9 @@ impl Incoming {
             Stage::Head => {
                 if &part[..8] != MAGIC {
                     return Err("not a snapshot stream of segment files".to_owned());
+                }
+                if word(8) > MAX_MANIFEST {
+                    return Err(format!("a snapshot manifest of {} bytes", word(8)));
                 }
                 Ok(Stage::Manifest {
                     len: word(8),
