@@ -367,6 +367,35 @@ mod tests {
         raft.shutdown().await.unwrap();
     }
 
+    /// A pointer written before pointers were exact (its token counts past its entry) is never
+    /// sent as it is: the snapshot is taken anew, at the applied state, and the files listed end
+    /// there.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_inexact_pointer_is_taken_anew_before_it_is_sent() {
+        use openraft::storage::RaftStateMachine;
+        let dir = tempfile::tempdir().unwrap();
+        let (stored, raft) = open(dir.path()).await;
+        append(&raft, 0, 30).await;
+        snapshot_and_purge(&raft).await;
+        raft.shutdown().await.unwrap();
+        drop(raft);
+        let path = dir.path().join(crate::install::POINTER_FILE);
+        let mut pointer: state_machine::SnapshotPointer =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let exact = pointer.meta.last_log_id;
+        let mut earlier = exact.unwrap();
+        earlier.index -= 3;
+        pointer.meta.last_log_id = Some(earlier);
+        std::fs::write(&path, serde_json::to_vec(&pointer).unwrap()).unwrap();
+
+        let mut sm = state_machine::StateMachine::open(stored.clone()).unwrap();
+        let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(snapshot.meta.last_log_id, sm.applied_state().await.unwrap().0);
+        let retaken: state_machine::SnapshotPointer = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(retaken.meta.last_log_id, snapshot.meta.last_log_id);
+        assert_eq!(retaken.event_tokens, stored.events.next_token());
+    }
+
     /// A restored vote (or none at all) older than the newest applied entry's term is raised to
     /// it, so that this node never leads in a term below entries it already holds.
     #[tokio::test(flavor = "multi_thread")]

@@ -164,8 +164,9 @@ impl StateMachine {
     }
 
     /// The current snapshot as a stream of its files. A pointer whose token counts are not
-    /// those of its last entry (written before they were kept exact) is taken anew first.
-    fn outgoing(&self) -> Result<Option<(SnapshotPointer, Outgoing)>, StorageError<NodeId>> {
+    /// those of its last entry (written before they were kept exact) is taken anew first, once
+    /// (`retake`).
+    fn outgoing(&self, retake: bool) -> Result<Option<(SnapshotPointer, Outgoing)>, StorageError<NodeId>> {
         let read = || -> Result<Option<SnapshotPointer>, StorageError<NodeId>> {
             read_json(&self.snapshot_path).map_err(sm_read_error)
         };
@@ -189,9 +190,15 @@ impl StateMachine {
             .iter()
             .all(|s| s.last.is_none_or(|e| Some(e.index) <= last) && s.following.is_none_or(|e| Some(e.index) > last));
         if !exact {
+            if !retake {
+                return Err(sm_read_error(std::io::Error::other(format!(
+                    "snapshot {}: the segments do not end at its entry",
+                    pointer.meta.snapshot_id
+                ))));
+            }
             tracing::info!(context = %self.stored.name, "the snapshot pointer is not exact: taking it anew");
             tokio::task::block_in_place(|| self.snapshot_applied_state()).map_err(sm_write_error)?;
-            return self.outgoing();
+            return self.outgoing(false);
         }
         let stream = Outgoing::new(pointer.clone(), events, snapshots).map_err(sm_read_error)?;
         Ok(Some((pointer, stream)))
@@ -313,7 +320,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
         // Read from the file: the builder runs apart from the state machine and writes it.
-        Ok(self.outgoing()?.map(|(pointer, stream)| Snapshot {
+        Ok(self.outgoing(true)?.map(|(pointer, stream)| Snapshot {
             meta: pointer.meta,
             snapshot: Box::new(SegmentStream::Outgoing(Box::new(stream))),
         }))
