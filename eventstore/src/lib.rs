@@ -7,7 +7,8 @@
 //! - `context` / `append` / `forward`: the contexts, group commit of concurrent appends, and
 //!   appends sent on to the leader when this node does not lead.
 //! - `consensus`: one openraft group per context; the Raft log in `log/` segments.
-//! - `stored` / `segment`: applying committed entries to event and snapshot segment files.
+//! - `stored` / `segment`: applying committed entries to event and snapshot segment files;
+//!   `install`: putting segments received from another member in the place of a context's own.
 //!
 //! An append is confirmed only after its Raft entry is fsynced and applied; recovery after a
 //! crash keeps every confirmed event (see `segment::store` and `consensus::state_machine`).
@@ -21,6 +22,7 @@ pub mod control;
 pub mod crash;
 pub mod forward;
 pub mod inbox;
+pub mod install;
 pub mod membership;
 pub mod metrics;
 pub mod segment;

@@ -7,7 +7,7 @@
 //!   ([`install`]). The batch loop of a context holds its handles ([`context`]), so recording
 //!   is a few atomic operations per batch.
 //! - **Gauges** of where each stored context stands (first, last and snapshot tokens, Raft
-//!   applied index, term, leader and log index, each member's lag on the leader, segment files
+//!   applied index, term, leader, log and purged index, each member's lag on the leader, segment files
 //!   and bytes per kind) are read from the contexts at scrape time
 //!   and written out directly ([`render`]), so a deleted context's series simply disappear
 //!   instead of lingering with stale values.
@@ -52,6 +52,14 @@ fn describe() {
         "myelin_eventstore_token_at_records_read_total",
         "Segment records GetTokenAt read from disk to find its answers (at most one per call)"
     );
+    describe_counter!(
+        "myelin_eventstore_snapshot_installs_total",
+        "Snapshots of segment files received from the leader and installed (a member that was behind the purged log)"
+    );
+    describe_counter!(
+        "myelin_eventstore_snapshot_bytes_received_total",
+        "Bytes of the snapshot streams installed (segment files and their framing)"
+    );
     describe_histogram!(
         "myelin_eventstore_batch_duration_seconds",
         Unit::Seconds,
@@ -67,6 +75,8 @@ pub struct ContextMetrics {
     pub batches: Counter,
     pub batch_duration: Histogram,
     pub token_at_records_read: Counter,
+    pub snapshots_installed: Counter,
+    pub snapshot_bytes_received: Counter,
 }
 
 impl ContextMetrics {
@@ -78,7 +88,9 @@ impl ContextMetrics {
             rejected: metrics::counter!("myelin_eventstore_appends_rejected_total", "context" => ctx.clone()),
             batches: metrics::counter!("myelin_eventstore_batches_total", "context" => ctx.clone()),
             batch_duration: metrics::histogram!("myelin_eventstore_batch_duration_seconds", "context" => ctx.clone()),
-            token_at_records_read: metrics::counter!("myelin_eventstore_token_at_records_read_total", "context" => ctx),
+            token_at_records_read: metrics::counter!("myelin_eventstore_token_at_records_read_total", "context" => ctx.clone()),
+            snapshots_installed: metrics::counter!("myelin_eventstore_snapshot_installs_total", "context" => ctx.clone()),
+            snapshot_bytes_received: metrics::counter!("myelin_eventstore_snapshot_bytes_received_total", "context" => ctx),
         }
     }
 }
@@ -182,6 +194,11 @@ fn gauges_of(contexts: &[Arc<Context>]) -> Vec<Family> {
             help: "On the leader: log entries a member has not yet made durable (-1: none known yet)",
             samples: Vec::new(),
         },
+        Family {
+            name: "myelin_eventstore_raft_purged_index",
+            help: "Index of the newest entry purged from this node's Raft log (-1: none); a member behind it catches up by a snapshot of segment files",
+            samples: Vec::new(),
+        },
     ];
     for c in contexts {
         let status = crate::control::context_status(c);
@@ -207,7 +224,9 @@ fn gauges_of(contexts: &[Arc<Context>]) -> Vec<Family> {
             .push((label.clone(), group.leader.map_or(-1.0, |l| l as f64)));
         families[8].samples.push((label.clone(), if leads { 1.0 } else { 0.0 }));
         let last = group.last_log_index.unwrap_or(0);
-        families[9].samples.push((label, last as f64));
+        families[9].samples.push((label.clone(), last as f64));
+        let purged = c.raft.metrics().borrow().purged.map_or(-1.0, |p| p.index as f64);
+        families[11].samples.push((label, purged));
         if leads {
             for member in group.members.iter().filter(|m| m.id != group.member_id) {
                 let lag = member.matched_index.map_or(-1.0, |m| last.saturating_sub(m) as f64);

@@ -80,7 +80,10 @@ pub fn record_of(event: &Event, kind: Kind) -> EventRecord {
 }
 
 impl StoredContext {
+    /// Opens a context's stores, first finishing (or discarding) an install that a crash
+    /// interrupted (see `crate::install`).
     pub fn open(name: &str, dir: &Path, limits: Limits) -> Result<StoredContext, StoreError> {
+        crate::install::recover(dir)?;
         Ok(StoredContext {
             name: name.to_owned(),
             dir: dir.to_owned(),
@@ -194,6 +197,18 @@ impl StoredContext {
             self.snapshots.append(entry, &items)?;
         }
         Ok(outcomes)
+    }
+
+    /// Puts the stores received in `staging` (complete and marked ready) in the place of this
+    /// context's own, and reopens them; see `crate::install` for what holds across a crash.
+    /// Blocking file I/O.
+    pub fn install(&self, staging: crate::install::Staging) -> Result<(), StoreError> {
+        for (store, live) in [("events", &self.events), ("snapshots", &self.snapshots)] {
+            let (staged, trash) = staging.store_dirs(store);
+            live.replace_with(&staged, &trash)?;
+            crate::crash::point("install-after-store");
+        }
+        staging.finish()
     }
 
     /// Makes both stores durable (before the Raft log may be purged behind them).

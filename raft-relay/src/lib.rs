@@ -12,6 +12,8 @@
 //!   moves keeps its membership.
 //! - Log entries cross as the group's own encoding ([`EntryCodec`]): the eventstore's is its log
 //!   record, so events travel as they are stored and are never re-encoded.
+//! - A snapshot chunk's data crosses as raw bytes (the message's one `entries` item), its request
+//!   without the data as the JSON header: a chunk of segment files costs its size on the wire.
 //! - Each RPC is bounded by openraft's own deadline (`RPCOption::hard_ttl`). An answer that did not
 //!   come is `Unreachable` (openraft retries with backoff); only a decoded refusal of the target is
 //!   a `RemoteError`.
@@ -68,6 +70,16 @@ struct AppendHeader<C: RaftTypeConfig> {
     vote: Vote<C::NodeId>,
     prev_log_id: Option<LogId<C::NodeId>>,
     leader_commit: Option<LogId<C::NodeId>>,
+}
+
+/// An InstallSnapshot request without its data.
+#[derive(Serialize, Deserialize)]
+#[serde(bound = "")]
+struct SnapshotChunkHeader<C: RaftTypeConfig> {
+    vote: Vote<C::NodeId>,
+    meta: openraft::SnapshotMeta<C::NodeId, C::Node>,
+    offset: u64,
+    done: bool,
 }
 
 /// The openraft network of one group on this node.
@@ -251,8 +263,14 @@ where
         InstallSnapshotResponse<MemberId>,
         RPCError<MemberId, BasicNode, RaftError<MemberId, InstallSnapshotError>>,
     > {
-        let header = json(&rpc)?;
-        match self.send(RaftRpc::InstallSnapshot, header, Vec::new(), &option).await? {
+        let header = json(&SnapshotChunkHeader::<C> {
+            vote: rpc.vote,
+            meta: rpc.meta,
+            offset: rpc.offset,
+            done: rpc.done,
+        })?;
+        let data = vec![Bytes::from(rpc.data)];
+        match self.send(RaftRpc::InstallSnapshot, header, data, &option).await? {
             Ok(body) => Self::decode(&body),
             Err(body) => Err(self.refused(&body)),
         }
@@ -334,10 +352,26 @@ where
             Ok(request) => answer(raft.vote(request).await),
             Err(e) => undecodable(&e),
         },
-        Ok(RaftRpc::InstallSnapshot) => match serde_json::from_slice::<InstallSnapshotRequest<C>>(&message.header) {
-            Ok(request) => answer(raft.install_snapshot(request).await),
-            Err(e) => undecodable(&e),
-        },
+        Ok(RaftRpc::InstallSnapshot) => {
+            let header: SnapshotChunkHeader<C> = match serde_json::from_slice(&message.header) {
+                Ok(header) => header,
+                Err(e) => return undecodable(&e),
+            };
+            let data = match <[Bytes; 1]>::try_from(message.entries) {
+                Ok([data]) => Vec::from(data),
+                Err(entries) => {
+                    return not_delivered(format!("a snapshot chunk carries {} data items, not 1", entries.len()));
+                }
+            };
+            let request = InstallSnapshotRequest {
+                vote: header.vote,
+                meta: header.meta,
+                offset: header.offset,
+                data,
+                done: header.done,
+            };
+            answer(raft.install_snapshot(request).await)
+        }
         _ => not_delivered(format!("unknown Raft RPC {}", message.rpc)),
     }
 }

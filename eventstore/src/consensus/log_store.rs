@@ -1648,7 +1648,6 @@ fn to_json(value: &impl serde::Serialize) -> io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
-    use std::io::Cursor;
     use std::sync::Mutex;
 
     use openraft::storage::RaftStateMachine;
@@ -1658,6 +1657,7 @@ mod tests {
 
     use super::*;
     use crate::command::{CommandResult, EventRecord, Transaction};
+    use crate::consensus::transfer::SegmentStream;
 
     // -- fixtures ---------------------------------------------------------------------------
 
@@ -1819,8 +1819,8 @@ mod tests {
             let data = serde_json::to_vec(&(sm.applied, &sm.membership)).unwrap();
             sm.snapshot = Some((meta.clone(), data.clone()));
             Ok(Snapshot {
+                snapshot: Box::new(SegmentStream::empty(&meta)),
                 meta,
-                snapshot: Box::new(Cursor::new(data)),
             })
         }
     }
@@ -1856,27 +1856,30 @@ mod tests {
             self.clone()
         }
 
-        async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-            Ok(Box::new(Cursor::new(Vec::new())))
+        async fn begin_receiving_snapshot(&mut self) -> Result<Box<SegmentStream>, StorageError> {
+            let meta = SnapshotMeta::default();
+            Ok(Box::new(SegmentStream::empty(&meta)))
         }
 
+        /// The suite's snapshots are the meta alone (their data is that of this log's tests).
         async fn install_snapshot(
             &mut self,
             meta: &SnapshotMeta<NodeId, BasicNode>,
-            snapshot: Box<Cursor<Vec<u8>>>,
+            _snapshot: Box<SegmentStream>,
         ) -> Result<(), StorageError> {
             let mut sm = self.0.lock().unwrap();
             sm.applied = meta.last_log_id;
             sm.membership = meta.last_membership.clone();
-            sm.snapshot = Some((meta.clone(), snapshot.into_inner()));
+            let data = serde_json::to_vec(&(sm.applied, &sm.membership)).unwrap();
+            sm.snapshot = Some((meta.clone(), data));
             Ok(())
         }
 
         async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
             let sm = self.0.lock().unwrap();
-            Ok(sm.snapshot.as_ref().map(|(meta, data)| Snapshot {
+            Ok(sm.snapshot.as_ref().map(|(meta, _)| Snapshot {
                 meta: meta.clone(),
-                snapshot: Box::new(Cursor::new(data.clone())),
+                snapshot: Box::new(SegmentStream::empty(meta)),
             }))
         }
     }

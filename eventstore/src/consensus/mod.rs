@@ -7,12 +7,13 @@
 //!   share one fsync (group commit).
 //! - `state_machine`: applying committed entries into the context's event and snapshot segments.
 //! - `network`: the group's RPCs to other members, through the router (`myelin_raft_relay`).
+//! - `transfer`: the snapshot data: the segment files streamed to a member behind the leader's
+//!   purged log, checked and staged on its side (docs/decisions/0011).
 
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
-
-use std::io::Cursor;
+pub mod transfer;
 
 use crate::command::{Command, CommandResult};
 
@@ -24,7 +25,7 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = transfer::SegmentStream,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
@@ -65,6 +66,22 @@ pub enum Bootstrap {
     Wait,
 }
 
+/// Test-only: `MYELIN_TEST_SNAPSHOT_LOGS=<n>` takes a snapshot every `n` entries (keeping `n / 5`
+/// behind it) instead of every 1000 (keeping 200), so that a cluster test purges a log after
+/// hundreds of appends rather than thousands. Not a setting: production never sets it.
+pub const TEST_SNAPSHOT_LOGS_ENV: &str = "MYELIN_TEST_SNAPSHOT_LOGS";
+
+/// How many entries go between snapshots, and how many are kept behind one.
+fn snapshot_logs() -> (u64, u64) {
+    match std::env::var(TEST_SNAPSHOT_LOGS_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(n) if n >= 10 => (n, n / 5),
+        _ => (1_000, 200),
+    }
+}
+
 /// Starts the Raft group of one context over its recovered stores, as member `me`, and gives a
 /// new group its first membership as `bootstrap` says.
 pub async fn start_group(
@@ -89,6 +106,7 @@ pub async fn start_group(
     let mut sm = state_machine::StateMachine::open(stored)
         .with_context(|| format!("opening the state machine of context {context}"))?;
     reconcile_restored(context, &mut log, &mut sm).await?;
+    let (snapshot_every, keep_behind) = snapshot_logs();
     let config = openraft::Config {
         cluster_name: context.to_owned(),
         // A lone voter elects itself after one election timeout: keep start-up quick.
@@ -98,9 +116,15 @@ pub async fn start_group(
         // Snapshots are pointers (see state_machine); take one every few thousand batches so the
         // log can be purged behind durable segments (an entry can hold thousands of events, so the
         // log would otherwise hold a second copy of gigabytes of them).
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1_000),
-        max_in_snapshot_log_to_keep: 200,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
+        max_in_snapshot_log_to_keep: keep_behind,
         max_payload_entries: 64,
+        // A member behind the purged log is sent the segment files (`transfer`), a chunk per
+        // relay message: 1 MiB keeps one group's transfer from crowding a peer link's window
+        // (4 MiB per stream). Each chunk has this long; the last one includes the install
+        // (renames and fsyncs of the staged files, which were fsynced as they arrived).
+        snapshot_max_chunk_size: 1 << 20,
+        install_snapshot_timeout: 10_000,
         ..Default::default()
     };
     let config = std::sync::Arc::new(config.validate().context("raft config")?);
@@ -341,6 +365,35 @@ mod tests {
         assert_eq!(sequences(&stored), (0..70).collect::<Vec<_>>());
         append(&raft, 70, 72).await;
         raft.shutdown().await.unwrap();
+    }
+
+    /// A pointer written before pointers were exact (its token counts past its entry) is never
+    /// sent as it is: the snapshot is taken anew, at the applied state, and the files listed end
+    /// there.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_inexact_pointer_is_taken_anew_before_it_is_sent() {
+        use openraft::storage::RaftStateMachine;
+        let dir = tempfile::tempdir().unwrap();
+        let (stored, raft) = open(dir.path()).await;
+        append(&raft, 0, 30).await;
+        snapshot_and_purge(&raft).await;
+        raft.shutdown().await.unwrap();
+        drop(raft);
+        let path = dir.path().join(crate::install::POINTER_FILE);
+        let mut pointer: state_machine::SnapshotPointer =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let exact = pointer.meta.last_log_id;
+        let mut earlier = exact.unwrap();
+        earlier.index -= 3;
+        pointer.meta.last_log_id = Some(earlier);
+        std::fs::write(&path, serde_json::to_vec(&pointer).unwrap()).unwrap();
+
+        let mut sm = state_machine::StateMachine::open(stored.clone()).unwrap();
+        let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(snapshot.meta.last_log_id, sm.applied_state().await.unwrap().0);
+        let retaken: state_machine::SnapshotPointer = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(retaken.meta.last_log_id, snapshot.meta.last_log_id);
+        assert_eq!(retaken.event_tokens, stored.events.next_token());
     }
 
     /// A restored vote (or none at all) older than the newest applied entry's term is raised to

@@ -8,12 +8,14 @@
 //!
 //! A snapshot is a pointer, not a copy: building one fsyncs the segments and records how far they
 //! go. Only then may openraft purge the log behind it, so an event the log no longer holds is
-//! always durable in the segments.
+//! always durable in the segments. The token counts it records are exactly those of its last
+//! entry (read where apply runs, not where the snapshot is built), so the segments up to them are
+//! the state at that entry: what a member behind the purged log is sent (`transfer`), and what
+//! it installs in place of its own segments (`crate::install`).
 
 // openraft's StorageError is large; it is the error type the traits require.
 #![allow(clippy::result_large_err)]
 
-use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -23,6 +25,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::transfer::{Incoming, Outgoing, SegmentStream};
 use super::{NodeId, TypeConfig};
 use crate::command::CommandResult;
 use crate::segment::{EntryRef, store::write_atomically};
@@ -37,14 +40,31 @@ struct PersistedState {
     membership: Membership,
 }
 
-/// What `snapshot.json` holds: the newest snapshot and the token counts it guarantees durable.
-/// A file of its own, so the snapshot builder (which runs beside apply) never overwrites the
-/// state machine's membership record.
+/// What `snapshot.json` holds: the newest snapshot and the token counts it guarantees durable,
+/// which are the counts right after its last entry was applied. A file of its own, so the
+/// snapshot builder (which runs beside apply) never overwrites the state machine's membership
+/// record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct SnapshotPointer {
-    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
-    event_tokens: i64,
-    snapshot_tokens: i64,
+pub struct SnapshotPointer {
+    pub meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    pub event_tokens: i64,
+    pub snapshot_tokens: i64,
+}
+
+/// The token counts of both stores.
+#[derive(Debug, Clone, Copy)]
+struct Tokens {
+    events: i64,
+    snapshots: i64,
+}
+
+impl Tokens {
+    fn of(stored: &StoredContext) -> Tokens {
+        Tokens {
+            events: stored.events.next_token(),
+            snapshots: stored.snapshots.next_token(),
+        }
+    }
 }
 
 pub struct StateMachine {
@@ -78,12 +98,16 @@ fn sm_write_error(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::write_state_machine(AnyError::new(&e)).into()
 }
 
+fn sm_read_error(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::read_snapshot(None, AnyError::new(&e)).into()
+}
+
 impl StateMachine {
     /// Opens the state machine over a recovered context. Fails if the segments hold less than a
     /// snapshot promised was durable: that data is gone from the log, so starting would lose it.
     pub fn open(stored: Arc<StoredContext>) -> std::io::Result<StateMachine> {
         let state_path = stored.dir.join("raft-state.json");
-        let snapshot_path = stored.dir.join("snapshot.json");
+        let snapshot_path = stored.dir.join(crate::install::POINTER_FILE);
         let mut state: PersistedState = read_json(&state_path)?.unwrap_or_default();
         let pointer: Option<SnapshotPointer> = read_json(&snapshot_path)?;
         if let Some(pointer) = &pointer
@@ -109,10 +133,14 @@ impl StateMachine {
                 state.last_applied = Some(from_segments);
             }
         }
-        if let Some(pointer) = pointer
-            && state.last_applied < pointer.meta.last_log_id
-        {
-            state.last_applied = pointer.meta.last_log_id;
+        if let Some(pointer) = pointer {
+            if state.last_applied < pointer.meta.last_log_id {
+                state.last_applied = pointer.meta.last_log_id;
+            }
+            // An installed snapshot brings the membership of the state it holds.
+            if state.membership.log_id() < pointer.meta.last_membership.log_id() {
+                state.membership = pointer.meta.last_membership;
+            }
         }
         Ok(StateMachine {
             stored,
@@ -130,9 +158,50 @@ impl StateMachine {
     /// openraft then purges its log up to the applied entry, which it allows only behind a
     /// snapshot that covers it; the segments are that snapshot.
     pub fn snapshot_applied_state(&self) -> std::io::Result<()> {
-        write_snapshot(&self.stored, &self.snapshot_path, &self.state)
+        write_snapshot(&self.stored, &self.snapshot_path, &self.state, Tokens::of(&self.stored))
             .map(|_| ())
             .map_err(std::io::Error::other)
+    }
+
+    /// The current snapshot as a stream of its files. A pointer whose token counts are not
+    /// those of its last entry (written before they were kept exact) is taken anew first, once
+    /// (`retake`).
+    fn outgoing(&self, retake: bool) -> Result<Option<(SnapshotPointer, Outgoing)>, StorageError<NodeId>> {
+        let read = || -> Result<Option<SnapshotPointer>, StorageError<NodeId>> {
+            read_json(&self.snapshot_path).map_err(sm_read_error)
+        };
+        let Some(pointer) = read()? else {
+            return Ok(None);
+        };
+        let (events, snapshots) = tokio::task::block_in_place(|| {
+            Ok::<_, StorageError<NodeId>>((
+                self.stored
+                    .events
+                    .shipment(pointer.event_tokens)
+                    .map_err(sm_read_error)?,
+                self.stored
+                    .snapshots
+                    .shipment(pointer.snapshot_tokens)
+                    .map_err(sm_read_error)?,
+            ))
+        })?;
+        let last = pointer.meta.last_log_id.map(|l| l.index);
+        let exact = [&events, &snapshots]
+            .iter()
+            .all(|s| s.last.is_none_or(|e| Some(e.index) <= last) && s.following.is_none_or(|e| Some(e.index) > last));
+        if !exact {
+            if !retake {
+                return Err(sm_read_error(std::io::Error::other(format!(
+                    "snapshot {}: the segments do not end at its entry",
+                    pointer.meta.snapshot_id
+                ))));
+            }
+            tracing::info!(context = %self.stored.name, "the snapshot pointer is not exact: taking it anew");
+            tokio::task::block_in_place(|| self.snapshot_applied_state()).map_err(sm_write_error)?;
+            return self.outgoing(false);
+        }
+        let stream = Outgoing::new(pointer.clone(), events, snapshots).map_err(sm_read_error)?;
+        Ok(Some((pointer, stream)))
     }
 
     fn persist(&self) -> Result<(), StorageError<NodeId>> {
@@ -186,37 +255,74 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        // Here apply is not running: the token counts are exactly those of the last applied entry.
         SnapshotBuilder {
             stored: self.stored.clone(),
             snapshot_path: self.snapshot_path.clone(),
             state: self.state.clone(),
+            tokens: Tokens::of(&self.stored),
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SegmentStream>, StorageError<NodeId>> {
+        Ok(Box::new(SegmentStream::Incoming(Box::new(Incoming::new(
+            &self.stored.dir,
+        )))))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-        _snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SegmentStream>,
     ) -> Result<(), StorageError<NodeId>> {
-        // A single-node group never receives a snapshot. Shipping segment files to a lagging
-        // follower arrives with replication; until then refuse loudly rather than pretend.
-        Err(StorageIOError::write_snapshot(
-            Some(meta.signature()),
-            AnyError::error("installing a snapshot from a leader is not supported yet"),
-        )
-        .into())
+        let refused = |why: String| -> StorageError<NodeId> {
+            StorageIOError::write_snapshot(Some(meta.signature()), AnyError::error(why)).into()
+        };
+        let SegmentStream::Incoming(incoming) = *snapshot else {
+            return Err(refused("a snapshot to install must be one received".to_owned()));
+        };
+        let received = incoming.finish().map_err(refused)?;
+        let pointer = &received.manifest.pointer;
+        if pointer.meta.last_log_id != meta.last_log_id || pointer.meta.snapshot_id != meta.snapshot_id {
+            return Err(refused(format!(
+                "the files received are of snapshot {}, not {}",
+                pointer.meta.snapshot_id, meta.snapshot_id
+            )));
+        }
+        let files = received.manifest.files.len();
+        let data_bytes = received.manifest.data_bytes();
+        let pointer_bytes = serde_json::to_vec_pretty(pointer).map_err(sm_write_error)?;
+        tokio::task::block_in_place(|| {
+            received.staging.mark_ready(&pointer_bytes)?;
+            crate::crash::point("install-after-ready");
+            self.stored.install(received.staging)
+        })
+        .map_err(sm_write_error)?;
+        self.state.last_applied = meta.last_log_id;
+        self.state.membership = meta.last_membership.clone();
+        self.persist()?;
+        let took = received.started.elapsed();
+        let metrics = crate::metrics::context(&self.stored.name);
+        metrics.snapshots_installed.increment(1);
+        metrics.snapshot_bytes_received.increment(received.bytes);
+        tracing::info!(
+            context = %self.stored.name,
+            snapshot = %meta.snapshot_id,
+            files,
+            data_bytes,
+            stream_bytes = received.bytes,
+            next_token = self.stored.events.next_token(),
+            took_ms = took.as_millis() as u64,
+            "installed a snapshot of segment files from the leader"
+        );
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
         // Read from the file: the builder runs apart from the state machine and writes it.
-        let pointer: Option<SnapshotPointer> = read_json(&self.snapshot_path).map_err(sm_write_error)?;
-        Ok(pointer.map(|p| Snapshot {
-            meta: p.meta,
-            snapshot: Box::new(Cursor::new(Vec::new())),
+        Ok(self.outgoing(true)?.map(|(pointer, stream)| Snapshot {
+            meta: pointer.meta,
+            snapshot: Box::new(SegmentStream::Outgoing(Box::new(stream))),
         }))
     }
 }
@@ -225,27 +331,38 @@ pub struct SnapshotBuilder {
     stored: Arc<StoredContext>,
     snapshot_path: PathBuf,
     state: PersistedState,
+    tokens: Tokens,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let meta = tokio::task::block_in_place(|| write_snapshot(&self.stored, &self.snapshot_path, &self.state))?;
+        let meta = tokio::task::block_in_place(|| {
+            write_snapshot(&self.stored, &self.snapshot_path, &self.state, self.tokens)
+        })?;
+        // openraft only keeps the meta of a snapshot it built; the files are listed when it
+        // sends one (`get_current_snapshot`).
         Ok(Snapshot {
+            snapshot: Box::new(SegmentStream::empty(&meta)),
             meta,
-            snapshot: Box::new(Cursor::new(Vec::new())),
         })
     }
 }
 
 /// Fsyncs the segments, then records in `snapshot.json` that everything up to `state`'s last
-/// applied entry (and the token counts read before the fsync) is durable in them.
+/// applied entry, which left the stores at `tokens`, is durable in them.
 fn write_snapshot(
     stored: &StoredContext,
     snapshot_path: &std::path::Path,
     state: &PersistedState,
+    tokens: Tokens,
 ) -> Result<SnapshotMeta<NodeId, openraft::BasicNode>, StorageError<NodeId>> {
-    let event_tokens = stored.events.next_token();
-    let snapshot_tokens = stored.snapshots.next_token();
+    let (event_tokens, snapshot_tokens) = (tokens.events, tokens.snapshots);
+    // A snapshot installed while this one was being built is newer: keep it.
+    if let Ok(Some(existing)) = read_json::<SnapshotPointer>(snapshot_path)
+        && existing.meta.last_log_id > state.last_applied
+    {
+        return Ok(existing.meta);
+    }
     stored.sync().map_err(sm_write_error)?;
     crate::crash::point("snapshot-after-sync");
     let last = state.last_applied;

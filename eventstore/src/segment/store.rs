@@ -142,6 +142,25 @@ pub struct SegmentStore {
     visible: watch::Sender<i64>,
 }
 
+/// One file of a [`Shipment`]: its name in the store's directory, where it is, and how many of
+/// its bytes to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShipFile {
+    pub name: String,
+    pub path: PathBuf,
+    pub len: u64,
+}
+
+/// What [`SegmentStore::shipment`] lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shipment {
+    pub files: Vec<ShipFile>,
+    /// The Raft entry of the last record shipped, if any.
+    pub last: Option<EntryRef>,
+    /// The Raft entry of the first record not shipped, if the store holds one.
+    pub following: Option<EntryRef>,
+}
+
 /// One event read back: its token and its bytes.
 pub type TokenEvent = (i64, Bytes);
 
@@ -436,6 +455,152 @@ impl SegmentStore {
             closed: false,
         });
         files
+    }
+
+    /// The files that hold exactly the tokens before `upto`, for a member that catches up by
+    /// receiving them (see `consensus::transfer`): every closed segment that ends at or before
+    /// `upto` whole, with its index and bloom filter, then the segment holding `upto` cut at the
+    /// record that starts there (that one becomes the receiver's open segment, whose index it
+    /// rebuilds). Closed segments never change and the open one only grows past the cut, so the
+    /// bytes listed stay the same while they are read.
+    ///
+    /// Fails if `upto` is past the stored tokens or not the first token of a record. Also
+    /// returns the Raft entries of the records on both sides of the cut, so that the caller can
+    /// check the cut is where its snapshot says.
+    pub fn shipment(&self, upto: i64) -> Result<Shipment, StoreError> {
+        let state = self.state.read();
+        if upto > state.next_token || upto < self.first_token_locked(&state) {
+            return Err(StoreError::corrupt(
+                &self.dir,
+                0,
+                format!(
+                    "cannot ship up to token {upto}: the store holds {}..{}",
+                    self.first_token_locked(&state),
+                    state.next_token
+                ),
+            ));
+        }
+        let mut files = Vec::new();
+        let name = |path: &Path| {
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let mut cut = None;
+        for (base, closed) in &state.closed {
+            if closed.next_token <= upto {
+                let len = fs::metadata(&closed.path)
+                    .map_err(|e| StoreError::io(&closed.path, e))?
+                    .len();
+                files.push(ShipFile {
+                    name: name(&closed.path),
+                    path: closed.path.clone(),
+                    len,
+                });
+                for what in ["index", "bloom"] {
+                    let path = side_path(&self.dir, *base, what, self.kind);
+                    let len = fs::metadata(&path).map_err(|e| StoreError::io(&path, e))?.len();
+                    files.push(ShipFile {
+                        name: name(&path),
+                        path,
+                        len,
+                    });
+                }
+            } else {
+                cut = Some((*base, closed.path.clone(), None));
+                break;
+            }
+        }
+        let (base, path, open_len) = cut.unwrap_or((state.open.base, state.open.path.clone(), Some(state.open.len)));
+        let offset_of = |token: i64| -> Result<u64, StoreError> {
+            if token == base {
+                return Ok(record::HEADER_LEN);
+            }
+            if let Some(len) = open_len
+                && token == state.next_token
+            {
+                return Ok(len);
+            }
+            let index = if open_len.is_some() {
+                None
+            } else {
+                Some(self.closed_index(base)?)
+            };
+            let index = index.as_deref().unwrap_or(&state.open.index);
+            match index.record_for(token) {
+                Some((first, offset)) if first == token => Ok(offset),
+                _ => Err(StoreError::corrupt(
+                    &path,
+                    0,
+                    format!("token {upto} does not start a record"),
+                )),
+            }
+        };
+        let len = offset_of(upto)?;
+        files.push(ShipFile {
+            name: name(&path),
+            path: path.clone(),
+            len,
+        });
+        let following = if upto < state.next_token {
+            self.entry_of(&state, upto)?
+        } else {
+            None
+        };
+        let last = if upto > self.first_token_locked(&state) {
+            self.entry_of(&state, upto - 1)?
+        } else {
+            None
+        };
+        Ok(Shipment { files, last, following })
+    }
+
+    /// The Raft entry of the record holding `token` (which must be stored).
+    fn entry_of(&self, state: &State, token: i64) -> Result<Option<EntryRef>, StoreError> {
+        let (path, offset) = if token >= state.open.base {
+            (
+                state.open.path.clone(),
+                state.open.index.record_for(token).map(|(_, o)| o),
+            )
+        } else {
+            let (base, closed) = state
+                .closed
+                .range(..=token)
+                .next_back()
+                .expect("token within closed segments");
+            (
+                closed.path.clone(),
+                self.closed_index(*base)?.record_for(token).map(|(_, o)| o),
+            )
+        };
+        match offset {
+            Some(offset) => entry_at(&path, offset).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Replaces everything this store holds by the store in `staged` (the same layout, every
+    /// file complete and durable), moving the current directory to `trash`, and reopens: readers
+    /// see the new segments from then on. Only for a store whose tokens the staged one holds and
+    /// more (a member catching up), so what a reader saw stays true. Blocking file I/O.
+    pub fn replace_with(&self, staged: &Path, trash: &Path) -> Result<(), StoreError> {
+        let mut state = self.state.write();
+        swap_dir(&self.dir, staged, trash)?;
+        let fresh = SegmentStore::open(&self.dir, self.kind, self.max_size, self.inspect)?;
+        if fresh.next_token() < state.next_token {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                before = state.next_token,
+                after = fresh.next_token(),
+                "an installed store holds fewer tokens than the one it replaced"
+            );
+        }
+        *state = fresh.state.into_inner();
+        self.index_cache.lock().clear();
+        let next = state.next_token;
+        drop(state);
+        self.visible.send_replace(next);
+        Ok(())
     }
 
     /// Base token and path of every closed segment, oldest first.
@@ -966,16 +1131,21 @@ fn last_entry_of(path: &Path, index: &SegmentIndex) -> Result<Option<EntryRef>, 
     let Some((_, offset)) = index.records.last() else {
         return Ok(None);
     };
+    entry_at(path, *offset).map(Some)
+}
+
+/// The Raft entry of the record at `offset` of a segment file.
+fn entry_at(path: &Path, offset: u64) -> Result<EntryRef, StoreError> {
     let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
     let mut head = [0u8; record::PREFIX_LEN + 24];
-    file.read_exact_at(&mut head, *offset)
+    file.read_exact_at(&mut head, offset)
         .map_err(|e| StoreError::io(path, e))?;
     let word = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
-    Ok(Some(EntryRef {
+    Ok(EntryRef {
         term: word(8),
         leader: word(16),
         index: word(24),
-    }))
+    })
 }
 
 fn write_side_files(
@@ -1009,6 +1179,28 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     }
     fs::rename(&tmp, path).map_err(io)?;
     sync_dir(path.parent().expect("file in a directory"))
+}
+
+/// Puts the directory `staged` in the place of `live`, moving `live` (if there) to `trash`, and
+/// makes the renames durable. Done again after a crash it finishes what was begun: once `staged`
+/// is gone, it has nothing left to do.
+pub fn swap_dir(live: &Path, staged: &Path, trash: &Path) -> Result<(), StoreError> {
+    if !staged.exists() {
+        return Ok(());
+    }
+    if live.exists() {
+        if trash.exists() {
+            fs::remove_dir_all(trash).map_err(|e| StoreError::io(trash, e))?;
+        }
+        fs::rename(live, trash).map_err(|e| StoreError::io(live, e))?;
+    }
+    crate::crash::point("install-after-move-aside");
+    fs::rename(staged, live).map_err(|e| StoreError::io(staged, e))?;
+    sync_dir(live.parent().expect("a store directory has a parent"))?;
+    if let Some(parent) = trash.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
 }
 
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
