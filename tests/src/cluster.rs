@@ -185,6 +185,50 @@ impl Cluster {
         }
     }
 
+    /// Every event of `context` that node `i` serves from its own replica, as (token, encoded
+    /// event), read with one tracking stream from token 0 to the last token.
+    pub async fn replica(&self, i: usize, context: &str) -> Vec<(i64, Vec<u8>)> {
+        use myelin_proto::axon::event::event_store_client::EventStoreClient;
+        use myelin_proto::axon::event::{GetEventsRequest, GetLastTokenRequest};
+        use prost::Message as _;
+        use tokio_stream::StreamExt as _;
+        let mut client = EventStoreClient::new(self.nodes[i].channel().await);
+        let last = client
+            .get_last_token(crate::with_context(GetLastTokenRequest {}, context))
+            .await
+            .unwrap()
+            .into_inner()
+            .token;
+        if last < 0 {
+            return Vec::new();
+        }
+        let request = GetEventsRequest {
+            tracking_token: 0,
+            number_of_permits: last + 1,
+            client_id: "replica-check".into(),
+            component_name: "test".into(),
+            processor: "check".into(),
+            ..Default::default()
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(request).await.unwrap();
+        let mut stream = client
+            .list_events(crate::with_context(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                context,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut events = Vec::new();
+        while (events.len() as i64) <= last {
+            let Some(next) = stream.next().await else { break };
+            let next = next.unwrap();
+            events.push((next.token, next.event.unwrap().encode_to_vec()));
+        }
+        events
+    }
+
     /// Gives every running router the directory of all nodes.
     pub async fn set_peers(&self) {
         let peers: Vec<PeerAddress> = self

@@ -11,11 +11,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use myelin_proto::axon::event::event_store_client::EventStoreClient;
-use myelin_proto::axon::event::{Event, GetEventsRequest, GetLastTokenRequest};
+use myelin_proto::axon::event::{Event, GetLastTokenRequest};
 use myelin_tests::cluster::{Cluster, node_name};
 use myelin_tests::{event, with_context};
-use prost::Message;
-use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 const CONTEXT: &str = "orders";
@@ -25,48 +23,6 @@ const ENV: &[(&str, &str)] = &[
     ("AXONIQ_AXONSERVER_EVENT_SEGMENT_SIZE", "1MB"),
     ("AXONIQ_AXONSERVER_SNAPSHOT_SEGMENT_SIZE", "64KB"),
 ];
-
-/// Gives every router the test's directory of peers again every 500 ms until dropped. Each
-/// node's admin resets its router's directory to its own `nodes` table every 5 s, and in these
-/// tests (which play admin's part) that table knows no other node; a transfer or catch-up that
-/// takes longer than that would lose its links.
-struct KeepPeers(tokio::task::JoinHandle<()>);
-
-impl Drop for KeepPeers {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-fn keep_peers(cluster: &Cluster) -> KeepPeers {
-    use myelin_proto::internal::peer_directory_client::PeerDirectoryClient;
-    use myelin_proto::internal::{PeerAddress, SetPeersRequest};
-    let peers: Vec<PeerAddress> = cluster
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(i, node)| PeerAddress {
-            node: node_name(i),
-            internal_address: node.internal_address(),
-        })
-        .collect();
-    let sockets: Vec<_> = cluster
-        .nodes
-        .iter()
-        .map(|n| n.runtime_dir().join("router.sock"))
-        .collect();
-    KeepPeers(tokio::spawn(async move {
-        loop {
-            for socket in &sockets {
-                if let Ok(channel) = myelin_proto::local_socket::channel(socket) {
-                    let request = SetPeersRequest { peers: peers.clone() };
-                    let _ = PeerDirectoryClient::new(channel).set_peers(request).await;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }))
-}
 
 async fn client(cluster: &Cluster, i: usize) -> EventStoreClient<Channel> {
     EventStoreClient::new(cluster.nodes[i].channel().await).max_decoding_message_size(usize::MAX)
@@ -111,38 +67,7 @@ async fn append(cluster: &Cluster, i: usize, first: usize, count: usize, per: us
 
 /// Every event node `i` serves from its own replica, as (token, encoded event).
 async fn replica(cluster: &Cluster, i: usize) -> Vec<(i64, Vec<u8>)> {
-    let mut client = client(cluster, i).await;
-    let last = client
-        .get_last_token(with_context(GetLastTokenRequest {}, CONTEXT))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    if last < 0 {
-        return Vec::new();
-    }
-    let request = GetEventsRequest {
-        tracking_token: 0,
-        number_of_permits: last + 1,
-        client_id: "replica-check".into(),
-        component_name: "test".into(),
-        processor: "check".into(),
-        ..Default::default()
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(request).await.unwrap();
-    let mut stream = client
-        .list_events(with_context(tokio_stream::wrappers::ReceiverStream::new(rx), CONTEXT))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut events = Vec::new();
-    while (events.len() as i64) <= last {
-        let Some(next) = stream.next().await else { break };
-        let next = next.unwrap();
-        events.push((next.token, next.event.unwrap().encode_to_vec()));
-    }
-    events
+    cluster.replica(i, CONTEXT).await
 }
 
 /// The last token node `i` serves, -1 when none.
@@ -239,7 +164,6 @@ async fn assert_same(cluster: &Cluster, reference: usize, i: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_added_behind_the_purged_log_receives_the_segment_files() {
     let mut cluster = Cluster::start(3, ENV).await;
-    let _peers = keep_peers(&cluster);
     cluster.create_context(CONTEXT, &[0, 1, 2]).await;
     let leader = cluster.wait_leader(CONTEXT, Duration::from_secs(15)).await;
     let mut events = append(&cluster, leader, 0, 400, 40).await;
@@ -247,7 +171,6 @@ async fn a_member_added_behind_the_purged_log_receives_the_segment_files() {
     eprintln!("{events} events; the leader's log is purged up to {purged}");
 
     let fourth = cluster.add_node(ENV).await;
-    let _peers = keep_peers(&cluster);
     let started = Instant::now();
     let status = cluster.add_member(CONTEXT, fourth).await;
     eprintln!("member added in {:?}", started.elapsed());
@@ -282,7 +205,6 @@ async fn a_member_added_behind_the_purged_log_receives_the_segment_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_follower_back_after_the_log_moved_on_receives_the_segment_files() {
     let mut cluster = Cluster::start(3, ENV).await;
-    let _peers = keep_peers(&cluster);
     cluster.create_context(CONTEXT, &[0, 1, 2]).await;
     let leader = cluster.wait_leader(CONTEXT, Duration::from_secs(15)).await;
     let mut events = append(&cluster, leader, 0, 50, 40).await;
@@ -349,7 +271,6 @@ async fn a_member_added_to_a_context_of_a_million_events() {
     eprintln!("the leader's log is purged up to {purged}; its stores hold {bytes_on_leader} bytes");
 
     let second = cluster.add_node(&[]).await;
-    let _peers = keep_peers(&cluster);
     let started = Instant::now();
     cluster.add_member(CONTEXT, second).await;
     wait_events(&cluster, second, EVENTS, Duration::from_secs(600)).await;

@@ -9,9 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use myelin_proto::axon::event::event_store_client::EventStoreClient;
-use myelin_proto::axon::event::{
-    Event, GetAggregateEventsRequest, GetEventsRequest, GetLastTokenRequest, ReadHighestSequenceNrRequest,
-};
+use myelin_proto::axon::event::{Event, GetAggregateEventsRequest, ReadHighestSequenceNrRequest};
 use myelin_tests::cluster::{Cluster, node_name, node_of};
 use myelin_tests::{event, with_context};
 use prost::Message;
@@ -47,39 +45,7 @@ async fn append(cluster: &Cluster, i: usize, first: usize, count: usize) -> usiz
 
 /// Every event node `i` serves from its own replica, as (token, encoded event).
 async fn replica(cluster: &Cluster, i: usize) -> Replica {
-    let mut client = client(cluster, i).await;
-    let last = client
-        .get_last_token(with_context(GetLastTokenRequest {}, CONTEXT))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    if last < 0 {
-        return Vec::new();
-    }
-    let request = GetEventsRequest {
-        tracking_token: 0,
-        number_of_permits: last + 1,
-        client_id: "replica-check".into(),
-        component_name: "test".into(),
-        processor: "check".into(),
-        ..Default::default()
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(request).await.unwrap();
-    let mut stream = client
-        .list_events(with_context(tokio_stream::wrappers::ReceiverStream::new(rx), CONTEXT))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut events = Vec::new();
-    while (events.len() as i64) <= last {
-        let Some(next) = stream.next().await else { break };
-        let next = next.unwrap();
-        events.push((next.token, next.event.unwrap().encode_to_vec()));
-    }
-    drop(tx);
-    events
+    cluster.replica(i, CONTEXT).await
 }
 
 /// Waits until node `i`'s replica holds `count` events.

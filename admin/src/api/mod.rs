@@ -119,6 +119,18 @@ impl AppState {
         Ok(())
     }
 
+    /// The contexts this node's event store holds, with their positions.
+    pub async fn stored_contexts(&self) -> Result<Vec<myelin_proto::internal::ContextStatus>, ApiError> {
+        Ok(self
+            .storage
+            .clone()
+            .list_contexts(myelin_proto::internal::ListContextsRequest {})
+            .await
+            .map_err(|s| ApiError::from_status("the event store", s))?
+            .into_inner()
+            .contexts)
+    }
+
     pub fn router_control(&self) -> Result<RouterControlClient<Channel>, ApiError> {
         self.router.clone().ok_or_else(|| {
             ApiError::with_status(

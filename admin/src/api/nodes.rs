@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use myelin_proto::internal::{ListContextsRequest, ListPeersRequest};
+use myelin_proto::internal::ListPeersRequest;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -102,14 +102,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<NodeJson>>, 
         (status = 503, description = "The event store does not answer", body = ErrorBody),
     ))]
 pub async fn me(State(state): State<AppState>) -> Result<Json<Me>, ApiError> {
-    let stored = state
-        .storage
-        .clone()
-        .list_contexts(ListContextsRequest {})
-        .await
-        .map_err(|s| ApiError::from_status("the event store", s))?
-        .into_inner()
-        .contexts;
+    let stored = state.stored_contexts().await?;
     let all = state.db.call(|conn| db::contexts(conn)).await?;
     let clustered = state.db.call(|conn| db::nodes(conn)).await?.len() > 1;
     let node = &state.node;

@@ -21,7 +21,7 @@ use axum::Json;
 use axum::extract::State;
 use myelin_proto::errors::ErrorCode;
 use myelin_proto::internal::admin_call::Target;
-use myelin_proto::internal::{AdminCallKind, DeleteContextRequest, ListContextsRequest};
+use myelin_proto::internal::{AdminCallKind, DeleteContextRequest};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -267,14 +267,7 @@ fn unreachable_as_unknown_host(e: ApiError, address: &str) -> ApiError {
 }
 
 async fn refuse_if_holding_events(state: &AppState) -> Result<(), ApiError> {
-    let stored = state
-        .storage
-        .clone()
-        .list_contexts(ListContextsRequest {})
-        .await
-        .map_err(|s| ApiError::from_status("the event store", s))?
-        .into_inner()
-        .contexts;
+    let stored = state.stored_contexts().await?;
     let holding: Vec<String> = stored
         .iter()
         .filter(|c| c.last_token >= 0 || c.last_snapshot_token >= 0)
@@ -299,14 +292,7 @@ async fn refuse_if_holding_events(state: &AppState) -> Result<(), ApiError> {
 /// restart (the group stops; `crate::run_with_network` ends the process once this answer is
 /// sent, and the supervisor starts admin again as a member of the cluster).
 async fn leave_own_state(state: &AppState, member_id: u64) -> Result<(), ApiError> {
-    let stored = state
-        .storage
-        .clone()
-        .list_contexts(ListContextsRequest {})
-        .await
-        .map_err(|s| ApiError::from_status("the event store", s))?
-        .into_inner()
-        .contexts;
+    let stored = state.stored_contexts().await?;
     for context in stored {
         // Empty (checked before asking to join): the cluster's members of a context are placed
         // by the cluster's configuration from now on.

@@ -25,35 +25,28 @@ const PERIOD: Duration = Duration::from_secs(2);
 /// A learner this close to the leader's log becomes a voter.
 const CAUGHT_UP: u64 = 50;
 
-/// Runs until the process ends.
+/// Runs until the process ends (or this node finds itself unregistered).
 pub fn follow_nodes(state: AppState) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut changes = state.admin.changes();
-        let mut last_error = String::new();
-        loop {
-            if state.restarting.load(std::sync::atomic::Ordering::SeqCst) {
-                return;
-            }
-            match step(&state).await {
-                Ok(Step::Removed) => {
-                    tracing::error!(
-                        node = %state.node.name,
-                        "this node was unregistered from the cluster: its _admin member no longer campaigns. Start \
-                         it again with an empty data directory to use it elsewhere"
-                    );
-                    // A removed member that kept campaigning would disturb the cluster's leader.
-                    state.admin.raft().runtime_config().elect(false);
-                    return;
+        super::each_change(
+            &state,
+            PERIOD,
+            "bringing _admin's members in line with the nodes",
+            || async {
+                if step(&state).await? != Step::Removed {
+                    return Ok(true);
                 }
-                Ok(_) => last_error.clear(),
-                Err(e) if e != last_error => {
-                    tracing::warn!(error = %e, "bringing _admin's members in line with the nodes");
-                    last_error = e;
-                }
-                Err(_) => {}
-            }
-            crate::raft::next_change(&mut changes, PERIOD).await;
-        }
+                tracing::error!(
+                    node = %state.node.name,
+                    "this node was unregistered from the cluster: its _admin member no longer campaigns. Start it \
+                     again with an empty data directory to use it elsewhere"
+                );
+                // A removed member that kept campaigning would disturb the cluster's leader.
+                state.admin.raft().runtime_config().elect(false);
+                Ok(false)
+            },
+        )
+        .await;
     })
 }
 

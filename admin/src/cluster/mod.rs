@@ -21,3 +21,34 @@ pub mod join;
 pub mod links;
 pub mod members;
 pub mod placement;
+
+/// Runs `round` after every applied `_admin` change and every `period`, until the process ends
+/// or this node is restarting to join a cluster; a failure is logged when it differs from the
+/// last one (a failing round is retried, not repeated in the log).
+pub(crate) async fn each_change<F, Fut>(
+    state: &crate::api::AppState,
+    period: std::time::Duration,
+    what: &str,
+    mut round: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, String>>,
+{
+    let mut changes = state.admin.changes();
+    let mut last_error = String::new();
+    loop {
+        if state.restarting.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        match round().await {
+            Ok(true) => last_error.clear(),
+            Ok(false) => return,
+            Err(e) if e != last_error => {
+                tracing::warn!(error = %e, "{what}");
+                last_error = e;
+            }
+            Err(_) => {}
+        }
+        crate::raft::next_change(&mut changes, period).await;
+    }
+}

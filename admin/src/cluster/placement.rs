@@ -44,22 +44,11 @@ pub struct Changing(Arc<Mutex<BTreeSet<String>>>);
 /// Runs rounds until the process ends.
 pub fn follow_configuration(state: AppState, changing: Changing) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut changes = state.admin.changes();
-        let mut last_error = String::new();
-        loop {
-            if state.restarting.load(std::sync::atomic::Ordering::SeqCst) {
-                return;
-            }
-            match round(&state, &changing, None).await {
-                Ok(()) => last_error.clear(),
-                Err(e) if e != last_error => {
-                    tracing::warn!(error = %e, "bringing the event store's contexts in line with the configuration");
-                    last_error = e;
-                }
-                Err(_) => {}
-            }
-            crate::raft::next_change(&mut changes, PERIOD).await;
-        }
+        let what = "bringing the event store's contexts in line with the configuration";
+        super::each_change(&state, PERIOD, what, || async {
+            round(&state, &changing, None).await.map(|()| true)
+        })
+        .await;
     })
 }
 

@@ -24,24 +24,10 @@ import org.axonframework.axonserver.connector.event.util.GrpcExceptionParser;
 import org.axonframework.commandhandling.CommandResultMessage;
 import org.axonframework.eventhandling.DomainEventMessage;
 import org.axonframework.modelling.command.ConcurrencyException;
-import org.junit.jupiter.api.AfterAll;
-import org.junit.jupiter.api.BeforeAll;
 import org.junit.jupiter.api.Test;
 
 /** An event-sourced aggregate stored in Myelin: create, change, load, conflicts and snapshots. */
-class AggregateTest {
-    static MyelinNode node;
-
-    @BeforeAll
-    static void startNode() throws Exception {
-        node = MyelinNode.start();
-    }
-
-    @AfterAll
-    static void stopNode() throws Exception {
-        node.close();
-    }
-
+class AggregateTest extends OneNodeTest {
     static List<DomainEventMessage<?>> history(App app, String id) {
         List<DomainEventMessage<?>> out = new ArrayList<>();
         app.eventStore().readEvents(id).forEachRemaining(out::add);

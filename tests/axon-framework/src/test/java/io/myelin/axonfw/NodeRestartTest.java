@@ -17,27 +17,13 @@ import java.util.concurrent.TimeUnit;
 import org.axonframework.common.stream.BlockingStream;
 import org.axonframework.eventhandling.TrackedEventMessage;
 import org.axonframework.eventhandling.tokenstore.inmemory.InMemoryTokenStore;
-import org.junit.jupiter.api.AfterAll;
-import org.junit.jupiter.api.BeforeAll;
 import org.junit.jupiter.api.Test;
 
 /**
  * Heartbeats on, and the node restarted in the middle of the run: the application reconnects by
  * itself and carries on, with nothing lost or handled twice.
  */
-class NodeRestartTest {
-    static MyelinNode node;
-
-    @BeforeAll
-    static void startNode() throws Exception {
-        node = MyelinNode.start();
-    }
-
-    @AfterAll
-    static void stopNode() throws Exception {
-        node.close();
-    }
-
+class NodeRestartTest extends OneNodeTest {
     @Test
     void the_application_reconnects_after_a_node_restart_and_loses_or_repeats_nothing() throws Exception {
         Recorder recorder = new Recorder();

@@ -20,8 +20,6 @@ import org.axonframework.common.stream.BlockingStream;
 import org.axonframework.eventhandling.StreamingEventProcessor;
 import org.axonframework.eventhandling.TrackedEventMessage;
 import org.axonframework.eventhandling.tokenstore.inmemory.InMemoryTokenStore;
-import org.junit.jupiter.api.AfterAll;
-import org.junit.jupiter.api.BeforeAll;
 import org.junit.jupiter.api.Test;
 
 /**
@@ -29,21 +27,9 @@ import org.junit.jupiter.api.Test;
  * event exactly once per processor across a client restart, split and merge through Myelin's
  * REST API, a reset and replay, and their status in {@code /v1/processors}.
  */
-class ProcessorTest {
+class ProcessorTest extends OneNodeTest {
     static final List<String> PROCESSORS = List.of(Ledgers.TRACKING, Ledgers.POOLED);
     static final ObjectMapper JSON = new ObjectMapper();
-    static MyelinNode node;
-
-    @BeforeAll
-    static void startNode() throws Exception {
-        node = MyelinNode.start();
-    }
-
-    @AfterAll
-    static void stopNode() throws Exception {
-        node.close();
-    }
-
     /** Opens `accounts` accounts with `deposits` deposits each: accounts * (1 + deposits) events. */
     static int produce(App app, int accounts, int deposits) {
         for (int i = 0; i < accounts; i++) {

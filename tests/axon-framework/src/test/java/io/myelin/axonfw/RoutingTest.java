@@ -27,27 +27,13 @@ import java.util.stream.Collectors;
 import org.axonframework.commandhandling.NoHandlerForCommandException;
 import org.axonframework.messaging.responsetypes.ResponseTypes;
 import org.axonframework.queryhandling.SubscriptionQueryResult;
-import org.junit.jupiter.api.AfterAll;
-import org.junit.jupiter.api.BeforeAll;
 import org.junit.jupiter.api.Test;
 import org.reactivestreams.Subscription;
 import reactor.core.publisher.BaseSubscriber;
 import reactor.core.publisher.Flux;
 
 /** Commands and queries routed by Myelin between two instances of the application. */
-class RoutingTest {
-    static MyelinNode node;
-
-    @BeforeAll
-    static void startNode() throws Exception {
-        node = MyelinNode.start();
-    }
-
-    @AfterAll
-    static void stopNode() throws Exception {
-        node.close();
-    }
-
+class RoutingTest extends OneNodeTest {
     static Map<String, Set<String>> pingAll(App sender, List<String> keys, int rounds) {
         Map<String, Set<String>> handledBy = new HashMap<>();
         for (int round = 0; round < rounds; round++) {
