@@ -608,11 +608,29 @@ mod tests {
         let contexts = Contexts::new(dir.path(), limits(), 1 << 20);
         let names = contexts.open_at_start(&[]).await.unwrap();
         assert!(names.is_empty(), "{names:?}");
-        let left: Vec<_> = std::fs::read_dir(dir.path())
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert_eq!(left, vec![DELETED_FILE.to_owned()]);
+        left.sort();
+        assert_eq!(left, vec![INITIALIZED_FILE.to_owned(), DELETED_FILE.to_owned()]);
+        contexts.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn configured_contexts_are_created_on_a_fresh_directory_only() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let contexts = Contexts::new(dir.path(), limits(), 1 << 20);
+            let names = contexts.open_at_start(&["default".to_owned()]).await.unwrap();
+            assert_eq!(names, vec!["default".to_owned()]);
+            contexts.shutdown().await;
+        }
+        // Later (this node joined a cluster and gave `default` up), a start creates nothing.
+        std::fs::remove_dir_all(dir.path().join("default")).unwrap();
+        let contexts = Contexts::new(dir.path(), limits(), 1 << 20);
+        let names = contexts.open_at_start(&["default".to_owned()]).await.unwrap();
+        assert!(names.is_empty(), "{names:?}");
         contexts.shutdown().await;
     }
 }
