@@ -550,6 +550,7 @@ pub async fn add_node(
     responses(
         (status = 202, description = "Removed", body = super::cluster::RestResponse),
         (status = 400, description = "Not a member (AXONIQ-2307), the last PRIMARY (AXONIQ-2310)", body = ErrorBody),
+        (status = 403, description = "An internal context's members follow the nodes (AXONIQ-2304)", body = ErrorBody),
         (status = 404, description = "No such context (AXONIQ-1302)", body = ErrorBody),
     ))]
 pub async fn remove_node(

@@ -96,6 +96,8 @@ fn this_node(state: &AppState) -> Node {
                                       cannot reach this node (AXONIQ-2501), this node holds events (AXONIQ-2502)",
             body = ErrorBody),
         (status = 406, description = "This node is part of a cluster of several nodes (AXONIQ-2306)", body = ErrorBody),
+        (status = 413, description = "Body larger than 64 KiB", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
     ))]
 pub async fn register(
     State(state): State<AppState>,
@@ -253,7 +255,9 @@ async fn create_first_contexts(state: &AppState, contexts: &[String]) -> Result<
 
 /// A node that could not be reached is Axon's UNKNOWN_HOST.
 fn unreachable_as_unknown_host(e: ApiError, address: &str) -> ApiError {
-    if e.code == ErrorCode::Other && e.status == axum::http::StatusCode::SERVICE_UNAVAILABLE {
+    // No Axon code: the call did not reach a Myelin admin there (nothing listens, or something
+    // else does, e.g. an HTTP port named instead of the internal one).
+    if e.code == ErrorCode::Other && e.status.is_server_error() {
         ApiError::new(
             ErrorCode::UnknownHost,
             format!(
