@@ -243,6 +243,21 @@ async fn propose(
     metrics: &crate::metrics::ContextMetrics,
 ) {
     let snapshots = matches!(command, Command::AppendSnapshots(_));
+    // openraft answers `ForwardToLeader` both when this node does not lead (nothing proposed)
+    // and when a proposed entry was overwritten by a new leader's log. Such an entry may still
+    // be committed later (a follower that holds it can win the next election), so only a write
+    // refused before it was proposed is a definite `NotLeader`.
+    let leading = {
+        let metrics = raft.metrics();
+        let metrics = metrics.borrow();
+        metrics.current_leader == Some(metrics.id)
+    };
+    if !leading {
+        for reply in replies {
+            let _ = reply.send(Err(AppendError::NotLeader));
+        }
+        return;
+    }
     let started = std::time::Instant::now();
     let written = raft.client_write(command).await;
     metrics.batches.increment(1);
@@ -263,8 +278,9 @@ async fn propose(
             }
         }
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+            let lost = AppendError::Unknown("this node lost the leadership before the append was committed".into());
             for reply in replies {
-                let _ = reply.send(Err(AppendError::NotLeader));
+                let _ = reply.send(Err(lost.clone()));
             }
         }
         Err(e) => {
