@@ -489,7 +489,18 @@ impl EventStorage for Service {
         request: Request<Streaming<GetEventsRequest>>,
     ) -> Result<Response<Self::ListEventsStream>, Status> {
         let context = context_of(&self.contexts, &request)?;
-        let rx = tracking::start(context, request.into_inner(), self.blacklist).await?;
+        let mut requests = request.into_inner();
+        let first = tracking::first_request(&mut requests).await?;
+        // A follower serves the stream from its own replica as it applies entries. Asked to read
+        // from the leader, it first waits until it has applied everything the leader had
+        // committed when the stream started: the same events, in the same order, as the leader
+        // would send.
+        if first.force_read_from_leader {
+            crate::forward::read_barrier(&context)
+                .await
+                .map_err(|e| append_status(&context.name, e))?;
+        }
+        let rx = tracking::start(context, first, requests, self.blacklist)?;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

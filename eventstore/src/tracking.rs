@@ -45,16 +45,22 @@ const MAX_PERMITS: i64 = 1 << 40;
 type Out = mpsc::Sender<Result<EncodedEventsWithToken, Status>>;
 
 /// Reads the first request, checks it, and starts the stream's task.
-pub async fn start(
-    context: Arc<Context>,
-    mut requests: Streaming<GetEventsRequest>,
-    bound: BlacklistBound,
-) -> Result<mpsc::Receiver<Result<EncodedEventsWithToken, Status>>, Status> {
+/// The first request of a `ListEvents` stream: where to start, the first permits, and whether
+/// the stream must first see everything the leader has committed (`force_read_from_leader`).
+pub async fn first_request(requests: &mut Streaming<GetEventsRequest>) -> Result<GetEventsRequest, Status> {
     // A first request that does not decode is reported as such (the `?`), not as a missing one.
-    let first = requests
+    requests
         .message()
         .await?
-        .ok_or_else(|| Status::invalid_argument("ListEvents needs a first request"))?;
+        .ok_or_else(|| Status::invalid_argument("ListEvents needs a first request"))
+}
+
+pub fn start(
+    context: Arc<Context>,
+    first: GetEventsRequest,
+    requests: Streaming<GetEventsRequest>,
+    bound: BlacklistBound,
+) -> Result<mpsc::Receiver<Result<EncodedEventsWithToken, Status>>, Status> {
     let first_token = context.stored.events.first_token();
     if first.tracking_token < first_token {
         return Err(ErrorCode::Other.status(format!(

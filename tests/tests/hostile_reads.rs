@@ -334,7 +334,7 @@ where
 }
 
 /// A first request that does not decode is answered with its decode error, not as a missing
-/// first request. Checked on the eventstore's internal socket (`tracking::start`).
+/// first request. Checked on the eventstore's internal socket (`tracking::first_request`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_first_request_reports_its_decode_error() {
     let node = Node::start(Options::default()).await;
