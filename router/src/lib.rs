@@ -181,6 +181,11 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
     let metrics_handle = metrics::install();
     let _upkeep = metrics::keep_up(metrics_handle.clone());
     let disconnects = platform::Disconnects::new();
+    let peers = peers::Peers::new(
+        args.node_name.clone(),
+        args.internal_token.clone(),
+        peers::LinkBounds::default(),
+    );
     let platform = platform::Platform::new(
         myelin_proto::axon::control::NodeInfo {
             host_name: args.hostname.clone(),
@@ -195,6 +200,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
             timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
         },
         disconnects.clone(),
+        peers.clone(),
     );
     let commands = command::Commands::new(
         args.node_name.clone(),
@@ -227,11 +233,6 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         commands: commands.dispatcher().clone(),
         queries: queries.clone(),
     };
-    let peers = peers::Peers::new(
-        args.node_name.clone(),
-        args.internal_token.clone(),
-        peers::LinkBounds::default(),
-    );
     let _pinging = peers.keep_pinging();
     let internal_listener = tokio::net::TcpListener::bind(args.internal_listen)
         .await
@@ -254,7 +255,10 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
                 peers::AdminCalls { peers: peers.clone() },
             ))
             .add_service(myelin_proto::internal::peer_directory_server::PeerDirectoryServer::new(
-                peers::Directory { peers: peers.clone() },
+                peers::Directory {
+                    peers: peers.clone(),
+                    placement: platform.placement().clone(),
+                },
             ))
             .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(uds), async move {
                 let _ = stop_health.changed().await;

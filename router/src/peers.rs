@@ -166,6 +166,16 @@ impl Peers {
             .collect()
     }
 
+    /// Whether the link to `node` is up (its last ping was answered).
+    pub fn is_connected(&self, node: &str) -> bool {
+        self.inner
+            .links
+            .read()
+            .expect("peer links")
+            .get(node)
+            .is_some_and(|link| link.connected.load(Ordering::Relaxed))
+    }
+
     /// Sends a message to the node it names and returns that node's answer; what cannot be
     /// sent now is answered as not delivered at once.
     pub async fn send(&self, mut message: RaftMessage) -> RaftAnswer {
@@ -382,18 +392,21 @@ impl AdminRelay for AdminCalls {
 /// `PeerDirectory` on the router's socket: admin tells where the other nodes are.
 pub struct Directory {
     pub peers: Peers,
+    /// Where contexts are stored, for `GetPlatformServer`.
+    pub placement: Arc<crate::platform::Placement>,
 }
 
 #[tonic::async_trait]
 impl PeerDirectory for Directory {
     async fn set_peers(&self, request: Request<SetPeersRequest>) -> Result<Response<SetPeersResponse>, Status> {
+        let request = request.into_inner();
         let peers = request
-            .into_inner()
             .peers
-            .into_iter()
-            .map(|p| (p.node, p.internal_address))
+            .iter()
+            .map(|p| (p.node.clone(), p.internal_address.clone()))
             .collect();
         self.peers.set(peers)?;
+        self.placement.set(&request.local_contexts, &request.peers);
         Ok(Response::new(SetPeersResponse {}))
     }
 

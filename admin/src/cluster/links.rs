@@ -44,21 +44,40 @@ pub fn follow_peers(state: AppState, router: Channel) -> tokio::task::JoinHandle
 }
 
 async fn push(state: &AppState, directory: &mut PeerDirectoryClient<Channel>) -> Result<(), String> {
-    let nodes = state
+    let (nodes, contexts) = state
         .db
-        .call(|conn| crate::control_db::contexts::nodes(conn))
+        .call(|conn| {
+            Ok((
+                crate::control_db::contexts::nodes(conn)?,
+                crate::control_db::contexts::contexts(conn)?,
+            ))
+        })
         .await
         .map_err(|e| e.to_string())?;
+    // The contexts whose events a node stores (not `_admin`, not a messaging-only role).
+    let stored_on = |node: &str| -> Vec<String> {
+        contexts
+            .iter()
+            .filter(|c| !c.name.starts_with('_'))
+            .filter(|c| c.members.iter().any(|m| m.node == node && m.role.stores()))
+            .map(|c| c.name.clone())
+            .collect()
+    };
+    let local_contexts = stored_on(&state.node.name);
     let peers = nodes
         .into_iter()
         .filter(|n| n.name != state.node.name)
         .map(|n| PeerAddress {
             internal_address: format!("{}:{}", n.internal_host_name, n.grpc_internal_port),
+            host_name: n.host_name.clone(),
+            grpc_port: u32::from(n.grpc_port),
+            http_port: u32::from(n.http_port),
+            contexts: stored_on(&n.name),
             node: n.name,
         })
         .collect();
     directory
-        .set_peers(SetPeersRequest { peers })
+        .set_peers(SetPeersRequest { peers, local_contexts })
         .await
         .map(|_| ())
         .map_err(|e| e.message().to_owned())

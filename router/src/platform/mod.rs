@@ -1,7 +1,7 @@
 //! `PlatformService`: tells clients which node to use, and keeps their control stream.
 //!
-//! - `GetPlatformServer` answers with this node and `same_connection` (a single node is always
-//!   the right one; choosing among cluster nodes comes with clustering).
+//! - `GetPlatformServer` answers with this node and `same_connection` when this node stores the
+//!   client's context (or no other node does), else with a node that stores it ([`placement`]).
 //! - `OpenStream` is a client application's control channel ([`stream`]): it registers the
 //!   client in the context's list of connected applications ([`clients`]), exchanges heartbeats,
 //!   keeps the client's event-processor reports and acknowledges instructions.
@@ -16,6 +16,7 @@
 pub mod clients;
 pub mod disconnect;
 pub mod instruction;
+pub mod placement;
 pub mod stream;
 
 use std::pin::Pin;
@@ -35,6 +36,7 @@ use crate::context::client_context;
 pub use clients::{ClientSnapshot, Clients, ProcessorReport};
 pub use disconnect::{Disconnect, Disconnects};
 pub use instruction::{Instructions, Outcome};
+pub use placement::Placement;
 pub use stream::Heartbeats;
 
 /// The gRPC service.
@@ -42,11 +44,14 @@ pub use stream::Heartbeats;
 pub struct Platform {
     node: NodeInfo,
     shared: stream::Shared,
+    placement: Arc<Placement>,
+    peers: crate::peers::Peers,
 }
 
 impl Platform {
     /// `disconnects` is shared with the command and query services.
-    pub fn new(node: NodeInfo, heartbeats: Heartbeats, disconnects: Disconnects) -> Platform {
+    /// `peers` says which other nodes are reachable when a client is sent to one of them.
+    pub fn new(node: NodeInfo, heartbeats: Heartbeats, disconnects: Disconnects, peers: crate::peers::Peers) -> Platform {
         Platform {
             shared: stream::Shared {
                 node_name: node.node_name.clone(),
@@ -56,7 +61,14 @@ impl Platform {
                 heartbeats,
             },
             node,
+            placement: Arc::new(Placement::default()),
+            peers,
         }
+    }
+
+    /// Where contexts are stored, as admin tells the router (`PeerDirectory`).
+    pub fn placement(&self) -> &Arc<Placement> {
+        &self.placement
     }
 
     /// The connected client applications (for the admin API).
@@ -102,11 +114,27 @@ impl PlatformService for Platform {
         &self,
         request: Request<ClientIdentification>,
     ) -> Result<Response<PlatformInfo>, Status> {
+        let context = client_context(&request)?;
         let client = request.into_inner();
-        tracing::debug!(client_id = %client.client_id, component = %client.component_name, "platform server asked");
-        Ok(Response::new(PlatformInfo {
-            primary: Some(self.node.clone()),
-            same_connection: true,
+        let elsewhere = self
+            .placement
+            .server_for(&context, &client.client_id, |node| self.peers.is_connected(node));
+        tracing::debug!(
+            client_id = %client.client_id,
+            component = %client.component_name,
+            %context,
+            sent_to = elsewhere.as_ref().map(|n| n.node_name.as_str()),
+            "platform server asked"
+        );
+        Ok(Response::new(match elsewhere {
+            Some(node) => PlatformInfo {
+                primary: Some(node),
+                same_connection: false,
+            },
+            None => PlatformInfo {
+                primary: Some(self.node.clone()),
+                same_connection: true,
+            },
         }))
     }
 
