@@ -5,6 +5,11 @@
 //! connect, but stored data is safe), UP otherwise. DOWN answers 503 so that load balancers and
 //! probes see it without parsing.
 //!
+//! A node of a cluster of several nodes adds its view of the cluster (`cluster`): its link to
+//! each other node, and the leader of `_admin` and of each context it stores. WARN when a link
+//! is down or such a group has no leader (its clients cannot append here), not DOWN: this node
+//! itself is sound, and a probe must not take it out of service for a fault elsewhere.
+//!
 //! The metrics text is the concatenation of the event store's and the router's own (asked over
 //! their sockets; one that does not answer is left out with a comment saying so) and admin's
 //! HTTP request counters.
@@ -48,7 +53,7 @@ pub struct Component {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
     pub status: Status,
-    /// `eventStore`, `router`, `diskSpace`.
+    /// `eventStore`, `router`, `diskSpace`; `cluster` on a node of a cluster of several.
     pub components: BTreeMap<String, Component>,
 }
 
@@ -223,20 +228,63 @@ fn disk_health(state: &AppState) -> Component {
     }
 }
 
-/// The node's health: event store, router, disk space.
+/// This node's view of its cluster, or `None` on a node of its own.
+async fn cluster_health(state: &AppState) -> Option<Component> {
+    let (nodes, contexts) = state
+        .db
+        .call(|conn| {
+            Ok((
+                crate::control_db::contexts::nodes(conn)?,
+                crate::control_db::contexts::contexts(conn)?,
+            ))
+        })
+        .await
+        .ok()?;
+    if nodes.len() < 2 {
+        return None;
+    }
+    let connected = super::nodes::connected_peers(state).await;
+    let links: serde_json::Map<String, serde_json::Value> = nodes
+        .iter()
+        .filter(|n| n.name != state.node.name)
+        .map(|n| (n.name.clone(), connected.contains(&n.name).into()))
+        .collect();
+    let mut leaders = serde_json::Map::new();
+    for row in contexts.iter().filter(|c| c.member(&state.node.name).is_some()) {
+        let leader = super::contexts::leader_of(state, row).await;
+        leaders.insert(row.name.clone(), leader.map_or(serde_json::Value::Null, Into::into));
+    }
+    let sound = links.values().all(|c| c == &true) && leaders.values().all(|l| !l.is_null());
+    Some(Component {
+        status: if sound { Status::Up } else { Status::Warn },
+        details: BTreeMap::from([
+            ("connected".to_owned(), links.into()),
+            ("leaders".to_owned(), leaders.into()),
+        ]),
+    })
+}
+
+/// The node's health: event store, router, disk space, and on a cluster its view of it.
 #[utoipa::path(get, path = "/actuator/health", operation_id = "health", tag = "actuator",
     responses(
         (status = 200, description = "UP or WARN", body = Health),
         (status = 503, description = "DOWN", body = Health),
     ))]
 pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
-    let (event_store, router) = tokio::join!(event_store_health(&state), router_health(&state));
+    let (event_store, router, cluster) = tokio::join!(
+        event_store_health(&state),
+        router_health(&state),
+        cluster_health(&state)
+    );
     let disk = disk_health(&state);
-    let components = BTreeMap::from([
+    let mut components = BTreeMap::from([
         ("eventStore".to_owned(), event_store),
         ("router".to_owned(), router),
         ("diskSpace".to_owned(), disk),
     ]);
+    if let Some(cluster) = cluster {
+        components.insert("cluster".to_owned(), cluster);
+    }
     let status = components.values().map(|c| c.status).max().unwrap_or(Status::Up);
     let code = if status == Status::Down {
         StatusCode::SERVICE_UNAVAILABLE

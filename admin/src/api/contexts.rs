@@ -141,7 +141,7 @@ pub struct Deleted {
 
 /// The node leading `row`'s group, as this node knows it: `_admin`'s from its own member, a
 /// context's from this node's event store when it stores the context (else unknown here).
-async fn leader_of(state: &AppState, row: &ContextRow) -> Option<String> {
+pub(crate) async fn leader_of(state: &AppState, row: &ContextRow) -> Option<String> {
     if row.name == ADMIN_CONTEXT {
         return state.admin.leader().map(|(_, name)| name);
     }

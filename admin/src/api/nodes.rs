@@ -56,29 +56,33 @@ pub struct Me {
     pub contexts: Vec<ContextPositions>,
 }
 
+/// The nodes this node's router has its link up to (best effort: none if the router does not
+/// answer).
+pub(crate) async fn connected_peers(state: &AppState) -> Vec<String> {
+    let Some(mut peers) = state.peers.clone() else {
+        return Vec::new();
+    };
+    match peers.list_peers(ListPeersRequest {}).await {
+        Ok(list) => list
+            .into_inner()
+            .peers
+            .into_iter()
+            .filter(|p| p.connected)
+            .map(|p| p.node)
+            .collect(),
+        Err(status) => {
+            tracing::debug!(error = %status, "the router did not list its peers");
+            Vec::new()
+        }
+    }
+}
+
 /// The nodes of the cluster.
 #[utoipa::path(get, path = "/v1/public", operation_id = "listNodes", tag = "nodes", responses((status = 200, description = "OK", body = Vec<NodeJson>)))]
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<NodeJson>>, ApiError> {
     let nodes = state.db.call(|conn| db::nodes(conn)).await?;
     let me = state.node.name.clone();
-    // Whether this node's router has its link to each peer up (best effort: none if the
-    // router does not answer).
-    let connected: Vec<String> = match state.peers.clone() {
-        Some(mut peers) => match peers.list_peers(ListPeersRequest {}).await {
-            Ok(list) => list
-                .into_inner()
-                .peers
-                .into_iter()
-                .filter(|p| p.connected)
-                .map(|p| p.node)
-                .collect(),
-            Err(status) => {
-                tracing::debug!(error = %status, "the router did not list its peers");
-                Vec::new()
-            }
-        },
-        None => Vec::new(),
-    };
+    let connected = connected_peers(&state).await;
     Ok(Json(
         nodes
             .into_iter()
