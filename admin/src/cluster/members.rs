@@ -2,7 +2,8 @@
 //!
 //! On the leader, after every applied change and every [`PERIOD`]: a registered node that is not
 //! a member becomes a learner (under the member id its `RegisterNode` entry gave it); a learner
-//! that has caught up becomes a voter; a member whose node was unregistered leaves. One change at
+//! that has caught up becomes a voter; a member whose node was unregistered leaves once every
+//! context it left released it (see `placement`). One change at
 //! a time (openraft refuses a second while one is in progress), each retried on the next round
 //! when it fails, so a leader that crashes half-way leaves nothing stuck: the next leader carries
 //! on from the state it finds.
@@ -11,7 +12,7 @@
 //! own registration was unregistered. Its `_admin` member stops campaigning (a removed member
 //! must not disturb the cluster's leader) and says so in its log; its contexts are removed by `placement`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use openraft::BasicNode;
@@ -59,18 +60,25 @@ enum Step {
 
 async fn step(state: &AppState) -> Result<Step, String> {
     let identity = state.admin.id();
-    let nodes = state
+    let (registered, unreleased) = state
         .db
-        .call(move |conn| db::nodes(conn))
+        .call(|conn| Ok((db::admin_members(conn)?, db::unreleased_departures(conn)?)))
         .await
         .map_err(|e| e.to_string())?;
+    // Each registered node's `_admin` member id (the node that started the cluster has none
+    // recorded: it is the group's first member). Members are matched by id, never by name: a
+    // node registered again under its old name is a new member, and its old one must leave.
+    let registered: BTreeMap<NodeId, String> = registered
+        .into_iter()
+        .map(|(name, id)| (id.unwrap_or(LOCAL_NODE), name))
+        .collect();
     let metrics = state.admin.raft().metrics().borrow().clone();
     let applied = metrics.last_applied.map_or(0, |l| l.index);
-    let known = nodes.iter().any(|n| n.name == state.node.name);
+    let known = registered.contains_key(&identity);
     // Past its own registration (or, for the node that started the cluster, once the table
     // holds anything), a node missing from the table was unregistered.
     let past_registration = match identity {
-        LOCAL_NODE => !nodes.is_empty(),
+        LOCAL_NODE => !registered.is_empty(),
         id => applied >= id,
     };
     if !known && past_registration && metrics.membership_config.nodes().count() > 0 {
@@ -85,23 +93,14 @@ async fn step(state: &AppState) -> Result<Step, String> {
     let raft_err = |e: crate::raft::ProposeError| e.to_string();
 
     // A registered node not yet a member: a learner first.
-    for node in &nodes {
-        if member_names.iter().any(|(_, name)| name == &node.name) {
-            continue;
-        }
-        let name = node.name.clone();
-        let Some(id) = state
-            .db
-            .call(move |conn| db::admin_member(conn, &name))
-            .await
-            .map_err(|e| e.to_string())?
-        else {
-            continue;
-        };
-        tracing::info!(node = %node.name, member = id, "adding a node to _admin as a learner");
+    if let Some((&id, name)) = registered
+        .iter()
+        .find(|(id, _)| !member_names.iter().any(|(member, _)| member == *id))
+    {
+        tracing::info!(node = %name, member = id, "adding a node to _admin as a learner");
         state
             .admin
-            .add_learner(id, BasicNode::new(&node.name))
+            .add_learner(id, BasicNode::new(name))
             .await
             .map_err(raft_err)?;
         return Ok(Step::Changed);
@@ -111,7 +110,7 @@ async fn step(state: &AppState) -> Result<Step, String> {
     let replication = metrics.replication.clone().unwrap_or_default();
     let ready: Vec<NodeId> = member_names
         .iter()
-        .filter(|(id, name)| !voters.contains(id) && nodes.iter().any(|n| &n.name == name))
+        .filter(|(id, _)| !voters.contains(id) && registered.contains_key(id))
         .filter(|(id, _)| {
             replication
                 .get(id)
@@ -129,10 +128,13 @@ async fn step(state: &AppState) -> Result<Step, String> {
             .map_err(raft_err)?;
         return Ok(Step::Changed);
     }
-    // Members whose node was unregistered leave (the leader last: it hands over by leaving).
+    // Members whose node was unregistered leave (the leader last: it hands over by leaving),
+    // once their contexts' groups let their copies go: until then the node must still see
+    // `_admin`'s entries, the releases among them.
+    let unreleased: BTreeSet<String> = unreleased.into_iter().map(|d| d.node).collect();
     let mut leaving: Vec<NodeId> = member_names
         .iter()
-        .filter(|(_, name)| !nodes.iter().any(|n| &n.name == name))
+        .filter(|(id, name)| !registered.contains_key(id) && !unreleased.contains(name))
         .map(|(id, _)| *id)
         .collect();
     leaving.sort_by_key(|id| *id == identity);

@@ -10,9 +10,14 @@
 //!   with the configured ones, one change at a time (a new member is added as a learner and made
 //!   a voter once it caught up, a departed one removed);
 //! - a member of this node that departed (removed from the context, or the context deleted):
-//!   its copy is removed, or set aside under `.preserved/` when the departure says so. Only a copy
-//!   held under the departed member's id is touched: a copy this node holds under another id (it
-//!   was added again since) is the new member's.
+//!   its copy is removed, or set aside under `.preserved/` when the departure says so, once the
+//!   departure is released. Only a copy held under the departed member's id is touched: a copy
+//!   this node holds under another id (it was added again since) is the new member's.
+//! - a departure is released by the leader of the context's group once the group no longer
+//!   counts the member (`ReleaseMember`; a deleted context's departures are released at once).
+//!   Until then the member keeps its copy and keeps voting: the group may need it for its
+//!   majority (removing n2 from {n1, n2} while adding n3 needs n2 until n3 is a voter), and
+//!   openraft does not tell a removed member that it was removed.
 //!
 //! Each action is idempotent, and a failed one is retried on the next round; nothing here decides
 //! configuration, it only carries it out. An API handler that changed a context runs one round
@@ -90,9 +95,15 @@ async fn local_copies(state: &AppState) -> Result<BTreeMap<String, GroupStatus>,
 async fn round(state: &AppState, changing: &Changing, only: Option<&str>) -> Result<(), String> {
     let me = state.node.name.clone();
     let owned = me.clone();
-    let (configured, departures) = state
+    let (configured, departures, unreleased) = state
         .db
-        .call(move |conn| Ok((db::contexts(conn)?, db::departures_of(conn, &owned)?)))
+        .call(move |conn| {
+            Ok((
+                db::contexts(conn)?,
+                db::departures_of(conn, &owned)?,
+                db::unreleased_departures(conn)?,
+            ))
+        })
         .await
         .map_err(|e| e.to_string())?;
     let copies = local_copies(state).await?;
@@ -101,26 +112,28 @@ async fn round(state: &AppState, changing: &Changing, only: Option<&str>) -> Res
         if only.is_some_and(|o| o != row.name) {
             continue;
         }
-        let Some((member, seat)) = row.member(&me) else {
-            continue;
-        };
-        if !member.role.stores() {
-            continue;
-        }
-        match copies.get(&row.name) {
-            None => {
+        let copy = copies.get(&row.name);
+        match (row.member(&me), copy) {
+            (Some((member, seat)), None) if member.role.stores() => {
                 if let Err(e) = join(state, row, seat.id, seat.founding).await {
                     errors.push(e);
                 }
             }
-            Some(group) if group.member_id != seat.id => errors.push(format!(
+            (Some((_, seat)), Some(group)) if group.member_id != seat.id => errors.push(format!(
                 "this node holds {} as member {} of its group, but is configured as member {}",
                 row.name, group.member_id, seat.id
             )),
-            Some(group) => {
-                if only.is_none() && group.leader == Some(group.member_id) {
-                    lead_membership(state, changing, row, group);
-                }
+            _ => {}
+        }
+        // The group's leader brings its members in line, also when it is itself the member
+        // that departed (it leads until it has removed itself; a new leader releases it).
+        if let Some(group) = copy
+            && only.is_none()
+            && group.leader == Some(group.member_id)
+        {
+            lead_membership(state, changing, row, group);
+            if let Err(e) = release(state, row, group, &unreleased).await {
+                errors.push(e);
             }
         }
     }
@@ -131,6 +144,9 @@ async fn round(state: &AppState, changing: &Changing, only: Option<&str>) -> Res
         let held_as_departed = copies
             .get(&departure.context)
             .is_some_and(|g| g.member_id == departure.member_id);
+        if !departure.released {
+            continue;
+        }
         if held_as_departed && let Err(e) = leave(state, departure).await {
             errors.push(e);
         }
@@ -199,6 +215,25 @@ async fn leave(state: &AppState, departure: &Departure) -> Result<(), String> {
                 context: departure.context.clone(),
             })
             .await;
+    }
+    Ok(())
+}
+
+/// On the node whose event store leads `row`'s group: releases the departed members the group
+/// no longer has, so that their nodes may remove their copies.
+async fn release(state: &AppState, row: &ContextRow, group: &GroupStatus, unreleased: &[Departure]) -> Result<(), String> {
+    for departure in unreleased.iter().filter(|d| d.context == row.name) {
+        if group.members.iter().any(|m| m.id == departure.member_id) {
+            continue;
+        }
+        tracing::info!(context = %row.name, member = departure.member_id, node = %departure.node, "the group let a departed member go");
+        state
+            .change(crate::raft::AdminCommand::ReleaseMember {
+                context: row.name.clone(),
+                member_id: departure.member_id,
+            })
+            .await
+            .map_err(|e| format!("releasing member {} of {}: {}", departure.member_id, row.name, e.message))?;
     }
     Ok(())
 }

@@ -129,6 +129,9 @@ pub struct Departure {
     pub member_id: u64,
     /// Keep the files (set aside) instead of removing them.
     pub preserve: bool,
+    /// The context's group no longer counts the member (or the context is gone): its node may
+    /// remove its copy. Before that the copy may still be needed for the group's majority.
+    pub released: bool,
 }
 
 /// Records a node (or updates its addresses).
@@ -341,29 +344,50 @@ pub fn add_member(conn: &Connection, context: &str, member: &Member, seat: Seat)
 /// Records that a member left its context (or the context went).
 pub fn add_departure(conn: &Connection, departure: &Departure) -> Result<(), DbError> {
     conn.execute(
-        "INSERT OR REPLACE INTO departures (context, node, member_id, preserve) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT OR REPLACE INTO departures (context, node, member_id, preserve, released) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![
             departure.context,
             departure.node,
             departure.member_id as i64,
-            i64::from(departure.preserve)
+            i64::from(departure.preserve),
+            i64::from(departure.released)
         ],
     )?;
     Ok(())
 }
 
+/// Marks the departure of `context`'s member `member_id` released; false if there is none
+/// waiting.
+pub fn release_departure(conn: &Connection, context: &str, member_id: u64) -> Result<bool, DbError> {
+    Ok(conn.execute(
+        "UPDATE departures SET released = 1 WHERE context = ?1 AND member_id = ?2 AND released = 0",
+        params![context, member_id as i64],
+    )? > 0)
+}
+
+const DEPARTURE_COLUMNS: &str = "SELECT context, node, member_id, preserve, released FROM departures";
+
+fn departure_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Departure> {
+    Ok(Departure {
+        context: r.get(0)?,
+        node: r.get(1)?,
+        member_id: r.get::<_, i64>(2)? as u64,
+        preserve: r.get::<_, i64>(3)? == 1,
+        released: r.get::<_, i64>(4)? == 1,
+    })
+}
+
 /// The departures of `node`'s members.
 pub fn departures_of(conn: &Connection, node: &str) -> Result<Vec<Departure>, DbError> {
-    let mut statement =
-        conn.prepare("SELECT context, node, member_id, preserve FROM departures WHERE node = ?1 ORDER BY context")?;
-    let rows = statement.query_map([node], |r| {
-        Ok(Departure {
-            context: r.get(0)?,
-            node: r.get(1)?,
-            member_id: r.get::<_, i64>(2)? as u64,
-            preserve: r.get::<_, i64>(3)? == 1,
-        })
-    })?;
+    let mut statement = conn.prepare(&format!("{DEPARTURE_COLUMNS} WHERE node = ?1 ORDER BY context"))?;
+    let rows = statement.query_map([node], departure_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The departures not released yet, of every node.
+pub fn unreleased_departures(conn: &Connection) -> Result<Vec<Departure>, DbError> {
+    let mut statement = conn.prepare(&format!("{DEPARTURE_COLUMNS} WHERE released = 0 ORDER BY context"))?;
+    let rows = statement.query_map([], departure_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -374,6 +398,16 @@ pub fn admin_member(conn: &Connection, node: &str) -> Result<Option<u64>, DbErro
         .query_row("SELECT admin_member FROM nodes WHERE name = ?1", [node], |r| r.get(0))
         .optional()?;
     Ok(id.flatten().map(|id| id as u64))
+}
+
+/// Every node with the `_admin` member id it was given when it registered (none for the node
+/// that started the cluster).
+pub fn admin_members(conn: &Connection) -> Result<Vec<(String, Option<u64>)>, DbError> {
+    let mut statement = conn.prepare("SELECT name, admin_member FROM nodes ORDER BY name")?;
+    let rows = statement.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?.map(|id| id as u64)))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Records a registered node's `_admin` member id.

@@ -146,6 +146,15 @@ pub const MIGRATIONS: &[Migration] = &[
             ) STRICT;
         ",
     },
+    Migration {
+        description: "a departed member keeps its copy until its context's group let it go",
+        // Released: the context's group no longer counts the member (or the context is gone),
+        // so its node may remove its copy. Rows from before this migration were acted on at
+        // once, as then.
+        sql: "
+            ALTER TABLE departures ADD COLUMN released INTEGER NOT NULL DEFAULT 1 CHECK (released IN (0, 1));
+        ",
+    },
 ];
 
 /// The schema version this build writes.

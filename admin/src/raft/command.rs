@@ -70,6 +70,10 @@ pub enum AdminCommand {
         #[serde(default)]
         preserve: bool,
     },
+    /// The group of `context` no longer counts member `member_id` (proposed by the group's
+    /// leader once it removed the member): the member's node may now remove its copy. Applied
+    /// once; again, or for no such departure, it changes nothing.
+    ReleaseMember { context: String, member_id: u64 },
     /// Registers an application with its token hash and roles.
     CreateApplication(NewApplication),
     /// Removes an application (its roles go with it).
@@ -87,6 +91,7 @@ impl AdminCommand {
             AdminCommand::DeleteContext { .. } => "delete-context",
             AdminCommand::AddMember { .. } => "add-member",
             AdminCommand::RemoveMember { .. } => "remove-member",
+            AdminCommand::ReleaseMember { .. } => "release-member",
             AdminCommand::CreateApplication(_) => "create-application",
             AdminCommand::DeleteApplication { .. } => "delete-application",
         }
@@ -204,6 +209,8 @@ fn leave(conn: &Connection, context: &str, node: &str, preserve: bool) -> Result
                 node: node.to_owned(),
                 member_id: seat.id,
                 preserve,
+                // The group may still need this member's copy for its majority.
+                released: false,
             },
         )?;
     }
@@ -299,6 +306,8 @@ fn change(conn: &Connection, index: u64, command: &AdminCommand) -> Result<Resul
                             node: member.node.clone(),
                             member_id: seat.id,
                             preserve: *preserve,
+                            // The whole group goes: no majority to keep.
+                            released: true,
                         },
                     )?;
                 }
@@ -340,6 +349,10 @@ fn change(conn: &Connection, index: u64, command: &AdminCommand) -> Result<Resul
             Err(CreateError::TokenInUse) => Err(Refusal::TokenInUse),
             Err(CreateError::Db(e)) => return Err(e),
         },
+        AdminCommand::ReleaseMember { context, member_id } => {
+            contexts::release_departure(conn, context, *member_id)?;
+            Ok(())
+        }
         AdminCommand::DeleteApplication { name } => {
             if applications::delete(conn, name)? {
                 Ok(())
@@ -469,6 +482,13 @@ mod tests {
             ),
             (AdminCommand::RemoveNode { name: "n2".into() }, Applied),
             (
+                AdminCommand::ReleaseMember {
+                    context: "orders".into(),
+                    member_id: 7,
+                },
+                Applied,
+            ),
+            (
                 AdminCommand::DeleteApplication { name: "nope".into() },
                 refused(Refusal::NoSuchApplication("nope".into())),
             ),
@@ -523,6 +543,49 @@ mod tests {
         let response = run(&mut conn, &create_context("c", &["n1", "ghost"]));
         assert_eq!(response, AdminResponse::Refused(Refusal::NoSuchNode("ghost".into())));
         assert_eq!(dump(&conn), before);
+    }
+
+    #[test]
+    fn a_departed_member_is_released_by_its_group_or_at_once_with_its_context() {
+        let (_dir, mut conn) = open();
+        for n in ["n1", "n2"] {
+            run(&mut conn, &AdminCommand::UpsertNode(node(n)));
+        }
+        run(&mut conn, &create_context("orders", &["n1", "n2"]));
+        run(&mut conn, &create_context("audit", &["n1", "n2"]));
+        let remove = AdminCommand::RemoveMember {
+            context: "orders".into(),
+            node: "n2".into(),
+            preserve: false,
+        };
+        assert_eq!(run(&mut conn, &remove), AdminResponse::Applied);
+        let departures = contexts::departures_of(&conn, "n2").unwrap();
+        assert_eq!(departures.len(), 1);
+        assert!(!departures[0].released, "the group may still need n2's copy");
+        assert_eq!(contexts::unreleased_departures(&conn).unwrap(), departures);
+        let release = AdminCommand::ReleaseMember {
+            context: "orders".into(),
+            member_id: departures[0].member_id,
+        };
+        assert_eq!(run(&mut conn, &release), AdminResponse::Applied);
+        assert!(contexts::departures_of(&conn, "n2").unwrap()[0].released);
+        // Again, or for a member with no departure: nothing changes.
+        let before = dump(&conn);
+        assert_eq!(run(&mut conn, &release), AdminResponse::Applied);
+        let unknown = AdminCommand::ReleaseMember {
+            context: "audit".into(),
+            member_id: 999,
+        };
+        assert_eq!(run(&mut conn, &unknown), AdminResponse::Applied);
+        assert_eq!(dump(&conn), before);
+        // A deleted context's members are released with it.
+        let delete = AdminCommand::DeleteContext {
+            name: "audit".into(),
+            preserve: false,
+        };
+        assert_eq!(run(&mut conn, &delete), AdminResponse::Applied);
+        assert!(contexts::unreleased_departures(&conn).unwrap().is_empty());
+        assert_eq!(contexts::departures_of(&conn, "n1").unwrap().len(), 1);
     }
 
     #[test]
