@@ -8,6 +8,7 @@
 //!   peers (`PeerDirectory`) and the tests give each eventstore its membership of a context
 //!   (`StorageControl.JoinContext` / `AddMember`), over the nodes' own Unix sockets.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -229,6 +230,57 @@ impl Cluster {
         events
     }
 
+    /// Asserts that the replicas (node, events as [`Cluster::replica`] reads them) hold the same
+    /// events under the same dense tokens, and that the nodes' segment files of `context` are
+    /// byte-identical.
+    pub fn assert_same_replicas(&self, context: &str, replicas: &[(usize, Vec<(i64, Vec<u8>)>)]) {
+        let (first, reference) = &replicas[0];
+        for (i, events) in &replicas[1..] {
+            assert_eq!(
+                events.len(),
+                reference.len(),
+                "{} vs {}",
+                node_name(*i),
+                node_name(*first)
+            );
+            for (a, b) in events.iter().zip(reference) {
+                assert_eq!(
+                    a,
+                    b,
+                    "token {} differs between {} and {}",
+                    a.0,
+                    node_name(*i),
+                    node_name(*first)
+                );
+            }
+        }
+        let tokens: Vec<i64> = reference.iter().map(|(t, _)| *t).collect();
+        assert_eq!(
+            tokens,
+            (0..reference.len() as i64).collect::<Vec<_>>(),
+            "tokens are dense"
+        );
+        let files: Vec<(usize, BTreeMap<String, Vec<u8>>)> = replicas
+            .iter()
+            .map(|(i, _)| (*i, segment_files(&self.nodes[*i].data, context)))
+            .collect();
+        for (i, f) in &files[1..] {
+            assert_eq!(
+                f.keys().collect::<Vec<_>>(),
+                files[0].1.keys().collect::<Vec<_>>(),
+                "segment names on {}",
+                node_name(*i)
+            );
+            for (name, bytes) in f {
+                assert!(
+                    bytes == &files[0].1[name],
+                    "segment {name} differs on {}",
+                    node_name(*i)
+                );
+            }
+        }
+    }
+
     /// Gives every running router the directory of all nodes.
     pub async fn set_peers(&self) {
         let peers: Vec<PeerAddress> = self
@@ -238,6 +290,7 @@ impl Cluster {
             .map(|(i, node)| PeerAddress {
                 node: node_name(i),
                 internal_address: node.internal_address(),
+                ..Default::default()
             })
             .collect();
         for node in &self.nodes {
@@ -246,7 +299,10 @@ impl Cluster {
             }
             let mut directory = PeerDirectoryClient::new(socket_channel(&node.runtime_dir().join("router.sock")));
             directory
-                .set_peers(SetPeersRequest { peers: peers.clone() })
+                .set_peers(SetPeersRequest {
+                    peers: peers.clone(),
+                    ..Default::default()
+                })
                 .await
                 .expect("set peers");
         }
@@ -398,4 +454,20 @@ pub fn node_of(member: u64) -> usize {
 
 fn socket_channel(path: &std::path::Path) -> Channel {
     myelin_proto::local_socket::channel(path).expect("socket path")
+}
+
+/// The bytes of every event segment file of `context` in data directory `data`, by file name.
+fn segment_files(data: &std::path::Path, context: &str) -> BTreeMap<String, Vec<u8>> {
+    let dir = data.join(context).join("events");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".events"))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
 }

@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use myelin_proto::axon::control::ClientIdentification;
+use myelin_proto::axon::control::platform_service_client::PlatformServiceClient;
 use myelin_tests::cluster::{Cluster, node_name};
 use myelin_tests::{Node, Options, append, event, with_context};
 use serde_json::{Value, json};
@@ -58,6 +60,16 @@ async fn wait_voters(cluster: &Cluster, i: usize, context: &str, expected: &[&st
         let now = voters(cluster, i, context).await;
         if now == expected {
             return;
+        }
+        if std::time::Instant::now() >= deadline {
+            for (k, node) in cluster.nodes.iter().enumerate() {
+                let log = node.log_text();
+                let lines: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("member"))
+                    .collect();
+                eprintln!("--- {} ---\n{}", node_name(k), lines[lines.len().saturating_sub(25)..].join("\n"));
+            }
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -129,6 +141,20 @@ async fn a_cluster_is_built_with_init_cluster_and_register_node() {
             .await;
     }
 
+    // Each node's health shows its view of the cluster: links up, a leader for each group.
+    for i in 0..3 {
+        let health = cluster
+            .wait_for(i, "/actuator/health", JOIN, "the cluster in health", |v| {
+                v["components"]["cluster"]["status"] == "UP"
+            })
+            .await;
+        let view = &health["components"]["cluster"]["details"];
+        let others: Vec<&String> = view["connected"].as_object().unwrap().keys().collect();
+        assert_eq!(others.len(), 2, "{health}");
+        assert!(view["leaders"]["_admin"].is_string(), "{health}");
+        assert!(view["leaders"]["default"].is_string(), "{health}");
+    }
+
     // A change made on any node (here n3, a follower of _admin) reaches every node.
     let app = cluster
         .http(
@@ -194,6 +220,43 @@ async fn a_cluster_is_built_with_init_cluster_and_register_node() {
         .http(0, "DELETE", "/v1/context/solo/n2", None)
         .await
         .assert_error(400, "AXONIQ-2307");
+    // A client of solo that asks n2 which server to use is sent to n1, the node that stores it;
+    // a client of default stays on n2.
+    let platform = |context: &'static str| {
+        let node = &cluster.nodes[1];
+        async move {
+            let mut client = PlatformServiceClient::new(node.channel().await);
+            client
+                .get_platform_server(with_context(
+                    ClientIdentification {
+                        client_id: "client-1".into(),
+                        component_name: "test".into(),
+                        ..Default::default()
+                    },
+                    context,
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let deadline = std::time::Instant::now() + JOIN;
+    let sent = loop {
+        let info = platform("solo").await;
+        if !info.same_connection {
+            break info;
+        }
+        assert!(std::time::Instant::now() < deadline, "n2 keeps a client of solo: {info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let n1 = sent.primary.unwrap();
+    assert_eq!(
+        (n1.node_name.as_str(), n1.host_name.as_str(), n1.grpc_port),
+        ("n1", "127.0.0.1", i32::from(cluster.nodes[0].grpc_port))
+    );
+    let stays = platform("default").await;
+    assert!(stays.same_connection, "{stays:?}");
+    assert_eq!(stays.primary.unwrap().node_name, "n2");
 
     // A node removed from a context gives its copy up; added again, it gets a new member id
     // (never the old one) and catches up.
@@ -365,4 +428,100 @@ async fn three_nodes_form_a_cluster_by_themselves_with_autocluster() {
             .await
             .unwrap_or_else(|e| panic!("append through {}: {e}", node_name(i)));
     }
+}
+
+/// Two operators change a context's members at once, through different nodes: both changes are
+/// carried out, one after the other (`_admin` orders them). The same change twice at once is
+/// made once; the other is refused. A node that comes back with an empty data directory under
+/// its old name is a stranger: the cluster goes on without it and refuses its name (AXONIQ-2500)
+/// until the operator unregisters the old node; registered again, it gets new member ids (never
+/// the old ones) and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_node_and_two_operators_at_once_leave_the_cluster_whole() {
+    let mut cluster = Cluster::start_nodes(3, &[]).await;
+    let all = ["n1", "n2", "n3"];
+    for i in 1..3 {
+        let joined = cluster.register(i, 0, json!({})).await;
+        assert_eq!(joined.status, 202, "{joined:?}");
+        cluster
+            .wait_for(i, "/v1/cluster", JOIN, "joined", |v| names(v).len() == i + 1)
+            .await;
+    }
+    let created = cluster
+        .http(0, "POST", "/v1/context", Some(json!({"context": "orders", "nodes": ["n1", "n2"]})))
+        .await;
+    assert_eq!(created.status, 200, "{created:?}");
+    wait_voters(&cluster, 0, "orders", &["n1", "n2"]).await;
+
+    // One operator adds n3 to orders through n1 while another removes n2 through n3.
+    let (added, removed) = tokio::join!(
+        cluster.http(0, "POST", "/v1/context/orders/n3", None),
+        cluster.http(2, "DELETE", "/v1/context/orders/n2", None),
+    );
+    assert_eq!((added.status, removed.status), (202, 202), "{added:?} {removed:?}");
+    wait_voters(&cluster, 0, "orders", &["n1", "n3"]).await;
+    wait_voters(&cluster, 2, "orders", &["n1", "n3"]).await;
+    wait_gone(&cluster, 1, "orders").await;
+    // Both add n2 back at once: one is carried out, the other refused.
+    let (first, second) = tokio::join!(
+        cluster.http(0, "POST", "/v1/context/orders/n2", None),
+        cluster.http(1, "POST", "/v1/context/orders/n2", None),
+    );
+    let mut statuses = [first.status, second.status];
+    statuses.sort();
+    assert_eq!(statuses, [202, 400], "{first:?} {second:?}");
+    let refused = if first.status == 400 { &first } else { &second };
+    assert!(refused.body.contains("already a member"), "{refused:?}");
+    wait_voters(&cluster, 0, "orders", &all).await;
+
+    // n2 loses its data directory and comes back under its name: a standalone node of its own.
+    let old_member = cluster.status(1, "default").await.unwrap().member_id;
+    cluster.nodes[1].crash();
+    std::fs::remove_dir_all(&cluster.nodes[1].data).unwrap();
+    std::fs::create_dir_all(&cluster.nodes[1].data).unwrap();
+    cluster.nodes[1].launch().await;
+    cluster
+        .wait_for(1, "/v1/cluster", JOIN, "n2 on its own", |v| names(v) == ["n2"])
+        .await;
+    // The cluster still confirms (n1 and n3 are a majority of default and of orders), and the
+    // stranger holds none of it.
+    let mut client = cluster.nodes[0].client().await;
+    append(&mut client, vec![event("kept-1", 0, "k0"), event("kept-1", 1, "k1")])
+        .await
+        .expect("the majority confirms without n2");
+    let orders = vec![event("order-9", 0, "o0")];
+    client
+        .append_event(with_context(tokio_stream::iter(orders), "orders"))
+        .await
+        .expect("orders confirms without n2");
+    let mut stranger = cluster.nodes[1].client().await;
+    assert!(myelin_tests::read_all(&mut stranger).await.is_empty());
+    // Its name is taken until the operator unregisters the old n2.
+    cluster.register(1, 0, json!({})).await.assert_error(400, "AXONIQ-2500");
+    let gone = cluster.http(2, "DELETE", "/v1/cluster/n2", None).await;
+    assert_eq!(gone.status, 200, "{gone:?}");
+    wait_voters(&cluster, 0, "default", &["n1", "n3"]).await;
+    wait_voters(&cluster, 0, "orders", &["n1", "n3"]).await;
+    // Registered again: new member ids, and the events it lost are back.
+    let joined = cluster.register(1, 0, json!({})).await;
+    assert_eq!(joined.status, 202, "{joined:?}");
+    for i in 0..3 {
+        cluster
+            .wait_for(i, "/v1/cluster", JOIN, "three nodes again", |v| names(v) == all)
+            .await;
+    }
+    wait_voters(&cluster, 1, "default", &all).await;
+    let new_member = cluster.status(1, "default").await.unwrap().member_id;
+    assert_ne!(old_member, new_member, "a node back without its data gets a new member id");
+    let deadline = std::time::Instant::now() + JOIN;
+    loop {
+        let events = cluster.replica(1, "default").await;
+        if events.len() == 2 && events == cluster.replica(0, "default").await {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "n2 holds {} events", events.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // As a new node does by default, it joined every context.
+    wait_voters(&cluster, 1, "orders", &all).await;
 }

@@ -4,8 +4,6 @@
 //! The cluster configuration (`_admin`) does not decide membership yet: the test plays its part
 //! over the nodes' Unix sockets (see `myelin_tests::cluster`).
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use myelin_proto::axon::event::event_store_client::EventStoreClient;
@@ -66,68 +64,8 @@ async fn wait_replica(cluster: &Cluster, i: usize, count: usize, within: Duratio
     }
 }
 
-/// The bytes of every event segment file of the context on node `i`, by file name.
-fn segment_files(data: &Path) -> BTreeMap<String, Vec<u8>> {
-    let dir = data.join(CONTEXT).join("events");
-    std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap())
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".events"))
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect()
-}
-
 fn assert_same_replicas(cluster: &Cluster, replicas: &[(usize, Replica)]) {
-    let (first, reference) = &replicas[0];
-    for (i, events) in &replicas[1..] {
-        assert_eq!(
-            events.len(),
-            reference.len(),
-            "{} vs {}",
-            node_name(*i),
-            node_name(*first)
-        );
-        for (a, b) in events.iter().zip(reference) {
-            assert_eq!(
-                a,
-                b,
-                "token {} differs between {} and {}",
-                a.0,
-                node_name(*i),
-                node_name(*first)
-            );
-        }
-    }
-    let tokens: Vec<i64> = reference.iter().map(|(t, _)| *t).collect();
-    assert_eq!(
-        tokens,
-        (0..reference.len() as i64).collect::<Vec<_>>(),
-        "tokens are dense"
-    );
-    let files: Vec<(usize, BTreeMap<String, Vec<u8>>)> = replicas
-        .iter()
-        .map(|(i, _)| (*i, segment_files(&cluster.nodes[*i].data)))
-        .collect();
-    for (i, f) in &files[1..] {
-        assert_eq!(
-            f.keys().collect::<Vec<_>>(),
-            files[0].1.keys().collect::<Vec<_>>(),
-            "segment names on {}",
-            node_name(*i)
-        );
-        for (name, bytes) in f {
-            assert!(
-                bytes == &files[0].1[name],
-                "segment {name} differs on {}",
-                node_name(*i)
-            );
-        }
-    }
+    cluster.assert_same_replicas(CONTEXT, replicas);
 }
 
 /// Three nodes replicate a context: what the leader confirms is on every replica, with the same
