@@ -6,9 +6,10 @@
 //!   The connection's flow-control window is HTTP/2's maximum, so only a stream's own window can
 //!   stop it: a group whose member on the peer reads slowly never stalls another group.
 //! - What is on its way to a peer is bounded, in bytes per peer and in messages per group and
-//!   peer. A message beyond a bound is refused at once as not delivered (openraft retries it after
-//!   its backoff), never queued: a stalled peer costs a bounded amount of memory, and a stalled
-//!   group never takes another's place.
+//!   peer (Raft's own messages, and separately the requests members make of their leader for
+//!   clients; heartbeats only in bytes, see [`LinkBounds`]). A message beyond a bound is refused
+//!   at once as not delivered (openraft retries it after its backoff), never queued: a stalled
+//!   peer costs a bounded amount of memory, and a stalled group never takes another's place.
 //! - The directory of peers (node name -> internal address) is data given by admin, from the
 //!   cluster configuration; a link is opened lazily and re-established by the HTTP/2 client when
 //!   its connection drops.
@@ -34,7 +35,7 @@ use myelin_proto::internal::raft_inbox_client::RaftInboxClient;
 use myelin_proto::internal::raft_relay_server::RaftRelay;
 use myelin_proto::internal::{
     AdminAnswer, AdminCall, ListPeersRequest, ListPeersResponse, PeerStatus, PingAnswer, PingRequest, RaftAnswer,
-    RaftMessage, SetPeersRequest, SetPeersResponse,
+    RaftMessage, RaftRpc, SetPeersRequest, SetPeersResponse,
 };
 use myelin_raft_relay::{lost, not_delivered};
 use prost::Message as _;
@@ -60,9 +61,16 @@ const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct LinkBounds {
     /// Bytes of messages on their way to one peer.
     pub bytes_per_peer: u64,
-    /// Messages of one group on their way to one peer. openraft has at most one AppendEntries
-    /// and a few votes or snapshot chunks out per member, so this bound only bites on a fault.
+    /// Raft messages of one group that carry entries or snapshot chunks, or ask for votes, on
+    /// their way to one peer. openraft has at most one AppendEntries and a few votes or snapshot
+    /// chunks out per member, so this bound only bites on a fault. Heartbeats (AppendEntries
+    /// without entries) are not counted here, only in the bytes: openraft sends one to every
+    /// voter for each linearizable read on the leader, and a heartbeat refused for a count would
+    /// look like a lost leader to the follower (the bench saw elections under 64 readers).
     pub messages_per_group: u32,
+    /// Requests of one group's members to its leader on behalf of clients (forwarded appends,
+    /// read indexes) on their way to one peer: as many as clients make, up to this.
+    pub requests_per_group: u32,
 }
 
 impl Default for LinkBounds {
@@ -70,7 +78,19 @@ impl Default for LinkBounds {
         LinkBounds {
             bytes_per_peer: 256 << 20,
             messages_per_group: 16,
+            requests_per_group: 4096,
         }
+    }
+}
+
+/// What a message is counted against on its link besides the bytes: (counter, bound), or none.
+fn lane(message: &RaftMessage, bounds: &LinkBounds) -> Option<(String, u32)> {
+    match RaftRpc::try_from(message.rpc).unwrap_or(RaftRpc::Unspecified) {
+        RaftRpc::AppendEntries if message.entries.is_empty() => None,
+        RaftRpc::ForwardAppend | RaftRpc::ReadIndex => {
+            Some((format!("{} (requests)", message.group), bounds.requests_per_group))
+        }
+        _ => Some((message.group.clone(), bounds.messages_per_group)),
     }
 }
 
@@ -104,18 +124,20 @@ struct PeersInner {
 /// Gives back a message's share of its link's bounds when the message is answered or dropped.
 struct Charge {
     link: Arc<Link>,
-    group: String,
+    /// The per-group counter the message was counted against, if any.
+    counter: Option<String>,
     bytes: u64,
 }
 
 impl Drop for Charge {
     fn drop(&mut self) {
         self.link.bytes_in_flight.fetch_sub(self.bytes, Ordering::Relaxed);
+        let Some(counter) = &self.counter else { return };
         let mut groups = self.link.per_group.lock().expect("peer link groups");
-        if let Some(count) = groups.get_mut(&self.group) {
+        if let Some(count) = groups.get_mut(counter) {
             *count -= 1;
             if *count == 0 {
-                groups.remove(&self.group);
+                groups.remove(counter);
             }
         }
     }
@@ -193,7 +215,8 @@ impl Peers {
             ));
         };
         let bytes = message.encoded_len() as u64;
-        let _charge = match self.charge(&link, &message.group, &message.to_node, bytes) {
+        let lane = lane(&message, &self.inner.bounds);
+        let _charge = match self.charge(&link, lane, &message.to_node, bytes) {
             Ok(charge) => charge,
             Err(answer) => return answer,
         };
@@ -275,7 +298,12 @@ impl Peers {
         };
         let bytes = call.encoded_len() as u64;
         let _charge = self
-            .charge(&link, ADMIN_CALLS, &link.address, bytes)
+            .charge(
+                &link,
+                Some((ADMIN_CALLS.to_owned(), self.inner.bounds.messages_per_group)),
+                &link.address,
+                bytes,
+            )
             .map_err(|answer| Status::resource_exhausted(format!("{:?}", answer.outcome)))?;
         call.from_node.clone_from(&self.inner.node_name);
         let mut request = Request::new(call);
@@ -296,14 +324,20 @@ impl Peers {
         }
     }
 
-    fn charge(&self, link: &Arc<Link>, group: &str, to_node: &str, bytes: u64) -> Result<Charge, RaftAnswer> {
+    fn charge(
+        &self,
+        link: &Arc<Link>,
+        lane: Option<(String, u32)>,
+        to_node: &str,
+        bytes: u64,
+    ) -> Result<Charge, RaftAnswer> {
         let bounds = self.inner.bounds;
-        {
+        if let Some((counter, bound)) = &lane {
             let mut groups = link.per_group.lock().expect("peer link groups");
-            let count = groups.entry(group.to_owned()).or_insert(0);
-            if *count >= bounds.messages_per_group {
+            let count = groups.entry(counter.clone()).or_insert(0);
+            if *count >= *bound {
                 return Err(not_delivered(format!(
-                    "{count} messages of group {group} already on their way to {to_node}"
+                    "{count} messages of {counter} already on their way to {to_node}"
                 )));
             }
             *count += 1;
@@ -312,7 +346,7 @@ impl Peers {
         // From here on, dropping the charge gives back both the message and its bytes.
         let charge = Charge {
             link: link.clone(),
-            group: group.to_owned(),
+            counter: lane.map(|(counter, _)| counter),
             bytes,
         };
         if before + bytes > bounds.bytes_per_peer && before > 0 {
@@ -513,4 +547,32 @@ pub fn inbox(socket: &std::path::Path) -> std::io::Result<RaftInboxClient<Channe
     Ok(RaftInboxClient::new(myelin_proto::local_socket::channel(socket)?)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(rpc: RaftRpc, entries: usize) -> RaftMessage {
+        RaftMessage {
+            group: "orders".into(),
+            rpc: rpc as i32,
+            entries: vec![bytes::Bytes::from_static(b"e"); entries],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn raft_traffic_requests_and_heartbeats_count_against_their_own_bounds() {
+        let bounds = LinkBounds::default();
+        let raft = Some(("orders".to_owned(), bounds.messages_per_group));
+        assert_eq!(lane(&message(RaftRpc::AppendEntries, 3), &bounds), raft);
+        assert_eq!(lane(&message(RaftRpc::Vote, 0), &bounds), raft);
+        assert_eq!(lane(&message(RaftRpc::InstallSnapshot, 1), &bounds), raft);
+        // A heartbeat is never refused for a count: only its bytes are bounded.
+        assert_eq!(lane(&message(RaftRpc::AppendEntries, 0), &bounds), None);
+        let requests = Some(("orders (requests)".to_owned(), bounds.requests_per_group));
+        assert_eq!(lane(&message(RaftRpc::ForwardAppend, 1), &bounds), requests);
+        assert_eq!(lane(&message(RaftRpc::ReadIndex, 0), &bounds), requests);
+    }
 }
