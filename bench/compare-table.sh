@@ -24,7 +24,7 @@ jq -rs '
     def nodes($s): ([$peers[] | select(.system == $s) | .nodes // 1] | first) // 1;
     def has($s): $systems | index([$s]) != null;
     ($systems | map(select(. != "myelin" and nodes(.) == 1))) as $single_peers
-    | ($systems | map(select(. != "myelin-3" and nodes(.) > 1))) as $cluster_peers
+    | ($systems | map(select((startswith("myelin") | not) and nodes(.) > 1))) as $cluster_peers
     | def ratio_to($lb; $me; $among):
       (cell($lb; $me)) as $m
       | ([$rows[] | select(.label == $lb) | select(.system as $s | $among | index([$s]) != null) | {system, v: rate}]
@@ -59,6 +59,7 @@ jq -rs '
   "Systems: \([$peers[] | "\(.system) = \(.version)"] | join("; ")).",
   ( if ($cluster_peers | length) > 0 or has("myelin-3") then
       "Three-node systems run on 127.0.0.1, .2 and .3; the connections of the clients (one per 8) are spread evenly over the nodes (rounded up to a multiple of 3, at most one per client); replay and single-client runs use the first node. Their CPU columns add up the three nodes."
+      + (if has("myelin-3-leader") then " myelin-3-leader is Myelin × 3 with every connection on the node leading the context (a diagnostic of what forwarding costs)." else "" end)
     else empty end ),
   "",
   "## Summary: events/s (aggregate read: reads/s), p99 ms in parentheses",

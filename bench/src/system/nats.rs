@@ -13,6 +13,10 @@
 //!   `batch`, NATS 2.11+), the replies read from an inbox subscription until the end-of-batch
 //!   status (204).
 //! - Replay: an ordered pull consumer from the first message.
+//!
+//! On a cluster (`nats-r3`) the stream has `--stream-replicas` replicas and the connections are
+//! spread over the servers, which route each publish to the stream's leader; a Direct Get may be
+//! answered by any replica (`allow_direct`).
 
 use std::time::Duration;
 
