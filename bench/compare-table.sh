@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Renders a docs/benchmarks/*.jsonl file written by bench/compare.sh as Markdown: the machine and
-# the peers, a summary (events/s per system and Myelin's ratio to the best peer of the same run)
-# and the detail table (ops/s, events/s, p50/p99, CPU of server and load generator).
+# the peers, a summary (events/s per system and Myelin's ratio to the best peer of the same run:
+# single node against single-node peers, Myelin × 3 against the three-node peers and against
+# Myelin's single node), the issue's three-node targets when Myelin × 3 ran, and the detail
+# table (ops/s, events/s, p50/p99, CPU of server and load generator).
 set -euo pipefail
 FILE="${1:?usage: bench/compare-table.sh docs/benchmarks/<run>.jsonl}"
 jq -rs '
@@ -19,11 +21,26 @@ jq -rs '
   | ($rows | map(.label) | reduce .[] as $l ([]; if index([$l]) then . else . + [$l] end)) as $lbs
   | def cell($lb; $sys): ($rows | map(select(.label == $lb and .system == $sys))[0]);
     def rate: if .workload == "aggregate-read" then .ops_per_s else .events_per_s end;
-    def ratio($lb):
-      (cell($lb; "myelin")) as $me
-      | ([$rows[] | select(.label == $lb and .system != "myelin") | {system, v: rate}] | max_by(.v)) as $best
-      | if $me == null or $best == null or ($best.v // 0) == 0 then "–"
-        else "\((($me | rate) / $best.v * 100 | round) / 100)× (\($best.system))" end;
+    def nodes($s): ([$peers[] | select(.system == $s) | .nodes // 1] | first) // 1;
+    def has($s): $systems | index([$s]) != null;
+    ($systems | map(select(. != "myelin" and nodes(.) == 1))) as $single_peers
+    | ($systems | map(select((startswith("myelin") | not) and nodes(.) > 1))) as $cluster_peers
+    | def ratio_to($lb; $me; $among):
+      (cell($lb; $me)) as $m
+      | ([$rows[] | select(.label == $lb) | select(.system as $s | $among | index([$s]) != null) | {system, v: rate}]
+         | max_by(.v)) as $best
+      | if $m == null or $best == null or ($best.v // 0) == 0 then "–"
+        else "\((($m | rate) / $best.v * 100 | round) / 100)×" + (if ($among | length) > 1 then " (\($best.system))" else "" end) end;
+    # The ratio columns this run has: [header, me, among].
+    ([ (if has("myelin") and ($single_peers | length) > 0 then ["Myelin ÷ best peer", "myelin", $single_peers] else empty end),
+       (if has("myelin-3") and ($cluster_peers | length) > 0 then ["Myelin × 3 ÷ best 3-node peer", "myelin-3", $cluster_peers] else empty end),
+       (if has("myelin-3") and has("myelin") then ["Myelin × 3 ÷ Myelin", "myelin-3", ["myelin"]] else empty end) ]) as $ratios
+    | def target_row($me; $other; $goal):
+      ($rows | map(select(.workload == "append" and .clients == 64 and (.in_flight_per_client // 1) == 1))) as $a64
+      | ($a64 | map(select(.system == $me))[0]) as $m | ($a64 | map(select(.system == $other))[0]) as $o
+      | if $m == null or $o == null then empty
+        else (($m.events_per_s / $o.events_per_s * 100 | round) / 100) as $r
+        | "| \($me) ≥ \($goal)× \($other), 64 clients, one event per call | \(num($m.events_per_s)) vs \(num($o.events_per_s)) events/s | \($r)× | \(if $r >= $goal then "met" else "**missed**" end) |" end;
     def what: if .workload == "append" then "append, 1 event/call"
       elif .workload == "append-batch" then "append, \(.events_per_op) events/call"
       elif .workload == "replay" then "replay from the first event"
@@ -40,17 +57,25 @@ jq -rs '
   "Each run: \($m.warmup_s) s warm-up, \($m.duration_s) s measured; 200-byte payloads; appends go to a new aggregate each, 10% to 16 hot aggregates with the sequence check; replay and aggregate reads over \(num($m.fill_events)) events in aggregates of 50.",
   "",
   "Systems: \([$peers[] | "\(.system) = \(.version)"] | join("; ")).",
+  ( if ($cluster_peers | length) > 0 or has("myelin-3") then
+      "Three-node systems run on 127.0.0.1, .2 and .3; the connections of the clients (one per 8) are spread evenly over the nodes (rounded up to a multiple of 3, at most one per client); replay and single-client runs use the first node. Their CPU columns add up the three nodes."
+      + (if has("myelin-3-leader") then " myelin-3-leader is Myelin × 3 with every connection on the node leading the context (a diagnostic of what forwarding costs)." else "" end)
+    else empty end ),
   "",
   "## Summary: events/s (aggregate read: reads/s), p99 ms in parentheses",
   "",
-  "| workload | clients | " + ($systems | join(" | ")) + " | Myelin ÷ best peer |",
-  "|---|---|" + ($systems | map("---:") | join("|")) + "|---|",
+  "| workload | clients | " + ($systems | join(" | ")) + ([$ratios[] | " | " + .[0]] | join("")) + " |",
+  "|---|---|" + ($systems | map("---:") | join("|")) + ([$ratios[] | "|---"] | join("")) + "|",
   ( $lbs[] as $l
     | ($rows | map(select(.label == $l))[0]) as $any
     | "| \($any | what) | \($any | clients) | "
       + ([$systems[] as $s | cell($l; $s) | if . == null then "–" else "\(num(rate)) (\(f(.p99_ms)))" end] | join(" | "))
-      + " | \(ratio($l)) |" ),
+      + ([$ratios[] as $r | " | " + ratio_to($l; $r[1]; $r[2])] | join("")) + " |" ),
   "",
+  ( [target_row("myelin-3"; "nats-r3"; 2), target_row("myelin-3"; "myelin"; 0.6)]
+    | if length > 0 then
+        ("## Three-node targets (issue 11)", "", "| target | measured | ratio | |", "|---|---|---|---|", .[], "")
+      else empty end ),
   "## Detail",
   "",
   "CPU is over the measured window: the server (its whole process tree), the load generator, and everything else the machine ran (\"other\": disturbance by other work, kernel threads). µs per event (aggregate read: per read).",

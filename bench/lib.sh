@@ -1,11 +1,11 @@
 # Shell helpers shared by the bench scripts (sourced, not run).
 
-# Prints a loopback port nothing listens on.
+# Prints a port nothing listens on at a loopback address (default 127.0.0.1).
 free_port() {
-    local p
+    local p host="${1:-127.0.0.1}"
     while :; do
         p=$((20000 + RANDOM % 30000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+        if ! (exec 3<>"/dev/tcp/$host/$p") 2>/dev/null; then
             echo "$p"
             return
         fi

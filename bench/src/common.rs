@@ -29,6 +29,12 @@ pub struct Common {
     pub label: Option<String>,
 }
 
+/// The servers of a comma-separated `--server` list (one for a single node; every node of a
+/// cluster).
+pub fn servers(list: &str) -> Vec<&str> {
+    list.split(',').map(str::trim).filter(|s| !s.is_empty()).collect()
+}
+
 /// Opens one HTTP/2 connection (a tonic `Channel` is one connection).
 pub async fn connect(server: &str) -> anyhow::Result<EventStoreClient<Channel>> {
     let channel = Endpoint::from_shared(server.to_owned())?

@@ -45,7 +45,9 @@ pub struct Args {
     #[command(flatten)]
     pub common: Common,
     /// The system behind `--server` (myelin: http://host:port; redis: redis://host:port/;
-    /// postgres: "host=.. port=.. user=.."; nats: host:port).
+    /// postgres: "host=.. port=.. user=.."; nats: host:port; etcd: http://host:port). For a
+    /// cluster (myelin, nats, etcd), `--server` lists every node, comma-separated: the
+    /// connections are spread over them.
     #[arg(long, value_enum)]
     pub system: Kind,
     #[arg(long, value_enum)]
@@ -93,6 +95,10 @@ pub struct Args {
     /// be refused now and then by the system's sequence check (a test of that check).
     #[arg(long)]
     pub hot_prefix: Option<String>,
+    /// NATS: replicas of the stream `setup` creates (3 on a three-server cluster); `setup`
+    /// refuses a stream that exists with another count.
+    #[arg(long, default_value_t = 1)]
+    pub stream_replicas: usize,
     /// Root pid of the server's process tree, whose CPU time is measured (repeat for a server
     /// of several processes that are not one tree, e.g. a cluster's nodes).
     #[arg(long = "server-pid")]
@@ -110,7 +116,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     match args.workload {
         Workload::Setup => {
             let system = System::connect(args.system, &args.common.server, &args.common.context, 1).await?;
-            system.setup().await?;
+            system.setup(args.stream_replicas).await?;
             eprintln!("{}: ready at {}", args.system.name(), args.common.server);
             Ok(())
         }
@@ -121,9 +127,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-fn connections_for(args: &Args, clients: usize) -> (usize, usize) {
+/// How many connections `clients` clients share. With several servers (a cluster), every server
+/// takes the same number of connections (rounded up to a multiple of the server count, but never
+/// more connections than clients), as an application spread over the nodes would; client `c`
+/// uses connection `c % n`, and connection `i` goes to server `i % servers`.
+fn connections_for(args: &Args, clients: usize) -> usize {
     let per = args.system.clients_per_connection(args.clients_per_connection);
-    (per, clients.div_ceil(per).max(1))
+    let servers = common::servers(&args.common.server).len().max(1);
+    let clients = clients.max(1);
+    (clients.div_ceil(per).div_ceil(servers) * servers).min(clients)
 }
 
 /// The fields every result line has.
@@ -182,7 +194,7 @@ fn error_suffix(errors: &Errors) -> String {
 }
 
 async fn fill(args: Args) -> anyhow::Result<()> {
-    let (per, n) = connections_for(&args, args.fill_clients);
+    let n = connections_for(&args, args.fill_clients);
     let system = Arc::new(System::connect(args.system, &args.common.server, &args.common.context, n).await?);
     let aggregates = args.events / args.aggregate_size;
     let total = aggregates * args.aggregate_size;
@@ -206,7 +218,7 @@ async fn fill(args: Args) -> anyhow::Result<()> {
                 for seq in 0..args.aggregate_size as i64 {
                     let batch: Vec<(String, i64)> =
                         (first..last).map(|k| (format!("{FILL_PREFIX}-{k}"), seq)).collect();
-                    match system.fill(c / per, &batch, &payload).await {
+                    match system.fill(c % n, &batch, &payload).await {
                         Ok(()) => stored += batch.len() as u64,
                         Err(e) => {
                             errors.add(format!("{e:#}"));
@@ -330,7 +342,7 @@ async fn measure_window(server_pids: &[u32], from: Instant, to: Instant) -> (cpu
 }
 
 async fn aggregate_read(args: Args) -> anyhow::Result<()> {
-    let (per, n) = connections_for(&args, args.clients);
+    let n = connections_for(&args, args.clients);
     let system = Arc::new(System::connect(args.system, &args.common.server, &args.common.context, n).await?);
     let aggregates = args.events / args.aggregate_size;
     anyhow::ensure!(
@@ -352,7 +364,7 @@ async fn aggregate_read(args: Args) -> anyhow::Result<()> {
                     break;
                 }
                 let id = format!("{FILL_PREFIX}-{}", rng.below(aggregates));
-                let result = system.read_aggregate(c / per, &id).await;
+                let result = system.read_aggregate(c % n, &id).await;
                 let done = Instant::now();
                 match result {
                     Ok(seqs) => {
@@ -499,7 +511,7 @@ async fn append_once(
 }
 
 async fn append(args: Args) -> anyhow::Result<()> {
-    let (per, n) = connections_for(&args, args.clients);
+    let n = connections_for(&args, args.clients);
     let system = Arc::new(System::connect(args.system, &args.common.server, &args.common.context, n).await?);
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let mut hot = Vec::new();
@@ -544,7 +556,7 @@ async fn append(args: Args) -> anyhow::Result<()> {
                     let payload = &payload;
                     let count = args.events_per_append;
                     in_flight.push(async move {
-                        let (began, done, result) = append_once(system, c / per, h, id, count, payload).await;
+                        let (began, done, result) = append_once(system, c % n, h, id, count, payload).await;
                         (began, done, result, h.is_some())
                     });
                 }

@@ -14,6 +14,7 @@
 //! How each peer maps these (and where it is weaker or stronger than an event store) is told in
 //! its module and in docs/benchmarks.md.
 
+pub mod etcd;
 pub mod myelin;
 pub mod nats;
 pub mod postgres;
@@ -40,6 +41,9 @@ pub enum Kind {
     /// NATS JetStream, a subject per aggregate, `Nats-Expected-Last-Subject-Sequence` as the
     /// check (`--server host:port`).
     Nats,
+    /// etcd, a key per event (`ev/<aggregate>/<sequence>`), each append one Txn whose compares
+    /// are the check (`--server http://host:port`).
+    Etcd,
 }
 
 impl Kind {
@@ -50,6 +54,7 @@ impl Kind {
             Kind::RedisXadd => "redis-xadd",
             Kind::Postgres => "postgres",
             Kind::Nats => "nats",
+            Kind::Etcd => "etcd",
         }
     }
 
@@ -97,28 +102,45 @@ pub enum System {
     Redis(redis::Redis),
     Postgres(postgres::Postgres),
     Nats(nats::Nats),
+    Etcd(etcd::Etcd),
 }
 
 impl System {
     /// Opens `connections` connections (clients use `connection(i)` round-robin by index).
-    pub async fn connect(kind: Kind, server: &str, context: &str, connections: usize) -> anyhow::Result<System> {
+    /// `servers` is one address, or for a cluster every node's, comma-separated: connection `i`
+    /// goes to server `i % servers`.
+    pub async fn connect(kind: Kind, servers: &str, context: &str, connections: usize) -> anyhow::Result<System> {
         let n = connections.max(1);
+        let list = crate::common::servers(servers);
+        anyhow::ensure!(!list.is_empty(), "no server given");
+        let single = || {
+            anyhow::ensure!(
+                list.len() == 1,
+                "{} runs on one server, not {}",
+                kind.name(),
+                list.len()
+            );
+            Ok(list[0])
+        };
         Ok(match kind {
-            Kind::Myelin => System::Myelin(myelin::Myelin::connect(server, context, n).await?),
-            Kind::Redis => System::Redis(redis::Redis::connect(server, n, false).await?),
-            Kind::RedisXadd => System::Redis(redis::Redis::connect(server, n, true).await?),
-            Kind::Postgres => System::Postgres(postgres::Postgres::connect(server, n).await?),
-            Kind::Nats => System::Nats(nats::Nats::connect(server, n).await?),
+            Kind::Myelin => System::Myelin(myelin::Myelin::connect(&list, context, n).await?),
+            Kind::Redis => System::Redis(redis::Redis::connect(single()?, n, false).await?),
+            Kind::RedisXadd => System::Redis(redis::Redis::connect(single()?, n, true).await?),
+            Kind::Postgres => System::Postgres(postgres::Postgres::connect(single()?, n).await?),
+            Kind::Nats => System::Nats(nats::Nats::connect(&list, n).await?),
+            Kind::Etcd => System::Etcd(etcd::Etcd::connect(&list, n).await?),
         })
     }
 
-    /// Creates what the workloads need (schema, stream); idempotent.
-    pub async fn setup(&self) -> anyhow::Result<()> {
+    /// Creates what the workloads need (schema, stream) and checks the durability settings that
+    /// the system reports; idempotent. `replicas`: of the NATS stream.
+    pub async fn setup(&self, replicas: usize) -> anyhow::Result<()> {
         match self {
             System::Myelin(_) => Ok(()),
             System::Redis(s) => s.setup().await,
             System::Postgres(s) => s.setup().await,
-            System::Nats(s) => s.setup().await,
+            System::Nats(s) => s.setup(replicas).await,
+            System::Etcd(s) => s.setup().await,
         }
     }
 
@@ -130,6 +152,7 @@ impl System {
             System::Redis(s) => s.append(conn, a.aggregate, a.first, a.hot, payload, a.count).await,
             System::Postgres(s) => s.append(conn, a.aggregate, a.first, payload, a.count).await,
             System::Nats(s) => s.append(conn, a.aggregate, a.first, a.after, payload, a.count).await,
+            System::Etcd(s) => s.append(conn, a.aggregate, a.first, payload, a.count).await,
         }
     }
 
@@ -140,6 +163,7 @@ impl System {
             System::Redis(s) => s.position(conn, aggregate).await,
             System::Postgres(s) => s.position(conn, aggregate).await,
             System::Nats(s) => s.position(conn, aggregate).await,
+            System::Etcd(s) => s.position(conn, aggregate).await,
         }
     }
 
@@ -151,6 +175,7 @@ impl System {
             System::Redis(s) => s.read_aggregate(conn, aggregate).await,
             System::Postgres(s) => s.read_aggregate(conn, aggregate).await,
             System::Nats(s) => s.read_aggregate(conn, aggregate).await,
+            System::Etcd(s) => s.read_aggregate(conn, aggregate).await,
         }
     }
 
@@ -162,6 +187,7 @@ impl System {
             System::Redis(s) => s.fill(conn, batch, payload).await,
             System::Postgres(s) => s.fill(conn, batch, payload).await,
             System::Nats(s) => s.fill(conn, batch, payload).await,
+            System::Etcd(s) => s.fill(conn, batch, payload).await,
         }
     }
 
@@ -172,6 +198,7 @@ impl System {
             System::Redis(s) => s.replay(events).await,
             System::Postgres(s) => s.replay(events).await,
             System::Nats(s) => s.replay(events).await,
+            System::Etcd(s) => s.replay(events).await,
         }
     }
 }

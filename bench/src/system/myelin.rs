@@ -21,10 +21,12 @@ pub struct Myelin {
 }
 
 impl Myelin {
-    pub async fn connect(server: &str, context: &str, connections: usize) -> anyhow::Result<Myelin> {
+    /// Connection `i` to `servers[i % len]`: on a cluster, clients talk to every node, and a
+    /// node that does not lead the context forwards their appends to the one that does.
+    pub async fn connect(servers: &[&str], context: &str, connections: usize) -> anyhow::Result<Myelin> {
         let mut out = Vec::with_capacity(connections);
-        for _ in 0..connections {
-            out.push(common::connect(server).await?);
+        for i in 0..connections {
+            out.push(common::connect(servers[i % servers.len()]).await?);
         }
         Ok(Myelin {
             connections: out,

@@ -13,6 +13,10 @@
 //!   `batch`, NATS 2.11+), the replies read from an inbox subscription until the end-of-batch
 //!   status (204).
 //! - Replay: an ordered pull consumer from the first message.
+//!
+//! On a cluster (`nats-r3`) the stream has `--stream-replicas` replicas and the connections are
+//! spread over the servers, which route each publish to the stream's leader; a Direct Get may be
+//! answered by any replica (`allow_direct`).
 
 use std::time::Duration;
 
@@ -44,9 +48,12 @@ fn subject(aggregate: &str) -> String {
 }
 
 impl Nats {
-    pub async fn connect(server: &str, connections: usize) -> anyhow::Result<Nats> {
+    /// Connection `i` to `servers[i % len]`: on a cluster, clients talk to every server, and
+    /// the cluster routes each publish to the stream's leader.
+    pub async fn connect(servers: &[&str], connections: usize) -> anyhow::Result<Nats> {
         let mut out = Vec::with_capacity(connections);
-        for _ in 0..connections {
+        for i in 0..connections {
+            let server = servers[i % servers.len()];
             let client = async_nats::ConnectOptions::new()
                 .connection_timeout(Duration::from_secs(5))
                 .request_timeout(Some(ACK_TIMEOUT))
@@ -64,19 +71,41 @@ impl Nats {
         &self.connections[conn % self.connections.len()]
     }
 
-    pub async fn setup(&self) -> anyhow::Result<()> {
-        self.conn(0)
-            .js
-            .get_or_create_stream(stream::Config {
-                name: STREAM.to_owned(),
-                subjects: vec!["ev.>".to_owned()],
-                storage: stream::StorageType::File,
-                num_replicas: 1,
-                allow_direct: true,
-                ..Default::default()
-            })
+    /// Creates the stream with `replicas` replicas, or checks the one that exists. A cluster
+    /// that has just (re)started may have no JetStream leader, or no leader of the stream yet,
+    /// and then leaves a request unanswered: each try waits 5 s, for up to 60 s in all.
+    pub async fn setup(&self, replicas: usize) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut stream = loop {
+            let created = tokio::time::timeout(
+                Duration::from_secs(5),
+                self.conn(0).js.get_or_create_stream(stream::Config {
+                    name: STREAM.to_owned(),
+                    subjects: vec!["ev.>".to_owned()],
+                    storage: stream::StorageType::File,
+                    num_replicas: replicas,
+                    allow_direct: true,
+                    ..Default::default()
+                }),
+            )
             .await
-            .map_err(|e| anyhow::anyhow!("creating stream {STREAM}: {e}"))?;
+            .map_err(|_| "no answer within 5 s".to_owned())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+            match created {
+                Ok(stream) => break stream,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("nats: stream {STREAM} not ready ({e}); trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => anyhow::bail!("creating stream {STREAM}: {e}"),
+            }
+        };
+        let info = stream.info().await.map_err(|e| anyhow::anyhow!("stream info: {e}"))?;
+        anyhow::ensure!(
+            info.config.num_replicas == replicas,
+            "stream {STREAM} has {} replicas, not {replicas}",
+            info.config.num_replicas
+        );
         Ok(())
     }
 
