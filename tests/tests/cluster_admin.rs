@@ -334,6 +334,30 @@ async fn register_node_refuses_what_would_harm_a_cluster() {
     }
 }
 
+/// The first node also creates contexts of its own at start (`myelin.contexts`): many, so that
+/// its event store is still opening them when admin serves. Autoclustering waits until the
+/// control DB knows them: before, `default` looked missing, was configured again under a member
+/// id its event store never held, and was never replicated (no leader in `GET /v1/public/context`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn autocluster_replicates_the_contexts_the_first_node_was_still_opening() {
+    let spare: Vec<String> = (1..=24).map(|i| format!("spare{i}")).collect();
+    let own = format!("default,{}", spare.join(","));
+    let cluster = Cluster::start_autocluster_with(3, "default,spare1", &[("MYELIN_CONTEXTS", own.as_str())]).await;
+    let all = ["n1", "n2", "n3"];
+    for context in ["default", "spare1"] {
+        for i in 0..3 {
+            wait_voters(&cluster, i, context, &all).await;
+        }
+    }
+    for i in 0..3 {
+        cluster
+            .wait_for(i, "/v1/public/context", JOIN, "default with a leader", |v| {
+                context(v, "default").is_some_and(|c| c["leader"].is_string() && members(c).len() == 3)
+            })
+            .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_form_a_cluster_by_themselves_with_autocluster() {
     let cluster = Cluster::start_autocluster(3, "default,orders").await;
