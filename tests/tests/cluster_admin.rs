@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use myelin_tests::cluster::{Cluster, node_name};
+use myelin_tests::cluster::{Cluster, index_of, node_name};
 use myelin_tests::{Node, Options, append, event, with_context};
 use serde_json::{Value, json};
 
@@ -356,6 +356,51 @@ async fn autocluster_replicates_the_contexts_the_first_node_was_still_opening() 
             })
             .await;
     }
+}
+
+/// Unregistering the node that leads `_admin`, through another node: the leader hands `_admin`
+/// over by leaving it, the other two elect a leader of their own and take changes again. Before,
+/// the leader stopped campaigning but went on leading (its heartbeats kept the others from
+/// electing) while they no longer reached it: every change failed with 503 "not a known peer".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unregistering_the_admin_leader_hands_admin_over() {
+    let cluster = Cluster::start_autocluster(3, "default").await;
+    let all = ["n1", "n2", "n3"];
+    for i in 0..3 {
+        wait_voters(&cluster, i, "default", &all).await;
+    }
+    let listed = cluster
+        .wait_for(0, "/v1/public/context", JOIN, "_admin with a leader", |v| {
+            context(v, "_admin").is_some_and(|c| members(c).len() == 3 && c["leader"].is_string())
+        })
+        .await;
+    let leader = context(&listed, "_admin").unwrap()["leader"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let gone_index = index_of(&leader).unwrap();
+    let via = (gone_index + 1) % 3;
+    let gone = cluster
+        .http(via, "DELETE", &format!("/v1/cluster/{leader}"), None)
+        .await;
+    assert_eq!(gone.status, 200, "{gone:?}");
+    for i in (0..3).filter(|i| *i != gone_index) {
+        cluster
+            .wait_for(i, "/v1/public/context", JOIN, "_admin led by a node that stays", |v| {
+                context(v, "_admin")
+                    .is_some_and(|c| members(c).len() == 2 && c["leader"].as_str().is_some_and(|l| l != leader))
+            })
+            .await;
+    }
+    let app = cluster
+        .http(
+            via,
+            "POST",
+            "/v1/applications",
+            Some(json!({"name": "after", "roles": [{"context": "default", "roles": ["READ_EVENTS"]}]})),
+        )
+        .await;
+    assert_eq!(app.status, 200, "{app:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
