@@ -291,13 +291,24 @@ where
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
+    // Autoclustering waits for the same alignment: the first node creates only the contexts its
+    // event store does not hold already. Before it, a context the event store was still opening
+    // (`myelin.contexts`) looked missing and was configured again under a new member id that the
+    // event store never held, and that context was never replicated.
+    let autocluster = args
+        .autocluster_first
+        .clone()
+        .map(|first| (first, args.autocluster_contexts.clone()));
     tokio::spawn({
         let state = state.clone();
         async move {
-            reconcile::contexts_until_done(state).await;
+            reconcile::contexts_until_done(state.clone()).await;
             health_reporter
                 .set_service_status("", tonic_health::ServingStatus::Serving)
                 .await;
+            if let Some((first, contexts)) = autocluster {
+                cluster::join::autocluster(state, first, contexts).await;
+            }
         }
     });
     let _follow_peers = match &args.router_socket {
@@ -305,13 +316,6 @@ where
         None => None,
     };
     let _follow_nodes = cluster::members::follow_nodes(state.clone());
-    if let Some(first) = args.autocluster_first.clone() {
-        tokio::spawn(cluster::join::autocluster(
-            state.clone(),
-            first,
-            args.autocluster_contexts.clone(),
-        ));
-    }
     let _follow_configuration =
         cluster::placement::follow_configuration(state.clone(), cluster::placement::Changing::default());
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);

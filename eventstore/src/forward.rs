@@ -14,7 +14,8 @@
 //!   Never a success that was not confirmed.
 //!
 //! Reads that must see every event committed before they started (aggregate reads, the highest
-//! sequence of an aggregate) wait for [`read_barrier`]: on the leader, a confirmation that it
+//! sequence of an aggregate, the first and last tokens and the token at an instant) wait for
+//! [`read_barrier`]: on the leader, a confirmation that it
 //! still leads (a heartbeat round to a majority) and its commit index; on a follower, the same
 //! asked of the leader; then until this replica has applied that index. A standalone group has
 //! nothing to wait for: its appends are applied before they are confirmed.

@@ -523,6 +523,11 @@ impl EventStorage for Service {
 
     async fn get_first_token(&self, request: Request<GetFirstTokenRequest>) -> Result<Response<TrackingToken>, Status> {
         let context = context_of(&self.contexts, &request)?;
+        // Tokens too: on a follower, a client that was just told its append is stored must
+        // find it behind the last token, wherever it asks.
+        crate::forward::read_barrier(&context)
+            .await
+            .map_err(|e| append_status(&context.name, e))?;
         Ok(Response::new(TrackingToken {
             token: context.stored.events.first_token(),
         }))
@@ -530,6 +535,9 @@ impl EventStorage for Service {
 
     async fn get_last_token(&self, request: Request<GetLastTokenRequest>) -> Result<Response<TrackingToken>, Status> {
         let context = context_of(&self.contexts, &request)?;
+        crate::forward::read_barrier(&context)
+            .await
+            .map_err(|e| append_status(&context.name, e))?;
         Ok(Response::new(TrackingToken {
             token: context.stored.events.next_token() - 1,
         }))
@@ -537,6 +545,9 @@ impl EventStorage for Service {
 
     async fn get_token_at(&self, request: Request<GetTokenAtRequest>) -> Result<Response<TrackingToken>, Status> {
         let context = context_of(&self.contexts, &request)?;
+        crate::forward::read_barrier(&context)
+            .await
+            .map_err(|e| append_status(&context.name, e))?;
         let instant = request.into_inner().instant;
         let stored = context.stored.clone();
         let found = blocking(move || tracking::token_at(&stored.events, instant)).await?;

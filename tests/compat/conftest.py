@@ -1,19 +1,43 @@
-"""Fixtures for the Myelin/Axon compatibility tests (see myelin_harness.py)."""
+"""Fixtures for the Myelin/Axon compatibility tests (see myelin_harness.py).
+
+With `MYELIN_COMPAT_CLUSTER=3` every module's node is the follower of a three-node cluster
+(`MyelinCluster`): the same tests, the client connected to a node that does not lead `default`.
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from myelin_harness import EventStore, MyelinNode
+from myelin_harness import EventStore, MyelinCluster, MyelinNode, cluster_size
 
 # Contexts every module node is created with: `default` plus spare ones, so that a test that needs
 # an empty event store (tokens from 0, GetLastToken -1, ...) gets a context nobody else writes to.
 SPARE_CONTEXTS = [f"ctx{i}" for i in range(1, 15)]
+CONTEXTS = ["default", "other"] + SPARE_CONTEXTS
+
+CLUSTER_SIZE = cluster_size()
+
+
+def single_node_only(why: str):
+    """Marks a test that means one node by itself; skipped when the suite runs on a cluster."""
+    return pytest.mark.skipif(CLUSTER_SIZE > 1, reason=f"single node only: {why}")
 
 
 def start_node(request, **properties) -> MyelinNode:
-    props = {"myelin.contexts": ",".join(["default", "other"] + SPARE_CONTEXTS)}
+    """The module's node: a standalone node, or (MYELIN_COMPAT_CLUSTER) a follower of a cluster
+    whose every node has these properties. Stopped, with its temp dirs removed, at module end."""
+    props = {"myelin.contexts": ",".join(CONTEXTS)}
     props.update(properties)
+    if CLUSTER_SIZE > 1:
+        cluster = MyelinCluster(CLUSTER_SIZE, props, CONTEXTS)
+        request.addfinalizer(cluster.stop)  # registered first: stops every node even if start fails
+        try:
+            cluster.start()
+        except Exception as exc:
+            pytest.fail(f"could not start a Myelin cluster: {exc}", pytrace=False)
+        node = cluster.follower()
+        node.cluster = cluster
+        return node
     node = MyelinNode(props)
     request.addfinalizer(node.stop)  # registered first: stops the node even if start fails
     try:

@@ -4,6 +4,10 @@ A node is the real binary (`MYELIN_BIN`, default `target/release/myelin`), start
 directory (its working directory too, so no stray `axonserver.properties` / `myelin.toml` is read)
 with an `axonserver.properties` written by the test, on free loopback ports. `MyelinNode.stop()`
 sends SIGTERM to the supervisor, waits, and falls back to SIGKILL of the whole process group.
+
+`MyelinCluster` is three such nodes on their own loopback addresses (127.0.0.1-3) that form a
+cluster by themselves (`autocluster`), every context replicated on all three; `follower()` is a
+node that does not lead `default`, the one the tests talk to when `MYELIN_COMPAT_CLUSTER=3`.
 """
 
 from __future__ import annotations
@@ -43,9 +47,9 @@ def myelin_bin() -> Path:
     return Path(os.environ.get("MYELIN_BIN", str(DEFAULT_BIN)))
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -56,17 +60,32 @@ class NodeStartError(RuntimeError):
 class MyelinNode:
     """One Myelin node (supervisor + children) on loopback ports, data in a temp dir."""
 
-    def __init__(self, properties: dict[str, str] | None = None, data_root: str | None = None):
+    def __init__(
+        self,
+        properties: dict[str, str] | None = None,
+        data_root: str | None = None,
+        host: str = "127.0.0.1",
+        fixed_ports: bool = False,
+    ):
         self.properties = dict(properties or {})
         self._own_root = data_root is None
         self.root = Path(data_root or tempfile.mkdtemp(prefix="myc", dir="/tmp"))
         self.data_dir = self.root / "data"
         self.log_path = self.root / "node.log"
         self.proc: subprocess.Popen | None = None
-        self.grpc_port = 0
-        self.http_port = 0
-        self.internal_port = 0
+        # The loopback address the node listens on (every port) and tells clients and peers.
+        self.host = host
+        # A cluster member keeps its ports for life (its peers know its internal address): they
+        # are chosen here, once; a standalone node chooses new ones at every start.
+        self.fixed_ports = fixed_ports
+        self.grpc_port = self.http_port = self.internal_port = 0
+        if fixed_ports:
+            self._choose_ports()
+        self.cluster: "MyelinCluster | None" = None  # the cluster it is a member of, if any
         self._log_file = None
+
+    def _choose_ports(self) -> None:
+        self.grpc_port, self.http_port, self.internal_port = (free_port(self.host) for _ in range(3))
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> "MyelinNode":
@@ -77,8 +96,10 @@ class MyelinNode:
                 "or point MYELIN_BIN at it"
             )
         last_error = None
-        for _attempt in range(3):  # a free port may be taken between probing and binding
-            self.grpc_port, self.http_port, self.internal_port = free_port(), free_port(), free_port()
+        # a free port may be taken between probing and binding: a standalone node tries others
+        for _attempt in range(1 if self.fixed_ports else 3):
+            if not self.fixed_ports:
+                self._choose_ports()
             try:
                 self._spawn(binary)
                 self._wait_ready(timeout)
@@ -105,8 +126,8 @@ class MyelinNode:
                 str(binary),
                 "--properties", str(props),
                 "--data-dir", str(self.data_dir),
-                "--bind-address", "127.0.0.1",
-                "--hostname", "127.0.0.1",
+                "--bind-address", self.host,
+                "--hostname", self.host,
                 "--port", str(self.grpc_port),
                 "--http-port", str(self.http_port),
                 "--internal-port", str(self.internal_port),
@@ -164,11 +185,20 @@ class MyelinNode:
     def restart(self) -> None:
         self.stop(remove=False)
         self.start()
+        if self.cluster is not None:
+            # A member serves once it is back in every group (its leader known): until then its
+            # reads answer "no leader" (AXONIQ-2100), as while the cluster formed.
+            self.cluster.wait_formed(60)
 
     # -- access ---------------------------------------------------------------------------------
     @property
     def uri(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_base(self) -> str:
+        """The admin API's base URL."""
+        return f"http://{self.host}:{self.http_port}"
 
     @property
     def admin_token(self) -> str | None:
@@ -180,7 +210,7 @@ class MyelinNode:
 
     def admin_get(self, path: str):
         """GET on the admin API with the admin token (if any); the decoded JSON."""
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}")
+        request = urllib.request.Request(f"{self.http_base}{path}")
         if self.admin_token:
             request.add_header(TOKEN_HEADER, self.admin_token)
         with urllib.request.urlopen(request, timeout=2) as r:
@@ -225,6 +255,210 @@ def _group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
+
+
+# -- a cluster -----------------------------------------------------------------------------------
+CLUSTER_ENV = "MYELIN_COMPAT_CLUSTER"
+
+
+def cluster_size() -> int:
+    """How many nodes the tests' node is one of: `MYELIN_COMPAT_CLUSTER` (unset or 1: standalone)."""
+    value = os.environ.get(CLUSTER_ENV, "").strip() or "1"
+    if not value.isdigit() or not 1 <= int(value) <= 9:
+        raise ValueError(f"{CLUSTER_ENV}={value!r}: expected a node count from 1 to 9")
+    return int(value)
+
+
+class MyelinCluster:
+    """`size` real nodes, n1.. on 127.0.0.1.., each with its own temp dir and ports, that form a
+    cluster by themselves: every node is given `autocluster.first` (n1's internal address) and
+    `autocluster.contexts`; n1 starts with the contexts, the others join it and become members of
+    every one. `start()` returns once every node sees every node and every context with the same
+    leader, all nodes its voters (as each node's event store reports), and the follower serves
+    every context to clients."""
+
+    def __init__(self, size: int, properties: dict[str, str], contexts: Sequence[str]):
+        if size < 2:
+            raise ValueError("a cluster has at least two nodes")
+        self.contexts = list(contexts)
+        self.names = [f"n{i + 1}" for i in range(size)]
+        self.nodes = [MyelinNode(host=f"127.0.0.{i + 1}", fixed_ports=True) for i in range(size)]
+        shared = {k: v for k, v in properties.items() if k != "myelin.contexts"}
+        if shared.get("axoniq.axonserver.accesscontrol.enabled") == "true":
+            # node-to-node calls carry it; the same on every node
+            shared.setdefault("axoniq.axonserver.accesscontrol.internal-token", f"compat-internal-{time.time_ns()}")
+        first = self.nodes[0]
+        shared["axoniq.axonserver.autocluster.first"] = f"{first.host}:{first.internal_port}"
+        shared["axoniq.axonserver.autocluster.contexts"] = ",".join(self.contexts)
+        for name, node in zip(self.names, self.nodes):
+            node.properties = {**shared, "axoniq.axonserver.name": name}
+        # n1 holds the contexts before anyone joins (its start waits for them); a joiner's own
+        # contexts are given up when it joins, so it is started with the default only.
+        first.properties["myelin.contexts"] = ",".join(self.contexts)
+        self.follower_index: int | None = None
+
+    def start(self, timeout: float = 120.0) -> "MyelinCluster":
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            node.start()
+        self.wait_formed(deadline - time.monotonic())
+        return self
+
+    def stop(self) -> None:
+        """Stops every node at once (each SIGTERM, then SIGKILL of its group) and removes their
+        temp dirs."""
+        threads = [threading.Thread(target=node.stop) for node in self.nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def follower(self) -> MyelinNode:
+        """The node chosen at `start()`: not the leader of `default`, and of the others the one
+        that leads the fewest contexts."""
+        assert self.follower_index is not None, "cluster not started"
+        return self.nodes[self.follower_index]
+
+    def leaders(self, i: int) -> dict[str, str | None]:
+        """Each context's leader as node `i`'s admin API reports it."""
+        return {c["context"]: c.get("leader") for c in self.nodes[i].admin_get("/v1/public/context")}
+
+    def wait_formed(self, timeout: float) -> None:
+        """Returns once the cluster is formed (see the class), or raises NodeStartError."""
+        deadline = time.monotonic() + max(timeout, 1.0)
+        problem = "not checked yet"
+        while time.monotonic() < deadline:
+            for name, node in zip(self.names, self.nodes):
+                if node.proc is None or node.proc.poll() is not None:
+                    raise NodeStartError(f"{name} exited while the cluster formed:\n{node.log_tail()}")
+            try:
+                problem, leaders = self._formation()
+            except (urllib.error.URLError, ConnectionError, OSError, ValueError, grpc.RpcError) as exc:
+                problem, leaders = f"{type(exc).__name__}: {exc}", None
+            if problem is None and leaders is not None:
+                self._choose_follower(leaders)
+                problem = self._follower_serves()
+                if problem is None:
+                    return
+            time.sleep(0.2)
+        logs = "\n".join(f"--- {name} ({node.host}):\n{node.log_tail(30)}" for name, node in zip(self.names, self.nodes))
+        raise NodeStartError(f"cluster not formed within {timeout:.0f}s: {problem}\n{logs}")
+
+    def _formation(self) -> tuple[str | None, dict[str, str] | None]:
+        """(what is still missing, or None; each context's agreed leader)."""
+        everyone = sorted(self.names)
+        agreed: dict[str, str] = {}
+        for name, node in zip(self.names, self.nodes):
+            nodes = sorted(n["name"] for n in node.admin_get("/v1/cluster"))
+            if nodes != everyone:
+                return f"{name} sees nodes {nodes}", None
+            listed = {c["context"]: c for c in node.admin_get("/v1/public/context")}
+            # `_admin` (the configuration) as well: its voters are not asked, only its leader
+            for context in ["_admin"] + self.contexts:
+                entry = listed.get(context)
+                if entry is None:
+                    return f"{name} does not list {context}", None
+                members = sorted(r["node"] for r in entry.get("roles", []))
+                if members != everyone:
+                    return f"{name}: {context} has members {members}", None
+                leader = entry.get("leader")
+                if leader is None or agreed.setdefault(context, leader) != leader:
+                    return f"{name}: {context} led by {leader}, others say {agreed.get(context)}", None
+                if context == "_admin":
+                    continue
+                status = group_status(node, context)
+                if status["leader"] != leader or status["voters"] != everyone:
+                    return f"{name}'s event store: {context} {status}, admin says leader {leader}", None
+        return None, agreed
+
+    def _choose_follower(self, leaders: dict[str, str]) -> None:
+        if self.follower_index is not None:
+            return
+        led = {name: sum(1 for leader in leaders.values() if leader == name) for name in self.names}
+        candidates = [i for i, name in enumerate(self.names) if name != leaders["default"]]
+        self.follower_index = min(candidates, key=lambda i: (led[self.names[i]], i))
+
+    def _follower_serves(self) -> str | None:
+        """None once the follower answers GetLastToken in every context through its client port."""
+        node = self.follower()
+        channel = node.channel()
+        stub = event_pb2_grpc.EventStoreStub(channel)
+        try:
+            for context in self.contexts:
+                md = ctx_md(context)
+                if node.admin_token:
+                    md.append((TOKEN_HEADER.lower(), node.admin_token))
+                try:
+                    stub.GetLastToken(event_pb2.GetLastTokenRequest(), metadata=md, timeout=5)
+                except grpc.RpcError as exc:
+                    return f"follower {node.host}: GetLastToken in {context}: {exc.code()} {exc.details()}"
+        finally:
+            channel.close()
+        return None
+
+
+def group_status(node: MyelinNode, context: str) -> dict:
+    """`context`'s Raft group as `node`'s event store sees it, asked over the node's own Unix
+    socket (StorageControl.GetGroupStatus, Myelin's internal API): the leader's and the voters'
+    node names."""
+    request_class, status_class = _group_status_messages()
+    socket_path = node.data_dir / "run" / "eventstore.sock"
+    # (the default authority of a `unix:` target, the path, is no valid HTTP/2 authority)
+    with grpc.insecure_channel(f"unix:{socket_path}", options=[("grpc.default_authority", "localhost")]) as channel:
+        call = channel.unary_unary(
+            "/myelin.internal.StorageControl/GetGroupStatus",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=status_class.FromString,
+        )
+        status = call(request_class(context=context), timeout=5)
+    by_id = {m.id: m.node for m in status.members}
+    return {
+        "leader": by_id.get(status.leader) if status.HasField("leader") else None,
+        "voters": sorted(m.node for m in status.members if m.voter),
+    }
+
+
+_GROUP_STATUS_MESSAGES = None
+
+
+def _group_status_messages():
+    """The request and answer of GetGroupStatus, declared field for field as in
+    proto/protos/internal/internal.proto (as proto2 optionals: the wire is the same, and
+    `leader` keeps its presence)."""
+    global _GROUP_STATUS_MESSAGES
+    if _GROUP_STATUS_MESSAGES is None:
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+        F = descriptor_pb2.FieldDescriptorProto
+        file = descriptor_pb2.FileDescriptorProto(
+            name="compat_group_status.proto", package="myelin.internal", syntax="proto2"
+        )
+
+        def message(name, fields):
+            m = file.message_type.add(name=name)
+            for field_name, number, kind, *element in fields:
+                field = m.field.add(name=field_name, number=number, type=kind, label=F.LABEL_OPTIONAL)
+                if element:  # a repeated message field
+                    field.label, field.type_name = F.LABEL_REPEATED, element[0]
+
+        message("GroupStatusRequest", [("context", 1, F.TYPE_STRING)])
+        message("GroupMember", [("id", 1, F.TYPE_UINT64), ("node", 2, F.TYPE_STRING), ("voter", 3, F.TYPE_BOOL)])
+        message(
+            "GroupStatus",
+            [
+                ("context", 1, F.TYPE_STRING),
+                ("member_id", 2, F.TYPE_UINT64),
+                ("leader", 3, F.TYPE_UINT64),
+                ("members", 7, F.TYPE_MESSAGE, ".myelin.internal.GroupMember"),
+            ],
+        )
+        pool = descriptor_pool.DescriptorPool()
+        pool.Add(file)
+        _GROUP_STATUS_MESSAGES = tuple(
+            message_factory.GetMessageClass(pool.FindMessageTypeByName(f"myelin.internal.{name}"))
+            for name in ("GroupStatusRequest", "GroupStatus")
+        )
+    return _GROUP_STATUS_MESSAGES
 
 
 class HeaderInterceptor(

@@ -35,7 +35,7 @@ def secured(request):
 
 def http(node, method: str, path: str, body: dict | None = None, token: str | None = None):
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{node.http_port}{path}", data=data, method=method)
+    req = urllib.request.Request(f"{node.http_base}{path}", data=data, method=method)
     if body is not None:
         req.add_header("content-type", "application/json")
     if token is not None:

@@ -24,7 +24,7 @@ from myelin_harness import EventStore, agg_events, error_code, rpc_error, unique
 
 def http(node, method: str, path: str, body: dict | None = None) -> tuple[int, dict | list | str]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"http://127.0.0.1:{node.http_port}{path}", data=data, method=method)
+    request = urllib.request.Request(f"{node.http_base}{path}", data=data, method=method)
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:
@@ -77,7 +77,7 @@ def test_schemathesis_finds_no_server_error_and_no_contract_violation(node, tmp_
     PRIMARY)."""
     st = Path(sys.executable).with_name("schemathesis")
     command = [
-        str(st), "run", f"http://127.0.0.1:{node.http_port}/v3/api-docs",
+        str(st), "run", f"{node.http_base}/v3/api-docs",
         "--checks", "all", "--exclude-checks", "positive_data_acceptance",
         # Bounded by the number of examples (a --max-time budget would be used up in full).
         "--max-examples", "25", "--seed", "4", "--generation-database", "none",

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from axonclient.client import AxonClient, AxonEvent
 
+from conftest import single_node_only
 from myelin_harness import MyelinNode, myelin_bin, unique
 
 
@@ -78,6 +79,7 @@ def stored(client: AxonClient, aggregates: list[str]) -> dict:
     }
 
 
+@single_node_only("backs up, wipes and restores one node's data directory (cluster backups: not yet)")
 def test_full_backup_wipe_restore_keeps_every_event_and_token(tmp_path):
     node = MyelinNode(
         {
@@ -96,7 +98,7 @@ def test_full_backup_wipe_restore_keeps_every_event_and_token(tmp_path):
         orders.close_connection()
 
         backup_set = tmp_path / "set"
-        server = f"http://127.0.0.1:{node.http_port}"
+        server = node.http_base
         done = run_agent("backup", "--json", "--server", server, "--dest", str(backup_set))
         assert done.returncode == 0, done.stderr
         summary = json.loads(done.stdout)

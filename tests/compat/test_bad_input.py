@@ -191,7 +191,7 @@ def test_get_platform_server(node, channel):
         timeout=5,
     )
     assert info.same_connection is True
-    assert info.primary.host_name == "127.0.0.1"
+    assert info.primary.host_name == node.host
     assert info.primary.grpc_port == node.grpc_port
     assert info.primary.http_port == node.http_port
     assert info.primary.node_name

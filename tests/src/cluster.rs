@@ -80,12 +80,18 @@ impl Cluster {
     /// Starts `n` nodes that form a cluster by themselves (`autocluster.first` names n1, which
     /// creates `contexts`; the others join it and serve them).
     pub async fn start_autocluster(n: usize, contexts: &str) -> Cluster {
+        Cluster::start_autocluster_with(n, contexts, &[]).await
+    }
+
+    /// [`Cluster::start_autocluster`] with more settings for every node.
+    pub async fn start_autocluster_with(n: usize, contexts: &str, more: &[(&str, &str)]) -> Cluster {
         let first_port = crate::free_port();
         let first = format!("127.0.0.1:{first_port}");
-        let env = [
+        let mut env = vec![
             ("AXONIQ_AXONSERVER_AUTOCLUSTER_FIRST", first.as_str()),
             ("AXONIQ_AXONSERVER_AUTOCLUSTER_CONTEXTS", contexts),
         ];
+        env.extend_from_slice(more);
         let mut cluster = Cluster { nodes: Vec::new() };
         for i in 0..n {
             let port = (i == 0).then_some(first_port);

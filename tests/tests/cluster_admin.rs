@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use myelin_proto::axon::control::ClientIdentification;
 use myelin_proto::axon::control::platform_service_client::PlatformServiceClient;
-use myelin_tests::cluster::{Cluster, node_name};
+use myelin_tests::cluster::{Cluster, index_of, node_name};
 use myelin_tests::{Node, Options, append, event, with_context};
 use serde_json::{Value, json};
 
@@ -393,6 +393,81 @@ async fn register_node_refuses_what_would_harm_a_cluster() {
     for i in 0..2 {
         cluster
             .wait_for(i, "/v1/cluster", JOIN, "still two nodes", |v| names(v) == ["n1", "n2"])
+            .await;
+    }
+}
+
+/// The first node also creates contexts of its own at start (`myelin.contexts`): many, so that
+/// its event store is still opening them when admin serves. Autoclustering waits until the
+/// control DB knows them: before, `default` looked missing, was configured again under a member
+/// id its event store never held, and was never replicated (no leader in `GET /v1/public/context`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn autocluster_replicates_the_contexts_the_first_node_was_still_opening() {
+    let spare: Vec<String> = (1..=24).map(|i| format!("spare{i}")).collect();
+    let own = format!("default,{}", spare.join(","));
+    let cluster = Cluster::start_autocluster_with(3, "default,spare1", &[("MYELIN_CONTEXTS", own.as_str())]).await;
+    let all = ["n1", "n2", "n3"];
+    for context in ["default", "spare1"] {
+        for i in 0..3 {
+            wait_voters(&cluster, i, context, &all).await;
+        }
+    }
+    for i in 0..3 {
+        cluster
+            .wait_for(i, "/v1/public/context", JOIN, "default with a leader", |v| {
+                context(v, "default").is_some_and(|c| c["leader"].is_string() && members(c).len() == 3)
+            })
+            .await;
+    }
+}
+
+/// Unregistering the node that leads `_admin`, through another node: the leader hands `_admin`
+/// over by leaving it, and the other two elect a leader of their own. Changes asked for at once,
+/// while it hands over, wait for the next leader (the node they are asked on no longer reaches the
+/// unregistered one). Before, the leader stopped campaigning but went on leading, and every change
+/// failed with 503 "not a known peer"; then, for the moment of the hand-over, changes still did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unregistering_the_admin_leader_hands_admin_over() {
+    let cluster = Cluster::start_autocluster(3, "default").await;
+    let all = ["n1", "n2", "n3"];
+    for i in 0..3 {
+        wait_voters(&cluster, i, "default", &all).await;
+    }
+    let listed = cluster
+        .wait_for(0, "/v1/public/context", JOIN, "_admin with a leader", |v| {
+            context(v, "_admin").is_some_and(|c| members(c).len() == 3 && c["leader"].is_string())
+        })
+        .await;
+    let leader = context(&listed, "_admin").unwrap()["leader"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let gone_index = index_of(&leader).unwrap();
+    let via = (gone_index + 1) % 3;
+    let gone = cluster
+        .http(via, "DELETE", &format!("/v1/cluster/{leader}"), None)
+        .await;
+    assert_eq!(gone.status, 200, "{gone:?}");
+    // At once: what the next leader answers.
+    let app = cluster
+        .http(
+            via,
+            "POST",
+            "/v1/applications",
+            Some(json!({"name": "after", "roles": [{"context": "default", "roles": ["READ_EVENTS"]}]})),
+        )
+        .await;
+    assert_eq!(app.status, 200, "{app:?}");
+    cluster
+        .http(via, "DELETE", &format!("/v1/cluster/{leader}"), None)
+        .await
+        .assert_error(404, "AXONIQ-1301");
+    for i in (0..3).filter(|i| *i != gone_index) {
+        cluster
+            .wait_for(i, "/v1/public/context", JOIN, "_admin led by a node that stays", |v| {
+                context(v, "_admin")
+                    .is_some_and(|c| members(c).len() == 2 && c["leader"].as_str().is_some_and(|l| l != leader))
+            })
             .await;
     }
 }

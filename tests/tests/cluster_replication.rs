@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use myelin_proto::axon::event::event_store_client::EventStoreClient;
-use myelin_proto::axon::event::{Event, GetAggregateEventsRequest, ReadHighestSequenceNrRequest};
+use myelin_proto::axon::event::{Event, GetAggregateEventsRequest, GetLastTokenRequest, ReadHighestSequenceNrRequest};
 use myelin_tests::cluster::{Cluster, node_name, node_of};
 use myelin_tests::{event, with_context};
 use prost::Message;
@@ -168,8 +168,8 @@ async fn followers_forward_appends_and_a_minority_confirms_nothing() {
     let events = wait_replica(&cluster, leader, confirmed, Duration::from_secs(10)).await;
     assert_eq!(events.len(), confirmed);
 
-    // Aggregate reads on any member see every event confirmed before they started: appended
-    // through one follower, read at once from the other.
+    // Aggregate reads and the last token on any member see every event confirmed before they
+    // started: appended through one follower, read at once from the other.
     let mut writer = client(&cluster, followers[0]).await;
     let mut reader = client(&cluster, followers[1]).await;
     for round in 0..20 {
@@ -182,6 +182,18 @@ async fn followers_forward_appends_and_a_minority_confirms_nothing() {
             .await
             .unwrap();
         confirmed += 2;
+        // Asked first: an aggregate read would have made this replica catch up already.
+        let last = reader
+            .get_last_token(with_context(GetLastTokenRequest {}, CONTEXT))
+            .await
+            .unwrap()
+            .into_inner()
+            .token;
+        assert_eq!(
+            last,
+            confirmed as i64 - 1,
+            "round {round}: the other follower's last token missed a confirmed event"
+        );
         let highest = reader
             .read_highest_sequence_nr(with_context(
                 ReadHighestSequenceNrRequest {

@@ -4,7 +4,8 @@
 //! A change is proposed where `_admin` is led: a node that does not lead forwards the command to
 //! the leader its group names, and waits until it has applied the entry itself, so that a read
 //! right after the change (the API answers with what it reads back) sees it. A call is forwarded
-//! at most [`MAX_HOPS`] times: during an election two nodes could each name the other.
+//! at most [`MAX_HOPS`] times: during an election two nodes could each name the other. A leader
+//! that was unregistered is not called: the change waits for the next leader ([`HANDOVER_WAIT`]).
 
 use std::time::Duration;
 
@@ -17,12 +18,16 @@ use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
 use crate::api::{ApiError, AppState};
+use crate::control_db::contexts as db;
 use crate::raft::{AdminCommand, AdminResponse, ProposeError};
 
 /// How many times a call may be passed on towards the leader.
 pub const MAX_HOPS: u32 = 2;
 /// How long a node waits to apply an entry the leader committed for it.
 const APPLY_WAIT: Duration = Duration::from_secs(10);
+/// How long a change waits for the next `_admin` leader when the one it knows was unregistered
+/// (its hand-over: leaving `_admin`, then an election among the others, about a second).
+const HANDOVER_WAIT: Duration = Duration::from_secs(5);
 
 /// What the leader answers a forwarded proposal.
 #[derive(Debug, Serialize, Deserialize)]
@@ -79,18 +84,41 @@ pub async fn propose(state: &AppState, command: AdminCommand) -> Result<AdminRes
 }
 
 async fn propose_from(state: &AppState, command: AdminCommand, hops: u32) -> Result<Proposed, ApiError> {
-    let leader = match state.admin.propose_at(command.clone()).await {
-        Ok((log_id, response)) => {
-            return Ok(Proposed {
-                index: log_id.index,
-                response,
-            });
+    let handover_deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
+    let leader = loop {
+        let (leader_id, leader) = match state.admin.propose_at(command.clone()).await {
+            Ok((log_id, response)) => {
+                return Ok(Proposed {
+                    index: log_id.index,
+                    response,
+                });
+            }
+            Err(ProposeError::ForwardToLeader(forward)) if hops < MAX_HOPS => match forward.leader_node {
+                Some(node) => (forward.leader_id, node.addr),
+                None => return Err(ProposeError::ForwardToLeader(forward).into()),
+            },
+            Err(e) => return Err(e.into()),
+        };
+        // A leader no longer in the nodes table was unregistered: it hands `_admin` over by
+        // leaving it, and this node's router no longer reaches it (its peers follow the table).
+        // Nothing was sent: wait for the next leader and propose again. (Checked again every
+        // moment: on a node that has just joined, the table may not hold the leader yet.)
+        let name = leader.clone();
+        let registered = state.db.call(move |conn| db::node(conn, &name)).await?.is_some();
+        let remaining = handover_deadline.saturating_duration_since(tokio::time::Instant::now());
+        if registered || remaining.is_zero() {
+            break leader;
         }
-        Err(ProposeError::ForwardToLeader(forward)) if hops < MAX_HOPS => match forward.leader_node {
-            Some(node) => node.addr,
-            None => return Err(ProposeError::ForwardToLeader(forward).into()),
-        },
-        Err(e) => return Err(e.into()),
+        tracing::debug!(leader = %leader, "the _admin leader was unregistered: waiting for the next one");
+        let _ = state
+            .admin
+            .raft()
+            .wait(Some(remaining.min(Duration::from_millis(100))))
+            .metrics(
+                |m| m.current_leader.is_some() && m.current_leader != leader_id,
+                "the next _admin leader",
+            )
+            .await;
     };
     tracing::debug!(leader = %leader, command = command.kind(), "forwarding an _admin change to its leader");
     let body = call(

@@ -176,7 +176,9 @@ async fn join_cluster(state: &AppState, address: &str, contexts: Option<Vec<Stri
 /// Axon's `autocluster.first` / `autocluster.contexts`, at start: the node at `first` creates
 /// the contexts; every other node joins its cluster (retrying until the first node answers),
 /// serving those contexts. A node that is already a member of a cluster, or holds events, does
-/// nothing (it says why in its log): autoclustering never merges data.
+/// nothing (it says why in its log): autoclustering never merges data. Called once the control
+/// DB knows the contexts this node's event store holds (`reconcile::contexts`), so that the first
+/// node never configures a context it already stores under another member id.
 pub async fn autocluster(state: AppState, first: String, contexts: Vec<String>) {
     if state.admin.id() != crate::raft::LOCAL_NODE {
         return;

@@ -11,6 +11,8 @@
 //! On every node: one that finds itself no longer in the `nodes` table after applying past its
 //! own registration was unregistered. Its `_admin` member stops campaigning (a removed member
 //! must not disturb the cluster's leader) and says so in its log; its contexts are removed by `placement`.
+//! The leader, unregistered, first removes itself from `_admin` (openraft makes it step down once
+//! that is committed), and only then stops.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -81,10 +83,15 @@ async fn step(state: &AppState) -> Result<Step, String> {
         LOCAL_NODE => !registered.is_empty(),
         id => applied >= id,
     };
-    if !known && past_registration && metrics.membership_config.nodes().count() > 0 {
+    let leads = metrics.current_leader == Some(identity);
+    // An unregistered leader first hands over by leaving (below, itself last); it is `Removed`
+    // on a later round, once it no longer leads. Were it `Removed` at once, it would go on
+    // leading (heartbeats keep the others from electing) while they no longer reach it, and
+    // `_admin` would take no change.
+    if !known && past_registration && metrics.membership_config.nodes().count() > 0 && !leads {
         return Ok(Step::Removed);
     }
-    if metrics.current_leader != Some(identity) {
+    if !leads {
         return Ok(Step::Nothing);
     }
     let membership = metrics.membership_config.membership().clone();
