@@ -68,7 +68,11 @@ async fn wait_voters(cluster: &Cluster, i: usize, context: &str, expected: &[&st
                     .lines()
                     .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("member"))
                     .collect();
-                eprintln!("--- {} ---\n{}", node_name(k), lines[lines.len().saturating_sub(25)..].join("\n"));
+                eprintln!(
+                    "--- {} ---\n{}",
+                    node_name(k),
+                    lines[lines.len().saturating_sub(25)..].join("\n")
+                );
             }
         }
         assert!(
@@ -246,7 +250,10 @@ async fn a_cluster_is_built_with_init_cluster_and_register_node() {
         if !info.same_connection {
             break info;
         }
-        assert!(std::time::Instant::now() < deadline, "n2 keeps a client of solo: {info:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "n2 keeps a client of solo: {info:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let n1 = sent.primary.unwrap();
@@ -523,7 +530,12 @@ async fn a_wiped_node_and_two_operators_at_once_leave_the_cluster_whole() {
             .await;
     }
     let created = cluster
-        .http(0, "POST", "/v1/context", Some(json!({"context": "orders", "nodes": ["n1", "n2"]})))
+        .http(
+            0,
+            "POST",
+            "/v1/context",
+            Some(json!({"context": "orders", "nodes": ["n1", "n2"]})),
+        )
         .await;
     assert_eq!(created.status, 200, "{created:?}");
     wait_voters(&cluster, 0, "orders", &["n1", "n2"]).await;
@@ -587,7 +599,10 @@ async fn a_wiped_node_and_two_operators_at_once_leave_the_cluster_whole() {
     }
     wait_voters(&cluster, 1, "default", &all).await;
     let new_member = cluster.status(1, "default").await.unwrap().member_id;
-    assert_ne!(old_member, new_member, "a node back without its data gets a new member id");
+    assert_ne!(
+        old_member, new_member,
+        "a node back without its data gets a new member id"
+    );
     let deadline = std::time::Instant::now() + JOIN;
     loop {
         let events = cluster.replica(1, "default").await;

@@ -121,7 +121,10 @@ async fn appender(
             Ok(r) => r.map(|_| ()),
             Err(_) => {
                 hangs += 1;
-                Err(tonic::Status::deadline_exceeded(format!("no answer in {:?}", started.elapsed())))
+                Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer in {:?}",
+                    started.elapsed()
+                )))
             }
         };
         let verdict = verdict(&result);
@@ -142,7 +145,10 @@ async fn appender(
             size,
             node,
             verdict,
-            told: result.err().map(|e| format!("{:?} {}", e.code(), e.message())).unwrap_or_default(),
+            told: result
+                .err()
+                .map(|e| format!("{:?} {}", e.code(), e.message()))
+                .unwrap_or_default(),
         });
         if verdict != Verdict::Confirmed {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -306,13 +312,14 @@ async fn the_leader_killed_under_load_loses_nothing_confirmed() {
         );
     }
 
-    let told: BTreeMap<String, usize> = attempts
-        .iter()
-        .filter(|a| a.verdict == Verdict::Indefinite)
-        .fold(BTreeMap::new(), |mut m, a| {
-            *m.entry(a.told.chars().take(90).collect()).or_default() += 1;
-            m
-        });
+    let told: BTreeMap<String, usize> =
+        attempts
+            .iter()
+            .filter(|a| a.verdict == Verdict::Indefinite)
+            .fold(BTreeMap::new(), |mut m, a| {
+                *m.entry(a.told.chars().take(90).collect()).or_default() += 1;
+                m
+            });
     eprintln!(
         "history: {} attempts over {ROUNDS} leader kills: {confirmed} confirmed, {rejected} rejected, \
          {indefinite} indefinite ({indefinite_stored} of them stored, whole); {} events on each of \
@@ -322,11 +329,19 @@ async fn the_leader_killed_under_load_loses_nothing_confirmed() {
         sequences.len()
     );
     let by_node: Vec<usize> = (0..NODES)
-        .map(|n| attempts.iter().filter(|a| a.node == n && a.verdict == Verdict::Confirmed).count())
+        .map(|n| {
+            attempts
+                .iter()
+                .filter(|a| a.node == n && a.verdict == Verdict::Confirmed)
+                .count()
+        })
         .collect();
     eprintln!("confirmed through n1..n{NODES}: {by_node:?}");
     assert_eq!(hangs, 0, "appends that got no answer within {HANG:?}");
-    assert!(confirmed >= 100, "too little load to prove anything: {confirmed} confirmed");
+    assert!(
+        confirmed >= 100,
+        "too little load to prove anything: {confirmed} confirmed"
+    );
     assert!(
         by_node.iter().all(|c| *c > 0),
         "some node confirmed nothing: {by_node:?}"

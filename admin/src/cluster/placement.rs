@@ -221,7 +221,12 @@ async fn leave(state: &AppState, departure: &Departure) -> Result<(), String> {
 
 /// On the node whose event store leads `row`'s group: releases the departed members the group
 /// no longer has, so that their nodes may remove their copies.
-async fn release(state: &AppState, row: &ContextRow, group: &GroupStatus, unreleased: &[Departure]) -> Result<(), String> {
+async fn release(
+    state: &AppState,
+    row: &ContextRow,
+    group: &GroupStatus,
+    unreleased: &[Departure],
+) -> Result<(), String> {
     for departure in unreleased.iter().filter(|d| d.context == row.name) {
         if group.members.iter().any(|m| m.id == departure.member_id) {
             continue;
@@ -233,7 +238,12 @@ async fn release(state: &AppState, row: &ContextRow, group: &GroupStatus, unrele
                 member_id: departure.member_id,
             })
             .await
-            .map_err(|e| format!("releasing member {} of {}: {}", departure.member_id, row.name, e.message))?;
+            .map_err(|e| {
+                format!(
+                    "releasing member {} of {}: {}",
+                    departure.member_id, row.name, e.message
+                )
+            })?;
     }
     Ok(())
 }

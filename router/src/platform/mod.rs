@@ -51,7 +51,12 @@ pub struct Platform {
 impl Platform {
     /// `disconnects` is shared with the command and query services.
     /// `peers` says which other nodes are reachable when a client is sent to one of them.
-    pub fn new(node: NodeInfo, heartbeats: Heartbeats, disconnects: Disconnects, peers: crate::peers::Peers) -> Platform {
+    pub fn new(
+        node: NodeInfo,
+        heartbeats: Heartbeats,
+        disconnects: Disconnects,
+        peers: crate::peers::Peers,
+    ) -> Platform {
         Platform {
             shared: stream::Shared {
                 node_name: node.node_name.clone(),

@@ -80,9 +80,9 @@ impl Placement {
 /// A hash that is the same in every process and version (unlike std's `DefaultHasher`), so
 /// every node sends a client to the same server.
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -103,7 +103,11 @@ mod tests {
     #[test]
     fn a_node_that_stores_the_context_or_knows_no_other_keeps_the_client() {
         let placement = Placement::default();
-        assert_eq!(placement.server_for("default", "c1", |_| true), None, "nothing known yet");
+        assert_eq!(
+            placement.server_for("default", "c1", |_| true),
+            None,
+            "nothing known yet"
+        );
         placement.set(&["default".into()], &[peer("n2", 9000, &["default", "orders"])]);
         assert_eq!(placement.server_for("default", "c1", |_| true), None);
         assert_eq!(placement.server_for("unknown", "c1", |_| true), None);
