@@ -22,6 +22,9 @@ use tonic::transport::Channel;
 use crate::http::Reply;
 use crate::{Node, Options};
 
+/// The events a node serves from its own replica of a context, as (token, encoded event).
+pub type Replica = Vec<(i64, Vec<u8>)>;
+
 pub struct Cluster {
     pub nodes: Vec<Node>,
 }
@@ -194,7 +197,7 @@ impl Cluster {
 
     /// Every event of `context` that node `i` serves from its own replica, as (token, encoded
     /// event), read with one tracking stream from token 0 to the last token.
-    pub async fn replica(&self, i: usize, context: &str) -> Vec<(i64, Vec<u8>)> {
+    pub async fn replica(&self, i: usize, context: &str) -> Replica {
         use myelin_proto::axon::event::event_store_client::EventStoreClient;
         use myelin_proto::axon::event::{GetEventsRequest, GetLastTokenRequest};
         use prost::Message as _;
@@ -239,7 +242,7 @@ impl Cluster {
     /// Asserts that the replicas (node, events as [`Cluster::replica`] reads them) hold the same
     /// events under the same dense tokens, and that the nodes' segment files of `context` are
     /// byte-identical.
-    pub fn assert_same_replicas(&self, context: &str, replicas: &[(usize, Vec<(i64, Vec<u8>)>)]) {
+    pub fn assert_same_replicas(&self, context: &str, replicas: &[(usize, Replica)]) {
         let (first, reference) = &replicas[0];
         for (i, events) in &replicas[1..] {
             assert_eq!(

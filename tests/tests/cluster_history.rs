@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use myelin_proto::axon::event::event_store_client::EventStoreClient;
 use myelin_proto::axon::event::{Event, ReadHighestSequenceNrRequest};
-use myelin_tests::cluster::{Cluster, node_name};
+use myelin_tests::cluster::{Cluster, Replica, node_name};
 use myelin_tests::{event, with_context};
 use prost::Message;
 use rand::rngs::StdRng;
@@ -182,7 +182,7 @@ fn parse(token: i64, bytes: &[u8]) -> Stored {
 }
 
 /// Waits until every node serves the same number of events, and that number stays put.
-async fn settled_replicas(cluster: &Cluster, within: Duration) -> Vec<(usize, Vec<(i64, Vec<u8>)>)> {
+async fn settled_replicas(cluster: &Cluster, within: Duration) -> Vec<(usize, Replica)> {
     let deadline = Instant::now() + within;
     let mut previous = Vec::new();
     loop {

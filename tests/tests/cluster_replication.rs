@@ -8,16 +8,13 @@ use std::time::{Duration, Instant};
 
 use myelin_proto::axon::event::event_store_client::EventStoreClient;
 use myelin_proto::axon::event::{Event, GetAggregateEventsRequest, GetLastTokenRequest, ReadHighestSequenceNrRequest};
-use myelin_tests::cluster::{Cluster, node_name, node_of};
+use myelin_tests::cluster::{Cluster, Replica, node_name, node_of};
 use myelin_tests::{event, with_context};
 use prost::Message;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 const CONTEXT: &str = "orders";
-
-/// The events a node serves from its own replica, as (token, encoded event).
-type Replica = Vec<(i64, Vec<u8>)>;
 
 async fn client(cluster: &Cluster, i: usize) -> EventStoreClient<Channel> {
     EventStoreClient::new(cluster.nodes[i].channel().await)

@@ -254,7 +254,7 @@ async fn cluster_health(state: &AppState) -> Option<Component> {
         let leader = super::contexts::leader_of(state, row).await;
         leaders.insert(row.name.clone(), leader.map_or(serde_json::Value::Null, Into::into));
     }
-    let sound = links.values().all(|c| c == &true) && leaders.values().all(|l| !l.is_null());
+    let sound = links.values().all(|c| c.as_bool() == Some(true)) && leaders.values().all(|l| !l.is_null());
     Some(Component {
         status: if sound { Status::Up } else { Status::Warn },
         details: BTreeMap::from([
