@@ -2,15 +2,17 @@
 //!
 //! On the leader, after every applied change and every [`PERIOD`]: a registered node that is not
 //! a member becomes a learner (under the member id its `RegisterNode` entry gave it); a learner
-//! that has caught up becomes a voter; a member whose node was unregistered leaves once every
-//! context it left released it (see `placement`). One change at
+//! that has caught up becomes a voter; a member whose node was unregistered leaves. One change at
 //! a time (openraft refuses a second while one is in progress), each retried on the next round
 //! when it fails, so a leader that crashes half-way leaves nothing stuck: the next leader carries
 //! on from the state it finds.
 //!
 //! On every node: one that finds itself no longer in the `nodes` table after applying past its
 //! own registration was unregistered. Its `_admin` member stops campaigning (a removed member
-//! must not disturb the cluster's leader) and says so in its log; its contexts are removed by `placement`.
+//! must not disturb the cluster's leader) and says so in its log. It keeps its copies of
+//! contexts: a group may need its vote until the group's leader has removed it, and the release
+//! that says so is an `_admin` entry it no longer receives (the others forgot its address). The
+//! operator starts it again with an empty data directory (its log says so).
 //! The leader, unregistered, first removes itself from `_admin` (openraft makes it step down once
 //! that is committed), and only then stops.
 
@@ -62,9 +64,9 @@ enum Step {
 
 async fn step(state: &AppState) -> Result<Step, String> {
     let identity = state.admin.id();
-    let (registered, unreleased) = state
+    let registered = state
         .db
-        .call(|conn| Ok((db::admin_members(conn)?, db::unreleased_departures(conn)?)))
+        .call(|conn| db::admin_members(conn))
         .await
         .map_err(|e| e.to_string())?;
     // Each registered node's `_admin` member id (the node that started the cluster has none
@@ -135,13 +137,11 @@ async fn step(state: &AppState) -> Result<Step, String> {
             .map_err(raft_err)?;
         return Ok(Step::Changed);
     }
-    // Members whose node was unregistered leave (the leader last: it hands over by leaving),
-    // once their contexts' groups let their copies go: until then the node must still see
-    // `_admin`'s entries, the releases among them.
-    let unreleased: BTreeSet<String> = unreleased.into_iter().map(|d| d.node).collect();
+    // Members whose node was unregistered leave (the leader last: it hands over by leaving).
+    // Matched by id: a member whose id is no registered node's.
     let mut leaving: Vec<NodeId> = member_names
         .iter()
-        .filter(|(id, name)| !registered.contains_key(id) && !unreleased.contains(name))
+        .filter(|(id, _)| !registered.contains_key(id))
         .map(|(id, _)| *id)
         .collect();
     leaving.sort_by_key(|id| *id == identity);
