@@ -2,8 +2,13 @@
 //!
 //! One task per context collects waiting appends while earlier batches are in flight, checks
 //! each transaction's aggregate sequences against committed state plus the sequences reserved
-//! by batches still in flight, answers conflicts at once, and proposes the rest as one entry. Up
-//! to `MAX_IN_FLIGHT` entries are in flight, so the log writer can cover several with one fsync.
+//! by batches still in flight, answers conflicts at once, and proposes the rest as one entry.
+//!
+//! How many entries may be in flight depends on the group: a group of one voter has one (openraft
+//! 0.9 flushes each log append before the next, so a second entry would only wait for the fsync
+//! while its batch could have grown); a group with followers has up to [`MAX_IN_FLIGHT`], so
+//! that the leader's fsync of one entry overlaps the round trip of the one before to the
+//! followers, and openraft sends them several entries per AppendEntries.
 //!
 //! The check here is an early answer, not the guard: apply repeats it deterministically against
 //! the state every entry before it left, so two appends at the same sequence can never both be
@@ -20,7 +25,8 @@ use crate::command::{Command, EventRecord, Outcome, Transaction};
 use crate::consensus::Raft;
 use crate::stored::StoredContext;
 
-const MAX_IN_FLIGHT: usize = 1;
+/// Entries in flight in a group with followers (one when the leader is the only voter).
+const MAX_IN_FLIGHT: usize = 4;
 const MAX_BATCH_ITEMS: usize = 4096;
 const MAX_BATCH_BYTES: usize = 16 << 20;
 const QUEUE: usize = 8192;
@@ -137,8 +143,15 @@ async fn batch_loop(
                 },
             },
         };
-        // While every slot is busy, more appends queue up: the batch grows with the load.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
+        // While every slot is busy, more appends queue up: the batch grows with the load. A
+        // lone voter takes every slot: one entry in flight.
+        let alone = {
+            let metrics = raft.metrics();
+            let metrics = metrics.borrow();
+            metrics.membership_config.membership().voter_ids().count() <= 1
+        };
+        let cost = if alone { MAX_IN_FLIGHT as u32 } else { 1 };
+        let Ok(slot) = slots.clone().acquire_many_owned(cost).await else {
             return;
         };
         while let Ok(done) = done_rx.try_recv() {
