@@ -35,9 +35,10 @@ pub fn servers(list: &str) -> Vec<&str> {
     list.split(',').map(str::trim).filter(|s| !s.is_empty()).collect()
 }
 
-/// Opens one HTTP/2 connection (a tonic `Channel` is one connection).
-pub async fn connect(server: &str) -> anyhow::Result<EventStoreClient<Channel>> {
-    let channel = Endpoint::from_shared(server.to_owned())?
+/// Opens one HTTP/2 connection (a tonic `Channel` is one connection) with large flow-control
+/// windows, the same way for every gRPC event store under test.
+pub async fn wide_channel(server: &str) -> anyhow::Result<Channel> {
+    Endpoint::from_shared(server.to_owned())?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         // Large windows so a replay stream is not bounded by HTTP/2 flow control.
@@ -45,7 +46,12 @@ pub async fn connect(server: &str) -> anyhow::Result<EventStoreClient<Channel>> 
         .initial_connection_window_size(16 << 20)
         .connect()
         .await
-        .with_context(|| format!("connecting to {server}"))?;
+        .with_context(|| format!("connecting to {server}"))
+}
+
+/// Opens one HTTP/2 connection to a Myelin (or Axon) server's event store.
+pub async fn connect(server: &str) -> anyhow::Result<EventStoreClient<Channel>> {
+    let channel = wide_channel(server).await?;
     Ok(EventStoreClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20))

@@ -232,12 +232,7 @@ fn disk_health(state: &AppState) -> Component {
 async fn cluster_health(state: &AppState) -> Option<Component> {
     let (nodes, contexts) = state
         .db
-        .call(|conn| {
-            Ok((
-                crate::control_db::contexts::nodes(conn)?,
-                crate::control_db::contexts::contexts(conn)?,
-            ))
-        })
+        .call(|conn| crate::control_db::contexts::layout(conn))
         .await
         .ok()?;
     if nodes.len() < 2 {

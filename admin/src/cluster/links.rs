@@ -46,12 +46,7 @@ pub fn follow_peers(state: AppState, router: Channel) -> tokio::task::JoinHandle
 async fn push(state: &AppState, directory: &mut PeerDirectoryClient<Channel>) -> Result<(), String> {
     let (nodes, contexts) = state
         .db
-        .call(|conn| {
-            Ok((
-                crate::control_db::contexts::nodes(conn)?,
-                crate::control_db::contexts::contexts(conn)?,
-            ))
-        })
+        .call(|conn| crate::control_db::contexts::layout(conn))
         .await
         .map_err(|e| e.to_string())?;
     // The contexts whose events a node stores (not `_admin`, not a messaging-only role).

@@ -134,6 +134,11 @@ pub struct Departure {
     pub released: bool,
 }
 
+/// The cluster's nodes and its contexts with their members, in one call.
+pub fn layout(conn: &Connection) -> Result<(Vec<Node>, Vec<ContextRow>), DbError> {
+    Ok((nodes(conn)?, contexts(conn)?))
+}
+
 /// Records a node (or updates its addresses).
 pub fn upsert_node(conn: &Connection, node: &Node) -> Result<(), DbError> {
     conn.execute(

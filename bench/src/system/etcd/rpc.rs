@@ -5,11 +5,9 @@
 //! without). Fields the bench neither sets nor reads are left out: protobuf skips fields a
 //! reader does not know.
 
-use std::time::Duration;
-
 use prost::Message;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_prost::ProstCodec;
 
 #[derive(Clone, PartialEq, Message)]
@@ -273,14 +271,9 @@ pub struct Client {
 impl Client {
     pub async fn connect(server: &str) -> anyhow::Result<Client> {
         use anyhow::Context as _;
-        let channel = Endpoint::from_shared(server.to_owned())?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
-            .initial_stream_window_size(8 << 20)
-            .initial_connection_window_size(16 << 20)
-            .connect()
+        let channel = crate::common::wide_channel(server)
             .await
-            .with_context(|| format!("connecting to etcd at {server}"))?;
+            .with_context(|| format!("etcd at {server}"))?;
         Ok(Client {
             grpc: tonic::client::Grpc::new(channel).max_decoding_message_size(256 << 20),
         })
