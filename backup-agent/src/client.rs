@@ -25,10 +25,11 @@ pub struct EventStoreFiles {
     pub filenames: Vec<String>,
 }
 
-/// An entry of `/v1/public/context`; only the name matters here.
+/// `/v1/public/me`; only the contexts this node stores matter here.
 #[derive(Debug, Deserialize)]
-struct ContextEntry {
-    context: String,
+#[serde(rename_all = "camelCase")]
+struct NodeEntry {
+    storage_context_names: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,12 +104,14 @@ impl Client {
         serde_json::from_str(&body).with_context(|| format!("{what}: unexpected answer {:?}", clip(&body)))
     }
 
-    /// Every context the node has, except the internal ones (`_admin`): they hold no events.
+    /// Every context whose events this node stores, except the internal ones (`_admin`). On a
+    /// node of a cluster that is not every context of the cluster: a node backs up its own
+    /// copies.
     pub fn contexts(&self) -> anyhow::Result<Vec<String>> {
-        let entries: Vec<ContextEntry> = self.get("listing contexts", "/v1/public/context")?;
-        Ok(entries
+        let me: NodeEntry = self.get("listing the contexts this node stores", "/v1/public/me")?;
+        Ok(me
+            .storage_context_names
             .into_iter()
-            .map(|e| e.context)
             .filter(|name| !name.starts_with('_'))
             .collect())
     }

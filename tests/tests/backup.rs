@@ -52,7 +52,7 @@ fn text(output: &Output) -> String {
 
 /// A backup run with `--json`; panics unless it succeeded.
 async fn backup(node: &Node, dest: &Path) -> serde_json::Value {
-    let server = format!("http://127.0.0.1:{}", node.http_port);
+    let server = format!("http://{}:{}", node.address(), node.http_port);
     let output = run_agent(&[
         "backup",
         "--json",
@@ -550,4 +550,75 @@ async fn with_access_control_the_agent_sends_its_token() {
         .unwrap();
     assert!(from_env.status.success(), "{}", text(&from_env));
     assert_eq!(verify(set.path()).await.0, Some(0));
+}
+
+/// A member of a three-node cluster (here one that does not lead the context) is backed up like
+/// a single node: the agent asks that node, and the set holds its copy of the context, whose
+/// event segments are byte for byte the leader's, with every confirmed event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_member_is_backed_up_like_a_single_node() {
+    use myelin_tests::cluster::Cluster;
+    let cluster = Cluster::start_autocluster(3, "orders").await;
+    let leader = loop {
+        let leader = cluster.wait_leader("orders", Duration::from_secs(60)).await;
+        let voters = cluster
+            .status(leader, "orders")
+            .await
+            .map(|s| s.members.iter().filter(|m| m.voter).count());
+        if voters == Some(3) {
+            break leader;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let follower = (leader + 1) % 3;
+    let mut client = cluster.nodes[follower].client().await;
+    for k in 0..50i64 {
+        let events = vec![
+            event(&format!("b-{k}"), 0, &format!("b-{k}-0")),
+            event(&format!("b-{k}"), 1, &format!("b-{k}-1")),
+        ];
+        client
+            .append_event(myelin_tests::with_context(tokio_stream::iter(events), "orders"))
+            .await
+            .expect("append through the follower");
+    }
+    // The follower has applied all of it (the token calls wait for the leader's read index).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.replica(follower, "orders").await.len() < 100 {
+        assert!(Instant::now() < deadline, "the follower lags");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let set = temp_dir("mybs");
+    let summary = backup(&cluster.nodes[follower], set.path()).await;
+    assert_eq!(verify(set.path()).await.0, Some(0));
+    assert!(
+        summary["contexts"]["orders"]["segments"]["EVENT"]["filesCopied"].as_u64() >= Some(1),
+        "{summary}"
+    );
+    // The set's event segments of orders are the leader's files, byte for byte.
+    fn segments(dir: &Path, found: &mut Vec<(String, Vec<u8>)>) {
+        for entry in std::fs::read_dir(dir).unwrap().map(|e| e.unwrap()) {
+            let path = entry.path();
+            if path.is_dir() {
+                segments(&path, found);
+            } else if path.to_string_lossy().contains("orders") && path.to_string_lossy().ends_with(".events") {
+                found.push((
+                    entry.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(&path).unwrap(),
+                ));
+            }
+        }
+    }
+    let mut copied = Vec::new();
+    segments(set.path(), &mut copied);
+    assert!(!copied.is_empty(), "no event segment of orders in the set");
+    let leaders = cluster.nodes[leader].data.join("orders").join("events");
+    for (name, bytes) in &copied {
+        let original = std::fs::read(leaders.join(name)).unwrap();
+        assert!(
+            original.starts_with(bytes) || bytes == &original,
+            "{name} in the set is not the leader's"
+        );
+    }
 }
