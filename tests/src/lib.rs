@@ -37,6 +37,13 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// `n` distinct free ports: every listener is held until all are chosen, so the kernel cannot
+/// hand out one port twice (one node's HTTP and internal ports once came out the same).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
 /// Options of a test node.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -72,12 +79,19 @@ impl Node {
         let dir = tempfile::Builder::new().prefix("my").tempdir_in("/tmp").unwrap();
         let data = options.data_dir.clone().unwrap_or_else(|| dir.path().join("d"));
         let log = dir.path().join("node.log");
+        let explicit = options.internal_port;
+        let ports = loop {
+            let ports = free_ports(3);
+            if explicit.is_none_or(|port| !ports[..2].contains(&port)) {
+                break ports;
+            }
+        };
         let mut node = Node {
             data,
             log,
-            grpc_port: free_port(),
-            http_port: free_port(),
-            internal_port: options.internal_port.unwrap_or_else(free_port),
+            grpc_port: ports[0],
+            http_port: ports[1],
+            internal_port: explicit.unwrap_or(ports[2]),
             options,
             process: None,
             _dir: dir,
