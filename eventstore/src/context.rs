@@ -40,6 +40,10 @@ pub struct Context {
     pub stored: Arc<StoredContext>,
     pub raft: Raft,
     pub appender: Appender,
+    /// Appends of this node's clients on their way to a leader on another node.
+    pub outbox: crate::outbox::Outbox,
+    /// Read index rounds shared by the reads waiting at once.
+    pub read_indexes: crate::read_index::ReadIndexes,
     /// Cancelled when the context is deleted: its open streams end.
     pub closed: CancellationToken,
 }
@@ -317,6 +321,7 @@ impl Contexts {
                 .with_context(|| format!("context {name}: no leader within 30 s"))?;
         }
         let appender = Appender::start(raft.clone(), stored.clone());
+        let read_indexes = crate::read_index::ReadIndexes::start(name, member.id, raft.clone(), self.relay.clone());
         let context = Arc::new(Context {
             member,
             relay: self.relay.clone(),
@@ -324,6 +329,8 @@ impl Contexts {
             stored,
             raft,
             appender,
+            outbox: crate::outbox::Outbox::start(name, self.relay.clone()),
+            read_indexes,
             closed: CancellationToken::new(),
         });
         self.map.write().insert(name.to_owned(), context.clone());

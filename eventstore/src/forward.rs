@@ -3,8 +3,9 @@
 //!
 //! A client may connect to any member (issue 11). Its append is handed to the local appender
 //! when this node leads; otherwise it is sent, as one command in the log's binary form, through
-//! the router to the leader's eventstore, which appends it with its own appender (one transaction
-//! stays one transaction) and answers with the outcome.
+//! the context's [`Outbox`](crate::outbox::Outbox) and the router to the leader's eventstore,
+//! which appends it with its own appender (one transaction stays one transaction, also when the
+//! outbox carries it in a batch with others) and answers with the outcome.
 //!
 //! What a client is told:
 //! - The outcome the leader reported, once committed and applied there.
@@ -24,12 +25,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use myelin_proto::internal::raft_answer::Outcome as Answer;
-use myelin_proto::internal::{RaftAnswer, RaftMessage, RaftRpc};
+use myelin_proto::internal::{RaftAnswer, RaftMessage};
 use myelin_raft_relay::not_delivered;
 
 use crate::append::{AppendError, Work};
 use crate::command::{Command, Outcome};
 use crate::context::Context;
+use crate::outbox::{Leader, Sent};
 
 /// How long an append waits for its context to have a leader: longer than an election after the
 /// leader is lost (about one second, see docs/cluster.md), short enough that a client without a
@@ -60,7 +62,7 @@ pub async fn append(context: &Context, work: Work) -> Result<Outcome, AppendErro
                 let bytes = encoded
                     .get_or_insert_with(|| encode(work.take().expect("work until encoded")))
                     .clone();
-                match send(context, leader, &node, bytes).await {
+                match context.outbox.send(Leader { member: leader, node }, bytes).await {
                     Sent::Answered(result) => return result,
                     Sent::Lost(why) => return Err(AppendError::Unknown(why)),
                     // Definite: the leader did not take it; ask again once the group moved on.
@@ -101,20 +103,7 @@ pub async fn read_barrier(context: &Context) -> Result<(), AppendError> {
     let deadline = Instant::now() + WAIT_FOR_LEADER;
     loop {
         let leader = context.raft.metrics().borrow().current_leader;
-        let index = match leader {
-            Some(leader) if leader == me => match context.raft.get_read_log_id().await {
-                Ok((read, _)) => Some(read.map_or(0, |l| l.index)),
-                Err(e) => {
-                    tracing::debug!(context = %context.name, error = %e, "read index: no longer the leader");
-                    None
-                }
-            },
-            Some(leader) => match leader_node(context, leader) {
-                Some(node) => ask_read_index(context, leader, &node).await,
-                None => None,
-            },
-            None => None,
-        };
+        let index = context.read_indexes.next().await;
         if let Some(index) = index {
             let remaining = deadline
                 .saturating_duration_since(Instant::now())
@@ -152,34 +141,16 @@ fn leader_node(context: &Context, leader: u64) -> Option<String> {
         .filter(|n| !n.is_empty())
 }
 
-/// A request for the group's leader, member `leader` on `node`.
-fn to_leader(context: &Context, leader: u64, node: &str, rpc: RaftRpc, entries: Vec<Bytes>) -> RaftMessage {
-    RaftMessage {
-        group: context.name.clone(),
-        to_node: node.to_owned(),
-        to_member: leader,
-        from_node: String::new(),
-        rpc: rpc as i32,
-        header: Bytes::new(),
-        entries,
-    }
-}
-
-async fn ask_read_index(context: &Context, leader: u64, node: &str) -> Option<u64> {
-    let message = to_leader(context, leader, node, RaftRpc::ReadIndex, Vec::new());
-    let answer = context.relay.clone().send(message).await.ok()?.into_inner();
-    match answer.outcome {
-        Some(Answer::Response(body)) => serde_json::from_slice::<Option<u64>>(&body).ok().flatten(),
-        _ => None,
-    }
-}
-
 /// On the leader: the index a follower's read must wait for, or `None` if this node no longer
 /// leads (the follower then looks for the new leader).
 pub async fn answer_read_index(context: &Context) -> RaftAnswer {
-    let index = match context.raft.get_read_log_id().await {
-        Ok((read, _)) => Some(read.map_or(0, |l| l.index)),
-        Err(_) => None,
+    // Only a leader answers: a follower that asked a node which no longer leads looks for the
+    // new leader itself, so a request never travels on from here.
+    let leading = context.raft.metrics().borrow().current_leader == Some(context.member.id);
+    let index = if leading {
+        context.read_indexes.next().await
+    } else {
+        None
     };
     match serde_json::to_vec(&index) {
         Ok(body) => RaftAnswer {
@@ -187,12 +158,6 @@ pub async fn answer_read_index(context: &Context) -> RaftAnswer {
         },
         Err(e) => myelin_raft_relay::lost(format!("cannot encode the read index: {e}")),
     }
-}
-
-enum Sent {
-    Answered(Result<Outcome, AppendError>),
-    NotTaken,
-    Lost(String),
 }
 
 fn encode(work: Work) -> Bytes {
@@ -216,51 +181,39 @@ fn work_of(command: Command) -> Result<Work, AppendError> {
     }
 }
 
-async fn send(context: &Context, leader: u64, node: &str, command: Bytes) -> Sent {
-    let message = to_leader(context, leader, node, RaftRpc::ForwardAppend, vec![command]);
-    let answer = match context.relay.clone().send(message).await {
-        Ok(answer) => answer.into_inner(),
-        Err(status) => return Sent::Lost(format!("forwarding to the leader on {node}: {}", status.message())),
-    };
-    match answer.outcome {
-        Some(Answer::Response(body)) => match serde_json::from_slice::<Result<Outcome, AppendError>>(&body) {
-            Ok(Err(AppendError::NotLeader)) => Sent::NotTaken,
-            Ok(result) => Sent::Answered(result),
-            Err(e) => Sent::Lost(format!("undecodable answer from the leader on {node}: {e}")),
-        },
-        Some(Answer::Unreachable(why)) => {
-            tracing::debug!(context = %context.name, node, why, "append not delivered to the leader");
-            Sent::NotTaken
-        }
-        Some(Answer::Lost(why)) => Sent::Lost(why),
-        Some(Answer::Refused(_)) | None => Sent::Lost(format!("no answer from the leader on {node}")),
-    }
-}
-
-/// On the leader: an append another member forwarded. Appended here only (never forwarded
-/// again, so a message cannot circle while leadership moves); `NotLeader` sends the sender to
-/// look for the new leader.
+/// On the leader: appends another member forwarded, one command each (see `outbox`). Each is
+/// appended here only (never forwarded again, so a message cannot circle while leadership
+/// moves) and answered on its own, in order; `NotLeader` sends the sender to look for the new
+/// leader. All are queued for the appender before any answer is awaited, so that they can share
+/// an entry.
 pub async fn receive(context: &Context, message: RaftMessage) -> RaftAnswer {
-    let Some(bytes) = message.entries.into_iter().next() else {
+    if message.entries.is_empty() {
         return not_delivered("a forwarded append without its command");
-    };
-    let work = match Command::decode(bytes) {
-        Ok(command) => match work_of(command) {
-            Ok(work) => work,
-            Err(e) => return not_delivered(e.to_string()),
-        },
-        Err(e) => return not_delivered(format!("undecodable forwarded append: {e}")),
-    };
-    let result = if context.raft.metrics().borrow().current_leader == Some(context.member.id) {
-        context.appender.append(work).await
-    } else {
-        Err(AppendError::NotLeader)
-    };
-    match serde_json::to_vec(&result) {
+    }
+    let leading = context.raft.metrics().borrow().current_leader == Some(context.member.id);
+    let mut waiting = Vec::with_capacity(message.entries.len());
+    for bytes in message.entries {
+        let work = Command::decode(bytes)
+            .map_err(|e| AppendError::Storage(format!("undecodable forwarded append: {e}")))
+            .and_then(work_of);
+        waiting.push(match work {
+            Ok(work) if leading => context.appender.submit(work).await,
+            Ok(_) => Err(AppendError::NotLeader),
+            Err(e) => Err(e),
+        });
+    }
+    let mut results = Vec::with_capacity(waiting.len());
+    for answer in waiting {
+        results.push(match answer {
+            Ok(answer) => answer.await.unwrap_or(Err(AppendError::Closed)),
+            Err(e) => Err(e),
+        });
+    }
+    match crate::outbox::encode_outcomes(&results) {
         Ok(body) => RaftAnswer {
             outcome: Some(Answer::Response(body.into())),
         },
-        Err(e) => myelin_raft_relay::lost(format!("cannot encode the outcome: {e}")),
+        Err(e) => myelin_raft_relay::lost(format!("cannot encode the outcomes: {e}")),
     }
 }
 

@@ -4,8 +4,9 @@
 //! - `service` / `tracking` / `control` / `inbox`: the internal gRPC API on a Unix socket
 //!   (decode, call, encode); `inbox` takes Raft messages from other nodes via the router.
 //! - `membership`: carrying out the cluster's decisions on who is in a context's group.
-//! - `context` / `append` / `forward`: the contexts, group commit of concurrent appends, and
-//!   appends sent on to the leader when this node does not lead.
+//! - `context` / `append` / `forward` / `outbox` / `read_index`: the contexts, group commit of
+//!   concurrent appends, appends sent on to the leader (in batches) when this node does not
+//!   lead, and the read index rounds that reads share.
 //! - `consensus`: one openraft group per context; the Raft log in `log/` segments.
 //! - `stored` / `segment`: applying committed entries to event and snapshot segment files;
 //!   `install`: putting segments received from another member in the place of a context's own.
@@ -25,6 +26,8 @@ pub mod inbox;
 pub mod install;
 pub mod membership;
 pub mod metrics;
+pub mod outbox;
+pub mod read_index;
 pub mod segment;
 pub mod service;
 pub mod space;

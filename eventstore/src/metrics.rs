@@ -60,6 +60,22 @@ fn describe() {
         "myelin_eventstore_snapshot_bytes_received_total",
         "Bytes of the snapshot streams installed (segment files and their framing)"
     );
+    describe_counter!(
+        "myelin_eventstore_forwarded_appends_total",
+        "Appends of this node's clients sent to the context's leader on another node"
+    );
+    describe_counter!(
+        "myelin_eventstore_forward_batches_total",
+        "Messages that carried those appends to the leader (several appends each under load)"
+    );
+    describe_counter!(
+        "myelin_eventstore_read_index_reads_total",
+        "Reads that waited for a read index (every event committed before they started)"
+    );
+    describe_counter!(
+        "myelin_eventstore_read_index_rounds_total",
+        "Read index rounds (a heartbeat round on the leader, or a request to it) those reads shared"
+    );
     describe_histogram!(
         "myelin_eventstore_batch_duration_seconds",
         Unit::Seconds,
@@ -77,6 +93,10 @@ pub struct ContextMetrics {
     pub token_at_records_read: Counter,
     pub snapshots_installed: Counter,
     pub snapshot_bytes_received: Counter,
+    pub forwarded_appends: Counter,
+    pub forward_batches: Counter,
+    pub read_index_reads: Counter,
+    pub read_index_rounds: Counter,
 }
 
 impl ContextMetrics {
@@ -90,7 +110,11 @@ impl ContextMetrics {
             batch_duration: metrics::histogram!("myelin_eventstore_batch_duration_seconds", "context" => ctx.clone()),
             token_at_records_read: metrics::counter!("myelin_eventstore_token_at_records_read_total", "context" => ctx.clone()),
             snapshots_installed: metrics::counter!("myelin_eventstore_snapshot_installs_total", "context" => ctx.clone()),
-            snapshot_bytes_received: metrics::counter!("myelin_eventstore_snapshot_bytes_received_total", "context" => ctx),
+            snapshot_bytes_received: metrics::counter!("myelin_eventstore_snapshot_bytes_received_total", "context" => ctx.clone()),
+            forwarded_appends: metrics::counter!("myelin_eventstore_forwarded_appends_total", "context" => ctx.clone()),
+            forward_batches: metrics::counter!("myelin_eventstore_forward_batches_total", "context" => ctx.clone()),
+            read_index_reads: metrics::counter!("myelin_eventstore_read_index_reads_total", "context" => ctx.clone()),
+            read_index_rounds: metrics::counter!("myelin_eventstore_read_index_rounds_total", "context" => ctx),
         }
     }
 }

@@ -232,6 +232,79 @@ async fn followers_forward_appends_and_a_minority_confirms_nothing() {
         "{refused:?}"
     );
 
+    // Concurrent appends through one follower travel to the leader in batches, each still its
+    // own transaction with its own outcome: 48 appends race in pairs for the same aggregate
+    // sequences, and exactly one of each pair is stored. Concurrent reads there share read
+    // index rounds.
+    let racer = followers[1];
+    let before = cluster.metrics(racer).await;
+    let mut racing = tokio::task::JoinSet::new();
+    for k in 0..48 {
+        let mut client = client(&cluster, racer).await;
+        racing.spawn(async move {
+            let events = vec![
+                event(&format!("race-{}", k / 2), 0, &format!("race-{k}-0")),
+                event(&format!("race-{}", k / 2), 1, &format!("race-{k}-1")),
+            ];
+            client
+                .append_event(with_context(tokio_stream::iter(events), CONTEXT))
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    e.metadata()
+                        .get("axoniq-errorcode")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned()
+                })
+        });
+    }
+    let outcomes = racing.join_all().await;
+    let stored = outcomes.iter().filter(|o| o.is_ok()).count();
+    let refused: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert_eq!(stored, 24, "one of each pair: {outcomes:?}");
+    assert!(refused.iter().all(|code| *code == "AXONIQ-2000"), "{refused:?}");
+    confirmed += 2 * stored;
+    let mut reading = tokio::task::JoinSet::new();
+    for k in 0..32 {
+        let mut client = client(&cluster, racer).await;
+        reading.spawn(async move {
+            client
+                .list_aggregate_events(with_context(
+                    GetAggregateEventsRequest {
+                        aggregate_id: format!("race-{}", k % 24),
+                        ..Default::default()
+                    },
+                    CONTEXT,
+                ))
+                .await
+                .expect("an aggregate read")
+                .into_inner()
+                .collect::<Vec<_>>()
+                .await
+                .len()
+        });
+    }
+    assert!(
+        reading.join_all().await.iter().all(|read| *read == 2),
+        "a read missed a stored event"
+    );
+    let after = cluster.metrics(racer).await;
+    let grown = |name: &str| counter(&after, name) - counter(&before, name);
+    let (appends, batches) = (
+        grown("myelin_eventstore_forwarded_appends_total"),
+        grown("myelin_eventstore_forward_batches_total"),
+    );
+    let (reads, rounds) = (
+        grown("myelin_eventstore_read_index_reads_total"),
+        grown("myelin_eventstore_read_index_rounds_total"),
+    );
+    eprintln!("48 racing appends: {appends} forwarded in {batches} messages; {reads} reads in {rounds} rounds");
+    assert_eq!(appends, 48.0);
+    assert!(batches < appends, "no batch carried two appends: {batches} messages");
+    assert_eq!(reads, 32.0);
+    assert!(rounds < reads, "no read index round was shared: {rounds} rounds");
+
     // The majority goes: the one left confirms nothing and says why, without hanging.
     let survivor = followers[0];
     for i in (0..3).filter(|i| *i != survivor) {
@@ -268,6 +341,15 @@ async fn followers_forward_appends_and_a_minority_confirms_nothing() {
     }
     assert_same_replicas(&cluster, &replicas);
     let _ = leader;
+}
+
+/// The value of counter `name` of context `orders` in a Prometheus text.
+fn counter(text: &str, name: &str) -> f64 {
+    let series = format!("{name}{{context=\"{CONTEXT}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// With access control on, node-to-node calls carry the cluster's internal token: two nodes with
