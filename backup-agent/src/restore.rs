@@ -1,9 +1,9 @@
 //! Rebuilding a stopped node's data directory from a complete backup set.
 //!
 //! What holds:
-//! - **Never under a running node.** The event store holds `eventstore.lock` in its data
-//!   directory for its whole life; restore takes the same lock first and keeps it to the end, so
-//!   a node cannot start meanwhile either.
+//! - **Never under a running node.** The supervisor holds `myelin.lock` in the data directory
+//!   from before its children start, and the event store `eventstore.lock` for its whole life;
+//!   restore takes both first and keeps them to the end, so a node cannot start meanwhile either.
 //! - **Never over data by accident.** A data directory that holds anything (or a control DB at
 //!   the target path) is refused unless `--force`, which moves what is there aside into
 //!   `.pre-restore-<millis>/` (the event store ignores names starting with `.`) instead of
@@ -41,7 +41,11 @@ use crate::set::{self, Manifest};
 /// The control DB's place relative to the data directory when the node uses its default.
 pub const DEFAULT_CONTROL_DB: &str = "_admin/myelin-controldb.sqlite3";
 /// Entries of a data directory that do not make it "used".
-const IGNORED: [&str; 2] = ["eventstore.lock", "lost+found"];
+const IGNORED: [&str; 3] = [NODE_LOCK, EVENTSTORE_LOCK, "lost+found"];
+/// The supervisor's lock in the data directory.
+const NODE_LOCK: &str = "myelin.lock";
+/// The event store's lock in the data directory.
+const EVENTSTORE_LOCK: &str = "eventstore.lock";
 
 pub struct Options {
     pub backup: PathBuf,
@@ -80,9 +84,14 @@ fn millis() -> u128 {
         .map_or(0, |d| d.as_millis())
 }
 
-/// Takes the event store's own lock on `data`.
-fn lock_data(data: &Path) -> anyhow::Result<Flock<fs::File>> {
-    let path = data.join("eventstore.lock");
+/// Takes the node's locks on `data`: the supervisor's (`myelin.lock`, held by a running node
+/// from before its children start) and the event store's own (`eventstore.lock`).
+fn lock_data(data: &Path) -> anyhow::Result<[Flock<fs::File>; 2]> {
+    Ok([lock_file(data, NODE_LOCK)?, lock_file(data, EVENTSTORE_LOCK)?])
+}
+
+fn lock_file(data: &Path, name: &str) -> anyhow::Result<Flock<fs::File>> {
+    let path = data.join(name);
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -91,11 +100,17 @@ fn lock_data(data: &Path) -> anyhow::Result<Flock<fs::File>> {
         .with_context(|| format!("opening {}", path.display()))?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(lock),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => bail!(
-            "{} holds a running node ({} is locked by its event store): stop the node first",
-            data.display(),
-            path.display()
-        ),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let holder = match fs::read_to_string(&path).unwrap_or_default().trim() {
+                "" => String::new(),
+                pid => format!(", pid {pid}"),
+            };
+            bail!(
+                "{} holds a running node ({} is locked{holder}): stop the node first",
+                data.display(),
+                path.display()
+            )
+        }
         Err((_, errno)) => bail!("cannot lock {}: {errno}", path.display()),
     }
 }
@@ -540,6 +555,7 @@ mod tests {
             ("_admin/myelin-controldb.sqlite3", "live control db"),
             ("_admin/myelin-controldb.sqlite3-wal", "live wal"),
             ("eventstore.lock", ""),
+            ("myelin.lock", "1234\n"),
         ] {
             let full = data.join(path);
             fs::create_dir_all(full.parent().unwrap()).unwrap();
