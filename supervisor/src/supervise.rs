@@ -16,6 +16,7 @@
 //!   with a grace period before SIGKILL; a second SIGTERM/SIGINT kills all children at once.
 //! - One node per data directory: the supervisor holds `<data>/myelin.lock` (with its pid in it)
 //!   from before any child starts until it exits, and refuses to start when another holds it.
+//! - A first start with a port in use fails at once, naming it, before any child starts.
 
 use std::fs::{DirBuilder, File};
 use std::io::Write;
@@ -76,6 +77,7 @@ struct Supervised {
 pub async fn run(config: Config, launches: Vec<Launch>) -> anyhow::Result<Outcome> {
     let exe = std::env::current_exe().context("cannot find this program's own path")?;
     let _locks = prepare_runtime(&config)?;
+    check_ports(&config)?;
     let mut signals = Signals::new()?;
     notify(&[NotifyState::Status("starting eventstore, router and admin")]);
 
@@ -197,6 +199,31 @@ fn lock_data_dir(data: &Path) -> anyhow::Result<Flock<File>> {
         .and_then(|()| writeln!(&mut *lock, "{}", std::process::id()))
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(lock)
+}
+
+/// Fails naming the port and its key when one of the node's TCP ports cannot be listened on
+/// (another program, or another node, holds it). Without this a first start went on for ~43 s:
+/// the child that could not listen was restarted until the supervisor gave up, while the other
+/// children answered. The children bind the same way (`SO_REUSEADDR`, as std and tokio do) right
+/// after; a program taking a port in between is still met by the restart loop.
+fn check_ports(config: &Config) -> anyhow::Result<()> {
+    for (key, port) in [
+        ("axoniq.axonserver.port", config.port),
+        ("server.port", config.http_port),
+        ("axoniq.axonserver.internal-port", config.internal_port),
+    ] {
+        if port == 0 {
+            continue;
+        }
+        if let Err(e) = std::net::TcpListener::bind((config.bind_address, port)) {
+            anyhow::bail!(
+                "cannot listen on port {port} ({key}) at {}: {e}; another program, or another node, \
+                 uses it: stop it or configure another port",
+                config.bind_address
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Writes a pid file atomically (readers never see it half written).

@@ -426,3 +426,33 @@ fn a_second_node_on_the_same_data_directory_is_refused_naming_the_holder() {
         assert!(alive(pid));
     }
 }
+
+/// Issue 16, defect 3: a port in use kept the node retrying for ~43 s (the child that could not
+/// listen was restarted until the supervisor gave up). Now the first start stops at once, naming
+/// the port and its key. (The sleepers listen on no port: this is the supervisor's own check.)
+#[test]
+fn a_port_in_use_stops_the_first_start_at_once_naming_it() {
+    for (i, key) in [
+        "axoniq.axonserver.port",
+        "server.port",
+        "axoniq.axonserver.internal-port",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ports = free_ports();
+        let _taken = TcpListener::bind(("127.0.0.1", ports[i])).unwrap();
+        let since = Instant::now();
+        let mut node = Node::start_on(ports, |_, _| {});
+        let status = node.wait_exit(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(1), "{key}");
+        assert!(since.elapsed() < Duration::from_secs(3), "{key}: {:?}", since.elapsed());
+        let named = format!("port {} ({key})", ports[i]);
+        assert!(
+            wait_until(Duration::from_secs(2), || node.log_has(&named)),
+            "{named}: {:?}",
+            node.log.lock().unwrap()
+        );
+        assert!(!node.log_has("started "), "{key}: a child was started");
+    }
+}

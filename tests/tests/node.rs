@@ -73,3 +73,50 @@ async fn admin_reports_node_and_context_positions() {
         r#"{"code":"AXONIQ-0001","message":"no such resource: /no/such/page"}"#
     );
 }
+
+/// Issue 16, defect 3, with the real children: a port in use made the node retry for ~43 s
+/// (the child that could not listen restarted until the supervisor gave up) while the others
+/// answered. Now the first start exits with code 1 within a second or two, naming the port.
+#[test]
+fn a_port_in_use_fails_the_first_start_at_once() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::Builder::new().prefix("my").tempdir_in("/tmp").unwrap();
+    let ports = myelin_tests::free_ports(3);
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", ports[1])).unwrap();
+    let since = Instant::now();
+    let mut child = std::process::Command::new(myelin_tests::binary())
+        .arg("--data-dir")
+        .arg(dir.path().join("d"))
+        .args(["--bind-address", "127.0.0.1"])
+        .args(["--port", &ports[0].to_string()])
+        .args(["--http-port", &ports[1].to_string()])
+        .args(["--internal-port", &ports[2].to_string()])
+        .env("RUST_LOG", "info")
+        .env_remove("RUNTIME_DIRECTORY")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if since.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the node still runs {:?} after its start with port {} in use",
+                since.elapsed(),
+                ports[1]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = since.elapsed();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(took < Duration::from_secs(3), "took {took:?}: {stderr}");
+    assert!(stderr.contains(&format!("port {} (server.port)", ports[1])), "{stderr}");
+}
