@@ -13,7 +13,9 @@
 //! - READY=1 is sent once, when every child answers SERVING on its health socket; WATCHDOG=1 only
 //!   while every child is alive and answers (and, once ready, answers SERVING).
 //! - Shutdown order is router (stop taking client work), admin, eventstore (flushes last), each
-//!   with a grace period before SIGKILL; a second SIGTERM/SIGINT kills all children at once.
+//!   with a grace period before SIGKILL. SIGINT during the stop (a second Ctrl-C) kills all
+//!   children at once; a repeated SIGTERM does not (`timeout` and process managers send one to
+//!   the process and another to its group), so it never cuts the drain short.
 //! - One node per data directory: the supervisor holds `<data>/myelin.lock` (with its pid in it)
 //!   from before any child starts until it exits, and refuses to start when another holds it.
 //! - A first start with a port in use fails at once, naming it, before any child starts.
@@ -466,7 +468,8 @@ fn describe_trouble(health: &[(Role, Health)]) -> String {
         .join(", ")
 }
 
-/// Stops the children in order; a second signal turns every remaining stop into SIGKILL.
+/// Stops the children in order; a SIGINT during the stop (a second Ctrl-C) turns every remaining
+/// stop into SIGKILL, a repeated SIGTERM does not.
 async fn shutdown(children: Vec<Supervised>, signals: &mut Signals) {
     notify(&[
         NotifyState::Stopping,
@@ -495,6 +498,15 @@ async fn shutdown(children: Vec<Supervised>, signals: &mut Signals) {
             tokio::select! {
                 _ = &mut task => break,
                 signal = signals.recv() => {
+                    if signal == "SIGTERM" {
+                        // `timeout` and many process managers signal the process, then its
+                        // group: a repeated SIGTERM is not a request to hurry.
+                        warn!(
+                            "received SIGTERM again; the graceful stop goes on (each child has its \
+                             grace period; SIGINT kills the children at once)"
+                        );
+                        continue;
+                    }
                     warn!("received {signal} again; killing every child now");
                     killing = true;
                     for (_, stop) in &senders {

@@ -456,3 +456,34 @@ fn a_port_in_use_stops_the_first_start_at_once_naming_it() {
         assert!(!node.log_has("started "), "{key}: a child was started");
     }
 }
+
+/// Issue 16, defect 4: `timeout`, and many process managers, send SIGTERM to a process and then
+/// to its group, so the supervisor gets two in a row; the second one used to SIGKILL every child
+/// in the middle of the graceful drain. Now only SIGINT (a second Ctrl-C) cuts the drain short.
+#[test]
+fn a_second_sigterm_does_not_cut_the_drain_short() {
+    let mut node = Node::start(|cmd, _| {
+        cmd.env("MYELIN_SLEEPER_IGNORE_TERM", "router");
+    });
+    node.wait_ready();
+    let pids = node.child_pids();
+    let since = Instant::now();
+    node.signal(Signal::SIGTERM);
+    assert!(wait_until(Duration::from_secs(2), || {
+        node.log_has("ignoring SIGTERM")
+    }));
+    node.signal(Signal::SIGTERM);
+    let status = node.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(!node.log_has("killing every child now"));
+    // The router had its whole grace period; the others were stopped, not killed.
+    assert!(node.log_has("router did not stop within 2.0 s; sending SIGKILL"));
+    assert!(since.elapsed() >= Duration::from_secs(2), "{:?}", since.elapsed());
+    for role in ["admin", "eventstore"] {
+        assert!(node.log_has(&format!("{role} stopped after")), "{role}");
+    }
+    assert!(node.log_has("received SIGTERM again"));
+    for pid in pids {
+        assert!(!alive(pid), "child {pid} survived");
+    }
+}
