@@ -712,3 +712,20 @@ async fn a_failed_forced_restore_leaves_the_data_directory_as_it_was() {
     let mut client = node.client().await;
     assert_eq!(read_all(&mut client).await, before, "the node serves what it held");
 }
+
+/// Issue 16, defect 6: the agent exited 1 for a node it could not reach where `myelin-cli`
+/// exits 3; both now say 3 ("not now: a later run may succeed"), and the set is left as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_node_exits_3_like_the_cli() {
+    let set = temp_dir("mybs");
+    let port = myelin_tests::free_port();
+    let server = format!("http://127.0.0.1:{port}");
+    let output = run_agent(&["backup", "--server", &server, "--dest", set.path().to_str().unwrap()]).await;
+    assert_eq!(output.status.code(), Some(3), "{}", text(&output));
+    assert!(
+        text(&output).contains(&format!("cannot reach {server}: connection refused")),
+        "{}",
+        text(&output)
+    );
+    assert!(!set.path().join("manifest.json").exists());
+}
