@@ -155,3 +155,35 @@ async fn a_slow_event_store_at_start_is_not_a_warning() {
         .collect();
     assert!(warnings.is_empty(), "{}", warnings.join("\n"));
 }
+
+/// Issue 16, defect 7: a call to a service Myelin does not serve (Axon's EventScheduler) is
+/// answered UNIMPLEMENTED with a message naming the method and service, and the node logs it
+/// once per method, however often it is called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unserved_method_is_unimplemented_named_and_logged_once() {
+    use myelin_proto::axon::event::ScheduleEventRequest;
+    use myelin_proto::axon::event::event_scheduler_client::EventSchedulerClient;
+    let node = Node::start(Options::default()).await;
+    let mut client = EventSchedulerClient::new(node.channel().await);
+    for _ in 0..3 {
+        let status = client
+            .schedule_event(ScheduleEventRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+        assert_eq!(
+            status.message(),
+            "Myelin does not implement method ScheduleEvent of service io.axoniq.axonserver.grpc.event.EventScheduler"
+        );
+    }
+    let logged = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("does not implement") && l.contains("method=\"ScheduleEvent\""))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while logged(&node.log_text()) == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(logged(&node.log_text()), 1, "{}", node.log_text());
+}
