@@ -140,7 +140,13 @@ pub async fn contexts(state: &AppState) -> anyhow::Result<Vec<String>> {
     Ok(added)
 }
 
-/// Retries [`contexts`] until the event store answers (it may still be starting).
+/// Attempts (500 ms apart) after which a control DB that still cannot be aligned is worth a
+/// warning: before that the event store is usually just still starting, a race of every start
+/// that is no operator's concern.
+const QUIET_ATTEMPTS: u32 = 20;
+
+/// Retries [`contexts`] until the event store answers (it may still be starting). Logs at debug
+/// level while that is the likely reason, then a warning every 10 s.
 pub async fn contexts_until_done(state: AppState) {
     let mut attempt = 0u32;
     loop {
@@ -148,8 +154,14 @@ pub async fn contexts_until_done(state: AppState) {
             Ok(_) => return,
             Err(e) => {
                 attempt += 1;
-                if attempt % 20 == 1 {
-                    tracing::warn!(error = %e, attempt, "cannot yet align the control DB with the event store");
+                if attempt.is_multiple_of(QUIET_ATTEMPTS) {
+                    tracing::warn!(
+                        error = %e,
+                        attempt,
+                        "cannot align the control DB with the event store yet; retrying"
+                    );
+                } else {
+                    tracing::debug!(error = %e, attempt, "cannot yet align the control DB with the event store");
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }

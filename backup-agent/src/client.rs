@@ -74,14 +74,19 @@ impl Client {
         what: &str,
         result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> anyhow::Result<String> {
-        let mut response = result.with_context(|| format!("{what}: cannot reach {}", self.base))?;
+        let mut response = result.map_err(|e| self.unreachable(what, e))?;
         let status = response.status();
         let body = response
             .body_mut()
             .with_config()
             .limit(MAX_RESPONSE_BYTES)
             .read_to_string()
-            .with_context(|| format!("{what}: reading the answer"))?;
+            .map_err(|e| match e {
+                ureq::Error::BodyExceedsLimit(_) => {
+                    anyhow::anyhow!("{what}: the answer is larger than {} MiB", MAX_RESPONSE_BYTES >> 20)
+                }
+                e => self.unreachable(what, e).into(),
+            })?;
         if !status.is_success() {
             let detail = match serde_json::from_str::<ErrorBody>(&body) {
                 Ok(ErrorBody {
@@ -150,6 +155,35 @@ impl Client {
                 encode(context)
             ),
         )
+    }
+}
+
+/// No HTTP conversation with the node was possible (refused, unknown host, no answer in time,
+/// not HTTP): exit code 3, as `myelin-cli` says of an unreachable server, since a later run may
+/// succeed.
+#[derive(Debug)]
+pub struct Unreachable(pub String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+impl Client {
+    fn unreachable(&self, what: &str, error: ureq::Error) -> Unreachable {
+        let reason = match error {
+            ureq::Error::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                "connection refused (is the node running, and is this its admin HTTP port, server.port, default \
+                 8024?)"
+                    .to_owned()
+            }
+            ureq::Error::Protocol(e) => format!("it does not speak HTTP/1.1 ({e}): is this the admin HTTP port?"),
+            e => e.to_string(),
+        };
+        Unreachable(format!("{what}: cannot reach {}: {reason}", self.base))
     }
 }
 

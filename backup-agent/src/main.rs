@@ -4,8 +4,10 @@
 //! whose job that is, on a stopped node. See docs/backups.md.
 //!
 //! Exit codes: 0 done (verify: the set is complete and whole); 1 failed (the message says why);
-//! 2 bad command line; 3 the backup set is incomplete (no manifest: a backup did not finish or is
-//! running); 4 the backup set is damaged (a file is missing or differs from the manifest).
+//! 2 bad command line; 3 not now, a later run may succeed: the node could not be reached or did
+//! not answer (as `myelin-cli`'s 3), or the backup set is incomplete (no manifest: a backup did
+//! not finish or is running); 4 the backup set is damaged (a file is missing or differs from the
+//! manifest).
 
 mod backup;
 mod client;
@@ -21,7 +23,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 const EXIT_FAILED: u8 = 1;
-const EXIT_INCOMPLETE: u8 = 3;
+/// Not now, a later run may succeed: the node is unreachable, or the set incomplete or busy.
+const EXIT_NOT_NOW: u8 = 3;
 const EXIT_DAMAGED: u8 = 4;
 
 #[derive(Parser)]
@@ -91,8 +94,11 @@ fn main() -> ExitCode {
         Err(e) => {
             progress.finish();
             eprintln!("myelin-backup-agent: error: {e:#}");
-            if e.downcast_ref::<restore::Incomplete>().is_some() || e.downcast_ref::<set::Busy>().is_some() {
-                ExitCode::from(EXIT_INCOMPLETE)
+            let not_now = e.chain().any(|cause| {
+                cause.is::<restore::Incomplete>() || cause.is::<set::Busy>() || cause.is::<client::Unreachable>()
+            });
+            if not_now {
+                ExitCode::from(EXIT_NOT_NOW)
             } else {
                 ExitCode::from(EXIT_FAILED)
             }
@@ -153,7 +159,7 @@ fn run(command: Command, json: bool, progress: &mut progress::Progress) -> anyho
                 }
                 verify::Verdict::Incomplete { reason } => {
                     eprintln!("myelin-backup-agent: INCOMPLETE: {reason}");
-                    EXIT_INCOMPLETE
+                    EXIT_NOT_NOW
                 }
                 verify::Verdict::Damaged { problems } => {
                     for problem in &problems {

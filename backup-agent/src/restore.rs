@@ -1,17 +1,23 @@
 //! Rebuilding a stopped node's data directory from a complete backup set.
 //!
 //! What holds:
-//! - **Never under a running node.** The event store holds `eventstore.lock` in its data
-//!   directory for its whole life; restore takes the same lock first and keeps it to the end, so
-//!   a node cannot start meanwhile either.
+//! - **Never under a running node.** The supervisor holds `myelin.lock` in the data directory
+//!   from before its children start, and the event store `eventstore.lock` for its whole life;
+//!   restore takes both first and keeps them to the end, so a node cannot start meanwhile either.
 //! - **Never over data by accident.** A data directory that holds anything (or a control DB at
 //!   the target path) is refused unless `--force`, which moves what is there aside into
 //!   `.pre-restore-<millis>/` (the event store ignores names starting with `.`) instead of
 //!   deleting it.
-//! - **All or nothing.** Files are copied into `.restoring-<millis>/` inside the data directory,
-//!   each checked against the manifest's SHA-256 while it is copied and fsynced, and only then
-//!   renamed into place; the control DB comes last. A restore that fails leaves that folder
-//!   behind (and says so), never a half data directory that a node would start on.
+//! - **Verify everything, then swap.** Every file, the control DB too, is first copied into
+//!   `.restoring-<millis>/` inside the data directory (a control DB kept elsewhere: into
+//!   `.restoring-<millis>-<name>` beside it), checked against the manifest's SHA-256 while it is
+//!   copied, and fsynced. Only then is anything that exists touched: what the directory holds is
+//!   moved aside (with `--force`) and the staged files are renamed into place, a few renames on
+//!   one file system, each undone if a later one fails.
+//! - **A failed restore changes nothing.** Whatever fails (a damaged or missing file, a bad
+//!   control DB zip, a full disk, a rename), the data directory is left exactly as it was and the
+//!   staging places are removed. A restore killed outright may leave a `.restoring-*` folder,
+//!   which the next restore removes (the event store ignores names starting with `.`).
 //!
 //! Where things go: `contexts/<c>/...` to `<data>/<c>/...` (log segments and Raft state, event
 //! and snapshot segments, as the event store lays them out), and the control DB out of its zip
@@ -35,7 +41,11 @@ use crate::set::{self, Manifest};
 /// The control DB's place relative to the data directory when the node uses its default.
 pub const DEFAULT_CONTROL_DB: &str = "_admin/myelin-controldb.sqlite3";
 /// Entries of a data directory that do not make it "used".
-const IGNORED: [&str; 2] = ["eventstore.lock", "lost+found"];
+const IGNORED: [&str; 3] = [NODE_LOCK, EVENTSTORE_LOCK, "lost+found"];
+/// The supervisor's lock in the data directory.
+const NODE_LOCK: &str = "myelin.lock";
+/// The event store's lock in the data directory.
+const EVENTSTORE_LOCK: &str = "eventstore.lock";
 
 pub struct Options {
     pub backup: PathBuf,
@@ -74,9 +84,14 @@ fn millis() -> u128 {
         .map_or(0, |d| d.as_millis())
 }
 
-/// Takes the event store's own lock on `data`.
-fn lock_data(data: &Path) -> anyhow::Result<Flock<fs::File>> {
-    let path = data.join("eventstore.lock");
+/// Takes the node's locks on `data`: the supervisor's (`myelin.lock`, held by a running node
+/// from before its children start) and the event store's own (`eventstore.lock`).
+fn lock_data(data: &Path) -> anyhow::Result<[Flock<fs::File>; 2]> {
+    Ok([lock_file(data, NODE_LOCK)?, lock_file(data, EVENTSTORE_LOCK)?])
+}
+
+fn lock_file(data: &Path, name: &str) -> anyhow::Result<Flock<fs::File>> {
+    let path = data.join(name);
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -85,16 +100,31 @@ fn lock_data(data: &Path) -> anyhow::Result<Flock<fs::File>> {
         .with_context(|| format!("opening {}", path.display()))?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(lock),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => bail!(
-            "{} holds a running node ({} is locked by its event store): stop the node first",
-            data.display(),
-            path.display()
-        ),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let holder = match fs::read_to_string(&path).unwrap_or_default().trim() {
+                "" => String::new(),
+                pid => format!(", pid {pid}"),
+            };
+            bail!(
+                "{} holds a running node ({} is locked{holder}): stop the node first",
+                data.display(),
+                path.display()
+            )
+        }
         Err((_, errno)) => bail!("cannot lock {}: {errno}", path.display()),
     }
 }
 
 pub fn restore(options: Options, progress: &mut Progress) -> anyhow::Result<Summary> {
+    restore_with(options, progress, &mut |_| Ok(()))
+}
+
+/// [`restore`], with `inject` called before each step of the swap (tests make it fail there).
+fn restore_with(
+    options: Options,
+    progress: &mut Progress,
+    inject: &mut dyn FnMut(usize) -> std::io::Result<()>,
+) -> anyhow::Result<Summary> {
     let backup = fs::canonicalize(&options.backup)
         .with_context(|| format!("the backup set {} cannot be opened", options.backup.display()))?;
     let _set_lock = set::lock_for_reading(&backup)?;
@@ -121,13 +151,15 @@ pub fn restore(options: Options, progress: &mut Progress) -> anyhow::Result<Summ
         None => data.join(DEFAULT_CONTROL_DB),
     };
     let contexts = contexts_of(&manifest)?;
+    remove_stale_staging(&data, &control_db);
 
     // What is there already.
     let mut present: Vec<PathBuf> = Vec::new();
     for entry in fs::read_dir(&data)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !IGNORED.contains(&name.as_str()) && !name.starts_with(".pre-restore-") && !name.starts_with(".restoring-") {
+        if !IGNORED.contains(&name.as_str()) && !name.starts_with(".pre-restore-") && !name.starts_with(STAGING_PREFIX)
+        {
             present.push(entry.path());
         }
     }
@@ -155,28 +187,174 @@ pub fn restore(options: Options, progress: &mut Progress) -> anyhow::Result<Summ
             }
         );
     }
+
+    // 1. Copy and check everything into staging places; nothing that exists is touched yet.
     let stamp = millis();
-    let mut moved_aside = None;
+    let staging = Staging::new(&data, &control_db, stamp);
+    let staged = match stage(&backup, &manifest, &staging, progress) {
+        Ok(staged) => staged,
+        Err(e) => {
+            progress.finish();
+            staging.discard();
+            return Err(e.context(format!("the restore stopped before it changed {}", data.display())));
+        }
+    };
+
+    // 2. Swap: move what is there aside, the staged files into place. Only renames, each undone
+    // if a later one fails.
+    let aside = data.join(format!(".pre-restore-{stamp}"));
+    let mut plan = Vec::new();
     if !present.is_empty() || !outside_db.is_empty() {
-        let aside = data.join(format!(".pre-restore-{stamp}"));
-        fs::create_dir(&aside)?;
+        plan.push(Step::CreateDir(aside.clone()));
         for path in &present {
             let name = path.file_name().expect("a directory entry has a name");
-            fs::rename(path, aside.join(name)).with_context(|| format!("moving {} aside", path.display()))?;
+            plan.push(Step::Rename {
+                from: path.clone(),
+                to: aside.join(name),
+            });
         }
         for path in &outside_db {
             let name = path.file_name().expect("a file name");
-            let target = path.with_file_name(format!("{}.pre-restore-{stamp}", name.to_string_lossy()));
-            fs::rename(path, &target).with_context(|| format!("moving {} aside", path.display()))?;
+            plan.push(Step::Rename {
+                from: path.clone(),
+                to: path.with_file_name(format!("{}.pre-restore-{stamp}", name.to_string_lossy())),
+            });
         }
-        files::sync_dir(&data)?;
+    }
+    for context in &contexts {
+        let from = staging.dir.join(context);
+        if from.exists() {
+            plan.push(Step::Rename {
+                from,
+                to: data.join(context),
+            });
+        }
+    }
+    if staged.control_db {
+        // Folders between the data directory and the control DB that will not be there once
+        // what the directory held has moved aside (`_admin`, by default).
+        if control_db.starts_with(&data) {
+            let mut missing: Vec<PathBuf> = control_db
+                .ancestors()
+                .skip(1)
+                .take_while(|a| *a != data)
+                .filter(|a| !a.exists() || present.iter().any(|p| a.starts_with(p)))
+                .map(Path::to_path_buf)
+                .collect();
+            missing.reverse();
+            plan.extend(missing.into_iter().map(Step::CreateDir));
+        }
+        plan.push(Step::Rename {
+            from: staging.control_db.clone(),
+            to: control_db.clone(),
+        });
+    }
+    if let Err(e) = apply(&plan, inject) {
+        progress.finish();
+        staging.discard();
+        return Err(e);
+    }
+    let mut synced = vec![data.clone()];
+    if plan.iter().any(|s| matches!(s, Step::CreateDir(d) if *d == aside)) {
+        synced.push(aside.clone());
+    }
+    if staged.control_db
+        && let Some(dir) = control_db.parent()
+    {
+        synced.push(dir.to_owned());
+        synced.extend(dir.parent().map(Path::to_path_buf));
+    }
+    for dir in &synced {
+        files::sync_dir(dir)?;
+    }
+    staging.discard();
+    let moved_aside = if present.is_empty() && outside_db.is_empty() {
+        None
+    } else {
         progress.step(&format!("moved what {} held into {}", data.display(), aside.display()));
-        moved_aside = Some(aside.display().to_string());
+        Some(aside.display().to_string())
+    };
+    progress.finish();
+    Ok(Summary {
+        data: data.display().to_string(),
+        control_db: staged.control_db.then(|| control_db.display().to_string()),
+        contexts,
+        files: manifest.files.len(),
+        bytes: staged.bytes,
+        moved_aside,
+    })
+}
+
+/// Prefix of the staging folder in the data directory (and of a staged control DB outside it).
+const STAGING_PREFIX: &str = ".restoring-";
+
+/// Where a restore copies the backup before anything is swapped: `<data>/.restoring-<millis>/`,
+/// and for the control DB a file in that folder, or, when the control DB lives outside the data
+/// directory, `.restoring-<millis>-<name>` beside it (a rename must not cross file systems).
+struct Staging {
+    dir: PathBuf,
+    control_db: PathBuf,
+}
+
+impl Staging {
+    fn new(data: &Path, control_db: &Path, stamp: u128) -> Staging {
+        let dir = data.join(format!("{STAGING_PREFIX}{stamp}"));
+        let control_db = if control_db.starts_with(data) {
+            dir.join(".control-db")
+        } else {
+            let name = control_db.file_name().unwrap_or_default().to_string_lossy();
+            control_db.with_file_name(format!("{STAGING_PREFIX}{stamp}-{name}"))
+        };
+        Staging { dir, control_db }
     }
 
-    // Copy and check everything into a staging folder.
-    let staging = data.join(format!(".restoring-{stamp}"));
-    fs::create_dir(&staging)?;
+    /// Removes whatever staging left; a restore leaves none of it behind, done or failed.
+    fn discard(&self) {
+        for (path, result) in [
+            (&self.dir, fs::remove_dir_all(&self.dir)),
+            (&self.control_db, files::remove_file(&self.control_db)),
+        ] {
+            if let Err(e) = result
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                eprintln!("myelin-backup-agent: warning: could not remove {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+/// Staging folders a killed restore left (the data lock is held, so none is in use).
+fn remove_stale_staging(data: &Path, control_db: &Path) {
+    let name = control_db
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    let mut places = vec![data.to_path_buf()];
+    places.extend(control_db.parent().filter(|p| *p != data).map(Path::to_path_buf));
+    for place in places {
+        let Ok(entries) = fs::read_dir(&place) else { continue };
+        for entry in entries.flatten() {
+            let entry_name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if place == data && entry_name.starts_with(STAGING_PREFIX) && path.is_dir() {
+                let _ = fs::remove_dir_all(&path);
+            } else if place != data && entry_name.starts_with(STAGING_PREFIX) && entry_name.ends_with(&name) {
+                let _ = fs::remove_file(&path);
+            }
+        }
+    }
+}
+
+struct Staged {
+    bytes: u64,
+    control_db: bool,
+}
+
+/// Copies every file of the set into the staging places, checking each against the manifest
+/// while it is copied, and makes them durable.
+fn stage(backup: &Path, manifest: &Manifest, staging: &Staging, progress: &mut Progress) -> anyhow::Result<Staged> {
+    fs::create_dir(&staging.dir).with_context(|| format!("creating {}", staging.dir.display()))?;
     let mut bytes = 0;
     let total = manifest.files.len();
     let mut dirs = BTreeSet::new();
@@ -188,54 +366,83 @@ pub fn restore(options: Options, progress: &mut Progress) -> anyhow::Result<Summ
             .path
             .strip_prefix(&format!("{}/", set::CONTEXTS_DIR))
             .with_context(|| format!("the manifest names {}, which a restore does not know", file.path))?;
-        let target = staging.join(rest);
+        let target = staging.dir.join(rest);
         progress.file(i + 1, total, &file.path, file.size);
         let copied = files::copy_file(&backup.join(&file.path), &target, &mut |_| {})
             .with_context(|| format!("restoring {}", file.path))?;
         check(&file.path, &copied, file)?;
         bytes += copied.size;
         let mut dir = target.parent();
-        while let Some(d) = dir.filter(|d| d.starts_with(&staging)) {
+        while let Some(d) = dir.filter(|d| d.starts_with(&staging.dir)) {
             dirs.insert(d.to_owned());
             dir = d.parent();
         }
     }
-    // Deepest first, so every folder's entries are durable before the folder's own entry.
-    for dir in dirs.iter().rev() {
-        files::sync_dir(dir)?;
-    }
-    for context in &contexts {
-        let staged = staging.join(context);
-        if staged.exists() {
-            fs::rename(&staged, data.join(context))?;
-        }
-    }
-    fs::remove_dir(&staging).with_context(|| format!("removing {}", staging.display()))?;
-    files::sync_dir(&data)?;
-
-    // The control DB last.
-    let restored_db = match &manifest.control_db {
+    let control_db = match &manifest.control_db {
         Some(zip) => {
             let entry = manifest
                 .files
                 .iter()
                 .find(|f| &f.path == zip)
                 .with_context(|| format!("the manifest names the control DB {zip} but lists no such file"))?;
-            progress.step(&format!("restoring the control DB to {}", control_db.display()));
-            bytes += restore_control_db(&backup.join(zip), entry, &control_db)?;
-            Some(control_db.display().to_string())
+            progress.step("checking the control DB");
+            bytes += stage_control_db(&backup.join(zip), entry, &staging.control_db)?;
+            true
         }
-        None => None,
+        None => false,
     };
-    progress.finish();
-    Ok(Summary {
-        data: data.display().to_string(),
-        control_db: restored_db,
-        contexts,
-        files: total,
-        bytes,
-        moved_aside,
-    })
+    // Deepest first, so every folder's entries are durable before the folder's own entry.
+    for dir in dirs.iter().rev() {
+        files::sync_dir(dir)?;
+    }
+    files::sync_dir(&staging.dir)?;
+    Ok(Staged { bytes, control_db })
+}
+
+/// One step of the swap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    CreateDir(PathBuf),
+    Rename { from: PathBuf, to: PathBuf },
+}
+
+/// Takes the steps in order; if one fails, undoes those taken, newest first, so that everything
+/// is where it was. The error says what failed and, if undoing failed too, where things are.
+fn apply(plan: &[Step], inject: &mut dyn FnMut(usize) -> std::io::Result<()>) -> anyhow::Result<()> {
+    for (i, step) in plan.iter().enumerate() {
+        let result = inject(i).and_then(|()| match step {
+            Step::CreateDir(dir) => fs::create_dir(dir),
+            Step::Rename { from, to } => fs::rename(from, to),
+        });
+        let Err(e) = result else { continue };
+        let failed = match step {
+            Step::CreateDir(dir) => format!("creating {}", dir.display()),
+            Step::Rename { from, to } => format!("moving {} to {}", from.display(), to.display()),
+        };
+        let mut stuck = Vec::new();
+        for done in plan[..i].iter().rev() {
+            let undone = match done {
+                Step::CreateDir(dir) => fs::remove_dir(dir),
+                Step::Rename { from, to } => fs::rename(to, from),
+            };
+            if let Err(undo) = undone {
+                stuck.push(match done {
+                    Step::CreateDir(dir) => format!("{} could not be removed ({undo})", dir.display()),
+                    Step::Rename { from, to } => {
+                        format!("{} is still at {} ({undo})", from.display(), to.display())
+                    }
+                });
+            }
+        }
+        if stuck.is_empty() {
+            bail!("{failed} failed: {e}; the restore was undone and the data directory is as it was");
+        }
+        bail!(
+            "{failed} failed: {e}; undoing the restore failed too, so move these back by hand: {}",
+            stuck.join("; ")
+        );
+    }
+    Ok(())
 }
 
 fn check(path: &str, copied: &files::Digested, expected: &set::FileEntry) -> anyhow::Result<()> {
@@ -259,8 +466,8 @@ fn db_files(db: &Path) -> Vec<PathBuf> {
     ]
 }
 
-/// Checks the zip against the manifest, then writes its one entry to `target` durably.
-fn restore_control_db(zip: &Path, expected: &set::FileEntry, target: &Path) -> anyhow::Result<u64> {
+/// Checks the zip against the manifest, then writes its one entry to `staged` durably.
+fn stage_control_db(zip: &Path, expected: &set::FileEntry, staged: &Path) -> anyhow::Result<u64> {
     let digested = files::digest_file(zip).with_context(|| format!("reading {}", zip.display()))?;
     check(&expected.path, &digested, expected)?;
     let mut archive = zip::ZipArchive::new(fs::File::open(zip)?)
@@ -272,17 +479,8 @@ fn restore_control_db(zip: &Path, expected: &set::FileEntry, target: &Path) -> a
         archive.len()
     );
     let mut entry = archive.by_index(0)?;
-    for stale in db_files(target).into_iter().skip(1) {
-        files::remove_file(&stale)?;
-    }
-    let written = files::write_stream(&mut entry, target, &mut |_| {})
-        .with_context(|| format!("writing {}", target.display()))?;
-    if let Some(dir) = target.parent() {
-        files::sync_dir(dir)?;
-        if let Some(parent) = dir.parent() {
-            files::sync_dir(parent)?;
-        }
-    }
+    let written = files::write_stream(&mut entry, staged, &mut |_| {})
+        .with_context(|| format!("writing {}", staged.display()))?;
     Ok(written.size)
 }
 
@@ -304,4 +502,211 @@ fn contexts_of(manifest: &Manifest) -> anyhow::Result<Vec<String>> {
         }
     }
     Ok(contexts.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    /// Writes a small complete backup set: one context with a log and an event segment, and a
+    /// control DB zip.
+    fn write_set(dir: &Path) {
+        let mut entries = Vec::new();
+        let mut put = |path: &str, bytes: &[u8]| {
+            let full = dir.join(path);
+            fs::create_dir_all(full.parent().unwrap()).unwrap();
+            fs::write(&full, bytes).unwrap();
+            let digested = files::digest_file(&full).unwrap();
+            entries.push(set::FileEntry {
+                path: path.to_owned(),
+                size: digested.size,
+                sha256: digested.sha256,
+            });
+        };
+        put("contexts/default/log/00000000000000000000.log", b"restored log");
+        put(
+            "contexts/default/events/00000000000000000000.events",
+            b"restored events",
+        );
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        zip.start_file("myelin-controldb.sqlite3", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        zip.write_all(b"restored control db").unwrap();
+        put("controldb/controldb1.zip", &zip.finish().unwrap().into_inner());
+        let manifest = Manifest {
+            format: set::FORMAT,
+            created_at_millis: 1,
+            server: "http://localhost:8024".into(),
+            control_db: Some("controldb/controldb1.zip".into()),
+            contexts: vec!["default".into()],
+            files: entries,
+        };
+        fs::write(dir.join(set::MANIFEST), serde_json::to_vec(&manifest).unwrap()).unwrap();
+    }
+
+    /// A node's data directory in use: a context and the control DB with its WAL.
+    fn write_live_data(data: &Path) {
+        for (path, bytes) in [
+            ("default/log/00000000000000000000.log", "live log"),
+            ("default/events/00000000000000000000.events", "live events"),
+            ("orders/log/00000000000000000000.log", "live orders log"),
+            ("_admin/myelin-controldb.sqlite3", "live control db"),
+            ("_admin/myelin-controldb.sqlite3-wal", "live wal"),
+            ("eventstore.lock", ""),
+            ("myelin.lock", "1234\n"),
+        ] {
+            let full = data.join(path);
+            fs::create_dir_all(full.parent().unwrap()).unwrap();
+            fs::write(full, bytes).unwrap();
+        }
+    }
+
+    /// Every entry under `dir` (relative path, and a file's content), sorted.
+    fn tree(dir: &Path) -> Vec<(String, Option<Vec<u8>>)> {
+        fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Option<Vec<u8>>)>) {
+            for entry in fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                let name = path.strip_prefix(root).unwrap().display().to_string();
+                if path.is_dir() {
+                    out.push((name, None));
+                    walk(root, &path, out);
+                } else {
+                    out.push((name, Some(fs::read(&path).unwrap())));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(dir, dir, &mut out);
+        out.sort();
+        out
+    }
+
+    fn forced(set: &Path, data: &Path) -> Options {
+        Options {
+            backup: set.to_owned(),
+            data: data.to_owned(),
+            control_db: None,
+            force: true,
+        }
+    }
+
+    #[test]
+    fn a_damaged_set_leaves_the_data_directory_as_it_was() {
+        type Damage = (&'static str, fn(&Path));
+        let damages: [Damage; 4] = [
+            ("a flipped byte in an event segment", |set| {
+                fs::write(
+                    set.join("contexts/default/events/00000000000000000000.events"),
+                    b"restored evenTs",
+                )
+                .unwrap()
+            }),
+            ("a missing log segment", |set| {
+                fs::remove_file(set.join("contexts/default/log/00000000000000000000.log")).unwrap()
+            }),
+            ("a damaged control DB zip", |set| {
+                let zip = set.join("controldb/controldb1.zip");
+                let mut bytes = fs::read(&zip).unwrap();
+                let last = bytes.len() - 30;
+                bytes[last] ^= 0xff;
+                fs::write(zip, bytes).unwrap()
+            }),
+            ("a missing control DB zip", |set| {
+                fs::remove_file(set.join("controldb/controldb1.zip")).unwrap()
+            }),
+        ];
+        for (what, damage) in damages {
+            let set = tempfile::tempdir().unwrap();
+            write_set(set.path());
+            damage(set.path());
+            let data = tempfile::tempdir().unwrap();
+            write_live_data(data.path());
+            let before = tree(data.path());
+            let err = restore(forced(set.path(), data.path()), &mut Progress::new(true)).unwrap_err();
+            let message = format!("{err:#}");
+            assert!(message.contains("stopped before it changed"), "{what}: {message}");
+            assert_eq!(tree(data.path()), before, "{what}: the data directory changed");
+        }
+    }
+
+    #[test]
+    fn a_failing_step_of_the_swap_is_undone() {
+        let set = tempfile::tempdir().unwrap();
+        write_set(set.path());
+        let data = tempfile::tempdir().unwrap();
+        write_live_data(data.path());
+        let before = tree(data.path());
+        let mut failed_steps = 0;
+        for fail_at in 0..50 {
+            let result = restore_with(forced(set.path(), data.path()), &mut Progress::new(true), &mut |step| {
+                if step == fail_at {
+                    Err(std::io::Error::other("injected"))
+                } else {
+                    Ok(())
+                }
+            });
+            match result {
+                Err(e) => {
+                    let message = format!("{e:#}");
+                    assert!(message.contains("injected") && message.contains("undone"), "{message}");
+                    assert_eq!(
+                        tree(data.path()),
+                        before,
+                        "failing at step {fail_at} changed the data directory"
+                    );
+                    failed_steps += 1;
+                }
+                Ok(summary) => {
+                    assert_eq!(summary.contexts, ["default"]);
+                    break;
+                }
+            }
+        }
+        // The aside folder, 3 entries moved into it, the context, `_admin`, the control DB.
+        assert_eq!(failed_steps, 7);
+        let after = tree(data.path());
+        let aside = after
+            .iter()
+            .find(|(name, _)| name.starts_with(".pre-restore-") && !name.contains('/'))
+            .expect("what was there is moved aside")
+            .0
+            .clone();
+        let file = |path: &str| fs::read_to_string(data.path().join(path)).unwrap();
+        assert_eq!(file("default/log/00000000000000000000.log"), "restored log");
+        assert_eq!(file("default/events/00000000000000000000.events"), "restored events");
+        assert_eq!(file("_admin/myelin-controldb.sqlite3"), "restored control db");
+        assert!(!data.path().join("_admin/myelin-controldb.sqlite3-wal").exists());
+        assert!(!data.path().join("orders").exists());
+        assert_eq!(
+            file(&format!("{aside}/orders/log/00000000000000000000.log")),
+            "live orders log"
+        );
+        assert!(
+            after.iter().all(|(name, _)| !name.starts_with(STAGING_PREFIX)),
+            "{after:?}"
+        );
+    }
+
+    #[test]
+    fn a_staging_folder_left_by_a_killed_restore_is_removed() {
+        let set = tempfile::tempdir().unwrap();
+        write_set(set.path());
+        let data = tempfile::tempdir().unwrap();
+        fs::create_dir_all(data.path().join(".restoring-1/default/log")).unwrap();
+        restore(
+            Options {
+                force: false,
+                ..forced(set.path(), data.path())
+            },
+            &mut Progress::new(true),
+        )
+        .unwrap();
+        assert!(!data.path().join(".restoring-1").exists());
+        assert_eq!(
+            fs::read_to_string(data.path().join("_admin/myelin-controldb.sqlite3")).unwrap(),
+            "restored control db"
+        );
+    }
 }

@@ -8,7 +8,8 @@
 //!
 //! This layer looks at each answer's headers (where a trailers-only answer carries its
 //! `grpc-status`) and logs a warning the first time a path is answered UNIMPLEMENTED, naming the
-//! service, the method and the client's context. A path is logged once per router process.
+//! service, the method and the client's context; an answer without a message (tonic's own) gets
+//! one naming the method and service, so the client's error says what was not served. A path is logged once per router process.
 //! What it remembers is bounded: after [`MAX_REMEMBERED`] distinct paths (a client inventing
 //! paths), one more warning says that further ones are not logged, and nothing grows.
 
@@ -108,13 +109,14 @@ where
         let seen = self.seen.clone();
         let answer = self.inner.call(request);
         Box::pin(async move {
-            let response = answer.await?;
+            let mut response = answer.await?;
             if response
                 .headers()
                 .get("grpc-status")
                 .is_some_and(|status| status == UNIMPLEMENTED)
             {
                 let path = uri.path();
+                name_the_call(response.headers_mut(), path);
                 let note = seen.lock().unwrap_or_else(|e| e.into_inner()).note(path);
                 let context = context
                     .as_ref()
@@ -141,6 +143,32 @@ where
             Ok(response)
         })
     }
+}
+
+/// Gives an UNIMPLEMENTED answer without a message (tonic's, for a service or method no server
+/// claims) one that names what was called, so the client's error says it.
+fn name_the_call(headers: &mut http::HeaderMap, path: &str) {
+    if headers.get("grpc-message").is_some_and(|m| !m.is_empty()) {
+        return;
+    }
+    let (service, method) = service_and_method(path);
+    let message = format!("Myelin does not implement method {method} of service {service}");
+    if let Ok(value) = http::HeaderValue::from_str(&percent_encode(&message)) {
+        headers.insert("grpc-message", value);
+    }
+}
+
+/// gRPC's `grpc-message` encoding: bytes outside printable ASCII, and `%`, as `%XX`.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -191,6 +219,13 @@ mod tests {
             let request = http::Request::builder().uri(path).body(()).unwrap();
             service.clone().oneshot(request).await.unwrap();
         }
+        let request = http::Request::builder().uri("/unknown.Service/Call").body(()).unwrap();
+        let answer = service.clone().oneshot(request).await.unwrap();
+        assert_eq!(
+            answer.headers()["grpc-message"],
+            "Myelin does not implement method Call of service unknown.Service"
+        );
+        assert_eq!(percent_encode("a%b\u{e9}\n"), "a%25b%C3%A9%0A");
         let seen = layer.seen.lock().unwrap();
         assert_eq!(
             seen.paths.iter().map(String::as_str).collect::<Vec<_>>(),

@@ -13,7 +13,12 @@
 //! - READY=1 is sent once, when every child answers SERVING on its health socket; WATCHDOG=1 only
 //!   while every child is alive and answers (and, once ready, answers SERVING).
 //! - Shutdown order is router (stop taking client work), admin, eventstore (flushes last), each
-//!   with a grace period before SIGKILL; a second SIGTERM/SIGINT kills all children at once.
+//!   with a grace period before SIGKILL. SIGINT during the stop (a second Ctrl-C) kills all
+//!   children at once; a repeated SIGTERM does not (`timeout` and process managers send one to
+//!   the process and another to its group), so it never cuts the drain short.
+//! - One node per data directory: the supervisor holds `<data>/myelin.lock` (with its pid in it)
+//!   from before any child starts until it exits, and refuses to start when another holds it.
+//! - A first start with a port in use fails at once, naming it, before any child starts.
 
 use std::fs::{DirBuilder, File};
 use std::io::Write;
@@ -73,7 +78,8 @@ struct Supervised {
 /// Runs a node until SIGTERM/SIGINT or until a child fails too often.
 pub async fn run(config: Config, launches: Vec<Launch>) -> anyhow::Result<Outcome> {
     let exe = std::env::current_exe().context("cannot find this program's own path")?;
-    let _lock = prepare_runtime(&config)?;
+    let _locks = prepare_runtime(&config)?;
+    check_ports(&config)?;
     let mut signals = Signals::new()?;
     notify(&[NotifyState::Status("starting eventstore, router and admin")]);
 
@@ -119,9 +125,13 @@ pub async fn run(config: Config, launches: Vec<Launch>) -> anyhow::Result<Outcom
     Ok(outcome)
 }
 
-/// Creates the data and runtime directories, takes the runtime directory's lock (one supervisor
-/// per node) and clears what a previous run left there.
-fn prepare_runtime(config: &Config) -> anyhow::Result<Flock<File>> {
+/// The node's lock in its data directory: whoever holds it runs a node on that directory.
+pub const DATA_LOCK: &str = "myelin.lock";
+
+/// Creates the data and runtime directories, takes the data directory's lock (one node per data
+/// directory, whatever runtime directory each uses) and the runtime directory's (one supervisor
+/// per runtime directory), and clears what a previous run left there.
+fn prepare_runtime(config: &Config) -> anyhow::Result<(Flock<File>, Flock<File>)> {
     for dir in [&config.event_storage, &config.runtime_directory] {
         DirBuilder::new()
             .recursive(true)
@@ -129,6 +139,7 @@ fn prepare_runtime(config: &Config) -> anyhow::Result<Flock<File>> {
             .create(dir)
             .with_context(|| format!("cannot create directory {}", dir.display()))?;
     }
+    let data_lock = lock_data_dir(&config.event_storage)?;
     let run = &config.runtime_directory;
     let lock_path = run.join("supervisor.lock");
     let lock_file = File::options()
@@ -153,7 +164,68 @@ fn prepare_runtime(config: &Config) -> anyhow::Result<Flock<File>> {
         }
     }
     write_pid_file(&run.join("supervisor.pid"), std::process::id())?;
+    Ok((data_lock, lock))
+}
+
+/// Takes `<data>/myelin.lock` and writes this supervisor's pid into it, or fails at once naming
+/// the pid of the node that holds it. The lock is an `flock` on the file: the kernel drops it
+/// when its holder exits, however it exits, so a stale file never blocks a start. The file is
+/// never removed (removing a lock file races with the next taker).
+fn lock_data_dir(data: &Path) -> anyhow::Result<Flock<File>> {
+    let path = data.join(DATA_LOCK);
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = match holder.trim() {
+                "" => "pid unknown".to_owned(),
+                pid => format!("pid {pid}"),
+            };
+            anyhow::bail!(
+                "another node ({holder}) is running on the data directory {} (it holds {}); stop it first, or \
+                 give this node a data directory of its own (axoniq.axonserver.event.storage)",
+                data.display(),
+                path.display()
+            );
+        }
+        Err((_, errno)) => anyhow::bail!("cannot lock {}: {errno}", path.display()),
+    };
+    lock.set_len(0)
+        .and_then(|()| writeln!(&mut *lock, "{}", std::process::id()))
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(lock)
+}
+
+/// Fails naming the port and its key when one of the node's TCP ports cannot be listened on
+/// (another program, or another node, holds it). Without this a first start went on for ~43 s:
+/// the child that could not listen was restarted until the supervisor gave up, while the other
+/// children answered. The children bind the same way (`SO_REUSEADDR`, as std and tokio do) right
+/// after; a program taking a port in between is still met by the restart loop.
+fn check_ports(config: &Config) -> anyhow::Result<()> {
+    for (key, port) in [
+        ("axoniq.axonserver.port", config.port),
+        ("server.port", config.http_port),
+        ("axoniq.axonserver.internal-port", config.internal_port),
+    ] {
+        if port == 0 {
+            continue;
+        }
+        if let Err(e) = std::net::TcpListener::bind((config.bind_address, port)) {
+            anyhow::bail!(
+                "cannot listen on port {port} ({key}) at {}: {e}; another program, or another node, \
+                 uses it: stop it or configure another port",
+                config.bind_address
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Writes a pid file atomically (readers never see it half written).
@@ -396,7 +468,8 @@ fn describe_trouble(health: &[(Role, Health)]) -> String {
         .join(", ")
 }
 
-/// Stops the children in order; a second signal turns every remaining stop into SIGKILL.
+/// Stops the children in order; a SIGINT during the stop (a second Ctrl-C) turns every remaining
+/// stop into SIGKILL, a repeated SIGTERM does not.
 async fn shutdown(children: Vec<Supervised>, signals: &mut Signals) {
     notify(&[
         NotifyState::Stopping,
@@ -425,6 +498,15 @@ async fn shutdown(children: Vec<Supervised>, signals: &mut Signals) {
             tokio::select! {
                 _ = &mut task => break,
                 signal = signals.recv() => {
+                    if signal == "SIGTERM" {
+                        // `timeout` and many process managers signal the process, then its
+                        // group: a repeated SIGTERM is not a request to hurry.
+                        warn!(
+                            "received SIGTERM again; the graceful stop goes on (each child has its \
+                             grace period; SIGINT kills the children at once)"
+                        );
+                        continue;
+                    }
                     warn!("received {signal} again; killing every child now");
                     killing = true;
                     for (_, stop) in &senders {

@@ -1,8 +1,10 @@
 //! The real `myelin` binary supervising `_sleeper` stand-in children (`MYELIN_TEST_CHILDREN=sleeper`):
 //! readiness and sd_notify, restart after a kill, ordered shutdown, Ctrl-C, no orphans after the
-//! supervisor is killed, and refusal of a bad configuration.
+//! supervisor is killed, and refusal of a bad configuration, of a data directory another node uses,
+//! and of a port already in use.
 
 use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -23,12 +25,33 @@ struct Node {
     log: Arc<Mutex<Vec<String>>>,
 }
 
+/// Three distinct free loopback ports (every listener held until all are chosen).
+fn free_ports() -> [u16; 3] {
+    let listeners: Vec<TcpListener> = (0..3).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let port = |i: usize| listeners[i].local_addr().unwrap().port();
+    [port(0), port(1), port(2)]
+}
+
+/// The binary under test: `$MYELIN_BIN` (to run these tests against another build), else the
+/// one cargo built.
+fn binary() -> PathBuf {
+    std::env::var_os("MYELIN_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_myelin")), PathBuf::from)
+}
+
 impl Node {
     fn start(configure: impl FnOnce(&mut Command, &Path)) -> Node {
+        Node::start_on(free_ports(), configure)
+    }
+
+    /// Starts a node with gRPC, HTTP and internal ports `ports`.
+    fn start_on(ports: [u16; 3], configure: impl FnOnce(&mut Command, &Path)) -> Node {
         let dir = tempfile::Builder::new().prefix("my").tempdir_in("/tmp").unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_myelin"));
+        let mut cmd = Command::new(binary());
         cmd.current_dir(dir.path())
             .args(["--data-dir", "d", "--bind-address", "127.0.0.1"])
+            .args(["--port", &ports[0].to_string()])
+            .args(["--http-port", &ports[1].to_string()])
+            .args(["--internal-port", &ports[2].to_string()])
             .env("MYELIN_TEST_CHILDREN", "sleeper")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -368,6 +391,98 @@ fn a_second_signal_kills_at_once() {
     assert!(node.log_has("router killed: was killed by SIGKILL"));
     assert!(!node.log_has("router did not stop within"));
     assert!(since.elapsed() < Duration::from_secs(5), "{:?}", since.elapsed());
+    for pid in pids {
+        assert!(!alive(pid), "child {pid} survived");
+    }
+}
+
+/// Issue 16, defect 2: the lock lived only in the runtime directory, so a second node with its
+/// own runtime directory (systemd's /run/myelin and a manual start, say) started on a data
+/// directory in use. The data directory's own lock refuses it before any child starts, naming the
+/// holder. The second node reaches the directory through a symlink: the lock is on the
+/// directory, not its name.
+#[test]
+fn a_second_node_on_the_same_data_directory_is_refused_naming_the_holder() {
+    let first = Node::start(|_, _| {});
+    first.wait_ready();
+    let data = first.dir.path().join("d");
+    let since = Instant::now();
+    let mut second = Node::start(|cmd, dir| {
+        std::os::unix::fs::symlink(&data, dir.join("d")).unwrap();
+        cmd.env("MYELIN_RUNTIME_DIRECTORY", dir.join("run"));
+    });
+    let status = second.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1));
+    assert!(since.elapsed() < Duration::from_secs(3), "{:?}", since.elapsed());
+    let holder = format!("pid {}", first.pid());
+    assert!(
+        wait_until(Duration::from_secs(2), || second.log_has(&holder)
+            && second.log_has("myelin.lock")),
+        "{:?}",
+        second.log.lock().unwrap()
+    );
+    assert!(!second.log_has("started "), "the second node started a child");
+    for pid in first.child_pids() {
+        assert!(alive(pid));
+    }
+}
+
+/// Issue 16, defect 3: a port in use kept the node retrying for ~43 s (the child that could not
+/// listen was restarted until the supervisor gave up). Now the first start stops at once, naming
+/// the port and its key. (The sleepers listen on no port: this is the supervisor's own check.)
+#[test]
+fn a_port_in_use_stops_the_first_start_at_once_naming_it() {
+    for (i, key) in [
+        "axoniq.axonserver.port",
+        "server.port",
+        "axoniq.axonserver.internal-port",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ports = free_ports();
+        let _taken = TcpListener::bind(("127.0.0.1", ports[i])).unwrap();
+        let since = Instant::now();
+        let mut node = Node::start_on(ports, |_, _| {});
+        let status = node.wait_exit(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(1), "{key}");
+        assert!(since.elapsed() < Duration::from_secs(3), "{key}: {:?}", since.elapsed());
+        let named = format!("port {} ({key})", ports[i]);
+        assert!(
+            wait_until(Duration::from_secs(2), || node.log_has(&named)),
+            "{named}: {:?}",
+            node.log.lock().unwrap()
+        );
+        assert!(!node.log_has("started "), "{key}: a child was started");
+    }
+}
+
+/// Issue 16, defect 4: `timeout`, and many process managers, send SIGTERM to a process and then
+/// to its group, so the supervisor gets two in a row; the second one used to SIGKILL every child
+/// in the middle of the graceful drain. Now only SIGINT (a second Ctrl-C) cuts the drain short.
+#[test]
+fn a_second_sigterm_does_not_cut_the_drain_short() {
+    let mut node = Node::start(|cmd, _| {
+        cmd.env("MYELIN_SLEEPER_IGNORE_TERM", "router");
+    });
+    node.wait_ready();
+    let pids = node.child_pids();
+    let since = Instant::now();
+    node.signal(Signal::SIGTERM);
+    assert!(wait_until(Duration::from_secs(2), || {
+        node.log_has("ignoring SIGTERM")
+    }));
+    node.signal(Signal::SIGTERM);
+    let status = node.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(!node.log_has("killing every child now"));
+    // The router had its whole grace period; the others were stopped, not killed.
+    assert!(node.log_has("router did not stop within 2.0 s; sending SIGKILL"));
+    assert!(since.elapsed() >= Duration::from_secs(2), "{:?}", since.elapsed());
+    for role in ["admin", "eventstore"] {
+        assert!(node.log_has(&format!("{role} stopped after")), "{role}");
+    }
+    assert!(node.log_has("received SIGTERM again"));
     for pid in pids {
         assert!(!alive(pid), "child {pid} survived");
     }

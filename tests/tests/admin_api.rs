@@ -651,3 +651,28 @@ async fn health_metrics_and_api_description_answer() {
     assert_eq!(down.json()["components"]["eventStore"]["status"], "DOWN");
     poll_json(&node, "/actuator/health", |v| v["status"] == "UP").await;
 }
+
+/// Issue 16, defect 6: a deleted context's series stayed in `/actuator/prometheus` for the life
+/// of the router and event store processes. Now a scrape shows only contexts the node has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_contexts_metrics_are_dropped() {
+    let node = start().await;
+    let created = post(&node, "/v1/context", json!({"context": "orders"})).await;
+    assert_eq!(created.status, 200, "{created:?}");
+    let mut client = event_store(&node).await;
+    client
+        .append_event(with_context(tokio_stream::iter(vec![event("o-1", 0, "e0")]), "orders"))
+        .await
+        .unwrap();
+    let orders = "context=\"orders\"";
+    let scrape = get(&node, "/actuator/prometheus").await;
+    assert!(scrape.body.contains(orders), "no series of orders: {}", scrape.body);
+    assert!(scrape.body.contains("context=\"default\""), "{}", scrape.body);
+
+    let deleted = delete(&node, "/v1/context/orders").await;
+    assert_eq!(deleted.status, 200, "{deleted:?}");
+    let scrape = get(&node, "/actuator/prometheus").await;
+    let left: Vec<&str> = scrape.body.lines().filter(|l| l.contains(orders)).collect();
+    assert!(left.is_empty(), "series of the deleted context:\n{}", left.join("\n"));
+    assert!(scrape.body.contains("context=\"default\""), "{}", scrape.body);
+}

@@ -622,3 +622,110 @@ async fn a_cluster_member_is_backed_up_like_a_single_node() {
         );
     }
 }
+
+/// Every entry under `dir` (relative path, and a file's content), sorted.
+fn tree(dir: &Path) -> Vec<(String, Option<Vec<u8>>)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Option<Vec<u8>>)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.strip_prefix(root).unwrap().display().to_string();
+            if path.is_dir() {
+                out.push((name, None));
+                walk(root, &path, out);
+            } else {
+                out.push((name, std::fs::read(&path).ok()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// Issue 16, defect 1: `restore --force` from a damaged set once moved the live data aside before
+/// it found the damage, so the node came back empty. Now nothing is touched until every file
+/// (the control DB too) is copied and checked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_forced_restore_leaves_the_data_directory_as_it_was() {
+    let mut node = Node::start(small_segments()).await;
+    let mut client = node.client().await;
+    for i in 0..60i64 {
+        append(&mut client, vec![event("live", i, &format!("live-{i}"))])
+            .await
+            .unwrap();
+    }
+    let set = temp_dir("mybs");
+    backup(&node, set.path()).await;
+    // The live data moves on after the backup.
+    for i in 60..80i64 {
+        append(&mut client, vec![event("live", i, &format!("live-{i}"))])
+            .await
+            .unwrap();
+    }
+    let before = read_all(&mut client).await;
+    drop(client);
+    node.stop();
+
+    let segment = set.path().join("contexts/default/events/00000000000000000000.events");
+    let zip = {
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(set.path().join("manifest.json")).unwrap()).unwrap();
+        set.path().join(manifest["controlDb"].as_str().unwrap())
+    };
+    for damaged in [&segment, &zip] {
+        let original = std::fs::read(damaged).unwrap();
+        let mut flipped = original.clone();
+        let at = flipped.len() / 2;
+        flipped[at] ^= 0x01;
+        std::fs::write(damaged, &flipped).unwrap();
+
+        let live = tree(&node.data);
+        let refused = restore(set.path(), &node.data, &["--force"]).await;
+        assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+        assert!(text(&refused).contains("damaged"), "{}", text(&refused));
+        let after = tree(&node.data);
+        let left: Vec<_> = after
+            .iter()
+            .filter(|(name, _)| name.starts_with(".restoring-") || name.starts_with(".pre-restore-"))
+            .map(|(name, _)| name)
+            .collect();
+        assert!(left.is_empty(), "{} left behind: {left:?}", damaged.display());
+        assert!(
+            after == live,
+            "damaging {} changed the data directory",
+            damaged.display()
+        );
+        assert!(
+            text(&refused).contains("stopped before it changed"),
+            "{}",
+            text(&refused)
+        );
+        std::fs::write(damaged, &original).unwrap();
+    }
+
+    let node = Node::start(Options {
+        data_dir: Some(node.data.clone()),
+        ..small_segments()
+    })
+    .await;
+    let mut client = node.client().await;
+    assert_eq!(read_all(&mut client).await, before, "the node serves what it held");
+}
+
+/// Issue 16, defect 6: the agent exited 1 for a node it could not reach where `myelin-cli`
+/// exits 3; both now say 3 ("not now: a later run may succeed"), and the set is left as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_node_exits_3_like_the_cli() {
+    let set = temp_dir("mybs");
+    let port = myelin_tests::free_port();
+    let server = format!("http://127.0.0.1:{port}");
+    let output = run_agent(&["backup", "--server", &server, "--dest", set.path().to_str().unwrap()]).await;
+    assert_eq!(output.status.code(), Some(3), "{}", text(&output));
+    assert!(
+        text(&output).contains(&format!("cannot reach {server}: connection refused")),
+        "{}",
+        text(&output)
+    );
+    assert!(!set.path().join("manifest.json").exists());
+}

@@ -373,3 +373,118 @@ async fn init_cluster_on_a_fresh_node() {
     assert_eq!(nodes.as_array().unwrap().len(), 1, "{nodes:?}");
     assert_eq!(nodes[0]["grpcInternalPort"], node.internal_port);
 }
+
+/// The `myelin-cli` lines of a Markdown file's `sh` code blocks, in order, split into
+/// arguments, with a trailing `# comment` removed. (The documented lines use no quoting.)
+fn documented_commands(markdown: &str) -> Vec<Vec<String>> {
+    let mut commands = Vec::new();
+    let mut in_sh = false;
+    for line in markdown.lines() {
+        let trimmed = line.trim();
+        if let Some(fence) = trimmed.strip_prefix("```") {
+            in_sh = !in_sh && fence == "sh";
+            continue;
+        }
+        if in_sh && trimmed.starts_with("myelin-cli ") {
+            let command = trimmed.split(" #").next().unwrap();
+            commands.push(command.split_whitespace().skip(1).map(str::to_owned).collect());
+        }
+    }
+    commands
+}
+
+/// Issue 16, defect 5: README.md's own example failed (`APPEND_EVENTS` is no role). Every
+/// `myelin-cli` command of README.md's examples runs against a node, in the documented order,
+/// and succeeds, so the examples cannot drift from the tool again. docs/cluster.md's are run by
+/// [`the_cluster_guide_cli_commands_build_a_cluster`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_cli_examples_run_as_documented() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let commands = documented_commands(&readme);
+    assert!(
+        commands.len() >= 8 && commands.iter().any(|c| c[0] == "register-application"),
+        "the README's CLI examples were not found: {commands:?}"
+    );
+    let node = start_node().await;
+    for command in &commands {
+        let args: Vec<&str> = command.iter().map(String::as_str).collect();
+        let run = cli(&node, &args);
+        assert_eq!(run.code, 0, "README.md: myelin-cli {}: {run:?}", command.join(" "));
+    }
+    assert!(
+        application_names(&node).is_empty(),
+        "the README's sequence deletes its application"
+    );
+}
+
+/// docs/cluster.md's `myelin-cli` commands, run in order on three nodes: `http://node-N:8024`
+/// becomes node N's admin address and `-h node-N` its internal address (`-p` its test port, as
+/// nodes here do not listen on 8224). After each `register-node` the test waits for the join,
+/// as an operator would; every command must succeed and the cluster must end with three nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cluster_guide_cli_commands_build_a_cluster() {
+    use myelin_tests::cluster::Cluster;
+    let guide = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/cluster.md")).unwrap();
+    let commands = documented_commands(&guide);
+    assert!(
+        commands.iter().filter(|c| c[0] == "register-node").count() == 2,
+        "docs/cluster.md's CLI steps were not found: {commands:?}"
+    );
+    let cluster = Cluster::start_nodes(3, &[]).await;
+    let node_index = |name: &str| -> Option<usize> {
+        let n: usize = name.strip_prefix("node-")?.parse().ok()?;
+        (1..=3).contains(&n).then(|| n - 1)
+    };
+    let mut members = 1;
+    for command in &commands {
+        let mut args: Vec<String> = Vec::new();
+        let mut target = None;
+        for arg in command {
+            let host = arg.strip_prefix("http://").and_then(|a| a.strip_suffix(":8024"));
+            if let Some(i) = host.and_then(node_index) {
+                let node = &cluster.nodes[i];
+                args.push(format!("http://{}:{}", node.address(), node.http_port));
+                target = Some(i);
+            } else if args.last().is_some_and(|a| a == "-h")
+                && let Some(i) = node_index(arg)
+            {
+                let node = &cluster.nodes[i];
+                args.extend([node.address().to_string(), "-p".into(), node.internal_port.to_string()]);
+            } else {
+                args.push(arg.clone());
+            }
+        }
+        let run = run_cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(
+            run.code,
+            0,
+            "docs/cluster.md: myelin-cli {}: {run:?}",
+            command.join(" ")
+        );
+        if command[0] == "register-node" {
+            members += 1;
+            let count = members;
+            cluster
+                .wait_for(
+                    target.expect("register-node names its node with -S"),
+                    "/v1/cluster",
+                    std::time::Duration::from_secs(60),
+                    "the node joined",
+                    |v| v.as_array().is_some_and(|nodes| nodes.len() == count),
+                )
+                .await;
+        }
+    }
+    assert_eq!(members, 3);
+    for i in 0..3 {
+        cluster
+            .wait_for(
+                i,
+                "/v1/cluster",
+                std::time::Duration::from_secs(60),
+                "three nodes",
+                |v| v.as_array().is_some_and(|nodes| nodes.len() == 3),
+            )
+            .await;
+    }
+}

@@ -176,8 +176,8 @@ fn broken_units_fail_the_check() {
         // A binary that does not exist.
         (
             "myelin-backup.service",
-            "backup --server",
-            "--no-such-binary backup --server",
+            "backup --dest",
+            "--no-such-binary backup --dest",
         ),
         // A timer that never fires.
         ("myelin-backup.timer", "OnCalendar=daily", "OnCalendar=dailyy"),
@@ -246,9 +246,24 @@ fn units_have_the_documented_settings() {
 
     let backup = parse_unit(&unit_text("myelin-backup.service"));
     assert_eq!(setting(&backup, "Service", "Type"), "oneshot");
+    // The server comes from MYELIN_SERVER, defaulted here and overridable in backup.env (which
+    // systemd reads after Environment=); a --server on the command line would override both.
     assert_eq!(
         setting(&backup, "Service", "ExecStart"),
-        format!("{INSTALLED_AGENT} backup --server http://localhost:8024 --dest /var/backups/myelin")
+        format!("{INSTALLED_AGENT} backup --dest /var/backups/myelin")
+    );
+    assert_eq!(
+        setting(&backup, "Service", "Environment"),
+        "MYELIN_SERVER=http://localhost:8024"
+    );
+    assert_eq!(
+        setting(&backup, "Service", "EnvironmentFile"),
+        "-/etc/myelin/backup.env"
+    );
+    let backup_text = unit_text("myelin-backup.service");
+    assert!(
+        backup_text.find("Environment=MYELIN_SERVER").unwrap() < backup_text.find("EnvironmentFile=").unwrap(),
+        "backup.env must come after the default"
     );
     assert_eq!(setting(&backup, "Service", "IOSchedulingClass"), "idle");
     assert_eq!(setting(&backup, "Service", "User"), "myelin");
@@ -262,8 +277,21 @@ fn units_have_the_documented_settings() {
     setting(&timer, "Timer", "RandomizedDelaySec");
     assert_eq!(setting(&timer, "Install", "WantedBy"), "timers.target");
 
-    // README's install section installs these same paths.
+    // README's install section installs these same paths, and the properties file (which may
+    // hold tokens) readable by root and the service's group only.
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    assert!(
+        readme.contains(
+            "install -m 0640 -o root -g myelin systemd/axonserver.properties /etc/myelin/axonserver.properties"
+        ),
+        "README.md must install axonserver.properties 0640 root:myelin"
+    );
+    assert!(
+        !readme
+            .lines()
+            .any(|l| l.contains("axonserver.properties /etc/myelin") && !l.contains("-m 0640")),
+        "README.md installs axonserver.properties with another mode"
+    );
     for needle in [
         INSTALLED_MYELIN,
         INSTALLED_AGENT,
@@ -386,11 +414,11 @@ fn node_runs_under_the_service_sandbox() {
         nix::unistd::chown(dir.as_path(), Some(nobody), Some(nogroup)).unwrap();
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)).unwrap();
     }
-    std::fs::copy(
-        repo().join("systemd/axonserver.properties"),
-        etc.join("axonserver.properties"),
-    )
-    .unwrap();
+    // Installed as README.md says: 0640, root, the service's group (65534 here).
+    let properties = etc.join("axonserver.properties");
+    std::fs::copy(repo().join("systemd/axonserver.properties"), &properties).unwrap();
+    nix::unistd::chown(properties.as_path(), Some(nix::unistd::Uid::from_raw(0)), Some(nogroup)).unwrap();
+    std::fs::set_permissions(&properties, std::fs::Permissions::from_mode(0o640)).unwrap();
     let args: Vec<String> = exec[1..]
         .iter()
         .map(|a| a.replace("/etc/myelin", etc.to_str().unwrap()))
@@ -469,16 +497,16 @@ fn node_runs_under_the_service_sandbox() {
     let backup_args: Vec<String> = setting(&backup, "Service", "ExecStart")
         .split_whitespace()
         .skip(1)
-        .map(|a| {
-            a.replace("http://localhost:8024", &format!("http://127.0.0.1:{http_port}"))
-                .replace("/var/backups/myelin", dest.to_str().unwrap())
-        })
+        .map(|a| a.replace("/var/backups/myelin", dest.to_str().unwrap()))
         .collect();
+    // The unit's Environment=, with the port changed as backup.env would change it.
+    let (key, server) = setting(&backup, "Service", "Environment").split_once('=').unwrap();
+    let server = server.replace("http://localhost:8024", &format!("http://127.0.0.1:{http_port}"));
     let output = sandboxed(&unshare, &setpriv, &[&dest], root.path())
         .arg(&agent)
         .args(&backup_args)
         .env_remove("MYELIN_TOKEN")
-        .env_remove("MYELIN_SERVER")
+        .env(key, server)
         .stdin(Stdio::null())
         .output()
         .unwrap();

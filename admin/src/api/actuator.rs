@@ -12,9 +12,10 @@
 //!
 //! The metrics text is the concatenation of the event store's and the router's own (asked over
 //! their sockets; one that does not answer is left out with a comment saying so) and admin's
-//! HTTP request counters.
+//! HTTP request counters, without the samples of contexts the control DB does not hold (a
+//! deleted context's series are dropped from the next scrape).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -330,6 +331,14 @@ pub async fn prometheus(State(state): State<AppState>) -> Response {
     let (storage_text, router_text) = tokio::join!(storage_text, router_text);
     let mut body = section("eventstore", storage_text);
     body.push_str(&section("router", router_text));
+    // Read after the scrape: a context created meanwhile is kept, one deleted meanwhile dropped.
+    match state.db.call(|conn| crate::control_db::contexts::contexts(conn)).await {
+        Ok(rows) => {
+            let contexts: BTreeSet<String> = rows.into_iter().map(|row| row.name).collect();
+            body = only_existing_contexts(&body, &contexts);
+        }
+        Err(e) => tracing::debug!(error = %e, "metrics: cannot list the contexts; every series is shown"),
+    }
     body.push_str(&state.http_metrics.render());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
@@ -338,9 +347,85 @@ pub async fn prometheus(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// The metrics text without the samples of contexts that do not exist: the event store and the
+/// router keep a deleted context's series for their life (and the router a series for every
+/// context a client named, up to its label budget), so a scrape after a delete went on showing
+/// it. A sample is kept when its `context` label names a context of the control DB or the
+/// router's overflow label `_other`, or when it has no `context` label.
+fn only_existing_contexts(text: &str, contexts: &BTreeSet<String>) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let keep =
+            line.starts_with('#') || context_label(line).is_none_or(|c| c == "_other" || contexts.contains(c.as_str()));
+        if keep {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+/// The value of the `context` label of a sample line `name{a="x",context="y"} value`, unescaped.
+fn context_label(line: &str) -> Option<String> {
+    let open = line.find('{')?;
+    if line[..open].contains(' ') {
+        return None;
+    }
+    let mut rest = &line[open + 1..];
+    loop {
+        let eq = rest.find("=\"")?;
+        let name = rest[..eq].trim_start_matches(',').trim();
+        let mut value = String::new();
+        let mut chars = rest[eq + 2..].char_indices();
+        let end = loop {
+            match chars.next()? {
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                (i, '"') => break eq + 2 + i + 1,
+                (_, c) => value.push(c),
+            }
+        };
+        if name == "context" {
+            return Some(value);
+        }
+        rest = &rest[end..];
+        if rest.starts_with('}') {
+            return None;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn samples_of_contexts_that_do_not_exist_are_dropped() {
+        let text = "# HELP myelin_events_appended_total Events appended\n\
+                    # TYPE myelin_events_appended_total counter\n\
+                    myelin_events_appended_total{context=\"default\"} 3\n\
+                    myelin_events_appended_total{context=\"orders\"} 5\n\
+                    myelin_event_calls_total{call=\"append\",context=\"orders\",outcome=\"ok\"} 1\n\
+                    myelin_event_calls_total{call=\"a,b=\\\"c\\\"\",context=\"default\"} 1\n\
+                    myelin_events_appended_total{context=\"_other\"} 7\n\
+                    myelin_clients_connected 2\n\
+                    myelin_x{node=\"context=\\\"orders\\\"\"} 1\n";
+        let contexts: BTreeSet<String> = ["_admin", "default"].iter().map(|c| c.to_string()).collect();
+        let kept = only_existing_contexts(text, &contexts);
+        assert!(!kept.contains("orders\"} "), "{kept}");
+        assert!(!kept.contains("context=\"orders\""), "{kept}");
+        for line in [
+            "# TYPE myelin_events_appended_total counter\n",
+            "myelin_events_appended_total{context=\"default\"} 3\n",
+            "myelin_event_calls_total{call=\"a,b=\\\"c\\\"\",context=\"default\"} 1\n",
+            "myelin_events_appended_total{context=\"_other\"} 7\n",
+            "myelin_clients_connected 2\n",
+            "myelin_x{node=\"context=\\\"orders\\\"\"} 1\n",
+        ] {
+            assert!(kept.contains(line), "{line:?} dropped: {kept}");
+        }
+    }
 
     #[test]
     fn counters_render_as_prometheus_text() {
