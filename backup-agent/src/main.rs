@@ -83,6 +83,11 @@ enum Command {
         /// `<data>/.pre-restore-<millis>/`.
         #[arg(long)]
         force: bool,
+        /// Restore a member of a cluster of several nodes. Refused without this flag: one member
+        /// restored while the others run would go back in time under them. Only when every node
+        /// of the cluster is stopped and each is restored from its own backup.
+        #[arg(long)]
+        whole_cluster: bool,
     },
 }
 
@@ -174,6 +179,7 @@ fn run(command: Command, json: bool, progress: &mut progress::Progress) -> anyho
             data,
             control_db,
             force,
+            whole_cluster,
         } => {
             let summary = restore::restore(
                 restore::Options {
@@ -181,6 +187,7 @@ fn run(command: Command, json: bool, progress: &mut progress::Progress) -> anyho
                     data,
                     control_db,
                     force,
+                    whole_cluster,
                 },
                 progress,
             )?;

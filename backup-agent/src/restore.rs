@@ -52,6 +52,8 @@ pub struct Options {
     pub data: PathBuf,
     pub control_db: Option<PathBuf>,
     pub force: bool,
+    /// The operator restores every node of a cluster, all of them stopped (see [`cluster_size`]).
+    pub whole_cluster: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -199,6 +201,25 @@ fn restore_with(
             return Err(e.context(format!("the restore stopped before it changed {}", data.display())));
         }
     };
+    if staged.control_db && !options.whole_cluster {
+        let refusal = match cluster_size(&staging.control_db) {
+            Ok(nodes) if nodes > 1 => Some(anyhow::anyhow!(
+                "this backup is of a member of a cluster of {nodes} nodes: restoring it while the others run would \
+                 bring back an older Raft log and vote, and a majority that counted on this member's newer entries \
+                 could lose confirmed events. To bring a member back, unregister it (myelin-cli unregister-node -n \
+                 NODE), start it with an empty data directory and register it again: the cluster streams it the \
+                 segments. Pass --whole-cluster only when every node of the cluster is stopped and restored from \
+                 its own backup (docs/backups.md)"
+            )),
+            Ok(_) => None,
+            Err(e) => Some(e.context("the backup's control DB cannot be read")),
+        };
+        if let Some(refusal) = refusal {
+            progress.finish();
+            staging.discard();
+            return Err(refusal.context(format!("the restore stopped before it changed {}", data.display())));
+        }
+    }
 
     // 2. Swap: move what is there aside, the staged files into place. Only renames, each undone
     // if a later one fails.
@@ -484,6 +505,19 @@ fn stage_control_db(zip: &Path, expected: &set::FileEntry, staged: &Path) -> any
     Ok(written.size)
 }
 
+/// How many nodes the cluster configuration in the control DB at `db` names. A member of a
+/// cluster of several nodes must not be restored alone: its Raft log and vote would go back in
+/// time while the other members rely on them (a vote given twice in a term, or an entry this
+/// member had acknowledged for a majority gone), which Raft cannot survive.
+fn cluster_size(db: &Path) -> anyhow::Result<u64> {
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .with_context(|| format!("opening {}", db.display()))?;
+    let nodes: i64 = conn
+        .query_row("SELECT count(*) FROM nodes", [], |row| row.get(0))
+        .with_context(|| format!("counting the nodes in {}", db.display()))?;
+    Ok(u64::try_from(nodes).unwrap_or(0))
+}
+
 /// The contexts a manifest holds, their names checked (they become directory names).
 fn contexts_of(manifest: &Manifest) -> anyhow::Result<Vec<String>> {
     let mut contexts = BTreeSet::new();
@@ -513,6 +547,26 @@ mod tests {
     /// Writes a small complete backup set: one context with a log and an event segment, and a
     /// control DB zip.
     fn write_set(dir: &Path) {
+        write_set_of(dir, 1);
+    }
+
+    /// A control DB whose cluster configuration names `nodes` nodes.
+    fn control_db_of(nodes: usize) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite3");
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE nodes (name TEXT PRIMARY KEY NOT NULL)")
+            .unwrap();
+        for n in 0..nodes {
+            conn.execute("INSERT INTO nodes (name) VALUES (?1)", [format!("n{n}")])
+                .unwrap();
+        }
+        drop(conn);
+        fs::read(&path).unwrap()
+    }
+
+    /// [`write_set`] of a node of a cluster of `nodes` nodes.
+    fn write_set_of(dir: &Path, nodes: usize) {
         let mut entries = Vec::new();
         let mut put = |path: &str, bytes: &[u8]| {
             let full = dir.join(path);
@@ -533,7 +587,7 @@ mod tests {
         let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
         zip.start_file("myelin-controldb.sqlite3", zip::write::SimpleFileOptions::default())
             .unwrap();
-        zip.write_all(b"restored control db").unwrap();
+        zip.write_all(&control_db_of(nodes)).unwrap();
         put("controldb/controldb1.zip", &zip.finish().unwrap().into_inner());
         let manifest = Manifest {
             format: set::FORMAT,
@@ -589,6 +643,7 @@ mod tests {
             data: data.to_owned(),
             control_db: None,
             force: true,
+            whole_cluster: false,
         }
     }
 
@@ -676,7 +731,10 @@ mod tests {
         let file = |path: &str| fs::read_to_string(data.path().join(path)).unwrap();
         assert_eq!(file("default/log/00000000000000000000.log"), "restored log");
         assert_eq!(file("default/events/00000000000000000000.events"), "restored events");
-        assert_eq!(file("_admin/myelin-controldb.sqlite3"), "restored control db");
+        assert_eq!(
+            cluster_size(&data.path().join("_admin/myelin-controldb.sqlite3")).unwrap(),
+            1
+        );
         assert!(!data.path().join("_admin/myelin-controldb.sqlite3-wal").exists());
         assert!(!data.path().join("orders").exists());
         assert_eq!(
@@ -705,8 +763,43 @@ mod tests {
         .unwrap();
         assert!(!data.path().join(".restoring-1").exists());
         assert_eq!(
-            fs::read_to_string(data.path().join("_admin/myelin-controldb.sqlite3")).unwrap(),
-            "restored control db"
+            cluster_size(&data.path().join("_admin/myelin-controldb.sqlite3")).unwrap(),
+            1
+        );
+    }
+
+    /// A member of a cluster of several nodes restored alone would go back in time under the
+    /// others: refused, nothing changed, unless the operator restores the whole cluster.
+    #[test]
+    fn a_member_of_a_cluster_is_restored_only_with_the_whole_cluster() {
+        let set = tempfile::tempdir().unwrap();
+        write_set_of(set.path(), 3);
+        let data = tempfile::tempdir().unwrap();
+        fs::create_dir_all(data.path().join("default/log")).unwrap();
+        fs::write(data.path().join("default/log/00000000000000000000.log"), b"live log").unwrap();
+        let before = tree(data.path());
+        let refused = restore(forced(set.path(), data.path()), &mut Progress::new(true))
+            .expect_err("a member of a cluster of 3 restored alone");
+        let message = format!("{refused:#}");
+        assert!(message.contains("a member of a cluster of 3 nodes"), "{message}");
+        assert!(message.contains("the restore stopped before it changed"), "{message}");
+        // The locks restore takes are the only files it may leave.
+        let after: Vec<_> = tree(data.path())
+            .into_iter()
+            .filter(|(name, _)| !name.ends_with(".lock"))
+            .collect();
+        assert_eq!(after, before, "the data directory changed");
+        restore(
+            Options {
+                whole_cluster: true,
+                ..forced(set.path(), data.path())
+            },
+            &mut Progress::new(true),
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read_to_string(data.path().join("default/log/00000000000000000000.log")).unwrap(),
+            "restored log"
         );
     }
 }

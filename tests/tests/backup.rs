@@ -621,6 +621,21 @@ async fn a_cluster_member_is_backed_up_like_a_single_node() {
             "{name} in the set is not the leader's"
         );
     }
+
+    // Restoring that backup onto the follower alone is refused: its Raft log and vote would go
+    // back in time under the two others. Nothing changes.
+    let mut cluster = cluster;
+    cluster.nodes[follower].stop();
+    let data = cluster.nodes[follower].data.clone();
+    let live = tree(&data);
+    let refused = restore(set.path(), &data, &["--force"]).await;
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("a member of a cluster of 3 nodes"),
+        "{}",
+        text(&refused)
+    );
+    assert!(tree(&data) == live, "a refused restore changed the data directory");
 }
 
 /// Every entry under `dir` (relative path, and a file's content), sorted.
