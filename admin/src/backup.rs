@@ -372,8 +372,8 @@ pub async fn eventstore(
 }
 
 /// Every Raft log segment of the context, oldest first (the last one is still appended to), then
-/// the Raft state files a restore needs with them (`log/vote`, `log/purged`, `raft-state.json`,
-/// `snapshot.json`), in the order they must be copied. A backup replaces its copy of the log
+/// the Raft state files a restore needs with them (`member.json`, `log/vote`, `log/purged`,
+/// `raft-state.json`, `snapshot.json`), in the order they must be copied. A backup replaces its copy of the log
 /// with exactly these files.
 #[utoipa::path(get, path = "/v1/backup/log/filenames", tag = "backup",
     params(LogQuery),

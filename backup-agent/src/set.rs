@@ -7,7 +7,7 @@
 //!   .lock                    flock'ed by a running backup, verify or restore
 //!   controldb/controldb<ms>.zip
 //!   contexts/<context>/log/<first index>.log, vote, purged
-//!   contexts/<context>/raft-state.json, snapshot.json
+//!   contexts/<context>/member.json, raft-state.json, snapshot.json
 //!   contexts/<context>/events/<base>.events, .index, .bloom
 //!   contexts/<context>/snapshots/<base>.snapshots, .sindex, .sbloom
 //! ```

@@ -39,7 +39,16 @@ pub const MAX_HOLD: Duration = Duration::from_secs(24 * 60 * 60);
 /// backup must copy them, relative to the context directory. `log/purged` comes before
 /// `snapshot.json` because a purge always follows the snapshot that covers it: copied in this
 /// order, the snapshot pointer restored is never older than the purge point restored.
-pub const RAFT_STATE_FILES: [&str; 4] = ["log/vote", "log/purged", "raft-state.json", "snapshot.json"];
+/// `member.json` is who this node is in the group: without it a restored context would open as
+/// a new member 1, which the log's membership (say, member 501 since the context was created
+/// through `_admin`) does not count, and never elect a leader.
+pub const RAFT_STATE_FILES: [&str; 5] = [
+    "member.json",
+    "log/vote",
+    "log/purged",
+    "raft-state.json",
+    "snapshot.json",
+];
 
 /// A node-wide hold on deleting Raft log segments.
 #[derive(Debug, Default)]

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use myelin_proto::axon::event::Event;
 use myelin_proto::axon::event::event_store_client::EventStoreClient;
+use myelin_proto::axon::event::{Event, GetLastTokenRequest};
 use myelin_tests::http::request;
 use myelin_tests::{Node, Options, append, event, newest_snapshot, read_aggregate, read_all};
 use tonic::transport::Channel;
@@ -743,4 +743,196 @@ async fn an_unreachable_node_exits_3_like_the_cli() {
         text(&output)
     );
     assert!(!set.path().join("manifest.json").exists());
+}
+
+/// A disaster: every node of a three-node cluster is stopped and restored from its own backup
+/// with `--whole-cluster`. The cluster comes back as it was when the backups were taken: a
+/// leader, every backed-up event on every replica under the same token, and it takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_whole_cluster_is_restored_from_its_members_backups() {
+    use myelin_tests::cluster::Cluster;
+    let mut cluster = Cluster::start_autocluster(3, "orders").await;
+    let leader = all_three_vote(&cluster).await;
+    let mut client = cluster.nodes[leader].client().await;
+    for k in 0..40i64 {
+        let events = vec![
+            event(&format!("w-{k}"), 0, &format!("w-{k}-0")),
+            event(&format!("w-{k}"), 1, &format!("w-{k}-1")),
+        ];
+        client
+            .append_event(myelin_tests::with_context(tokio_stream::iter(events), "orders"))
+            .await
+            .expect("append");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..3 {
+        while cluster.replica(i, "orders").await.len() < 80 {
+            assert!(Instant::now() < deadline, "n{} lags", i + 1);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let backed_up = cluster.replica(leader, "orders").await;
+    let sets: Vec<_> = (0..3).map(|_| temp_dir("mybw")).collect();
+    for (i, set) in sets.iter().enumerate() {
+        backup(&cluster.nodes[i], set.path()).await;
+    }
+    // Written after the backups: gone with the restore, as with any restore.
+    client
+        .append_event(myelin_tests::with_context(
+            tokio_stream::iter(vec![event("after", 0, "after-0")]),
+            "orders",
+        ))
+        .await
+        .expect("append after the backups");
+    drop(client);
+
+    for node in &mut cluster.nodes {
+        node.stop();
+    }
+    for (i, set) in sets.iter().enumerate() {
+        let data = cluster.nodes[i].data.clone();
+        let restored = restore(set.path(), &data, &["--force", "--whole-cluster"]).await;
+        assert!(restored.status.success(), "restoring n{}: {}", i + 1, text(&restored));
+    }
+    for node in &mut cluster.nodes {
+        node.launch().await;
+    }
+    let leader = all_three_vote(&cluster).await;
+    // Every member serves the backed-up events once its router knows the others again (admin
+    // gives it the peers at start; until then a follower's read finds no leader and says so).
+    let started = Instant::now();
+    for i in 0..3 {
+        loop {
+            let mut probe = EventStoreClient::new(cluster.nodes[i].channel().await);
+            match probe
+                .get_last_token(myelin_tests::with_context(GetLastTokenRequest {}, "orders"))
+                .await
+            {
+                Ok(_) => break,
+                Err(e) => {
+                    if started.elapsed() > Duration::from_secs(8) {
+                        let log = cluster.nodes[i].log_text();
+                        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                        panic!(
+                            "n{}: {e:?}\n{}",
+                            i + 1,
+                            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        let replica = cluster.replica(i, "orders").await;
+        assert_eq!(replica, backed_up, "n{} after the restore", i + 1);
+    }
+    eprintln!(
+        "restored cluster readable on every member after {:?}",
+        started.elapsed()
+    );
+    let mut client = cluster.nodes[leader].client().await;
+    client
+        .append_event(myelin_tests::with_context(
+            tokio_stream::iter(vec![event("again", 0, "again-0")]),
+            "orders",
+        ))
+        .await
+        .expect("the restored cluster takes writes");
+}
+
+/// Waits until `orders` has a leader whose group counts the three nodes as voters; its node.
+async fn all_three_vote(cluster: &myelin_tests::cluster::Cluster) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let leader = cluster.wait_leader("orders", Duration::from_secs(60)).await;
+        let voters = cluster
+            .status(leader, "orders")
+            .await
+            .map(|s| s.members.iter().filter(|m| m.voter).count());
+        if voters == Some(3) {
+            return leader;
+        }
+        assert!(Instant::now() < deadline, "orders never had three voters");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A context created through the API on a single node has a member id from `_admin` (not the 1
+/// a first start gives `default`). Its backup carries that identity (`member.json`), so the
+/// restored node opens the context as the same member of its group and serves it: before,
+/// the copy opened as a new member 1 that the log's membership did not count, and never had a
+/// leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_context_created_through_the_api_is_restored_as_the_same_member() {
+    let node = Node::start(Options::default()).await;
+    let created = request(
+        node.http_port,
+        "POST",
+        "/v1/context",
+        Some(serde_json::json!({ "context": "orders" }).to_string()),
+        None,
+    )
+    .await;
+    assert!(
+        created.status < 300,
+        "creating orders: {} {}",
+        created.status,
+        created.body
+    );
+    let mut client = node.client().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for k in 0..5i64 {
+        loop {
+            let events = vec![event("o-1", k, &format!("o-{k}"))];
+            match client
+                .append_event(myelin_tests::with_context(tokio_stream::iter(events), "orders"))
+                .await
+            {
+                Ok(_) => break,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "appending to orders: {e:?}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    let set = temp_dir("mybo");
+    backup(&node, set.path()).await;
+    let fresh = temp_dir("myro");
+    let data = fresh.path().join("d");
+    let restored = restore(set.path(), &data, &[]).await;
+    assert!(restored.status.success(), "{}", text(&restored));
+    assert!(
+        data.join("orders").join("member.json").exists(),
+        "the member's identity is restored"
+    );
+    let copy = Node::start(Options {
+        data_dir: Some(data),
+        ..Options::default()
+    })
+    .await;
+    let mut client = copy.client().await;
+    let started = Instant::now();
+    let highest = loop {
+        match client
+            .read_highest_sequence_nr(myelin_tests::with_context(
+                myelin_proto::axon::event::ReadHighestSequenceNrRequest {
+                    aggregate_id: "o-1".into(),
+                    ..Default::default()
+                },
+                "orders",
+            ))
+            .await
+        {
+            Ok(answer) => break answer.into_inner().to_sequence_nr,
+            Err(e) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(15),
+                    "the restored orders: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(highest, 4, "the restored node serves orders with its five events");
 }
