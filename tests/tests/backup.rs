@@ -559,17 +559,7 @@ async fn with_access_control_the_agent_sends_its_token() {
 async fn a_cluster_member_is_backed_up_like_a_single_node() {
     use myelin_tests::cluster::Cluster;
     let cluster = Cluster::start_autocluster(3, "orders").await;
-    let leader = loop {
-        let leader = cluster.wait_leader("orders", Duration::from_secs(60)).await;
-        let voters = cluster
-            .status(leader, "orders")
-            .await
-            .map(|s| s.members.iter().filter(|m| m.voter).count());
-        if voters == Some(3) {
-            break leader;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let leader = all_three_vote(&cluster).await;
     let follower = (leader + 1) % 3;
     let mut client = cluster.nodes[follower].client().await;
     for k in 0..50i64 {
