@@ -144,13 +144,14 @@ fn leader_node(context: &Context, leader: u64) -> Option<String> {
 /// On the leader: the index a follower's read must wait for, or `None` if this node no longer
 /// leads (the follower then looks for the new leader).
 pub async fn answer_read_index(context: &Context) -> RaftAnswer {
-    // Only a leader answers: a follower that asked a node which no longer leads looks for the
-    // new leader itself, so a request never travels on from here.
-    let leading = context.raft.metrics().borrow().current_leader == Some(context.member.id);
-    let index = if leading {
-        context.read_indexes.next().await
-    } else {
-        None
+    // Only a leader answers (a follower that asked a node which no longer leads looks for the
+    // new leader itself), and with a round of its own, never from the shared rounds: a node's
+    // rounds may wait for another node's answer, so an answer that waited for them could close
+    // a cycle between two nodes (A's round waits for B, whose round, taken over by a leader
+    // change, waits for A) that no timeout would break.
+    let index = match context.raft.get_read_log_id().await {
+        Ok((read, _)) => Some(read.map_or(0, |l| l.index)),
+        Err(_) => None,
     };
     match serde_json::to_vec(&index) {
         Ok(body) => RaftAnswer {

@@ -9,8 +9,9 @@
 //! one (a round that started before the read could miss an entry committed in between). At most
 //! one round is on its way per context.
 //!
-//! The same rounds answer the requests of followers (`ReadIndex` messages): on the leader, their
-//! reads and its own share the heartbeats.
+//! A follower's `ReadIndex` request is answered by the leader with a round of its own, outside
+//! these rounds (`forward::answer_read_index`): a round here may wait for another node, and an
+//! answer that waited for it could close a cycle between two nodes during a leader change.
 
 use bytes::Bytes;
 use myelin_proto::internal::raft_answer::Outcome as Answer;
