@@ -149,10 +149,7 @@ pub async fn answer_read_index(context: &Context) -> RaftAnswer {
     // rounds may wait for another node's answer, so an answer that waited for them could close
     // a cycle between two nodes (A's round waits for B, whose round, taken over by a leader
     // change, waits for A) that no timeout would break.
-    let index = match context.raft.get_read_log_id().await {
-        Ok((read, _)) => Some(read.map_or(0, |l| l.index)),
-        Err(_) => None,
-    };
+    let index = crate::read_index::leader_read_index(&context.raft).await;
     match serde_json::to_vec(&index) {
         Ok(body) => RaftAnswer {
             outcome: Some(Answer::Response(body.into())),

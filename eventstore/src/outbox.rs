@@ -35,7 +35,7 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 const QUEUE: usize = 8192;
 
 /// What became of one forwarded append.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Sent {
     /// The leader's outcome.
     Answered(Result<Outcome, AppendError>),
@@ -162,11 +162,7 @@ async fn send_batch(mut relay: RaftRelayClient<Channel>, group: &str, leader: Le
                 tracing::debug!(group, node = %leader.node, "appends not delivered to the leader");
             }
             for reply in replies {
-                let _ = reply.send(match &sent {
-                    Sent::NotTaken => Sent::NotTaken,
-                    Sent::Lost(why) => Sent::Lost(why.clone()),
-                    Sent::Answered(result) => Sent::Answered(result.clone()),
-                });
+                let _ = reply.send(sent.clone());
             }
         }
     }

@@ -97,13 +97,7 @@ impl Asker {
             (leader, node)
         };
         if leader == self.member {
-            return match self.raft.get_read_log_id().await {
-                Ok((read, _)) => Some(read.map_or(0, |l| l.index)),
-                Err(e) => {
-                    tracing::debug!(group = %self.group, error = %e, "read index: no longer the leader");
-                    None
-                }
-            };
+            return leader_read_index(&self.raft).await;
         }
         let message = RaftMessage {
             group: self.group.clone(),
@@ -118,6 +112,18 @@ impl Asker {
         match answer.outcome {
             Some(Answer::Response(body)) => serde_json::from_slice::<Option<u64>>(&body).ok().flatten(),
             _ => None,
+        }
+    }
+}
+
+/// On a node that leads: its commit index, confirmed by a heartbeat round to a majority; `None`
+/// when it no longer leads.
+pub async fn leader_read_index(raft: &Raft) -> Option<u64> {
+    match raft.get_read_log_id().await {
+        Ok((read, _)) => Some(read.map_or(0, |l| l.index)),
+        Err(e) => {
+            tracing::debug!(error = %e, "read index: no longer the leader");
+            None
         }
     }
 }
