@@ -2,9 +2,10 @@
 //!
 //! The cluster configuration (`_admin`) decides membership; this module only carries out what it
 //! decided, on the group itself. What holds:
-//! - A member is added as a learner first and becomes a voter only once it has caught up to
-//!   within openraft's replication lag threshold, so that adding a member never stalls the
-//!   group's commits behind a node that is still copying history.
+//! - A member is added as a learner first and becomes a voter only once it has caught up (it
+//!   acknowledged the entry that added it, and so the whole history before it), so that adding
+//!   a member never stalls the group's commits behind a node that is still copying history, and
+//!   never counts a node that has not opened the context towards a majority.
 //! - Member ids are given by the caller and never reused (openraft panics on a member that comes
 //!   back under its old id without its data).
 //! - Only the leader changes membership; elsewhere the answer names the leader.
@@ -96,16 +97,45 @@ pub async fn add(context: &Context, member: GroupMember) -> Result<GroupStatus, 
             .await
             .map_err(|e| change_failed(context, &e))?;
     }
-    let learner = context.raft.add_learner(member.id, BasicNode::new(&member.node), true);
-    match tokio::time::timeout(CATCH_UP, learner).await {
-        Ok(result) => result.map_err(|e| change_failed(context, &e))?,
-        Err(_) => {
-            return Err(Status::deadline_exceeded(format!(
-                "member {} of context {} did not catch up within {CATCH_UP:?}; it stays a learner",
-                member.id, context.name
-            )));
-        }
+    let deadline = tokio::time::Instant::now() + CATCH_UP;
+    let late = || {
+        Status::deadline_exceeded(format!(
+            "member {} of context {} did not catch up within {CATCH_UP:?}; it stays a learner",
+            member.id, context.name
+        ))
     };
+    let learner = context.raft.add_learner(member.id, BasicNode::new(&member.node), true);
+    let added = match tokio::time::timeout_at(deadline, learner).await {
+        Ok(result) => result.map_err(|e| change_failed(context, &e))?,
+        Err(_) => return Err(late()),
+    };
+    // openraft's blocking add_learner counts a learner as caught up once it is within
+    // `replication_lag_threshold` entries of the leader, and a learner that never answered as
+    // matched at nothing: in a young group it returns at once, even when the new member's node
+    // has not opened the context yet. Such a voter counts towards every majority without
+    // holding anything. So the learner must have acknowledged the entry that added it (and so
+    // everything before it) before it may vote.
+    let since = added.log_id.index;
+    let wanted = member.id;
+    let caught_up = context
+        .raft
+        .wait(Some(deadline.saturating_duration_since(tokio::time::Instant::now())))
+        .metrics(
+            |m| match &m.replication {
+                // Not leading any more: the change below fails and says so.
+                None => true,
+                Some(matched) => matched
+                    .get(&wanted)
+                    .is_some_and(|l| l.is_some_and(|l| l.index >= since)),
+            },
+            "the new learner acknowledged the entry that added it",
+        )
+        .await;
+    match caught_up {
+        Ok(_) => {}
+        Err(openraft::metrics::WaitError::Timeout(..)) => return Err(late()),
+        Err(e) => return Err(change_failed(context, &e)),
+    }
     context
         .raft
         .change_membership(ChangeMembers::AddVoterIds([member.id].into()), true)

@@ -203,12 +203,21 @@ impl Cluster {
         use prost::Message as _;
         use tokio_stream::StreamExt as _;
         let mut client = EventStoreClient::new(self.nodes[i].channel().await);
-        let last = client
+        let last = match client
             .get_last_token(crate::with_context(GetLastTokenRequest {}, context))
             .await
-            .unwrap()
-            .into_inner()
-            .token;
+        {
+            Ok(reply) => reply.into_inner().token,
+            Err(e) => {
+                let log = self.nodes[i].log_text();
+                let lines: Vec<&str> = log.lines().collect();
+                panic!(
+                    "{}: reading the last token of {context}: {e:?}\n--- its log:\n{}",
+                    node_name(i),
+                    lines[lines.len().saturating_sub(80)..].join("\n")
+                );
+            }
+        };
         if last < 0 {
             return Vec::new();
         }

@@ -402,3 +402,67 @@ async fn node_to_node_calls_need_the_internal_token() {
     assert!(refused(stranger), "the stranger did not log the refused calls");
     assert!(refused(0) || refused(1), "n1 and n2 did not log the stranger's calls");
 }
+
+/// A member is a voter only once it holds the group's history. The leader is asked to add a
+/// node whose event store has not opened the context: it stays a learner (counting towards no
+/// majority) for as long as it does not answer, and becomes a voter once it opened the context
+/// and acknowledged what the group holds. (openraft's own check counted a learner that never
+/// answered as caught up while the log was short, and made it a voter at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_that_never_answered_is_not_made_a_voter() {
+    use myelin_proto::internal::{AddMemberRequest, GroupMember, JoinContextRequest};
+    use myelin_tests::cluster::member_id;
+    let cluster = Cluster::start(2, &[]).await;
+    cluster.create_context(CONTEXT, &[0]).await;
+    let leader = cluster.wait_leader(CONTEXT, Duration::from_secs(15)).await;
+    let confirmed = append(&cluster, leader, 0, 10).await;
+    let mut control = cluster.storage_control(leader);
+    let adding = tokio::spawn(async move {
+        control
+            .add_member(AddMemberRequest {
+                context: CONTEXT.to_owned(),
+                member: Some(GroupMember {
+                    id: member_id(1),
+                    node: node_name(1),
+                    voter: true,
+                    matched_index: None,
+                }),
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = cluster.status(leader, CONTEXT).await.unwrap();
+    let second = status.members.iter().find(|m| m.id == member_id(1));
+    assert!(
+        second.is_some_and(|m| !m.voter),
+        "n2 must be a learner while it has not opened the context: {status:?}"
+    );
+    assert!(
+        !adding.is_finished(),
+        "the change finished before n2 answered: {status:?}"
+    );
+
+    cluster
+        .storage_control(1)
+        .join_context(JoinContextRequest {
+            name: CONTEXT.to_owned(),
+            member_id: member_id(1),
+            initial_members: Vec::new(),
+        })
+        .await
+        .expect("n2 opens the context");
+    let status = tokio::time::timeout(Duration::from_secs(30), adding)
+        .await
+        .expect("the member is added once it answers")
+        .unwrap()
+        .expect("add member")
+        .into_inner();
+    let second = status.members.iter().find(|m| m.id == member_id(1)).unwrap();
+    assert!(second.voter, "{status:?}");
+    assert!(second.matched_index.is_some(), "{status:?}");
+    let replica = wait_replica(&cluster, 1, confirmed * 3, Duration::from_secs(15)).await;
+    assert_eq!(
+        replica,
+        wait_replica(&cluster, leader, confirmed * 3, Duration::from_secs(1)).await
+    );
+}
