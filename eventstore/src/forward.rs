@@ -44,9 +44,10 @@ pub async fn append(context: &Context, work: Work) -> Result<Outcome, AppendErro
     let mut encoded: Option<Bytes> = None;
     let mut work = Some(work);
     loop {
-        let leader = context.raft.metrics().borrow().current_leader;
+        let leader = crate::consensus::leader(&context.raft);
+        let previous = leader.as_ref().map(|(member, _)| *member);
         match leader {
-            Some(leader) if leader == context.member.id => {
+            Some((leader, _)) if leader == context.member.id => {
                 if let Some(work) = work.take() {
                     return context.appender.append(work).await;
                 }
@@ -55,8 +56,8 @@ pub async fn append(context: &Context, work: Work) -> Result<Outcome, AppendErro
                     .map_err(|e| AppendError::Storage(format!("re-reading a forwarded append: {e}")))?;
                 return context.appender.append(work_of(command)?).await;
             }
-            Some(leader) => {
-                let Some(node) = leader_node(context, leader) else {
+            Some((leader, node)) => {
+                let Some(node) = node else {
                     return Err(AppendError::NotLeader);
                 };
                 let bytes = encoded
@@ -76,7 +77,6 @@ pub async fn append(context: &Context, work: Work) -> Result<Outcome, AppendErro
             return Err(AppendError::NotLeader);
         }
         // Wait for a (new) leader, or a moment before asking the same one again.
-        let previous = leader;
         let _ = context
             .raft
             .wait(Some((deadline - now).min(Duration::from_millis(100))))
@@ -126,19 +126,6 @@ pub async fn read_barrier(context: &Context) -> Result<(), AppendError> {
             .metrics(|m| m.current_leader.is_some() && m.current_leader != leader, "a leader")
             .await;
     }
-}
-
-/// The name of the node of member `leader`, from the group's membership.
-fn leader_node(context: &Context, leader: u64) -> Option<String> {
-    context
-        .raft
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .get_node(&leader)
-        .map(|n| n.addr.clone())
-        .filter(|n| !n.is_empty())
 }
 
 /// On the leader: the index a follower's read must wait for, or `None` if this node no longer

@@ -13,6 +13,8 @@
 //! these rounds (`forward::answer_read_index`): a round here may wait for another node, and an
 //! answer that waited for it could close a cycle between two nodes during a leader change.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use myelin_proto::internal::raft_answer::Outcome as Answer;
 use myelin_proto::internal::raft_relay_client::RaftRelayClient;
@@ -24,6 +26,12 @@ use crate::consensus::Raft;
 
 /// Reads waiting for a round; a full queue makes callers wait.
 const QUEUE: usize = 8192;
+/// How long a follower's round waits for the leader's answer; after it the round's reads look
+/// for a (new) leader and ask again. Half of the time a read waits for a leader at all
+/// (`forward::WAIT_FOR_LEADER`), so that a read caught by a leader that stopped answering (its
+/// node paused, its link stalled) can still be served by the next one; far above a round's
+/// time under load (a heartbeat round trip to a majority, milliseconds).
+const RELAY_TIMEOUT: Duration = Duration::from_millis(1_000);
 
 /// One context's read index rounds; dropping the last handle ends its task.
 #[derive(Clone)]
@@ -84,18 +92,7 @@ struct Asker {
 impl Asker {
     #[tracing::instrument(level = "trace", skip(self), fields(group = %self.group))]
     async fn round(&self, reads: usize) -> Option<u64> {
-        let (leader, node) = {
-            let metrics = self.raft.metrics();
-            let metrics = metrics.borrow();
-            let leader = metrics.current_leader?;
-            let node = metrics
-                .membership_config
-                .membership()
-                .get_node(&leader)
-                .map(|n| n.addr.clone())
-                .filter(|n| !n.is_empty());
-            (leader, node)
-        };
+        let (leader, node) = crate::consensus::leader(&self.raft)?;
         if leader == self.member {
             return leader_read_index(&self.raft).await;
         }
@@ -108,7 +105,10 @@ impl Asker {
             header: Bytes::new(),
             entries: Vec::new(),
         };
-        let answer = self.relay.clone().send(message).await.ok()?.into_inner();
+        // Bounded: a leader that stopped answering (its node paused, its link stalled) must not
+        // hold this context's reads past the time they give up on a leader.
+        let sent = tokio::time::timeout(RELAY_TIMEOUT, self.relay.clone().send(message)).await;
+        let answer = sent.ok()?.ok()?.into_inner();
         match answer.outcome {
             Some(Answer::Response(body)) => serde_json::from_slice::<Option<u64>>(&body).ok().flatten(),
             _ => None,

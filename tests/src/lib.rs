@@ -272,6 +272,19 @@ impl Node {
         }
     }
 
+    /// Sends `signal` to every process of the node: SIGSTOP freezes it as a long pause would
+    /// (its sockets stay open, nothing answers), SIGCONT lets it go on. Dropping a frozen node
+    /// still ends it (SIGKILL reaches a stopped process).
+    pub fn signal_all(&self, signal: Signal) {
+        let pids = ["eventstore", "router", "admin"]
+            .iter()
+            .filter_map(|c| self.child_pid(c))
+            .chain(self.supervisor_pid());
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+    }
+
     /// Stops the node with SIGTERM and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut p) = self.process.take() {

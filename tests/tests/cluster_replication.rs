@@ -466,3 +466,99 @@ async fn a_member_that_never_answered_is_not_made_a_voter() {
         wait_replica(&cluster, leader, confirmed * 3, Duration::from_secs(1)).await
     );
 }
+
+/// The leader's node freezes (SIGSTOP on all its processes, as a long pause or a stalled VM
+/// would): its sockets stay open and nothing answers. A read on a follower never hangs on it:
+/// within a few seconds it is answered (by way of the new leader) or refused with AXONIQ-2100.
+/// The two others elect a leader and take writes; the frozen node, let go, steps down and
+/// catches up, and every replica ends the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_leader_holds_no_read_and_no_write() {
+    use nix::sys::signal::Signal;
+    let cluster = Cluster::start(3, &[]).await;
+    cluster.create_context(CONTEXT, &[0, 1, 2]).await;
+    let leader = cluster.wait_leader(CONTEXT, Duration::from_secs(15)).await;
+    let mut confirmed = append(&cluster, leader, 0, 20).await;
+    for i in 0..3 {
+        wait_replica(&cluster, i, confirmed * 3, Duration::from_secs(15)).await;
+    }
+    let follower = (leader + 1) % 3;
+    let mut reader = client(&cluster, follower).await;
+
+    cluster.nodes[leader].signal_all(Signal::SIGSTOP);
+    let frozen = Instant::now();
+    let read = tokio::time::timeout(
+        Duration::from_secs(10),
+        reader.get_last_token(with_context(GetLastTokenRequest {}, CONTEXT)),
+    )
+    .await;
+    eprintln!(
+        "a read on {} while {} is frozen: {read:?} after {:?}",
+        node_name(follower),
+        node_name(leader),
+        frozen.elapsed()
+    );
+    match read {
+        Err(_) => panic!("a read on a follower hung for 10 s behind the frozen leader"),
+        Ok(Ok(token)) => assert!(token.into_inner().token >= confirmed as i64 * 3 - 1),
+        Ok(Err(status)) => assert!(
+            status.code() == tonic::Code::Unavailable && status.message().contains("AXONIQ-2100"),
+            "{status:?}"
+        ),
+    }
+
+    // The others elect one of themselves and take writes through either of them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let next = loop {
+        let statuses: Vec<_> = [follower, 3 - leader - follower]
+            .iter()
+            .map(|&i| (i, cluster.status(i, CONTEXT)))
+            .collect();
+        let mut leaders = Vec::new();
+        for (_, status) in statuses {
+            leaders.push(status.await.and_then(|s| {
+                s.leader
+                    .and_then(|id| s.members.iter().find(|m| m.id == id))
+                    .map(|m| m.node.clone())
+            }));
+        }
+        if let [Some(a), Some(b)] = &leaders[..]
+            && a == b
+            && *a != node_name(leader)
+        {
+            break myelin_tests::cluster::index_of(a).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new leader while {} is frozen: {leaders:?}",
+            node_name(leader)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("{} leads {:?} after the freeze", node_name(next), frozen.elapsed());
+    confirmed += append(&cluster, follower, 20, 10).await;
+    let token = reader
+        .get_last_token(with_context(GetLastTokenRequest {}, CONTEXT))
+        .await
+        .expect("a read on the follower once a new leader leads")
+        .into_inner()
+        .token;
+    assert_eq!(token, confirmed as i64 * 3 - 1);
+
+    // Let go, the old leader learns of the new term, follows, and catches up.
+    cluster.nodes[leader].signal_all(Signal::SIGCONT);
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        replicas.push((
+            i,
+            wait_replica(&cluster, i, confirmed * 3, Duration::from_secs(20)).await,
+        ));
+    }
+    assert_same_replicas(&cluster, &replicas);
+    let now = cluster.wait_leader(CONTEXT, Duration::from_secs(15)).await;
+    confirmed += append(&cluster, leader, 30, 5).await;
+    for i in 0..3 {
+        wait_replica(&cluster, i, confirmed * 3, Duration::from_secs(20)).await;
+    }
+    eprintln!("{} leads at the end", node_name(now));
+}

@@ -82,6 +82,21 @@ fn snapshot_logs() -> (u64, u64) {
     }
 }
 
+/// The member this group's member believes leads it, and that member's node (`None` when its
+/// membership names no node, as in a group created before the node had peers).
+pub fn leader(raft: &Raft) -> Option<(NodeId, Option<String>)> {
+    let metrics = raft.metrics();
+    let metrics = metrics.borrow();
+    let leader = metrics.current_leader?;
+    let node = metrics
+        .membership_config
+        .membership()
+        .get_node(&leader)
+        .map(|n| n.addr.clone())
+        .filter(|n| !n.is_empty());
+    Some((leader, node))
+}
+
 /// Starts the Raft group of one context over its recovered stores, as member `me`, and gives a
 /// new group its first membership as `bootstrap` says.
 pub async fn start_group(
