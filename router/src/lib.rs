@@ -234,6 +234,11 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         queries: queries.clone(),
     };
     let _pinging = peers.keep_pinging();
+    let remote_handlers = std::sync::Arc::new(command::remote::RemoteHandlers::new(
+        peers.clone(),
+        commands.dispatcher().clone(),
+    ));
+    let _remote_handlers = remote_handlers.start();
     let internal_listener = tokio::net::TcpListener::bind(args.internal_listen)
         .await
         .with_context(|| format!("binding the internal port {}", args.internal_listen))?;
@@ -272,6 +277,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         eventstore: peers::inbox(&args.eventstore_socket)?,
         admin: args.admin_socket.as_deref().map(peers::inbox).transpose()?,
         admin_calls: args.admin_socket.as_deref().map(peers::admin_inbox).transpose()?,
+        commands: remote_handlers,
         last_refusal_logged: std::sync::atomic::AtomicU64::new(0),
     };
     let mut stop_internal = stop_rx.clone();

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use myelin_proto::axon::command::CommandResponse;
 use myelin_proto::internal::admin_call::Target;
 use myelin_proto::internal::admin_inbox_client::AdminInboxClient;
 use myelin_proto::internal::admin_relay_server::AdminRelay;
@@ -34,8 +35,8 @@ use myelin_proto::internal::peer_link_server::PeerLink;
 use myelin_proto::internal::raft_inbox_client::RaftInboxClient;
 use myelin_proto::internal::raft_relay_server::RaftRelay;
 use myelin_proto::internal::{
-    AdminAnswer, AdminCall, ListPeersRequest, ListPeersResponse, PeerStatus, PingAnswer, PingRequest, RaftAnswer,
-    RaftMessage, RaftRpc, SetPeersRequest, SetPeersResponse,
+    AdminAnswer, AdminCall, CommandHandlerSet, CommandHandlerSetAck, ListPeersRequest, ListPeersResponse, PeerCommand,
+    PeerStatus, PingAnswer, PingRequest, RaftAnswer, RaftMessage, RaftRpc, SetPeersRequest, SetPeersResponse,
 };
 use myelin_raft_relay::{lost, not_delivered};
 use prost::Message as _;
@@ -55,6 +56,10 @@ const PING_PERIOD: Duration = Duration::from_secs(2);
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long an admin call may take (a join waits for a committed `_admin` entry).
 const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The name commands routed to handlers on a peer are counted under in a link's bounds.
+pub const COMMANDS: &str = "_commands";
+/// How long a peer may take to take a handler set.
+const HANDLER_SET_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Bounds on what may be on its way to one peer.
 #[derive(Debug, Clone, Copy)]
@@ -106,6 +111,8 @@ struct Link {
     per_group: Mutex<HashMap<String, u32>>,
     /// Whether the last call on the link got through.
     connected: AtomicBool,
+    /// Whether the last ping was answered (only pings change it: the peer's liveness).
+    ping_up: AtomicBool,
 }
 
 /// The links of this node to every other node.
@@ -119,6 +126,8 @@ struct PeersInner {
     token: Option<String>,
     bounds: LinkBounds,
     links: RwLock<BTreeMap<String, Arc<Link>>>,
+    /// The nodes found down (a ping not answered after one that was) or no longer peers.
+    lost: tokio::sync::broadcast::Sender<String>,
 }
 
 /// Gives back a message's share of its link's bounds when the message is answered or dropped.
@@ -151,8 +160,26 @@ impl Peers {
                 token,
                 bounds,
                 links: RwLock::new(BTreeMap::new()),
+                lost: tokio::sync::broadcast::Sender::new(64),
             }),
         }
+    }
+
+    /// This node's name.
+    pub fn node_name(&self) -> &str {
+        &self.inner.node_name
+    }
+
+    /// The names of the other nodes.
+    pub fn names(&self) -> Vec<String> {
+        self.inner.links.read().expect("peer links").keys().cloned().collect()
+    }
+
+    /// Names each node found down (its ping not answered where the one before was) or removed
+    /// from the directory, as it happens. A receiver that falls behind misses names: it must
+    /// also expire what it holds of a node that went quiet.
+    pub fn lost_nodes(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.inner.lost.subscribe()
     }
 
     /// Replaces the directory. Links whose address is unchanged are kept as they are.
@@ -169,7 +196,11 @@ impl Peers {
             };
             next.insert(node, link);
         }
+        let removed: Vec<String> = current.keys().filter(|n| !next.contains_key(*n)).cloned().collect();
         *self.inner.links.write().expect("peer links") = next;
+        for node in removed {
+            let _ = self.inner.lost.send(node);
+        }
         Ok(())
     }
 
@@ -250,9 +281,17 @@ impl Peers {
 
     /// Pings every peer once (a link's `connected` flag follows the answer).
     pub async fn ping_all(&self) {
-        let links: Vec<Arc<Link>> = self.inner.links.read().expect("peer links").values().cloned().collect();
-        let pings = links.into_iter().map(|link| {
+        let links: Vec<(String, Arc<Link>)> = self
+            .inner
+            .links
+            .read()
+            .expect("peer links")
+            .iter()
+            .map(|(node, link)| (node.clone(), link.clone()))
+            .collect();
+        let pings = links.into_iter().map(|(node, link)| {
             let token = self.inner.token.clone();
+            let lost = self.inner.lost.clone();
             async move {
                 let mut request = Request::new(PingRequest {});
                 request.set_timeout(PING_TIMEOUT);
@@ -263,6 +302,10 @@ impl Peers {
                 }
                 let up = link.client.clone().ping(request).await.is_ok();
                 link.connected.store(up, Ordering::Relaxed);
+                if link.ping_up.swap(up, Ordering::Relaxed) && !up {
+                    tracing::warn!(node = %node, address = %link.address, "peer does not answer its ping: taken as down");
+                    let _ = lost.send(node);
+                }
             }
         });
         futures::future::join_all(pings).await;
@@ -324,6 +367,57 @@ impl Peers {
         }
     }
 
+    /// Takes room on the link to `node` for a command of `bytes` (counted as [`COMMANDS`]), at
+    /// once or not at all: a full link refuses, it never queues.
+    pub fn command_call(&self, node: &str, bytes: u64) -> Result<CommandCall, String> {
+        let link = self
+            .inner
+            .links
+            .read()
+            .expect("peer links")
+            .get(node)
+            .cloned()
+            .ok_or_else(|| format!("node {node:?} is not a known peer of {}", self.inner.node_name))?;
+        let lane = Some((COMMANDS.to_owned(), self.inner.bounds.requests_per_group));
+        let charge = self
+            .charge(&link, lane, node, bytes)
+            .map_err(|answer| format!("{:?}", answer.outcome))?;
+        Ok(CommandCall {
+            link,
+            _charge: charge,
+            from_node: self.inner.node_name.clone(),
+            token: self.inner.token.clone(),
+        })
+    }
+
+    /// Sends this node's command handlers to `node`.
+    pub async fn send_handlers(&self, node: &str, set: CommandHandlerSet) -> Result<(), Status> {
+        let link = self
+            .inner
+            .links
+            .read()
+            .expect("peer links")
+            .get(node)
+            .cloned()
+            .ok_or_else(|| Status::unavailable(format!("node {node:?} is not a known peer")))?;
+        let bytes = set.encoded_len() as u64;
+        let _charge = self
+            .charge(&link, None, node, bytes)
+            .map_err(|answer| Status::resource_exhausted(format!("{:?}", answer.outcome)))?;
+        let mut request = Request::new(set);
+        request.set_timeout(HANDLER_SET_TIMEOUT);
+        self.authorize(&mut request);
+        link.client.clone().command_handlers(request).await.map(|_| ())
+    }
+
+    fn authorize<T>(&self, request: &mut Request<T>) {
+        if let Some(token) = &self.inner.token
+            && let Ok(value) = token.parse()
+        {
+            request.metadata_mut().insert(INTERNAL_TOKEN_KEY, value);
+        }
+    }
+
     fn charge(
         &self,
         link: &Arc<Link>,
@@ -375,6 +469,31 @@ fn never_connected(status: &Status) -> bool {
     texts.iter().any(|t| CONNECT_FAILED.iter().any(|c| t.contains(c)))
 }
 
+/// Room taken on a link for one command (see [`Peers::command_call`]); sending it gives the
+/// room back once answered.
+pub struct CommandCall {
+    link: Arc<Link>,
+    _charge: Charge,
+    from_node: String,
+    token: Option<String>,
+}
+
+impl CommandCall {
+    /// Sends the command and returns the peer's answer; `Err` when none came within
+    /// `timeout` or the link failed.
+    pub async fn send(self, mut command: PeerCommand, timeout: Duration) -> Result<CommandResponse, Status> {
+        command.from_node.clone_from(&self.from_node);
+        let mut request = Request::new(command);
+        request.set_timeout(timeout);
+        if let Some(token) = &self.token
+            && let Ok(value) = token.parse()
+        {
+            request.metadata_mut().insert(INTERNAL_TOKEN_KEY, value);
+        }
+        self.link.client.clone().command(request).await.map(|r| r.into_inner())
+    }
+}
+
 fn open_link(address: &str) -> Result<Link, Status> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| Status::invalid_argument(format!("peer address {address:?}: {e}")))?
@@ -394,6 +513,7 @@ fn open_link(address: &str) -> Result<Link, Status> {
         bytes_in_flight: AtomicU64::new(0),
         per_group: Mutex::new(HashMap::new()),
         connected: AtomicBool::new(false),
+        ping_up: AtomicBool::new(false),
     })
 }
 
@@ -459,6 +579,8 @@ pub struct Inbound {
     pub eventstore: RaftInboxClient<Channel>,
     pub admin: Option<RaftInboxClient<Channel>>,
     pub admin_calls: Option<AdminInboxClient<Channel>>,
+    /// Command handlers of the other nodes, and commands for the handlers connected here.
+    pub commands: Arc<crate::command::remote::RemoteHandlers>,
     /// Unix second of the last refusal logged.
     pub last_refusal_logged: AtomicU64,
 }
@@ -533,6 +655,22 @@ impl PeerLink for Inbound {
         // The address the caller dialled is this node, whatever it was called.
         call.target = Some(Target::Node(self.node_name.clone()));
         admin.clone().call(call).await.map_err(myelin_proto::errors::relay)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(from = %request.get_ref().from_node))]
+    async fn command_handlers(
+        &self,
+        request: Request<CommandHandlerSet>,
+    ) -> Result<Response<CommandHandlerSetAck>, Status> {
+        self.check_token(&request, &request.get_ref().from_node)?;
+        self.commands.apply(request.into_inner())?;
+        Ok(Response::new(CommandHandlerSetAck {}))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(from = %request.get_ref().from_node, context = %request.get_ref().context))]
+    async fn command(&self, request: Request<PeerCommand>) -> Result<Response<CommandResponse>, Status> {
+        self.check_token(&request, &request.get_ref().from_node)?;
+        Ok(Response::new(self.commands.receive(request.into_inner()).await?))
     }
 }
 

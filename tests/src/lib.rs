@@ -5,6 +5,7 @@
 //! test command builds it before running the tests.
 
 pub mod cluster;
+pub mod command_apps;
 pub mod handlers;
 pub mod history;
 pub mod http;

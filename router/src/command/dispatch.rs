@@ -82,14 +82,44 @@ impl Dispatcher {
         &self.metrics
     }
 
+    /// How long a command without a TIMEOUT instruction may take.
+    pub fn timeout_of(&self, command: &Command) -> Duration {
+        command_timeout(command).unwrap_or(self.default_timeout)
+    }
+
     /// Routes `command` in `context` and waits for its response (or the in-band error).
-    pub async fn dispatch(&self, context: &str, mut command: Command) -> CommandResponse {
+    pub async fn dispatch(&self, context: &str, command: Command) -> CommandResponse {
+        let timeout = self.timeout_of(&command);
+        self.dispatch_via(context, command, Target::Ring, timeout).await
+    }
+
+    /// A command another node routed to handler `handler` of this node (`remote`). If that
+    /// handler is gone, the command goes to the handler this node's ring picks for it when that
+    /// handler is connected here; never on to a third node (the sender's view was stale: it
+    /// hears the answer and the new handler set soon after).
+    pub async fn dispatch_to(
+        &self,
+        context: &str,
+        handler: HandlerId,
+        command: Command,
+        timeout: Duration,
+    ) -> CommandResponse {
+        self.dispatch_via(context, command, Target::Handler(handler), timeout)
+            .await
+    }
+
+    async fn dispatch_via(
+        &self,
+        context: &str,
+        mut command: Command,
+        target: Target,
+        timeout: Duration,
+    ) -> CommandResponse {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         if command.message_identifier.is_empty() {
             command.message_identifier = format!("myelin-command-{seq}");
         }
         let id = command.message_identifier.clone();
-        let timeout = command_timeout(&command).unwrap_or(self.default_timeout);
         let metrics = self.metrics.context(context);
         let mut guard = InFlight::start(self, &id, seq, metrics.clone());
 
@@ -134,7 +164,7 @@ impl Dispatcher {
             );
             Routed { command, charge }
         };
-        if let Err(response) = self.route(context, routed) {
+        if let Err(response) = self.route(context, routed, target) {
             return *response;
         }
         metrics.routed();
@@ -154,10 +184,18 @@ impl Dispatcher {
 
     /// Hands a pending command to a handler. On failure the in-band error is returned and the
     /// pending entry is left to the caller, who holds (or owns) its reply.
-    fn route(&self, context: &str, routed: Routed) -> Result<(), Box<CommandResponse>> {
+    fn route(&self, context: &str, routed: Routed, target: Target) -> Result<(), Box<CommandResponse>> {
         let command = &routed.command;
         let id = command.message_identifier.clone();
-        let Some(link) = self.registry.select(context, &command.name, routing_key(command)) else {
+        let link = match target {
+            Target::Ring => self.registry.select(context, &command.name, routing_key(command)),
+            Target::Handler(handler) => self
+                .registry
+                .link(context, &command.name, handler)
+                .or_else(|| self.registry.select(context, &command.name, routing_key(command)))
+                .filter(|link| link.remote_node().is_none()),
+        };
+        let Some(link) = link else {
             return Err(Box::new(error_response(
                 ErrorCode::NoHandlerForCommand,
                 format!("No Handler for command: {}", command.name),
@@ -224,7 +262,7 @@ impl Dispatcher {
                 Some(entry) if entry.handler == link.id() => entry.context.clone(),
                 _ => continue, // already answered (timed out, caller gone)
             };
-            if let Err(response) = self.route(&context, routed) {
+            if let Err(response) = self.route(&context, routed, Target::Ring) {
                 let response = if response.error_code == ErrorCode::NoHandlerForCommand.code() {
                     connection_lost(&client_id, &id)
                 } else {
@@ -256,6 +294,14 @@ impl Dispatcher {
             let _ = entry.reply.send(connection_lost(&client_id, &id));
         }
     }
+}
+
+/// Where a command goes: to the handler the ring picks for its routing key, or (sent here by
+/// another node) to a given handler connected here.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Ring,
+    Handler(HandlerId),
 }
 
 /// Removes a dispatch's pending entry and counts it when the dispatch ends in any way,
@@ -342,7 +388,7 @@ pub fn error_response(code: ErrorCode, message: impl Into<String>, request_id: &
     }
 }
 
-fn connection_lost(client_id: &str, request_id: &str) -> CommandResponse {
+pub fn connection_lost(client_id: &str, request_id: &str) -> CommandResponse {
     error_response(
         ErrorCode::ConnectionToHandlerLost,
         format!("Connection lost while executing command on: {client_id}"),

@@ -31,6 +31,16 @@ const BATCH: usize = 64;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// A handler id never given before in this process (local and remote handlers alike).
+pub fn next_id() -> HandlerId {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The ring key of handler `id` of node `node`: the same on every node of the cluster.
+pub fn ring_key(node: &str, id: HandlerId) -> String {
+    format!("{node}/{id}")
+}
+
 /// A message to the client, with the bytes it holds until tonic takes it.
 pub struct Outgoing {
     pub message: Result<CommandProviderInbound, Status>,
@@ -100,12 +110,14 @@ pub struct LocalHandler {
 }
 
 impl LocalHandler {
-    /// A handler whose queue holds at most `capacity` commands and `bytes` bytes of them.
-    pub fn new(capacity: usize, bytes: usize) -> LocalHandler {
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    /// A handler connected to node `node` whose queue holds at most `capacity` commands and
+    /// `bytes` bytes of them.
+    pub fn new(node: &str, capacity: usize, bytes: usize) -> LocalHandler {
+        let id = next_id();
         LocalHandler {
             id,
-            ring_key: format!("local-stream-{id}"),
+            // The key every node of the cluster puts this handler on its rings under.
+            ring_key: ring_key(node, id),
             client_id: Mutex::new(String::new()),
             component_name: Mutex::new(String::new()),
             outbox: Mutex::new(Outbox {
@@ -264,7 +276,7 @@ mod tests {
     #[tokio::test]
     async fn sends_only_with_permits_and_bounds_the_queue() {
         let node = unbounded();
-        let handler = Arc::new(LocalHandler::new(3, usize::MAX));
+        let handler = Arc::new(LocalHandler::new("n1", 3, usize::MAX));
         let (tx, mut rx) = mpsc::channel(16);
         let pump = tokio::spawn({
             let handler = handler.clone();
@@ -303,7 +315,7 @@ mod tests {
         };
         let size = big("a").encoded_len();
         let node = Budget::new(10 * size);
-        let handler = Arc::new(LocalHandler::new(100, 2 * size));
+        let handler = Arc::new(LocalHandler::new("n1", 100, 2 * size));
         handler.send(routed(&node, big("a"))).unwrap();
         handler.send(routed(&node, big("b"))).unwrap();
         // The count allows it; the bytes do not. The refused command's node charge is returned.
@@ -334,7 +346,7 @@ mod tests {
     async fn higher_priority_first_fifo_within() {
         use myelin_proto::axon::{MetaDataValue, ProcessingInstruction};
         let node = unbounded();
-        let handler = Arc::new(LocalHandler::new(10, usize::MAX));
+        let handler = Arc::new(LocalHandler::new("n1", 10, usize::MAX));
         let with_priority = |id: &str, p: i64| {
             let mut c = command(id);
             c.processing_instructions.push(ProcessingInstruction {

@@ -4,7 +4,8 @@
 //! - [`registry`]: who handles what, per context and command name, with a consistent-hash ring
 //!   weighted by load factor. It sees handlers only as [`registry::HandlerLink`]s.
 //! - [`handler`]: how a command reaches a handler connected here (a bounded queue drained while
-//!   the handler has permits). A handler on another node will be another `HandlerLink`.
+//!   the handler has permits); [`remote`]: a handler connected to another node of the cluster,
+//!   reached over the peer link.
 //! - [`dispatch`]: commands in flight, matched to responses by id; every way a command can fail
 //!   (no handler, duplicate id, full queue, lost handler, timeout) ends in an in-band error.
 //! - this file: the gRPC service; it decodes, calls the layers above and encodes. It also keeps
@@ -16,6 +17,7 @@ pub mod dispatch;
 pub mod handler;
 pub mod metrics;
 pub mod registry;
+pub mod remote;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -87,6 +89,7 @@ impl CommandService for Commands {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
         let link = Arc::new(LocalHandler::new(
+            &self.node_name,
             self.limits.command_queue_capacity,
             self.limits.command_queue_bytes_per_client,
         ));

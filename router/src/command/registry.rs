@@ -1,7 +1,9 @@
 //! Who handles what: the command handlers of each context, by command name.
 //!
 //! The registry knows handlers only as [`HandlerLink`]s, so it does not care whether a handler is
-//! a stream on this node or (later) a handler reached through another node. For each (context,
+//! a stream on this node or a handler connected to another node (`remote`): every node of a
+//! cluster holds the same handlers under the same ring keys, so a routing key reaches the same
+//! handler whichever node the command was dispatched on. For each (context,
 //! command name) it keeps the subscribed handlers and a consistent-hash ring over them: every
 //! handler contributes `load_factor` points, hashed from its stable key and the point's index.
 //! A command goes to the owner of the first point at or after the hash of its routing key
@@ -60,6 +62,10 @@ pub trait HandlerLink: Send + Sync {
     /// Queues a command for the handler; never blocks. On failure the command and its charge
     /// are dropped (the caller answers with an error).
     fn send(&self, routed: Routed) -> Result<(), LinkError>;
+    /// The node the handler is connected to, when that is not this one.
+    fn remote_node(&self) -> Option<&str> {
+        None
+    }
 }
 
 #[derive(Clone)]
@@ -118,52 +124,106 @@ pub struct Registration {
 }
 
 /// The handlers of every context. Cheap to share; all methods are synchronous and short.
-#[derive(Default)]
 pub struct Registry {
     /// (context, command name) -> handlers.
     by_name: Mutex<HashMap<(String, String), Handlers>>,
+    /// Counts the changes to the handlers connected here (what the other nodes must be told).
+    local_changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            by_name: Mutex::default(),
+            local_changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl Registry {
+    /// Changes whenever a handler connected here subscribes, unsubscribes or goes.
+    pub fn local_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.local_changes.subscribe()
+    }
+
+    fn local_changed(&self) {
+        self.local_changes.send_modify(|n| *n += 1);
+    }
+
     /// Adds (or updates the load factor of) a handler for `name` in `context`.
     pub fn subscribe(&self, context: &str, name: &str, link: Arc<dyn HandlerLink>, load_factor: i32) {
         let load_factor = effective_load_factor(load_factor);
-        let mut by_name = self.by_name.lock().unwrap();
-        let handlers = by_name.entry((context.to_owned(), name.to_owned())).or_default();
-        match handlers.members.iter_mut().find(|m| m.link.id() == link.id()) {
-            Some(member) if member.load_factor == load_factor => return,
-            Some(member) => member.load_factor = load_factor,
-            None => handlers.members.push(Member { link, load_factor }),
+        let local = link.remote_node().is_none();
+        {
+            let mut by_name = self.by_name.lock().unwrap();
+            let handlers = by_name.entry((context.to_owned(), name.to_owned())).or_default();
+            match handlers.members.iter_mut().find(|m| m.link.id() == link.id()) {
+                Some(member) if member.load_factor == load_factor => return,
+                Some(member) => member.load_factor = load_factor,
+                None => handlers.members.push(Member { link, load_factor }),
+            }
+            handlers.rebuild();
         }
-        handlers.rebuild();
+        if local {
+            self.local_changed();
+        }
     }
 
     /// Removes one subscription of a handler.
     pub fn unsubscribe(&self, context: &str, name: &str, handler: HandlerId) {
-        let mut by_name = self.by_name.lock().unwrap();
-        let key = (context.to_owned(), name.to_owned());
-        if let Some(handlers) = by_name.get_mut(&key) {
-            let before = handlers.members.len();
-            handlers.members.retain(|m| m.link.id() != handler);
-            if handlers.members.is_empty() {
-                by_name.remove(&key);
-            } else if handlers.members.len() != before {
-                handlers.rebuild();
+        let mut local = false;
+        {
+            let mut by_name = self.by_name.lock().unwrap();
+            let key = (context.to_owned(), name.to_owned());
+            if let Some(handlers) = by_name.get_mut(&key) {
+                let before = handlers.members.len();
+                handlers.members.retain(|m| {
+                    let gone = m.link.id() == handler;
+                    local |= gone && m.link.remote_node().is_none();
+                    !gone
+                });
+                if handlers.members.is_empty() {
+                    by_name.remove(&key);
+                } else if handlers.members.len() != before {
+                    handlers.rebuild();
+                }
             }
+        }
+        if local {
+            self.local_changed();
         }
     }
 
     /// Removes every subscription of a handler (it disconnected).
     pub fn remove(&self, handler: HandlerId) {
-        let mut by_name = self.by_name.lock().unwrap();
-        by_name.retain(|_, handlers| {
+        let mut local = false;
+        self.by_name.lock().unwrap().retain(|_, handlers| {
             let before = handlers.members.len();
-            handlers.members.retain(|m| m.link.id() != handler);
+            handlers.members.retain(|m| {
+                let gone = m.link.id() == handler;
+                local |= gone && m.link.remote_node().is_none();
+                !gone
+            });
             if handlers.members.len() != before && !handlers.members.is_empty() {
                 handlers.rebuild();
             }
             !handlers.members.is_empty()
         });
+        if local {
+            self.local_changed();
+        }
+    }
+
+    /// The handler `handler` of `name` in `context`, if it is subscribed to it (a command sent
+    /// here by another node for that handler).
+    pub fn link(&self, context: &str, name: &str, handler: HandlerId) -> Option<Arc<dyn HandlerLink>> {
+        let by_name = self.by_name.lock().unwrap();
+        by_name
+            .get(&(context.to_owned(), name.to_owned()))?
+            .members
+            .iter()
+            .find(|m| m.link.id() == handler)
+            .map(|m| m.link.clone())
     }
 
     /// The handler for a command of `name` in `context` with this routing key, if any.
@@ -174,6 +234,15 @@ impl Registry {
 
     /// Every subscription, of one context or of all, ordered by context, command and client.
     pub fn registrations(&self, context: Option<&str>) -> Vec<Registration> {
+        self.registrations_where(context, |_| true)
+    }
+
+    /// The subscriptions of the handlers connected to this node.
+    pub fn local_registrations(&self) -> Vec<Registration> {
+        self.registrations_where(None, |link| link.remote_node().is_none())
+    }
+
+    fn registrations_where(&self, context: Option<&str>, keep: impl Fn(&dyn HandlerLink) -> bool) -> Vec<Registration> {
         // Copy the links out first: their accessors take locks of their own.
         let members: Vec<(String, String, Member)> = {
             let by_name = self.by_name.lock().unwrap();
@@ -184,6 +253,7 @@ impl Registry {
                     handlers
                         .members
                         .iter()
+                        .filter(|m| keep(m.link.as_ref()))
                         .map(move |m| (c.clone(), name.clone(), m.clone()))
                 })
                 .collect()
