@@ -324,3 +324,109 @@ async fn certificates_are_replaced_on_sighup_and_a_bad_replacement_keeps_the_old
         tls::der(&renewed.cert_pem)
     );
 }
+
+/// A tool next to the `myelin` binary under test.
+fn tool(name: &str) -> std::path::PathBuf {
+    let path = myelin_tests::binary().with_file_name(name);
+    assert!(path.exists(), "{} missing: build the workspace first", path.display());
+    path
+}
+
+/// Runs a tool with `args` in an empty directory: (exit code, stdout, stderr).
+fn run_tool(name: &str, args: &[&str]) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(tool(name))
+        .args(args)
+        .current_dir(dir.path())
+        .env_remove("MYELIN_SERVER")
+        .env_remove("MYELIN_TOKEN")
+        .env_remove("MYELIN_TOKEN_FILE")
+        .env_remove("MYELIN_CA_FILE")
+        .output()
+        .unwrap();
+    (
+        output.status.code().expect("exited"),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_cli_and_the_backup_agent_speak_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("myelin test CA");
+    let ca_file = ca.write(dir.path(), "ca.pem");
+    let ca_file = ca_file.to_str().unwrap();
+    let http = ca.issue(dir.path(), "http", 2100);
+    let node = Node::start(Options {
+        env: vec![
+            ("SERVER_SSL_CERTIFICATE".to_owned(), http.cert.display().to_string()),
+            (
+                "SERVER_SSL_CERTIFICATE_PRIVATE_KEY".to_owned(),
+                http.key.display().to_string(),
+            ),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let plain_url = format!("http://127.0.0.1:{}", node.http_port);
+    let https_url = format!("https://127.0.0.1:{}", node.http_port);
+
+    let cli = |args: &[&str]| {
+        let mut all = vec!["contexts", "-o", "json"];
+        all.extend_from_slice(args);
+        run_tool("myelin-cli", &all)
+    };
+    // -s turns the http:// URL into https://; the CA file verifies the node.
+    let (code, stdout, stderr) = cli(&["-S", &plain_url, "-s", "--ca-file", ca_file]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("\"default\""), "{stdout}");
+    let (code, stdout, stderr) = cli(&["-S", &https_url, "--ca-file", ca_file]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    // Without the CA the node's certificate is not trusted: unreachable (3), saying why.
+    let (code, _, stderr) = cli(&["-S", &plain_url, "--https"]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(
+        stderr.contains("TLS failed") && stderr.contains("--ca-file"),
+        "{stderr}"
+    );
+    // Plain HTTP to an HTTPS port says what to do.
+    let (code, _, stderr) = cli(&["-S", &plain_url]);
+    assert_eq!(code, 3, "{stderr}");
+    // -i: no verification, with a warning.
+    let (code, stdout, stderr) = cli(&["-S", &plain_url, "-s", "-i"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stderr.contains("not verified"), "{stderr}");
+
+    // The backup agent, the same flags.
+    let dest = dir.path().join("backup");
+    let dest = dest.to_str().unwrap();
+    let (code, stdout, stderr) = run_tool(
+        "myelin-backup-agent",
+        &["backup", "-q", "-S", &plain_url, "--dest", dest],
+    );
+    assert_eq!(code, 3, "{stdout}{stderr}");
+    let (code, _, stderr) = run_tool(
+        "myelin-backup-agent",
+        &["backup", "-q", "-S", &plain_url, "-s", "--dest", dest],
+    );
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("TLS failed"), "{stderr}");
+    let (code, stdout, stderr) = run_tool(
+        "myelin-backup-agent",
+        &[
+            "backup",
+            "-q",
+            "-S",
+            &plain_url,
+            "-s",
+            "--ca-file",
+            ca_file,
+            "--dest",
+            dest,
+        ],
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let (code, stdout, stderr) = run_tool("myelin-backup-agent", &["verify", "-q", dest]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+}
