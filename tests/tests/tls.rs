@@ -274,7 +274,7 @@ async fn wait_served(port: u16, ca: &str, expected: &[u8], node: &Node) {
 }
 
 #[tokio::test]
-async fn certificates_are_replaced_on_sighup_and_a_bad_replacement_keeps_the_old() {
+async fn certificates_are_replaced_on_sighup_or_a_change_and_a_bad_replacement_keeps_the_old() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("myelin test CA");
     let grpc = ca.issue(dir.path(), "grpc", 2100);
@@ -322,6 +322,19 @@ async fn certificates_are_replaced_on_sighup_and_a_bad_replacement_keeps_the_old
     assert_eq!(
         tls::served_certificate(node.grpc_port, &ca.pem).await.unwrap(),
         tls::der(&renewed.cert_pem)
+    );
+
+    // A good pair written without a signal (as certbot or a secrets agent would) is found by
+    // looking at the files.
+    let third = ca.issue(scratch.path(), "third", 2098);
+    std::fs::copy(&third.key, &grpc.key).unwrap();
+    std::fs::copy(&third.cert, &grpc.cert).unwrap();
+    wait_served(node.grpc_port, &ca.pem, &tls::der(&third.cert_pem), &node).await;
+    assert!(
+        node.log_text()
+            .contains("reloaded the TLS certificate (the files changed)"),
+        "{}",
+        node.log_text()
     );
 }
 
