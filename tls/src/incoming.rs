@@ -47,6 +47,7 @@ pub fn incoming(
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let places = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
+        let mut last_warning = None;
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -65,7 +66,12 @@ pub fn incoming(
                 }
             };
             let Ok(place) = places.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, "closing a connection: {MAX_HANDSHAKES} TLS handshakes are in progress");
+                // At most once a second: a flood of connections must not become a flood of logs.
+                let now = std::time::Instant::now();
+                if last_warning.is_none_or(|at: std::time::Instant| now.duration_since(at) >= Duration::from_secs(1)) {
+                    last_warning = Some(now);
+                    tracing::warn!(%peer, "closing connections: {MAX_HANDSHAKES} TLS handshakes are in progress");
+                }
                 continue;
             };
             if nodelay {
@@ -126,5 +132,77 @@ impl Connected for TlsConnection {
 
     fn connect_info(&self) -> TcpConnectInfo {
         self.stream.get_ref().0.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use rustls::pki_types::{CertificateDer, ServerName};
+
+    /// A CA, and a certificate for localhost it issued: (CA PEM, certificate PEM, key PEM).
+    fn issued() -> (String, String, String) {
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = leaf.signed_by(&key, &issuer).unwrap();
+        (ca_pem, cert.pem(), key.serialize_pem())
+    }
+
+    fn connector(ca_pem: &str) -> tokio_rustls::TlsConnector {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(crate::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+
+    #[tokio::test]
+    async fn silent_and_untrusting_clients_do_not_stop_the_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, cert, key) = issued();
+        let files = crate::files::tests::files(dir.path(), &cert, &key);
+        let config = crate::server_config(crate::ReloadingCert::load(files).unwrap(), crate::ALPN_HTTP);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut connections = Box::pin(incoming(listener, config, true));
+
+        // One client connects and never speaks; another trusts some other CA.
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        let (stranger_ca, _, _) = issued();
+        let stranger = connector(&stranger_ca)
+            .connect(
+                ServerName::try_from("localhost").unwrap(),
+                TcpStream::connect(addr).await.unwrap(),
+            )
+            .await;
+        assert!(stranger.is_err());
+
+        // A client that trusts the CA still gets through, and is the only connection handed on.
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let local = tcp.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            connector(&ca)
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+        });
+        let accepted = tokio::time::timeout(Duration::from_secs(5), connections.next())
+            .await
+            .expect("the trusting client is accepted while the silent one waits")
+            .unwrap()
+            .unwrap();
+        assert_eq!(accepted.remote_addr(), Some(local));
+        client.await.unwrap().unwrap();
     }
 }
