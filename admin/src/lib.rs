@@ -21,6 +21,7 @@ pub mod control_db;
 pub mod raft;
 pub mod reconcile;
 pub mod status;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -90,6 +91,16 @@ pub struct Args {
     /// Whether calls must carry a token (Axon's `accesscontrol.enabled`).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub access_control: bool,
+    /// PEM certificate chain the HTTP port serves TLS with (Spring's `server.ssl.certificate`).
+    /// With it the port speaks HTTPS only; a file that cannot be used stops admin at start.
+    #[arg(long, value_name = "FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `--tls-cert-file` (Spring's `server.ssl.certificate-private-key`).
+    #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Whether the node's client gRPC port serves TLS (what `/v1/public/me` reports as `ssl`).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub grpc_tls: bool,
     /// Token that may do everything (Axon's `accesscontrol.admin-token`). Read from the
     /// environment so that it never shows in a process listing.
     #[arg(long, env = "MYELIN_ADMIN_TOKEN", hide_env_values = true)]
@@ -208,6 +219,8 @@ where
             internal_port: args.internal_port,
             data_dir: args.data_dir.clone(),
             disk_space_threshold: args.disk_space_threshold,
+            grpc_tls: args.grpc_tls,
+            http_tls: args.tls_cert_file.is_some(),
         }),
         http_metrics: Arc::new(api::actuator::HttpMetrics::default()),
         lifecycle: Arc::new(tokio::sync::Mutex::new(())),
@@ -254,6 +267,9 @@ where
     N: openraft::network::RaftNetworkFactory<raft::AdminTypes>,
 {
     use anyhow::Context as _;
+    // First: a certificate that cannot be used stops admin before it opens anything, and from
+    // here on SIGHUP reloads it rather than ends the process.
+    let tls = http_tls(&args)?;
     let state = build_state(&args, network).await?;
     // A node that joined a cluster records its addresses through the cluster's leader, once it
     // knows one; a standalone node does so before it serves.
@@ -280,7 +296,12 @@ where
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding the HTTP port {}", args.listen))?;
-    tracing::info!(address = %listener.local_addr()?, control_db = %args.control_db.display(), "admin serving HTTP");
+    tracing::info!(
+        address = %listener.local_addr()?,
+        tls = tls.is_some(),
+        control_db = %args.control_db.display(),
+        "admin serving HTTP"
+    );
 
     let _ = std::fs::remove_file(&args.socket);
     let uds =
@@ -350,10 +371,21 @@ where
             let _ = stop_tx.send(true);
         }
     });
-    let serve = axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(async move {
+    let stopped = async move {
         let _ = stop_rx.changed().await;
-    });
-    let mut serve = tokio::spawn(std::future::IntoFuture::into_future(serve));
+    };
+    // HTTPS or HTTP, never both: with a certificate configured there is no plaintext port.
+    let mut serve = match tls {
+        Some(config) => {
+            let listener = tls::Listener::new(listener, config)?;
+            let serve = axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(stopped);
+            tokio::spawn(std::future::IntoFuture::into_future(serve))
+        }
+        None => {
+            let serve = axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(stopped);
+            tokio::spawn(std::future::IntoFuture::into_future(serve))
+        }
+    };
     let served = tokio::select! {
         served = &mut serve => served.context("the HTTP server task")?.context("serving HTTP"),
         fatal = state.admin.stopped() => {
@@ -385,4 +417,20 @@ where
     let _ = health_server.await;
     let _ = std::fs::remove_file(&args.socket);
     Ok(())
+}
+
+/// The HTTP port's TLS configuration, if it has one: the certificate loaded and checked now (a
+/// file that cannot be used stops admin before it serves), and kept current from then on.
+fn http_tls(args: &Args) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    let (Some(cert_path), Some(key_path)) = (&args.tls_cert_file, &args.tls_key_file) else {
+        return Ok(None);
+    };
+    let cert = myelin_tls::ReloadingCert::load(myelin_tls::CertFiles {
+        cert_key: "server.ssl.certificate".to_owned(),
+        cert_path: cert_path.clone(),
+        key_key: "server.ssl.certificate-private-key".to_owned(),
+        key_path: key_path.clone(),
+    })?;
+    myelin_tls::keep_current(vec![cert.clone()])?;
+    Ok(Some(myelin_tls::server_config(cert, myelin_tls::ALPN_HTTP)))
 }

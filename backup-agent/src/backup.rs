@@ -36,6 +36,7 @@ pub struct Options {
     pub dest: PathBuf,
     pub contexts: Vec<String>,
     pub token: Option<String>,
+    pub tls: crate::client::Tls,
 }
 
 /// What a run did, printed with `--json`.
@@ -94,7 +95,7 @@ pub fn run(options: Options, progress: &mut Progress) -> anyhow::Result<Summary>
         .with_context(|| format!("creating the backup directory {}", options.dest.display()))?;
     let dest = std::fs::canonicalize(&options.dest)?;
     let _lock = set::lock(&dest)?;
-    let client = Client::new(&options.server, options.token)?;
+    let client = Client::new(&options.server, options.token, &options.tls)?;
     for context in &options.contexts {
         check_context(context)?;
     }

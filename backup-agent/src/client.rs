@@ -51,15 +51,63 @@ fn encode(value: &str) -> String {
     out
 }
 
+/// HTTPS to the node, with `myelin-cli`'s flags (Axon's `-s/--https`, `-i/--insecure-ssl`) and
+/// a CA file. Without `--ca-file` the node's certificate must chain to the Mozilla roots built
+/// into the agent.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Tls {
+    /// Use HTTPS, even when the server URL says http://.
+    #[arg(long = "https", short = 's')]
+    pub https: bool,
+    /// Do not verify the node's TLS certificate.
+    #[arg(long = "insecure-ssl", short = 'i')]
+    pub insecure: bool,
+    /// PEM file of the CA certificates the node's TLS certificate must chain to.
+    #[arg(long = "ca-file", value_name = "FILE", env = "MYELIN_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl Tls {
+    fn config(&self) -> anyhow::Result<ureq::tls::TlsConfig> {
+        let mut config = ureq::tls::TlsConfig::builder();
+        if let Some(path) = &self.ca_file {
+            let pem = std::fs::read(path).with_context(|| format!("--ca-file: cannot read {}", path.display()))?;
+            let mut certificates = Vec::new();
+            for item in ureq::tls::parse_pem(&pem) {
+                if let ureq::tls::PemItem::Certificate(certificate) =
+                    item.with_context(|| format!("--ca-file: {} is not PEM", path.display()))?
+                {
+                    certificates.push(certificate);
+                }
+            }
+            if certificates.is_empty() {
+                bail!("--ca-file: {} holds no PEM certificate", path.display());
+            }
+            config = config.root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(certificates)));
+        }
+        if self.insecure {
+            eprintln!("myelin-backup-agent: warning: -i/--insecure-ssl: the node's certificate is not verified");
+            config = config.disable_verification(true);
+        }
+        Ok(config.build())
+    }
+}
+
 impl Client {
-    pub fn new(base: &str, token: Option<String>) -> anyhow::Result<Client> {
-        let base = base.trim_end_matches('/').to_owned();
+    pub fn new(base: &str, token: Option<String>, tls: &Tls) -> anyhow::Result<Client> {
+        let mut base = base.trim_end_matches('/').to_owned();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             bail!("--server must be an http:// or https:// URL, not {base:?}");
+        }
+        if tls.https
+            && let Some(rest) = base.strip_prefix("http://")
+        {
+            base = format!("https://{rest}");
         }
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(120)))
+            .tls_config(tls.config()?)
             .build()
             .into();
         Ok(Client { agent, base, token })
@@ -180,7 +228,26 @@ impl Client {
                  8024?)"
                     .to_owned()
             }
-            ureq::Error::Protocol(e) => format!("it does not speak HTTP/1.1 ({e}): is this the admin HTTP port?"),
+            // rustls reports through the connection's I/O.
+            ureq::Error::Io(e) if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) => {
+                format!(
+                    "TLS failed ({e}): give the CA of the node's certificate with --ca-file, or -i to skip the check"
+                )
+            }
+            ureq::Error::Protocol(e) => format!(
+                "it does not speak HTTP/1.1 ({e}): is this the admin HTTP port (and, if the node serves HTTPS, \
+                 is it an https:// URL or -s/--https given)?"
+            ),
+            ureq::Error::Tls(e) => {
+                format!(
+                    "TLS failed ({e}): give the CA of the node's certificate with --ca-file, or -i to skip the check"
+                )
+            }
+            ureq::Error::Rustls(e) => {
+                format!(
+                    "TLS failed ({e}): give the CA of the node's certificate with --ca-file, or -i to skip the check"
+                )
+            }
             e => e.to_string(),
         };
         Unreachable(format!("{what}: cannot reach {}: {reason}", self.base))
@@ -199,7 +266,18 @@ mod tests {
     fn query_values_are_encoded() {
         assert_eq!(encode("a-b_c.d"), "a-b_c.d");
         assert_eq!(encode("a b&c"), "a%20b%26c");
-        assert!(Client::new("ftp://x", None).is_err());
-        assert_eq!(Client::new("http://h:8024/", None).unwrap().server(), "http://h:8024");
+        assert!(Client::new("ftp://x", None, &Tls::default()).is_err());
+        assert_eq!(
+            Client::new("http://h:8024/", None, &Tls::default()).unwrap().server(),
+            "http://h:8024"
+        );
+        let https = Tls {
+            https: true,
+            ..Tls::default()
+        };
+        assert_eq!(
+            Client::new("http://h:8024", None, &https).unwrap().server(),
+            "https://h:8024"
+        );
     }
 }

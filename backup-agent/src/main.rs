@@ -62,6 +62,8 @@ enum Command {
         /// Access token (sent as `AxonIQ-Access-Token`), needed when access control is on.
         #[arg(long, short = 't', env = "MYELIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        #[command(flatten)]
+        tls: client::Tls,
     },
     /// Checks that a backup set is complete and every file matches its manifest.
     Verify {
@@ -123,6 +125,7 @@ fn run(command: Command, json: bool, progress: &mut progress::Progress) -> anyho
             dest,
             contexts,
             token,
+            tls,
         } => {
             let summary = backup::run(
                 backup::Options {
@@ -130,6 +133,7 @@ fn run(command: Command, json: bool, progress: &mut progress::Progress) -> anyho
                     dest,
                     contexts,
                     token,
+                    tls,
                 },
                 progress,
             )?;

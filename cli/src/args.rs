@@ -69,6 +69,16 @@ pub struct Global {
     /// Machine-readable JSON output (same as -o json)
     #[arg(long, global = true)]
     pub json: bool,
+    /// Use HTTPS, even when the server URL says http:// (as axonserver-cli's -s)
+    #[arg(short = 's', long = "https", global = true)]
+    pub https: bool,
+    /// Do not verify the server's TLS certificate (as axonserver-cli's -i)
+    #[arg(short = 'i', long = "insecure-ssl", global = true)]
+    pub insecure_ssl: bool,
+    /// PEM file of the CA certificates the server's TLS certificate must chain to [default: the
+    /// Mozilla roots built into this tool]
+    #[arg(long = "ca-file", value_name = "FILE", global = true, env = "MYELIN_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Seconds to wait for the server's answer
     #[arg(long, value_name = "SECONDS", global = true, default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -86,6 +96,14 @@ impl Global {
 
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(self.timeout)
+    }
+
+    pub fn tls(&self) -> crate::tls::Options {
+        crate::tls::Options {
+            https: self.https,
+            insecure: self.insecure_ssl,
+            ca_file: self.ca_file.clone(),
+        }
     }
 }
 

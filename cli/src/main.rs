@@ -10,6 +10,7 @@ mod commands;
 mod failure;
 mod output;
 mod server;
+mod tls;
 mod token;
 
 use std::io::Write;
@@ -26,7 +27,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut token_given = false;
     let result = (|| {
-        let base = server::parse_base(&cli.global.server)?;
+        let tls = cli.global.tls();
+        let base = tls.apply_scheme(server::parse_base(&cli.global.server)?);
         let token = token::resolve(
             cli.global.token.clone(),
             std::env::var_os(token::TOKEN_FILE_ENV)
@@ -36,7 +38,7 @@ fn main() -> ExitCode {
             &token::local_files(),
         )?;
         token_given = token.is_some();
-        let server = Server::new(&base, token, cli.global.timeout())?;
+        let server = Server::new(&base, token, cli.global.timeout())?.with_tls(tls.config()?);
         commands::run(&cli.command, &server, cli.global.format())
     })();
     match result {

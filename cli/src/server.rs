@@ -49,19 +49,19 @@ impl Server {
                 "the access token must be printable ASCII without spaces".to_string(),
             ));
         }
-        let agent: Agent = Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(timeout))
-            .timeout_connect(Some(timeout.min(MAX_CONNECT)))
-            .user_agent(format!("myelin-cli/{}", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
+        let agent = agent(timeout, ureq::tls::TlsConfig::default());
         Ok(Server {
             base,
             token,
             timeout,
             agent,
         })
+    }
+
+    /// Talks TLS with `config` (https:// servers).
+    pub fn with_tls(mut self, config: ureq::tls::TlsConfig) -> Server {
+        self.agent = agent(self.timeout, config);
+        self
     }
 
     pub fn base(&self) -> &str {
@@ -148,7 +148,14 @@ impl Server {
                  default 8024?)"
                     .to_string(),
             ),
-            ureq::Error::Io(e) => unreachable(e.to_string()),
+            // rustls reports through the connection's I/O.
+            ureq::Error::Io(e) => match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+                Some(tls) => unreachable(format!(
+                    "TLS failed ({tls}); give the CA of the node's certificate with --ca-file, or -i to skip \
+                     the check"
+                )),
+                None => unreachable(e.to_string()),
+            },
             ureq::Error::HostNotFound => unreachable("host not found".to_string()),
             ureq::Error::ConnectionFailed => unreachable("connection failed".to_string()),
             ureq::Error::Timeout(ureq::Timeout::Connect | ureq::Timeout::Resolve) => unreachable(format!(
@@ -159,6 +166,18 @@ impl Server {
                 url: url.to_string(),
                 seconds: self.timeout.as_secs(),
             },
+            ureq::Error::Tls(e) => unreachable(format!(
+                "TLS failed ({e}); give the CA of the node's certificate with --ca-file, or -i to skip \
+                 the check"
+            )),
+            ureq::Error::Rustls(e) => unreachable(format!(
+                "TLS failed ({e}); give the CA of the node's certificate with --ca-file, or -i to skip \
+                 the check"
+            )),
+            ureq::Error::Protocol(e) if self.base.starts_with("http://") => unreachable(format!(
+                "it does not speak HTTP/1.1 ({e}); the client gRPC port (8124) is not the admin HTTP port \
+                 (8024), and a node serving HTTPS needs -s/--https or an https:// URL"
+            )),
             ureq::Error::Protocol(e) => unreachable(format!(
                 "it does not speak HTTP/1.1 ({e}); the client gRPC port (8124) is not the admin HTTP port (8024)"
             )),
@@ -169,6 +188,17 @@ impl Server {
             other => unreachable(other.to_string()),
         }
     }
+}
+
+fn agent(timeout: Duration, tls: ureq::tls::TlsConfig) -> Agent {
+    Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .timeout_connect(Some(timeout.min(MAX_CONNECT)))
+        .user_agent(format!("myelin-cli/{}", env!("CARGO_PKG_VERSION")))
+        .tls_config(tls)
+        .build()
+        .into()
 }
 
 /// The failure for an error status: the body's `{"code", "message"}` when it has one, else the

@@ -91,6 +91,13 @@ pub struct Args {
     /// fsyncs) and the applications on the same machine.
     #[arg(long, default_value_t = 0)]
     pub worker_threads: usize,
+    /// PEM certificate chain the client port serves TLS with (Axon's `ssl.cert-chain-file`).
+    /// With it the port speaks TLS only; a file that cannot be used stops the router at start.
+    #[arg(long, value_name = "FILE", requires = "tls_private_key_file")]
+    pub tls_cert_chain_file: Option<PathBuf>,
+    /// PEM private key of `--tls-cert-chain-file` (Axon's `ssl.private-key-file`).
+    #[arg(long, value_name = "FILE", requires = "tls_cert_chain_file")]
+    pub tls_private_key_file: Option<PathBuf>,
     /// Bounds on streams, event reads and transactions (docs/limits.md).
     #[command(flatten)]
     pub limits: Limits,
@@ -156,6 +163,9 @@ pub async fn shutdown_signal() {
 /// Serves clients until `shutdown`.
 pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     use anyhow::Context as _;
+    // First: a certificate that cannot be used stops the router before anything else, and from
+    // here on SIGHUP reloads it rather than ends the process.
+    let tls = client_tls(&args)?;
     // Every append and read crosses this link: see `local_socket` for why it is not tonic's own.
     // Two connections: the one stream that carries every append has a connection of its own, so
     // that no read, however its client behaves, shares flow control with it (docs/limits.md).
@@ -217,7 +227,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding the client port {}", args.listen))?;
-    tracing::info!(address = %listener.local_addr()?, "router serving clients");
+    tracing::info!(address = %listener.local_addr()?, tls = tls.is_some(), "router serving clients");
 
     // Health for the supervisor on the Unix socket; it says SERVING once the client port is bound.
     let _ = std::fs::remove_file(&args.socket);
@@ -339,24 +349,58 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
                 disconnects,
             })
             .max_decoding_message_size(max),
-        )
-        .serve_with_incoming_shutdown(
-            connections::limit(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                usize::try_from(args.limits.connections).unwrap_or(usize::MAX),
-            ),
-            async move {
-                let _ = stop_clients.changed().await;
-            },
         );
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    clients.await.context("serving clients")?;
+    let max_connections = usize::try_from(args.limits.connections).unwrap_or(usize::MAX);
+    let stopped = async move {
+        let _ = stop_clients.changed().await;
+    };
+    // TLS or plaintext, never both: with a certificate configured there is no plaintext port.
+    let served = match tls {
+        Some(config) => {
+            clients
+                .serve_with_incoming_shutdown(
+                    connections::limit(myelin_tls::incoming(listener, config, true), max_connections),
+                    stopped,
+                )
+                .await
+        }
+        None => {
+            clients
+                .serve_with_incoming_shutdown(
+                    connections::limit(
+                        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                        max_connections,
+                    ),
+                    stopped,
+                )
+                .await
+        }
+    };
+    served.context("serving clients")?;
     let _ = health_server.await;
     let _ = internal_server.await;
     let _ = std::fs::remove_file(&args.socket);
     tracing::info!("router stopped");
     Ok(())
+}
+
+/// The client port's TLS configuration, if it has one: the certificate loaded and checked now
+/// (so a file that cannot be used stops the router before it serves anything), and kept current
+/// from then on (SIGHUP, or a change of the files).
+fn client_tls(args: &Args) -> anyhow::Result<Option<std::sync::Arc<rustls::ServerConfig>>> {
+    let (Some(cert_path), Some(key_path)) = (&args.tls_cert_chain_file, &args.tls_private_key_file) else {
+        return Ok(None);
+    };
+    let cert = myelin_tls::ReloadingCert::load(myelin_tls::CertFiles {
+        cert_key: "axoniq.axonserver.ssl.cert-chain-file".to_owned(),
+        cert_path: cert_path.clone(),
+        key_key: "axoniq.axonserver.ssl.private-key-file".to_owned(),
+        key_path: key_path.clone(),
+    })?;
+    myelin_tls::keep_current(vec![cert.clone()])?;
+    Ok(Some(myelin_tls::server_config(cert, myelin_tls::ALPN_GRPC)))
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::config::Config;
+use crate::tls::Tls;
 
 /// Set by the supervisor in its children's environment: its own pid.
 pub const SUPERVISOR_PID_ENV: &str = "MYELIN_SUPERVISOR_PID";
@@ -72,6 +73,9 @@ pub struct Launch {
     /// Extra environment: secrets travel here rather than in `args`, which every user of the
     /// machine can read in the process list.
     pub env: Vec<(String, String)>,
+    /// Whether the child reloads its TLS certificate on SIGHUP (the supervisor forwards its
+    /// own); a child without TLS is never sent SIGHUP, which would end it.
+    pub reloads_on_hangup: bool,
 }
 
 /// The sockets of a node's children, in its runtime directory.
@@ -84,8 +88,9 @@ pub fn pid_path(runtime_dir: &Path, role: Role) -> PathBuf {
     runtime_dir.join(format!("{}.pid", role.name()))
 }
 
-/// Builds the three children's command lines from the configuration.
-pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>> {
+/// Builds the three children's command lines from the configuration and its checked TLS
+/// settings.
+pub fn launches(config: &Config, tls: &Tls, mode: ChildMode) -> anyhow::Result<Vec<Launch>> {
     let socket = |role| -> anyhow::Result<PathBuf> {
         let path = socket_path(&config.runtime_directory, role);
         if path.as_os_str().len() > MAX_SOCKET_PATH {
@@ -166,6 +171,10 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
                 if config.access_control.enabled {
                     arg("--access-control", &"true");
                 }
+                if let Some(files) = &tls.grpc {
+                    arg("--tls-cert-chain-file", &files.cert_path);
+                    arg("--tls-private-key-file", &files.key_path);
+                }
             }
             (ChildMode::Real, Role::Admin) => {
                 let listen = SocketAddr::new(config.bind_address, config.http_port);
@@ -185,6 +194,13 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
                 arg("--backup-log-hold-minutes", &config.backup_log_hold_minutes.to_string());
                 if config.access_control.enabled {
                     arg("--access-control", &"true");
+                }
+                if let Some(files) = &tls.http {
+                    arg("--tls-cert-file", &files.cert_path);
+                    arg("--tls-key-file", &files.key_path);
+                }
+                if tls.grpc.is_some() {
+                    arg("--grpc-tls", &"true");
                 }
                 if let Some(first) = &config.autocluster_first {
                     arg("--autocluster-first", first);
@@ -216,11 +232,18 @@ pub fn launches(config: &Config, mode: ChildMode) -> anyhow::Result<Vec<Launch>>
                 env.push(("MYELIN_ACCESS_TOKEN".to_owned(), token.clone()));
             }
         }
+        let reloads_on_hangup = mode == ChildMode::Real
+            && match role {
+                Role::Router => tls.grpc.is_some(),
+                Role::Admin => tls.http.is_some(),
+                Role::Eventstore => false,
+            };
         launches.push(Launch {
             role,
             socket: own_socket,
             args,
             env,
+            reloads_on_hangup,
         });
     }
     Ok(launches)
@@ -291,7 +314,7 @@ mod tests {
         c.access_control.enabled = true;
         c.access_control.admin_token = Some("adm1n".into());
         c.access_control.token = Some("app".into());
-        let l = launches(&c, ChildMode::Real).unwrap();
+        let l = launches(&c, &Tls::default(), ChildMode::Real).unwrap();
         for launch in &l[1..] {
             let args = strings(launch).join(" ");
             assert!(args.contains("--access-control true"), "{args}");
@@ -313,7 +336,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = config(dir.path());
         let run = c.runtime_directory.display().to_string();
-        let l = launches(&c, ChildMode::Real).unwrap();
+        let l = launches(&c, &Tls::default(), ChildMode::Real).unwrap();
         assert_eq!(l.iter().map(|l| l.role).collect::<Vec<_>>(), Role::START_ORDER);
         let es = strings(&l[0]);
         assert_eq!(es[0], "eventstore");
@@ -363,7 +386,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let c = config(dir.path());
-        let l = launches(&c, ChildMode::Real).unwrap();
+        let l = launches(&c, &Tls::default(), ChildMode::Real).unwrap();
         let es: myelin_eventstore::Args = parse(&l[0]);
         assert_eq!(es.contexts, vec!["default", "orders"]);
         assert_eq!(es.data_dir, c.event_storage);
@@ -378,10 +401,44 @@ mod tests {
     }
 
     #[test]
+    fn tls_files_reach_the_router_and_admin() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(dir.path());
+        let files = |cert: &str, key: &str| myelin_tls::CertFiles {
+            cert_key: "c".into(),
+            cert_path: cert.into(),
+            key_key: "k".into(),
+            key_path: key.into(),
+        };
+        let tls = Tls {
+            grpc: Some(files("/g.crt", "/g.key")),
+            http: Some(files("/h.crt", "/h.key")),
+        };
+        let l = launches(&c, &tls, ChildMode::Real).unwrap();
+        let router = strings(&l[1]).join(" ");
+        assert!(
+            router.ends_with("--tls-cert-chain-file /g.crt --tls-private-key-file /g.key"),
+            "{router}"
+        );
+        let admin = strings(&l[2]).join(" ");
+        assert!(
+            admin.contains("--tls-cert-file /h.crt --tls-key-file /h.key --grpc-tls true"),
+            "{admin}"
+        );
+        assert!(!strings(&l[0]).join(" ").contains("tls"));
+        let router: myelin_router::Args = {
+            use clap::{Args, Command, FromArgMatches};
+            let cmd = myelin_router::Args::augment_args(Command::new("router"));
+            myelin_router::Args::from_arg_matches(&cmd.try_get_matches_from(&l[1].args).unwrap()).unwrap()
+        };
+        assert_eq!(router.tls_private_key_file, Some(PathBuf::from("/g.key")));
+    }
+
+    #[test]
     fn sleepers_replace_every_child() {
         let dir = tempfile::tempdir().unwrap();
         let c = config(dir.path());
-        let l = launches(&c, ChildMode::Sleeper).unwrap();
+        let l = launches(&c, &Tls::default(), ChildMode::Sleeper).unwrap();
         assert_eq!(
             strings(&l[1]),
             vec![
@@ -399,7 +456,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = config(dir.path());
         c.runtime_directory = PathBuf::from(format!("/tmp/{}", "d".repeat(100)));
-        let err = launches(&c, ChildMode::Real).unwrap_err().to_string();
+        let err = launches(&c, &Tls::default(), ChildMode::Real).unwrap_err().to_string();
         assert!(err.contains("longer than the 107"), "{err}");
     }
 }

@@ -68,6 +68,16 @@ const KEYS: &[(&str, Kind)] = &[
     ("axoniq.axonserver.ssl.internal-cert-chain-file", Kind::Path),
     ("axoniq.axonserver.ssl.internal-private-key-file", Kind::Path),
     ("axoniq.axonserver.ssl.internal-trust-manager-file", Kind::Path),
+    // Spring's TLS for the HTTP port: PEM only. The keystore keys are known so that a
+    // configuration naming one is refused rather than silently served in plaintext.
+    ("server.ssl.enabled", Kind::Bool),
+    ("server.ssl.certificate", Kind::Path),
+    ("server.ssl.certificate-private-key", Kind::Path),
+    ("server.ssl.key-store", Kind::Text),
+    ("server.ssl.key-store-type", Kind::Text),
+    ("server.ssl.key-store-password", Kind::Text),
+    ("server.ssl.key-alias", Kind::Text),
+    ("server.ssl.key-password", Kind::Text),
     ("axoniq.axonserver.heartbeat.enabled", Kind::Bool),
     ("axoniq.axonserver.client-heartbeat-frequency", Kind::Millis),
     ("axoniq.axonserver.client-heartbeat-timeout", Kind::Millis),
@@ -226,7 +236,7 @@ pub struct AccessControl {
     pub token_dir: Option<PathBuf>,
 }
 
-/// TLS settings for the gRPC ports: accepted now, used by the router later.
+/// TLS settings for the gRPC ports (Axon's `axoniq.axonserver.ssl.*`); checked by `tls::check`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ssl {
     pub enabled: bool,
@@ -235,6 +245,18 @@ pub struct Ssl {
     pub internal_cert_chain_file: Option<PathBuf>,
     pub internal_private_key_file: Option<PathBuf>,
     pub internal_trust_manager_file: Option<PathBuf>,
+}
+
+/// TLS for the HTTP port, as Spring configures it (`server.ssl.*`); checked by `tls::check`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HttpSsl {
+    /// `server.ssl.enabled`; unset means on when a certificate or keystore is named (Spring's
+    /// rule).
+    pub enabled: Option<bool>,
+    pub certificate: Option<PathBuf>,
+    pub certificate_private_key: Option<PathBuf>,
+    /// `server.ssl.key-store`: not supported, only remembered to be refused.
+    pub key_store: Option<String>,
 }
 
 /// A node's configuration. Paths are absolute.
@@ -281,6 +303,7 @@ pub struct Config {
     pub backup_log_hold_minutes: u64,
     pub access_control: AccessControl,
     pub ssl: Ssl,
+    pub http_ssl: HttpSsl,
     pub heartbeat: Heartbeat,
     /// Threads of the router's and the eventstore's task runtimes (`myelin.router.worker-threads`,
     /// `myelin.eventstore.worker-threads`); `None` leaves each process's default (half the CPUs,
@@ -751,6 +774,12 @@ impl Config {
                 internal_cert_chain_file: settings.path("axoniq.axonserver.ssl.internal-cert-chain-file", cwd),
                 internal_private_key_file: settings.path("axoniq.axonserver.ssl.internal-private-key-file", cwd),
                 internal_trust_manager_file: settings.path("axoniq.axonserver.ssl.internal-trust-manager-file", cwd),
+            },
+            http_ssl: HttpSsl {
+                enabled: settings.parse("server.ssl.enabled", parse_bool)?,
+                certificate: settings.path("server.ssl.certificate", cwd),
+                certificate_private_key: settings.path("server.ssl.certificate-private-key", cwd),
+                key_store: settings.text("server.ssl.key-store"),
             },
         })
     }

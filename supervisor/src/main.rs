@@ -17,6 +17,7 @@ mod logging;
 mod restart;
 mod sleeper;
 mod supervise;
+mod tls;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -208,7 +209,19 @@ fn supervisor_main(args: RunArgs) -> ExitCode {
         warn!("{warning}");
     }
     let config = loaded.config;
-    let launches = match child::launches(&config, mode) {
+    // Before any child starts: a TLS setting that cannot be honoured stops the node here.
+    let mut warnings = Vec::new();
+    let tls = match tls::check(&config, &mut warnings) {
+        Ok(tls) => tls,
+        Err(e) => {
+            error!("cannot serve TLS as configured: {e}");
+            return usage_error;
+        }
+    };
+    for warning in &warnings {
+        warn!("{warning}");
+    }
+    let launches = match child::launches(&config, &tls, mode) {
         Ok(launches) => launches,
         Err(e) => {
             error!("{e:#}");

@@ -90,6 +90,9 @@ pub async fn run(config: Config, launches: Vec<Launch>) -> anyhow::Result<Outcom
         let (pid_tx, pid_rx) = watch::channel(None);
         let probe = Probe::new(&launch.socket, HEALTH_TIMEOUT)?;
         let role = launch.role;
+        if launch.reloads_on_hangup {
+            signals.hangup_to.push((role, pid_rx.clone()));
+        }
         let task = tokio::spawn(keep_running(
             launch,
             exe.clone(),
@@ -519,12 +522,15 @@ async fn shutdown(children: Vec<Supervised>, signals: &mut Signals) {
     info!("all children stopped in {}", humanize(since.elapsed()));
 }
 
-/// The supervisor's signals. SIGHUP would otherwise end the process; it is reserved for a
-/// configuration reload later.
+/// The supervisor's signals. SIGHUP asks for a reload of the TLS certificates: it is forwarded
+/// to the children that serve TLS (each reloads its own, keeping the old one if the new files
+/// cannot be used); nothing else in the configuration is reloaded.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    /// The children SIGHUP is forwarded to, with their current pid.
+    hangup_to: Vec<(Role, watch::Receiver<Option<u32>>)>,
 }
 
 impl Signals {
@@ -533,6 +539,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            hangup_to: Vec::new(),
         })
     }
 
@@ -542,9 +549,31 @@ impl Signals {
             tokio::select! {
                 _ = self.term.recv() => return "SIGTERM",
                 _ = self.int.recv() => return "SIGINT",
-                _ = self.hup.recv() => {
-                    warn!("received SIGHUP: configuration reload is not supported yet; ignored");
+                _ = self.hup.recv() => self.forward_hangup(),
+            }
+        }
+    }
+
+    fn forward_hangup(&self) {
+        if self.hangup_to.is_empty() {
+            warn!("received SIGHUP: no TLS is configured, and nothing else is reloaded; ignored");
+            return;
+        }
+        for (role, pid) in &self.hangup_to {
+            match *pid.borrow() {
+                Some(pid) => {
+                    info!(
+                        child = role.name(),
+                        "received SIGHUP: the child reloads its TLS certificate"
+                    );
+                    if let Ok(pid) = i32::try_from(pid)
+                        && let Err(e) = kill(Pid::from_raw(pid), Signal::SIGHUP)
+                    {
+                        warn!(child = role.name(), "cannot forward SIGHUP: {e}");
+                    }
                 }
+                // Not running: it loads the current files when it starts again.
+                None => info!(child = role.name(), "received SIGHUP while the child is not running"),
             }
         }
     }

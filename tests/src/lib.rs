@@ -9,6 +9,7 @@ pub mod command_apps;
 pub mod handlers;
 pub mod history;
 pub mod http;
+pub mod tls;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -60,6 +61,9 @@ pub struct Options {
     /// The internal port (default: a free one), for a test that must name it before the node
     /// starts (`autocluster.first`).
     pub internal_port: Option<u16>,
+    /// The CA (PEM) the node's client port certificate is signed by: set for a node serving
+    /// TLS, and the harness then connects over TLS, verifying against it.
+    pub tls_ca: Option<String>,
 }
 
 /// A running node. Dropping it kills every process of it.
@@ -123,11 +127,14 @@ impl Node {
 
     /// A connected channel to the client gRPC port, for any of the client services.
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url())
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect to node")
+        self.try_channel().await.expect("connect to node")
+    }
+
+    async fn try_channel(&self) -> Result<Channel, tonic::transport::Error> {
+        match &self.options.tls_ca {
+            Some(ca) => tls::channel(self.grpc_port, ca).await,
+            None => Channel::from_shared(self.url()).unwrap().connect().await,
+        }
     }
 
     /// Starts the processes and waits until clients are served.
@@ -194,7 +201,7 @@ impl Node {
     }
 
     async fn try_client(&self) -> Result<EventStoreClient<Channel>, tonic::transport::Error> {
-        let channel = Channel::from_shared(self.url()).unwrap().connect().await?;
+        let channel = self.try_channel().await?;
         Ok(EventStoreClient::new(channel).max_decoding_message_size(usize::MAX))
     }
 

@@ -54,6 +54,10 @@ pub struct NodeSettings {
     pub data_dir: Option<PathBuf>,
     /// Free bytes below which disk space is reported as WARN.
     pub disk_space_threshold: u64,
+    /// Whether the client gRPC port serves TLS.
+    pub grpc_tls: bool,
+    /// Whether this HTTP port serves TLS.
+    pub http_tls: bool,
 }
 
 /// What every handler can reach.

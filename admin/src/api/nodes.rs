@@ -46,7 +46,10 @@ pub struct Me {
     pub grpc_internal_port: u16,
     pub authentication: bool,
     pub clustered: bool,
+    /// Whether the client gRPC port serves TLS (`axoniq.axonserver.ssl.enabled`), as in Axon.
     pub ssl: bool,
+    /// Whether the HTTP port serves TLS (`server.ssl.*`); Myelin's own.
+    pub http_ssl: bool,
     pub admin_node: bool,
     pub development_mode: bool,
     /// Every context this node serves, `_admin` included.
@@ -125,7 +128,8 @@ pub async fn me(State(state): State<AppState>) -> Result<Json<Me>, ApiError> {
         grpc_internal_port: node.internal_port,
         authentication: false,
         clustered,
-        ssl: false,
+        ssl: node.grpc_tls,
+        http_ssl: node.http_tls,
         admin_node: true,
         development_mode: false,
         context_names,
