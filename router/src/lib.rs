@@ -244,10 +244,10 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         queries: queries.clone(),
     };
     let _pinging = peers.keep_pinging();
-    let remote_handlers = std::sync::Arc::new(command::remote::RemoteHandlers::new(
-        peers.clone(),
-        commands.dispatcher().clone(),
-    ));
+    let remote_handlers = std::sync::Arc::new(
+        command::remote::RemoteHandlers::new(peers.clone(), commands.dispatcher().clone())
+            .with_platform(platform.clients().clone(), platform.placement().clone()),
+    );
     let _remote_handlers = remote_handlers.start();
     let internal_listener = tokio::net::TcpListener::bind(args.internal_listen)
         .await

@@ -445,7 +445,8 @@ impl Peers {
         };
         if before + bytes > bounds.bytes_per_peer && before > 0 {
             return Err(not_delivered(format!(
-                "the link to {to_node} holds {before} bytes already (myelin.limits.peer-link-bytes)"
+                "the link to {to_node} holds {before} bytes already (at most {} on their way to one peer)",
+                bounds.bytes_per_peer
             )));
         }
         Ok(charge)

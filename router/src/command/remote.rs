@@ -1,5 +1,8 @@
 //! Command handlers connected to the other nodes of the cluster (issue 12).
 //!
+//! The set a node sends also says how many client applications it serves per context
+//! (`platform::placement` sends new clients to the node with the fewest).
+//!
 //! Every router tells every other one which command handlers are connected to it: the whole
 //! set, soon after each change (a burst of subscriptions goes as one set) and every
 //! [`PUBLISH_PERIOD`] in any case. A receiver replaces what it knew of the sender's handlers, so a
@@ -149,6 +152,8 @@ pub struct RemoteHandlers {
     epoch: u64,
     version: AtomicU64,
     nodes: Mutex<HashMap<String, NodeHandlers>>,
+    /// The clients connected here, and where the others' counts go (absent in unit tests).
+    platform: Option<(Arc<crate::platform::Clients>, Arc<crate::platform::Placement>)>,
 }
 
 impl RemoteHandlers {
@@ -162,7 +167,19 @@ impl RemoteHandlers {
             epoch,
             version: AtomicU64::new(0),
             nodes: Mutex::new(HashMap::new()),
+            platform: None,
         }
+    }
+
+    /// Sends the count of this node's clients with its handlers, and hands the other nodes'
+    /// counts to `placement`.
+    pub fn with_platform(
+        mut self,
+        clients: Arc<crate::platform::Clients>,
+        placement: Arc<crate::platform::Placement>,
+    ) -> RemoteHandlers {
+        self.platform = Some((clients, placement));
+        self
     }
 
     /// Sends this node's handlers to the others and drops the handlers of nodes found down,
@@ -189,11 +206,19 @@ impl RemoteHandlers {
                 load_factor: r.load_factor,
             })
             .collect();
+        let clients = self.platform.as_ref().map_or_else(HashMap::new, |(clients, _)| {
+            clients
+                .count_per_context()
+                .into_iter()
+                .map(|(context, n)| (context, u32::try_from(n).unwrap_or(u32::MAX)))
+                .collect()
+        });
         CommandHandlerSet {
             from_node: self.peers.node_name().to_owned(),
             epoch: self.epoch,
             version: self.version.fetch_add(1, Ordering::Relaxed) + 1,
             handlers,
+            clients,
         }
     }
 
@@ -253,6 +278,9 @@ impl RemoteHandlers {
 
     /// Takes `node`'s handlers off this node's rings; the commands they held fail.
     fn drop_node(&self, node: &str, why: &str) {
+        if let Some((_, placement)) = &self.platform {
+            placement.forget_clients(node);
+        }
         let mut nodes = self.nodes.lock().unwrap();
         let Some(gone) = nodes.remove(node) else { return };
         if !gone.links.is_empty() {
@@ -278,6 +306,7 @@ impl RemoteHandlers {
             subscriptions: HashSet::new(),
         });
         if (set.epoch, set.version) <= (known.epoch, known.version) {
+            // (An older set's client counts are older too.)
             if set.epoch == known.epoch {
                 known.heard = Instant::now();
             }
@@ -330,6 +359,9 @@ impl RemoteHandlers {
             let link: Arc<dyn HandlerLink> = links[&(context.clone(), *handler)].clone();
             registry.subscribe(context, command, link, *load_factor);
         }
+        if let Some((_, placement)) = &self.platform {
+            placement.set_clients(&set.from_node, set.clients);
+        }
         known.epoch = set.epoch;
         known.version = set.version;
         known.heard = Instant::now();
@@ -373,6 +405,7 @@ fn check(set: &CommandHandlerSet, me: &str) -> Result<(), Status> {
             .iter()
             .any(|t| t.len() > MAX_NAME)
     });
+    let too_long = too_long || set.clients.len() > MAX_ENTRIES || set.clients.keys().any(|c| c.len() > MAX_NAME);
     if too_long || set.from_node.len() > MAX_NAME {
         return Err(Status::invalid_argument(format!(
             "a command handler set with a name longer than {MAX_NAME} bytes"
@@ -408,6 +441,7 @@ mod tests {
             epoch,
             version,
             handlers,
+            clients: HashMap::new(),
         }
     }
 

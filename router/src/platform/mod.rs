@@ -1,7 +1,8 @@
 //! `PlatformService`: tells clients which node to use, and keeps their control stream.
 //!
-//! - `GetPlatformServer` answers with this node and `same_connection` when this node stores the
-//!   client's context (or no other node does), else with a node that stores it ([`placement`]).
+//! - `GetPlatformServer` answers with the node that stores the client's context and serves the
+//!   fewest of its clients, this node (`same_connection`) on a tie or when no other node stores
+//!   it ([`placement`]).
 //! - `OpenStream` is a client application's control channel ([`stream`]): it registers the
 //!   client in the context's list of connected applications ([`clients`]), exchanges heartbeats,
 //!   keeps the client's event-processor reports and acknowledges instructions.
@@ -121,9 +122,20 @@ impl PlatformService for Platform {
     ) -> Result<Response<PlatformInfo>, Status> {
         let context = client_context(&request)?;
         let client = request.into_inner();
-        let elsewhere = self
-            .placement
-            .server_for(&context, &client.client_id, |node| self.peers.is_connected(node));
+        let here = self
+            .shared
+            .clients
+            .count_per_context()
+            .get(&context)
+            .copied()
+            .unwrap_or(0);
+        let elsewhere = self.placement.server_for(
+            &context,
+            &client.client_id,
+            |node| self.peers.is_connected(node),
+            here,
+            |client_id| !self.shared.clients.outboxes(&context, client_id).is_empty(),
+        );
         tracing::debug!(
             client_id = %client.client_id,
             component = %client.component_name,

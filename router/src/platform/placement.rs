@@ -1,18 +1,27 @@
-//! Which nodes store each context, as admin last told the router (`PeerDirectory.SetPeers`):
-//! what `GetPlatformServer` answers a client with.
+//! Which nodes store each context, as admin last told the router (`PeerDirectory.SetPeers`),
+//! and how many clients each serves: what `GetPlatformServer` answers a client with.
 //!
-//! A client asks any node which server to use for its context. This node answers with itself
-//! when it stores the context, or when no other node is known to (a standalone node, or a
-//! directory not pushed yet): the client keeps its connection. Otherwise it names a node that
-//! stores the context, preferring nodes whose peer link is up, and always the same one for the
-//! same client id while the choice stays the same, so that the clients of a context spread over
-//! its nodes and a reconnecting client lands where it was.
+//! A client asks any node which server to use for its context. The answer is the node, among
+//! those that store the context (this one included) and whose peer link is up, that serves the
+//! fewest client applications of that context, as Axon Server chooses: so the clients of a
+//! context spread over its nodes (issue 12). This node answers with itself (the client keeps its
+//! connection) when it is that node, on a tie, or when no other node is known to store the
+//! context (a standalone node, or a directory not pushed yet).
+//!
+//! The other nodes' counts come with their handler sets (`command::remote`, every 2 s). A burst
+//! of clients asking before the next counts arrive must not all go to the same node, so each
+//! answer also counts for [`ASSIGNED_FOR`] against the node it named.
 
-use std::collections::BTreeSet;
-use std::sync::RwLock;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use myelin_proto::axon::control::NodeInfo;
 use myelin_proto::internal::PeerAddress;
+
+/// How long a client sent to a node counts against it before that node's own count (which
+/// then includes the client) has come back: longer than the counts' period.
+const ASSIGNED_FOR: Duration = Duration::from_secs(5);
 
 /// Another node of the cluster, as clients reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,8 +37,48 @@ struct Known {
 }
 
 #[derive(Debug, Default)]
+struct Loads {
+    /// node -> context -> client applications it reported.
+    reported: HashMap<String, HashMap<String, u32>>,
+    /// Clients sent to a node (this one: `""`) lately: when, for which context, which client.
+    assigned: HashMap<String, VecDeque<(Instant, String, String)>>,
+}
+
+impl Loads {
+    /// The clients `node` serves, counting those sent to it lately; `registered` says whether
+    /// a client has registered here (then this node's own count has it already).
+    fn load(&self, node: &str, context: &str, now: Instant, registered: &dyn Fn(&str) -> bool) -> usize {
+        let reported = self
+            .reported
+            .get(node)
+            .and_then(|c| c.get(context))
+            .map_or(0, |n| *n as usize);
+        let assigned = self.assigned.get(node).map_or(0, |a| {
+            a.iter()
+                .filter(|(at, c, client)| {
+                    c == context && now.duration_since(*at) < ASSIGNED_FOR && !(node.is_empty() && registered(client))
+                })
+                .count()
+        });
+        reported + assigned
+    }
+
+    fn assign(&mut self, node: &str, context: &str, client_id: &str, now: Instant) {
+        let assigned = self.assigned.entry(node.to_owned()).or_default();
+        while assigned
+            .front()
+            .is_some_and(|(at, _, _)| now.duration_since(*at) >= ASSIGNED_FOR)
+        {
+            assigned.pop_front();
+        }
+        assigned.push_back((now, context.to_owned(), client_id.to_owned()));
+    }
+}
+
+#[derive(Debug, Default)]
 pub struct Placement {
     known: RwLock<Known>,
+    loads: Mutex<Loads>,
 }
 
 impl Placement {
@@ -55,25 +104,74 @@ impl Placement {
         };
     }
 
+    /// The client applications another node serves, by context, as it last said.
+    pub fn set_clients(&self, node: &str, clients: HashMap<String, u32>) {
+        let mut loads = self.loads.lock().expect("placement loads");
+        loads.reported.insert(node.to_owned(), clients);
+        // Its count now includes the clients sent to it before it counted.
+        loads.assigned.remove(node);
+    }
+
+    /// Forgets what a node that left (or went quiet) said.
+    pub fn forget_clients(&self, node: &str) {
+        let mut loads = self.loads.lock().expect("placement loads");
+        loads.reported.remove(node);
+        loads.assigned.remove(node);
+    }
+
     /// The node a client of `context` should use, or `None` for this node. `connected` says
-    /// whether this node's link to a node (by name) is up.
-    pub fn server_for(&self, context: &str, client_id: &str, connected: impl Fn(&str) -> bool) -> Option<NodeInfo> {
+    /// whether this node's link to a node (by name) is up; `here` is how many client
+    /// applications of `context` this node serves, and `registered` whether a client (by id)
+    /// is one of them.
+    pub fn server_for(
+        &self,
+        context: &str,
+        client_id: &str,
+        connected: impl Fn(&str) -> bool,
+        here: usize,
+        registered: impl Fn(&str) -> bool,
+    ) -> Option<NodeInfo> {
         let known = self.known.read().expect("placement");
-        if known.local.contains(context) {
-            return None;
-        }
+        let stored_here = known.local.contains(context);
         let storing: Vec<&Server> = known.others.iter().filter(|s| s.contexts.contains(context)).collect();
         let reachable: Vec<&Server> = storing
             .iter()
             .copied()
             .filter(|s| connected(&s.info.node_name))
             .collect();
-        let choices = if reachable.is_empty() { storing } else { reachable };
-        if choices.is_empty() {
+        let others = if reachable.is_empty() && !stored_here {
+            storing
+        } else {
+            reachable
+        };
+        if others.is_empty() {
             return None;
         }
-        let pick = fnv1a(client_id.as_bytes()) % choices.len() as u64;
-        Some(choices[pick as usize].info.clone())
+        let now = Instant::now();
+        let mut loads = self.loads.lock().expect("placement loads");
+        // (load, not this node, tie-break by client), the smallest wins: on a tie this node,
+        // else the same node for the same client.
+        let mut best: Option<(usize, bool, u64, Option<&Server>)> =
+            stored_here.then(|| (here + loads.load("", context, now, &registered), false, 0, None));
+        for server in others {
+            let name = &server.info.node_name;
+            let candidate = (
+                loads.load(name, context, now, &registered),
+                true,
+                fnv1a(format!("{client_id}@{name}").as_bytes()),
+                Some(server),
+            );
+            if best
+                .as_ref()
+                .is_none_or(|b| (candidate.0, candidate.1, candidate.2) < (b.0, b.1, b.2))
+            {
+                best = Some(candidate);
+            }
+        }
+        let chosen = best.and_then(|(_, _, _, server)| server);
+        let name = chosen.map_or("", |s| s.info.node_name.as_str());
+        loads.assign(name, context, client_id, now);
+        chosen.map(|s| s.info.clone())
     }
 }
 
@@ -101,16 +199,16 @@ mod tests {
     }
 
     #[test]
-    fn a_node_that_stores_the_context_or_knows_no_other_keeps_the_client() {
+    fn a_node_that_knows_no_other_storing_node_keeps_the_client() {
         let placement = Placement::default();
         assert_eq!(
-            placement.server_for("default", "c1", |_| true),
+            placement.server_for("default", "c1", |_| true, 0, |_| false),
             None,
             "nothing known yet"
         );
-        placement.set(&["default".into()], &[peer("n2", 9000, &["default", "orders"])]);
-        assert_eq!(placement.server_for("default", "c1", |_| true), None);
-        assert_eq!(placement.server_for("unknown", "c1", |_| true), None);
+        placement.set(&["default".into()], &[peer("n2", 9000, &["orders"])]);
+        assert_eq!(placement.server_for("default", "c1", |_| true, 5, |_| false), None);
+        assert_eq!(placement.server_for("unknown", "c1", |_| true, 0, |_| false), None);
     }
 
     #[test]
@@ -126,24 +224,57 @@ mod tests {
         );
         let mut seen = BTreeSet::new();
         for client in 0..40 {
-            let id = format!("client-{client}");
-            let server = placement.server_for("orders", &id, |_| true).unwrap();
+            let server = placement
+                .server_for("orders", &format!("client-{client}"), |_| true, 0, |_| false)
+                .unwrap();
             assert!(["n2", "n3"].contains(&server.node_name.as_str()), "{server:?}");
             assert_eq!(server.host_name, format!("{}.example", server.node_name));
-            // The same client, the same answer.
-            assert_eq!(placement.server_for("orders", &id, |_| true), Some(server.clone()));
             seen.insert(server.node_name);
         }
         assert_eq!(seen.len(), 2, "clients spread over both nodes");
         // A node whose link is down is not chosen while another is up.
         for client in 0..10 {
             let server = placement
-                .server_for("orders", &format!("c{client}"), |n| n != "n2")
+                .server_for("orders", &format!("c{client}"), |n| n != "n2", 0, |_| false)
                 .unwrap();
             assert_eq!(server.node_name, "n3");
         }
         // With every link down, still a node that stores it (better than one that does not).
-        let server = placement.server_for("orders", "c", |_| false).unwrap();
+        let server = placement.server_for("orders", "c", |_| false, 0, |_| false).unwrap();
         assert!(["n2", "n3"].contains(&server.node_name.as_str()));
+    }
+
+    #[test]
+    fn clients_go_to_the_node_with_the_fewest_and_a_burst_spreads_evenly() {
+        let placement = Placement::default();
+        placement.set(
+            &["default".into()],
+            &[peer("n2", 9000, &["default"]), peer("n3", 9100, &["default"])],
+        );
+        // Equal: this node keeps the client.
+        assert_eq!(placement.server_for("default", "c0", |_| true, 0, |_| false), None);
+        // n2 and n3 say they serve 10 and 4; this node serves 7 (and was just given c0).
+        placement.set_clients("n2", HashMap::from([("default".to_owned(), 10)]));
+        placement.set_clients("n3", HashMap::from([("default".to_owned(), 4)]));
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for client in 0..30 {
+            let to = placement
+                .server_for("default", &format!("c{client}"), |_| true, 7, |_| false)
+                .map_or("n1".to_owned(), |s| s.node_name);
+            *counts.entry(to).or_default() += 1;
+        }
+        // Filled up from the bottom: 4+x = 8+y = 10+z with x+y+z = 30 (this node had 7 + c0).
+        let total = |n: &str, start: usize| start + counts.get(n).copied().unwrap_or(0);
+        let (n1, n2, n3) = (total("n1", 8), total("n2", 10), total("n3", 4));
+        assert!(
+            n1.abs_diff(n2) <= 1 && n2.abs_diff(n3) <= 1 && n1.abs_diff(n3) <= 1,
+            "{counts:?}"
+        );
+        // A node gone from the cluster no longer counts; unreachable ones are not chosen.
+        placement.forget_clients("n2");
+        let server = placement
+            .server_for("default", "late", |n| n != "n3", 1_000, |_| false)
+            .unwrap();
+        assert_eq!(server.node_name, "n2");
     }
 }
