@@ -221,25 +221,18 @@ impl Peers {
 
     /// Whether the link to `node` is up (its last ping was answered).
     pub fn is_connected(&self, node: &str) -> bool {
-        self.inner
-            .links
-            .read()
-            .expect("peer links")
-            .get(node)
+        self.link(node)
             .is_some_and(|link| link.connected.load(Ordering::Relaxed))
+    }
+
+    fn link(&self, node: &str) -> Option<Arc<Link>> {
+        self.inner.links.read().expect("peer links").get(node).cloned()
     }
 
     /// Sends a message to the node it names and returns that node's answer; what cannot be
     /// sent now is answered as not delivered at once.
     pub async fn send(&self, mut message: RaftMessage) -> RaftAnswer {
-        let Some(link) = self
-            .inner
-            .links
-            .read()
-            .expect("peer links")
-            .get(&message.to_node)
-            .cloned()
-        else {
+        let Some(link) = self.link(&message.to_node) else {
             return not_delivered(format!(
                 "node {:?} is not a known peer of {}",
                 message.to_node, self.inner.node_name
@@ -253,11 +246,7 @@ impl Peers {
         };
         message.from_node.clone_from(&self.inner.node_name);
         let mut request = Request::new(message);
-        if let Some(token) = &self.inner.token
-            && let Ok(value) = token.parse()
-        {
-            request.metadata_mut().insert(INTERNAL_TOKEN_KEY, value);
-        }
+        authorize(self.inner.token.as_deref(), &mut request);
         match link.client.clone().raft(request).await {
             Ok(answer) => {
                 link.connected.store(true, Ordering::Relaxed);
@@ -295,11 +284,7 @@ impl Peers {
             async move {
                 let mut request = Request::new(PingRequest {});
                 request.set_timeout(PING_TIMEOUT);
-                if let Some(token) = &token
-                    && let Ok(value) = token.parse()
-                {
-                    request.metadata_mut().insert(INTERNAL_TOKEN_KEY, value);
-                }
+                authorize(token.as_deref(), &mut request);
                 let up = link.client.clone().ping(request).await.is_ok();
                 link.connected.store(up, Ordering::Relaxed);
                 if link.ping_up.swap(up, Ordering::Relaxed) && !up {
@@ -326,16 +311,9 @@ impl Peers {
     /// admin's answer; the remote's error status comes back as it was given.
     pub async fn call_admin(&self, mut call: AdminCall) -> Result<AdminAnswer, Status> {
         let link = match &call.target {
-            Some(Target::Node(node)) => self
-                .inner
-                .links
-                .read()
-                .expect("peer links")
-                .get(node)
-                .cloned()
-                .ok_or_else(|| {
-                    Status::unavailable(format!("node {node:?} is not a known peer of {}", self.inner.node_name))
-                })?,
+            Some(Target::Node(node)) => self.link(node).ok_or_else(|| {
+                Status::unavailable(format!("node {node:?} is not a known peer of {}", self.inner.node_name))
+            })?,
             Some(Target::Address(address)) => Arc::new(open_link(address)?),
             None => return Err(Status::invalid_argument("an admin call names no node")),
         };
@@ -351,11 +329,7 @@ impl Peers {
         call.from_node.clone_from(&self.inner.node_name);
         let mut request = Request::new(call);
         request.set_timeout(ADMIN_CALL_TIMEOUT);
-        if let Some(token) = &self.inner.token
-            && let Ok(value) = token.parse()
-        {
-            request.metadata_mut().insert(INTERNAL_TOKEN_KEY, value);
-        }
+        authorize(self.inner.token.as_deref(), &mut request);
         match link.client.clone().admin(request).await {
             Ok(answer) => Ok(answer.into_inner()),
             Err(status) if never_connected(&status) => Err(Status::unavailable(format!(
@@ -371,12 +345,7 @@ impl Peers {
     /// once or not at all: a full link refuses, it never queues.
     pub fn command_call(&self, node: &str, bytes: u64) -> Result<CommandCall, String> {
         let link = self
-            .inner
-            .links
-            .read()
-            .expect("peer links")
-            .get(node)
-            .cloned()
+            .link(node)
             .ok_or_else(|| format!("node {node:?} is not a known peer of {}", self.inner.node_name))?;
         let lane = Some((COMMANDS.to_owned(), self.inner.bounds.requests_per_group));
         let charge = self
@@ -393,12 +362,7 @@ impl Peers {
     /// Sends this node's command handlers to `node`.
     pub async fn send_handlers(&self, node: &str, set: CommandHandlerSet) -> Result<(), Status> {
         let link = self
-            .inner
-            .links
-            .read()
-            .expect("peer links")
-            .get(node)
-            .cloned()
+            .link(node)
             .ok_or_else(|| Status::unavailable(format!("node {node:?} is not a known peer")))?;
         let bytes = set.encoded_len() as u64;
         let _charge = self
@@ -406,16 +370,8 @@ impl Peers {
             .map_err(|answer| Status::resource_exhausted(format!("{:?}", answer.outcome)))?;
         let mut request = Request::new(set);
         request.set_timeout(HANDLER_SET_TIMEOUT);
-        self.authorize(&mut request);
+        authorize(self.inner.token.as_deref(), &mut request);
         link.client.clone().command_handlers(request).await.map(|_| ())
-    }
-
-    fn authorize<T>(&self, request: &mut Request<T>) {
-        if let Some(token) = &self.inner.token
-            && let Ok(value) = token.parse()
-        {
-            request.metadata_mut().insert(INTERNAL_TOKEN_KEY, value);
-        }
     }
 
     fn charge(
@@ -453,6 +409,15 @@ impl Peers {
     }
 }
 
+/// Adds the cluster's internal token, if there is one, to a call to another node.
+fn authorize<T>(token: Option<&str>, request: &mut Request<T>) {
+    if let Some(token) = token
+        && let Ok(value) = token.parse()
+    {
+        request.metadata_mut().insert(INTERNAL_TOKEN_KEY, value);
+    }
+}
+
 /// Whether a failed call never had a connection to go out on: tonic reports a failed connect as
 /// UNAVAILABLE carrying the connector's error, which we recognise by its text.
 fn never_connected(status: &Status) -> bool {
@@ -486,11 +451,7 @@ impl CommandCall {
         command.from_node.clone_from(&self.from_node);
         let mut request = Request::new(command);
         request.set_timeout(timeout);
-        if let Some(token) = &self.token
-            && let Ok(value) = token.parse()
-        {
-            request.metadata_mut().insert(INTERNAL_TOKEN_KEY, value);
-        }
+        authorize(self.token.as_deref(), &mut request);
         self.link.client.clone().command(request).await.map(|r| r.into_inner())
     }
 }
