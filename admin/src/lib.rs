@@ -425,12 +425,11 @@ fn http_tls(args: &Args) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
     let (Some(cert_path), Some(key_path)) = (&args.tls_cert_file, &args.tls_key_file) else {
         return Ok(None);
     };
-    let cert = myelin_tls::ReloadingCert::load(myelin_tls::CertFiles {
+    let files = myelin_tls::CertFiles {
         cert_key: "server.ssl.certificate".to_owned(),
         cert_path: cert_path.clone(),
         key_key: "server.ssl.certificate-private-key".to_owned(),
         key_path: key_path.clone(),
-    })?;
-    myelin_tls::keep_current(vec![cert.clone()])?;
-    Ok(Some(myelin_tls::server_config(cert, myelin_tls::ALPN_HTTP)))
+    };
+    Ok(Some(myelin_tls::reloading_server_config(files, myelin_tls::ALPN_HTTP)?))
 }

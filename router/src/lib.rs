@@ -395,12 +395,11 @@ fn client_tls(args: &Args) -> anyhow::Result<Option<std::sync::Arc<rustls::Serve
     let (Some(cert_path), Some(key_path)) = (&args.tls_cert_chain_file, &args.tls_private_key_file) else {
         return Ok(None);
     };
-    let cert = myelin_tls::ReloadingCert::load(myelin_tls::CertFiles {
+    let files = myelin_tls::CertFiles {
         cert_key: "axoniq.axonserver.ssl.cert-chain-file".to_owned(),
         cert_path: cert_path.clone(),
         key_key: "axoniq.axonserver.ssl.private-key-file".to_owned(),
         key_path: key_path.clone(),
-    })?;
-    myelin_tls::keep_current(vec![cert.clone()])?;
-    Ok(Some(myelin_tls::server_config(cert, myelin_tls::ALPN_GRPC)))
+    };
+    Ok(Some(myelin_tls::reloading_server_config(files, myelin_tls::ALPN_GRPC)?))
 }

@@ -51,3 +51,12 @@ pub enum TlsError {
         not_before: String,
     },
 }
+
+/// Why a port cannot serve TLS: its certificate, or the watch that keeps it current.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Certificate(#[from] TlsError),
+    #[error("cannot watch for SIGHUP to reload the certificate: {0}")]
+    Signals(#[from] std::io::Error),
+}

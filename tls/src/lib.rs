@@ -20,7 +20,7 @@ mod incoming;
 mod reload;
 mod validity;
 
-pub use error::TlsError;
+pub use error::{ServeError, TlsError};
 pub use files::{CertFiles, load_roots};
 pub use incoming::{TlsConnection, incoming};
 pub use reload::{ReloadingCert, keep_current};
@@ -44,4 +44,16 @@ pub fn server_config(cert: std::sync::Arc<ReloadingCert>, alpn: &[&[u8]]) -> std
         .with_cert_resolver(cert);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     std::sync::Arc::new(config)
+}
+
+/// The server configuration of a port that serves the certificate in `files`, offering `alpn`:
+/// loaded and checked now (a file that cannot be used fails here, before the port serves), and
+/// kept current from then on (SIGHUP, or a change of the files).
+pub fn reloading_server_config(
+    files: CertFiles,
+    alpn: &[&[u8]],
+) -> Result<std::sync::Arc<rustls::ServerConfig>, ServeError> {
+    let cert = ReloadingCert::load(files)?;
+    keep_current(vec![cert.clone()])?;
+    Ok(server_config(cert, alpn))
 }
