@@ -244,9 +244,11 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         queries: queries.clone(),
     };
     let _pinging = peers.keep_pinging();
+    let remote_queries = std::sync::Arc::new(query::remote::RemoteQueries::new(queries.clone(), peers.clone()));
     let remote_handlers = std::sync::Arc::new(
         command::remote::RemoteHandlers::new(peers.clone(), commands.dispatcher().clone())
-            .with_platform(platform.clients().clone(), platform.placement().clone()),
+            .with_platform(platform.clients().clone(), platform.placement().clone())
+            .with_queries(remote_queries.clone()),
     );
     let _remote_handlers = remote_handlers.start();
     let internal_listener = tokio::net::TcpListener::bind(args.internal_listen)
@@ -288,6 +290,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         admin: args.admin_socket.as_deref().map(peers::inbox).transpose()?,
         admin_calls: args.admin_socket.as_deref().map(peers::admin_inbox).transpose()?,
         commands: remote_handlers,
+        queries: remote_queries,
         last_refusal_logged: std::sync::atomic::AtomicU64::new(0),
     };
     let mut stop_internal = stop_rx.clone();

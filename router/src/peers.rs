@@ -35,8 +35,9 @@ use myelin_proto::internal::peer_link_server::PeerLink;
 use myelin_proto::internal::raft_inbox_client::RaftInboxClient;
 use myelin_proto::internal::raft_relay_server::RaftRelay;
 use myelin_proto::internal::{
-    AdminAnswer, AdminCall, CommandHandlerSet, CommandHandlerSetAck, ListPeersRequest, ListPeersResponse, PeerCommand,
-    PeerStatus, PingAnswer, PingRequest, RaftAnswer, RaftMessage, RaftRpc, SetPeersRequest, SetPeersResponse,
+    AdminAnswer, AdminCall, HandlerSet, HandlerSetAck, ListPeersRequest, ListPeersResponse, PeerCommand, PeerQueryIn,
+    PeerQueryOut, PeerStatus, PingAnswer, PingRequest, RaftAnswer, RaftMessage, RaftRpc, SetPeersRequest,
+    SetPeersResponse,
 };
 use myelin_raft_relay::{lost, not_delivered};
 use prost::Message as _;
@@ -58,6 +59,8 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// The name commands routed to handlers on a peer are counted under in a link's bounds.
 pub const COMMANDS: &str = "_commands";
+/// The name conversations with query handlers on a peer are counted under in a link's bounds.
+pub const QUERIES: &str = "_queries";
 /// How long a peer may take to take a handler set.
 const HANDLER_SET_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -359,8 +362,27 @@ impl Peers {
         })
     }
 
-    /// Sends this node's command handlers to `node`.
-    pub async fn send_handlers(&self, node: &str, set: CommandHandlerSet) -> Result<(), Status> {
+    /// Takes room on the link to `node` for a conversation with a query handler there (counted
+    /// as [`QUERIES`], its first message's `bytes`), at once or not at all; the room is held
+    /// until the conversation ends.
+    pub fn query_relay(&self, node: &str, bytes: u64) -> Result<RelayCall, String> {
+        let link = self
+            .link(node)
+            .ok_or_else(|| format!("node {node:?} is not a known peer of {}", self.inner.node_name))?;
+        let lane = Some((QUERIES.to_owned(), self.inner.bounds.requests_per_group));
+        let charge = self
+            .charge(&link, lane, node, bytes)
+            .map_err(|answer| format!("{:?}", answer.outcome))?;
+        Ok(RelayCall {
+            link,
+            charge,
+            from_node: self.inner.node_name.clone(),
+            token: self.inner.token.clone(),
+        })
+    }
+
+    /// Sends this node's command and query handlers to `node`.
+    pub async fn send_handlers(&self, node: &str, set: HandlerSet) -> Result<(), Status> {
         let link = self
             .link(node)
             .ok_or_else(|| Status::unavailable(format!("node {node:?} is not a known peer")))?;
@@ -371,7 +393,7 @@ impl Peers {
         let mut request = Request::new(set);
         request.set_timeout(HANDLER_SET_TIMEOUT);
         authorize(self.inner.token.as_deref(), &mut request);
-        link.client.clone().command_handlers(request).await.map(|_| ())
+        link.client.clone().handlers(request).await.map(|_| ())
     }
 
     fn charge(
@@ -453,6 +475,47 @@ impl CommandCall {
         request.set_timeout(timeout);
         authorize(self.token.as_deref(), &mut request);
         self.link.client.clone().command(request).await.map(|r| r.into_inner())
+    }
+}
+
+/// Room taken on a link for one conversation with a query handler on the peer (see
+/// [`Peers::query_relay`]).
+pub struct RelayCall {
+    link: Arc<Link>,
+    charge: Charge,
+    from_node: String,
+    token: Option<String>,
+}
+
+impl RelayCall {
+    /// Opens the conversation with `first`, then what `rest` yields; returns the peer's answers,
+    /// which hold the room on the link until they are dropped.
+    pub async fn open(
+        self,
+        mut first: PeerQueryIn,
+        rest: impl futures::Stream<Item = PeerQueryIn> + Send + 'static,
+    ) -> Result<RelayAnswers, Status> {
+        use futures::StreamExt as _;
+        first.from_node.clone_from(&self.from_node);
+        let mut request = Request::new(futures::stream::once(std::future::ready(first)).chain(rest));
+        authorize(self.token.as_deref(), &mut request);
+        let answers = self.link.client.clone().query_relay(request).await?.into_inner();
+        Ok(RelayAnswers {
+            answers,
+            _charge: self.charge,
+        })
+    }
+}
+
+/// The answers of a conversation with a query handler on a peer.
+pub struct RelayAnswers {
+    answers: tonic::Streaming<PeerQueryOut>,
+    _charge: Charge,
+}
+
+impl RelayAnswers {
+    pub async fn message(&mut self) -> Result<Option<PeerQueryOut>, Status> {
+        self.answers.message().await
     }
 }
 
@@ -543,6 +606,8 @@ pub struct Inbound {
     pub admin_calls: Option<AdminInboxClient<Channel>>,
     /// Command handlers of the other nodes, and commands for the handlers connected here.
     pub commands: Arc<crate::command::remote::RemoteHandlers>,
+    /// Conversations of the other nodes with the query handlers connected here.
+    pub queries: Arc<crate::query::remote::RemoteQueries>,
     /// Unix second of the last refusal logged.
     pub last_refusal_logged: AtomicU64,
 }
@@ -620,19 +685,28 @@ impl PeerLink for Inbound {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(from = %request.get_ref().from_node))]
-    async fn command_handlers(
-        &self,
-        request: Request<CommandHandlerSet>,
-    ) -> Result<Response<CommandHandlerSetAck>, Status> {
+    async fn handlers(&self, request: Request<HandlerSet>) -> Result<Response<HandlerSetAck>, Status> {
         self.check_token(&request, &request.get_ref().from_node)?;
         self.commands.apply(request.into_inner())?;
-        Ok(Response::new(CommandHandlerSetAck {}))
+        Ok(Response::new(HandlerSetAck {}))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(from = %request.get_ref().from_node, context = %request.get_ref().context))]
     async fn command(&self, request: Request<PeerCommand>) -> Result<Response<CommandResponse>, Status> {
         self.check_token(&request, &request.get_ref().from_node)?;
         Ok(Response::new(self.commands.receive(request.into_inner()).await?))
+    }
+
+    type QueryRelayStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<PeerQueryOut, Status>> + Send>>;
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn query_relay(
+        &self,
+        request: Request<tonic::Streaming<PeerQueryIn>>,
+    ) -> Result<Response<Self::QueryRelayStream>, Status> {
+        self.check_token(&request, "")?;
+        let answers = self.queries.receive(request.into_inner()).await?;
+        Ok(Response::new(Box::pin(answers)))
     }
 }
 

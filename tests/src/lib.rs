@@ -9,6 +9,7 @@ pub mod command_apps;
 pub mod handlers;
 pub mod history;
 pub mod http;
+pub mod query_apps;
 pub mod tls;
 
 use std::net::TcpListener;

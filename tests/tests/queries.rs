@@ -3,234 +3,23 @@
 //! subscription queries, streaming queries (demand-driven permits, cancels, floods) and the
 //! TIMEOUT of queries that waited for permits.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use myelin_proto::axon::query::query_provider_inbound::Request as Inbound;
 use myelin_proto::axon::query::query_provider_outbound::Request as Outbound;
-use myelin_proto::axon::query::query_service_client::QueryServiceClient;
 use myelin_proto::axon::query::subscription_query_request::Request as SubRequest;
 use myelin_proto::axon::query::subscription_query_response::Response as SubResponse;
 use myelin_proto::axon::query::{
-    QueryComplete, QueryProviderInbound, QueryProviderOutbound, QueryRequest, QueryResponse, QuerySubscription,
-    QueryUpdate, QueryUpdateComplete, SubscriptionQuery, SubscriptionQueryRequest, SubscriptionQueryResponse,
+    QueryProviderOutbound, QueryRequest, QueryResponse, QuerySubscription, QueryUpdate, QueryUpdateComplete,
+    SubscriptionQueryRequest, SubscriptionQueryResponse,
 };
-use myelin_proto::axon::{
-    FlowControl, InstructionAck, MetaDataValue, ProcessingInstruction, ProcessingKey, SerializedObject, meta_data_value,
-};
+use myelin_proto::axon::{ProcessingKey, SerializedObject};
+use myelin_tests::query_apps::*;
 use myelin_tests::{Node, Options};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
-use tonic::transport::Channel;
-
-const WAIT: Duration = Duration::from_secs(10);
-
-/// A new connection, as a separate application would have.
-async fn client(node: &Node) -> QueryServiceClient<Channel> {
-    let channel = Channel::from_shared(node.url()).unwrap().connect().await.unwrap();
-    QueryServiceClient::new(channel)
-}
-
-fn payload(data: &[u8]) -> Option<SerializedObject> {
-    Some(SerializedObject {
-        r#type: "java.lang.String".into(),
-        revision: "1".into(),
-        data: bytes::Bytes::copy_from_slice(data),
-    })
-}
-
-fn query(id: &str, name: &str, timeout_ms: Option<i64>) -> QueryRequest {
-    let mut meta_data = HashMap::new();
-    meta_data.insert(
-        "trace".to_owned(),
-        MetaDataValue {
-            data: Some(meta_data_value::Data::TextValue(format!("trace-{id}"))),
-        },
-    );
-    QueryRequest {
-        message_identifier: id.into(),
-        query: name.into(),
-        payload: payload(id.as_bytes()),
-        meta_data,
-        processing_instructions: timeout_ms
-            .map(|ms| ProcessingInstruction {
-                key: ProcessingKey::Timeout as i32,
-                value: Some(MetaDataValue {
-                    data: Some(meta_data_value::Data::NumberValue(ms)),
-                }),
-            })
-            .into_iter()
-            .collect(),
-        client_id: "dispatcher".into(),
-        component_name: "dispatcher-app".into(),
-        ..Default::default()
-    }
-}
-
-/// A query handler application: its own connection and `OpenStream` call.
-struct Handler {
-    component: String,
-    tx: mpsc::Sender<QueryProviderOutbound>,
-    rx: Streaming<QueryProviderInbound>,
-    next_instruction: u32,
-}
-
-impl Handler {
-    async fn connect(node: &Node, component: &str, queries: &[&str], permits: i64) -> Handler {
-        let (tx, out) = mpsc::channel(64);
-        let rx = client(node)
-            .await
-            .open_stream(ReceiverStream::new(out))
-            .await
-            .unwrap()
-            .into_inner();
-        let mut handler = Handler {
-            component: component.into(),
-            tx,
-            rx,
-            next_instruction: 0,
-        };
-        for query in queries {
-            let ack = handler.subscribe(query).await;
-            assert!(ack.success, "{ack:?}");
-        }
-        if permits > 0 {
-            handler.grant(permits).await;
-        }
-        handler
-    }
-
-    async fn send(&self, request: Outbound, instruction_id: &str) {
-        self.tx
-            .send(QueryProviderOutbound {
-                request: Some(request),
-                instruction_id: instruction_id.into(),
-            })
-            .await
-            .unwrap();
-    }
-
-    /// Subscribes and waits for the node's ack.
-    async fn subscribe(&mut self, query: &str) -> InstructionAck {
-        self.subscribe_as(query, "java.lang.String").await
-    }
-
-    /// Subscribes, naming the result type the handler produces, and waits for the ack.
-    async fn subscribe_as(&mut self, query: &str, result_name: &str) -> InstructionAck {
-        self.next_instruction += 1;
-        let instruction = format!("{}-{}", self.component, self.next_instruction);
-        let subscription = QuerySubscription {
-            message_id: instruction.clone(),
-            query: query.into(),
-            result_name: result_name.into(),
-            component_name: self.component.clone(),
-            client_id: format!("{}-client", self.component),
-        };
-        self.send(Outbound::Subscribe(subscription), &instruction).await;
-        match self.next().await.request {
-            Some(Inbound::Ack(ack)) => {
-                assert_eq!(ack.instruction_id, instruction);
-                ack
-            }
-            other => panic!("expected an ack, got {other:?}"),
-        }
-    }
-
-    async fn grant(&self, permits: i64) {
-        let flow = FlowControl {
-            client_id: format!("{}-client", self.component),
-            permits,
-        };
-        self.send(Outbound::FlowControl(flow), "").await;
-    }
-
-    async fn next(&mut self) -> QueryProviderInbound {
-        tokio::time::timeout(WAIT, self.rx.message())
-            .await
-            .expect("handler waited too long")
-            .unwrap()
-            .expect("handler stream ended")
-    }
-
-    async fn next_query(&mut self) -> QueryRequest {
-        match self.next().await.request {
-            Some(Inbound::Query(query)) => query,
-            other => panic!("expected a query, got {other:?}"),
-        }
-    }
-
-    /// Nothing arrives within `within`.
-    async fn quiet(&mut self, within: Duration) {
-        if let Ok(message) = tokio::time::timeout(within, self.rx.message()).await {
-            panic!("unexpected message for {}: {message:?}", self.component);
-        }
-    }
-
-    async fn answer(&self, query: &QueryRequest, data: &[u8]) {
-        let response = QueryResponse {
-            message_identifier: format!("{}-{}", self.component, query.message_identifier),
-            payload: payload(data),
-            meta_data: query.meta_data.clone(),
-            request_identifier: query.message_identifier.clone(),
-            ..Default::default()
-        };
-        self.send(Outbound::QueryResponse(response), "").await;
-    }
-
-    async fn complete(&self, query: &QueryRequest) {
-        let complete = QueryComplete {
-            message_id: format!("done-{}", query.message_identifier),
-            request_id: query.message_identifier.clone(),
-        };
-        self.send(Outbound::QueryComplete(complete), "").await;
-    }
-
-    /// Answers every query with `<component>:<instance>` and completes it.
-    fn serve(mut self, instance: &'static str) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            while let Ok(Some(message)) = self.rx.message().await {
-                if let Some(Inbound::Query(query)) = message.request {
-                    self.answer(&query, format!("{}:{instance}", self.component).as_bytes())
-                        .await;
-                    self.complete(&query).await;
-                }
-            }
-        })
-    }
-}
-
-/// Runs a query to its end and returns every response.
-async fn dispatch(node: &Node, request: QueryRequest) -> Vec<QueryResponse> {
-    dispatch_at(node.url(), request).await
-}
-
-/// [`dispatch`] from a node's address, for a dispatcher running in its own task.
-async fn dispatch_at(url: String, request: QueryRequest) -> Vec<QueryResponse> {
-    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
-    dispatch_on(QueryServiceClient::new(channel), request).await
-}
-
-/// [`dispatch`] on a connection made beforehand.
-async fn dispatch_on(mut client: QueryServiceClient<Channel>, request: QueryRequest) -> Vec<QueryResponse> {
-    let mut stream = client.query(request).await.unwrap().into_inner();
-    let mut responses = Vec::new();
-    loop {
-        let next = tokio::time::timeout(WAIT, stream.message())
-            .await
-            .expect("query stream did not complete");
-        match next.expect("query stream failed") {
-            Some(response) => responses.push(response),
-            None => return responses,
-        }
-    }
-}
-
-fn text(response: &QueryResponse) -> String {
-    String::from_utf8(response.payload.clone().unwrap_or_default().data.to_vec()).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scatter_gather_gets_one_response_per_component() {
@@ -392,15 +181,6 @@ async fn a_duplicate_query_id_in_flight_is_axoniq_5007() {
     handler.complete(&held).await;
     let responses = tokio::time::timeout(WAIT, first).await.unwrap().unwrap();
     assert_eq!(responses.iter().map(text).collect::<Vec<_>>(), ["first"]);
-}
-
-fn subscription_query(id: &str, permits: i64) -> SubscriptionQuery {
-    SubscriptionQuery {
-        subscription_identifier: id.into(),
-        number_of_permits: permits,
-        query_request: Some(query(&format!("{id}-query"), "WatchPrice", None)),
-        ..Default::default()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -610,106 +390,6 @@ const BIG: usize = 16 * 1024;
 /// 64 KiB windows (a few responses; 24 is generous). Without demand-driven permits the handler
 /// of `streaming_query_follows_the_dispatchers_demand` would get all 100 at once.
 const AHEAD: u64 = 16 + 24;
-
-fn instruction(key: ProcessingKey, data: meta_data_value::Data) -> ProcessingInstruction {
-    ProcessingInstruction {
-        key: key as i32,
-        value: Some(MetaDataValue { data: Some(data) }),
-    }
-}
-
-fn streaming_query(id: &str, name: &str, timeout_ms: Option<i64>) -> QueryRequest {
-    let mut request = query(id, name, timeout_ms);
-    request.processing_instructions.push(instruction(
-        ProcessingKey::ClientSupportsStreaming,
-        meta_data_value::Data::BooleanValue(true),
-    ));
-    request
-}
-
-fn flag(query: &QueryRequest, key: ProcessingKey) -> Vec<bool> {
-    query
-        .processing_instructions
-        .iter()
-        .filter(|i| i.key == key as i32)
-        .filter_map(|i| match i.value.as_ref()?.data.as_ref()? {
-            meta_data_value::Data::BooleanValue(b) => Some(*b),
-            _ => None,
-        })
-        .collect()
-}
-
-fn timeouts(query: &QueryRequest) -> Vec<i64> {
-    query
-        .processing_instructions
-        .iter()
-        .filter(|i| i.key == ProcessingKey::Timeout as i32)
-        .filter_map(|i| match i.value.as_ref()?.data.as_ref()? {
-            meta_data_value::Data::NumberValue(ms) => Some(*ms),
-            _ => None,
-        })
-        .collect()
-}
-
-/// Response `n` of a streamed result: its number, padded to `size` bytes.
-fn numbered(query: &QueryRequest, n: u64, size: usize) -> QueryResponse {
-    let mut data = n.to_be_bytes().to_vec();
-    data.resize(size.max(8), b'.');
-    QueryResponse {
-        message_identifier: format!("{}-{n}", query.message_identifier),
-        payload: Some(SerializedObject {
-            r#type: "java.lang.Long".into(),
-            revision: String::new(),
-            data: data.into(),
-        }),
-        request_identifier: query.message_identifier.clone(),
-        ..Default::default()
-    }
-}
-
-fn number_of(response: &QueryResponse) -> u64 {
-    let data = &response.payload.as_ref().expect("a payload").data;
-    u64::from_be_bytes(data[..8].try_into().unwrap())
-}
-
-/// A dispatcher connection whose HTTP/2 windows are small (64 KiB), like a client that takes
-/// responses one by one.
-async fn small_window_client(node: &Node) -> QueryServiceClient<Channel> {
-    let channel = Channel::from_shared(node.url())
-        .unwrap()
-        .initial_stream_window_size(65_535)
-        .initial_connection_window_size(65_535)
-        .connect()
-        .await
-        .unwrap();
-    QueryServiceClient::new(channel)
-}
-
-async fn next_response(stream: &mut Streaming<QueryResponse>) -> Option<QueryResponse> {
-    tokio::time::timeout(WAIT, stream.message())
-        .await
-        .expect("the dispatcher waited too long")
-        .expect("query stream failed")
-}
-
-impl Handler {
-    /// Skips per-query flow control until the next other message.
-    async fn next_but_flow_control(&mut self) -> QueryProviderInbound {
-        loop {
-            let message = self.next().await;
-            if !matches!(message.request, Some(Inbound::QueryFlowControl(_))) {
-                return message;
-            }
-        }
-    }
-
-    async fn expect_cancel(&mut self, request_id: &str) {
-        match self.next_but_flow_control().await.request {
-            Some(Inbound::QueryCancel(reference)) => assert_eq!(reference.request_id, request_id),
-            other => panic!("expected query_cancel for {request_id}, got {other:?}"),
-        }
-    }
-}
 
 /// What a permit-respecting streaming handler saw.
 #[derive(Debug, Default)]

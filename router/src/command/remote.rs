@@ -1,7 +1,9 @@
-//! Command handlers connected to the other nodes of the cluster (issue 12).
+//! Command handlers connected to the other nodes of the cluster (issue 12), and the handler sets
+//! every node sends the others.
 //!
-//! The set a node sends also says how many client applications it serves per context
-//! (`platform::placement` sends new clients to the node with the fewest).
+//! The set a node sends also holds its query handlers (`query::remote` takes them) and says how
+//! many client applications it serves per context (`platform::placement` sends new clients to
+//! the node with the fewest).
 //!
 //! Every router tells every other one which command handlers are connected to it: the whole
 //! set, soon after each change (a burst of subscriptions goes as one set) and every
@@ -26,7 +28,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use myelin_proto::axon::command::CommandResponse;
-use myelin_proto::internal::{CommandHandlerEntry, CommandHandlerSet, PeerCommand};
+use myelin_proto::internal::{CommandHandlerEntry, HandlerSet, PeerCommand};
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -35,6 +37,7 @@ use super::dispatch::{Dispatcher, connection_lost};
 use super::handler::{next_id, ring_key};
 use super::registry::{HandlerId, HandlerLink, LinkError, Routed};
 use crate::peers::Peers;
+use crate::query::remote::RemoteQueries;
 
 /// How often each node sends its handler set even when nothing changed.
 const PUBLISH_PERIOD: Duration = Duration::from_secs(2);
@@ -154,6 +157,8 @@ pub struct RemoteHandlers {
     nodes: Mutex<HashMap<String, NodeHandlers>>,
     /// The clients connected here, and where the others' counts go (absent in unit tests).
     platform: Option<(Arc<crate::platform::Clients>, Arc<crate::platform::Placement>)>,
+    /// The query handlers: this node's go out with its set, the others' come in with theirs.
+    queries: Option<Arc<RemoteQueries>>,
 }
 
 impl RemoteHandlers {
@@ -168,7 +173,15 @@ impl RemoteHandlers {
             version: AtomicU64::new(0),
             nodes: Mutex::new(HashMap::new()),
             platform: None,
+            queries: None,
         }
+    }
+
+    /// Sends this node's query handlers with its command handlers, and hands the other nodes'
+    /// query handlers to `queries`.
+    pub fn with_queries(mut self, queries: Arc<RemoteQueries>) -> RemoteHandlers {
+        self.queries = Some(queries);
+        self
     }
 
     /// Sends the count of this node's clients with its handlers, and hands the other nodes'
@@ -191,7 +204,7 @@ impl RemoteHandlers {
     }
 
     /// This node's handler set, numbered.
-    fn local_set(&self) -> CommandHandlerSet {
+    fn local_set(&self) -> HandlerSet {
         let handlers = self
             .dispatcher
             .registry()
@@ -213,17 +226,20 @@ impl RemoteHandlers {
                 .map(|(context, n)| (context, u32::try_from(n).unwrap_or(u32::MAX)))
                 .collect()
         });
-        CommandHandlerSet {
+        let query_handlers = self.queries.as_ref().map_or_else(Vec::new, |q| q.local_entries());
+        HandlerSet {
             from_node: self.peers.node_name().to_owned(),
             epoch: self.epoch,
             version: self.version.fetch_add(1, Ordering::Relaxed) + 1,
             handlers,
             clients,
+            query_handlers,
         }
     }
 
     async fn publish(self: Arc<Self>) {
         let mut changes = self.dispatcher.registry().local_changes();
+        let mut query_changes = self.queries.as_ref().map(|q| q.local_changes());
         loop {
             tokio::select! {
                 changed = changes.changed() => {
@@ -232,9 +248,18 @@ impl RemoteHandlers {
                     }
                     tokio::time::sleep(SETTLE).await;
                 }
+                changed = async { query_changes.as_mut().expect("guarded").changed().await }, if query_changes.is_some() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(SETTLE).await;
+                }
                 () = tokio::time::sleep(PUBLISH_PERIOD) => {}
             }
             changes.borrow_and_update();
+            if let Some(query_changes) = &mut query_changes {
+                query_changes.borrow_and_update();
+            }
             let set = self.local_set();
             let sends = self.peers.names().into_iter().map(|node| {
                 let set = set.clone();
@@ -281,6 +306,9 @@ impl RemoteHandlers {
         if let Some((_, placement)) = &self.platform {
             placement.forget_clients(node);
         }
+        if let Some(queries) = &self.queries {
+            queries.drop_node(node);
+        }
         let mut nodes = self.nodes.lock().unwrap();
         let Some(gone) = nodes.remove(node) else { return };
         if !gone.links.is_empty() {
@@ -293,7 +321,7 @@ impl RemoteHandlers {
     }
 
     /// A handler set from another node: replaces what this node knew of that node's handlers.
-    pub fn apply(&self, set: CommandHandlerSet) -> Result<(), Status> {
+    pub fn apply(&self, set: HandlerSet) -> Result<(), Status> {
         check(&set, self.peers.node_name())?;
         let registry = self.dispatcher.registry();
         // Held throughout, so that two sets from one node never interleave their changes.
@@ -312,7 +340,8 @@ impl RemoteHandlers {
             }
             return Ok(());
         }
-        let mut old_links = if set.epoch == known.epoch {
+        let restarted = set.epoch != known.epoch;
+        let mut old_links = if !restarted {
             std::mem::take(&mut known.links)
         } else {
             // The router there restarted: its handler ids name other handlers now.
@@ -362,6 +391,9 @@ impl RemoteHandlers {
         if let Some((_, placement)) = &self.platform {
             placement.set_clients(&set.from_node, set.clients);
         }
+        if let Some(queries) = &self.queries {
+            queries.apply(&set.from_node, restarted, set.query_handlers);
+        }
         known.epoch = set.epoch;
         known.version = set.version;
         known.heard = Instant::now();
@@ -387,13 +419,14 @@ impl RemoteHandlers {
 }
 
 /// A set this node can take: from another node, within the bounds.
-fn check(set: &CommandHandlerSet, me: &str) -> Result<(), Status> {
+fn check(set: &HandlerSet, me: &str) -> Result<(), Status> {
     if set.from_node.is_empty() || set.from_node == me {
         return Err(Status::invalid_argument(format!(
             "a command handler set from {:?}, which is not another node",
             set.from_node
         )));
     }
+    RemoteQueries::check(&set.query_handlers, MAX_ENTRIES)?;
     if set.handlers.len() > MAX_ENTRIES {
         return Err(Status::invalid_argument(format!(
             "a command handler set of {} subscriptions (at most {MAX_ENTRIES})",
@@ -435,13 +468,14 @@ mod tests {
         }
     }
 
-    fn set(node: &str, epoch: u64, version: u64, handlers: Vec<CommandHandlerEntry>) -> CommandHandlerSet {
-        CommandHandlerSet {
+    fn set(node: &str, epoch: u64, version: u64, handlers: Vec<CommandHandlerEntry>) -> HandlerSet {
+        HandlerSet {
             from_node: node.into(),
             epoch,
             version,
             handlers,
             clients: HashMap::new(),
+            query_handlers: Vec::new(),
         }
     }
 

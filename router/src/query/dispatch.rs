@@ -53,7 +53,8 @@ use std::task::Poll;
 use std::time::Duration;
 
 use myelin_proto::axon::query::query_provider_inbound::Request as Inbound;
-use myelin_proto::axon::query::{QueryFlowControl, QueryReference, QueryRequest, QueryResponse};
+use myelin_proto::axon::query::query_provider_outbound::Request as Outbound;
+use myelin_proto::axon::query::{QueryComplete, QueryFlowControl, QueryReference, QueryRequest, QueryResponse};
 use myelin_proto::errors::ErrorCode;
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
@@ -293,7 +294,12 @@ impl ContextQueries {
                 };
                 hand_over(&events, &overflow, message);
             }
-            None => tracing::debug!(request_id = %response.request_identifier, "response for no query of this handler"),
+            None => {
+                let id = response.request_identifier.clone();
+                if !self.relay_to_peer(handler, &id, Outbound::QueryResponse(response)) {
+                    tracing::debug!(request_id = %id, "response for no query of this handler");
+                }
+            }
         }
     }
 
@@ -301,6 +307,12 @@ impl ContextQueries {
     pub(super) async fn relay_complete(&self, handler: HandlerId, request_id: &str) {
         if let Some((events, overflow)) = self.gatherer(handler, request_id) {
             hand_over(&events, &overflow, Gathered::Done(handler));
+        } else {
+            let complete = QueryComplete {
+                message_id: super::unique_id(),
+                request_id: request_id.to_owned(),
+            };
+            self.relay_to_peer(handler, request_id, Outbound::QueryComplete(complete));
         }
     }
 
@@ -329,7 +341,7 @@ impl ContextQueries {
             .map(|query| (query.events.clone(), query.overflow.clone()))
     }
 
-    fn error_response(&self, request_id: &str, code: ErrorCode, message: String) -> QueryResponse {
+    pub(super) fn error_response(&self, request_id: &str, code: ErrorCode, message: String) -> QueryResponse {
         QueryResponse {
             message_identifier: super::unique_id(),
             error_code: code.code().to_owned(),
@@ -598,7 +610,7 @@ fn next_dispatch(
     })
 }
 
-fn cancel(request_id: &str) -> myelin_proto::axon::query::QueryProviderInbound {
+pub(super) fn cancel(request_id: &str) -> myelin_proto::axon::query::QueryProviderInbound {
     inbound(Inbound::QueryCancel(QueryReference {
         request_id: request_id.to_owned(),
     }))

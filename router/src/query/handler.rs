@@ -1,9 +1,10 @@
 //! How a message reaches a query handler.
 //!
 //! The registry only knows handlers by [`HandlerId`] and a [`Destination`]; what stands behind a
-//! destination is this module's business. Today the only kind is a handler connected to this
-//! node by an `OpenStream` call ([`LocalHandler`]); a handler on another node of the cluster will
-//! be a second variant that forwards over the node-to-node connection.
+//! destination is this module's business. A handler connected to this node by an `OpenStream`
+//! call is a [`LocalHandler`]; a handler connected to another node of the cluster is a
+//! [`RemoteQueryHandler`], which carries the same messages over the peer link (see
+//! [`super::remote`]). Routing, gathering and flow control treat both alike.
 //!
 //! A local handler has two queues in front of its gRPC stream: queries, sent only while the
 //! handler has granted permits (Axon's flow control) and bounded at [`QUERY_QUEUE`]; and control
@@ -44,6 +45,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::Status;
 
+use super::remote::RemoteQueryHandler;
 use crate::handler_limits::{Budget, Charge};
 
 /// Queries waiting for a handler's permits (Axon Server's queue size), unless configured.
@@ -104,6 +106,7 @@ struct Queued {
 #[derive(Clone)]
 pub enum Destination {
     Local(LocalHandler),
+    Remote(Arc<RemoteQueryHandler>),
 }
 
 impl Destination {
@@ -129,8 +132,14 @@ impl Destination {
                 };
                 local.queries.try_send(queued).map_err(SendError::from)?
             }
+            Destination::Remote(remote) => return remote.send_query(query, deadline),
         }
         Ok(dispatched)
+    }
+
+    /// Whether the handler is connected to this node.
+    pub fn is_local(&self) -> bool {
+        matches!(self, Destination::Local(_))
     }
 
     /// Sends a message that needs no permit. It holds its bytes of the handler's and the node's
@@ -149,6 +158,7 @@ impl Destination {
                 };
                 local.control.try_send(outgoing).map_err(SendError::from)
             }
+            Destination::Remote(remote) => remote.send_control(message),
         }
     }
 }

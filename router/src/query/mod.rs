@@ -6,8 +6,10 @@
 //!
 //! The layers, per context ([`ContextQueries`]):
 //! - [`registry`]: who handles what (query name -> handlers, grouped by component);
-//! - [`handler`]: how a message reaches a handler ([`handler::Destination`]; today a local stream
-//!   with a permit-gated bounded queue, later also a remote node);
+//! - [`handler`]: how a message reaches a handler ([`handler::Destination`]: a local stream with
+//!   a permit-gated bounded queue, or a handler on another node);
+//! - [`remote`]: the handlers of the other nodes of the cluster, and the conversations this node
+//!   relays between them and its own handlers;
 //! - [`dispatch`]: queries in flight by id — scatter to one handler per component, gather their
 //!   responses until each handler completed, the deadline passed, or the dispatcher went away;
 //! - [`demand`]: the dispatcher's response stream, and what it shows of the dispatcher's demand;
@@ -38,6 +40,7 @@ pub mod handler;
 pub mod instructions;
 pub mod metrics;
 pub mod registry;
+pub mod remote;
 pub mod service;
 pub mod subscription;
 
@@ -67,6 +70,8 @@ struct RouterInner {
     queued_bytes: Budget,
     /// Queries in flight on the node, one unit each (at most [`dispatch::MAX_IN_FLIGHT`]).
     in_flight: Budget,
+    /// Counts the changes to the handlers connected here (what the other nodes must be told).
+    local_changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl QueryRouter {
@@ -80,6 +85,7 @@ impl QueryRouter {
                 queued_bytes: Budget::new(limits.query_queue_bytes),
                 in_flight: Budget::new(dispatch::MAX_IN_FLIGHT),
                 limits,
+                local_changes: tokio::sync::watch::Sender::new(0),
             }),
         }
     }
@@ -130,6 +136,7 @@ impl QueryRouter {
                     metrics: QueryMetrics::default(),
                     in_flight: self.inner.in_flight.clone(),
                     bytes: self.inner.queued_bytes.clone(),
+                    local_changes: self.inner.local_changes.clone(),
                 })
             })
             .clone()
@@ -163,7 +170,34 @@ impl QueryRouter {
         all
     }
 
-    fn next_handler_id(&self) -> handler::HandlerId {
+    /// The subscriptions of the handlers connected to this node (what the other nodes are told):
+    /// (context, query name, handler, registration).
+    pub fn local_registrations(&self) -> Vec<(String, String, handler::HandlerId, registry::Registration)> {
+        let contexts: Vec<(String, Arc<ContextQueries>)> = lock(&self.inner.contexts)
+            .iter()
+            .map(|(name, context)| (name.clone(), context.clone()))
+            .collect();
+        let mut all = Vec::new();
+        for (name, context) in contexts {
+            let state = context.state();
+            all.extend(
+                state
+                    .registry
+                    .registrations()
+                    .into_iter()
+                    .filter(|(_, id, _)| state.registry.destination(*id).is_some_and(|d| d.is_local()))
+                    .map(|(query, id, r)| (name.clone(), query, id, r)),
+            );
+        }
+        all
+    }
+
+    /// Changes whenever a handler connected here subscribes, unsubscribes or goes.
+    pub fn local_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.local_changes.subscribe()
+    }
+
+    pub(crate) fn next_handler_id(&self) -> handler::HandlerId {
         self.inner.next_handler.fetch_add(1, Ordering::Relaxed)
     }
 }
@@ -178,6 +212,7 @@ pub struct ContextQueries {
     /// The node's query bytes (`myelin.limits.query-queue-bytes`): a query in flight holds its
     /// id's bytes of it, its queued copies their encoded size.
     bytes: Budget,
+    local_changes: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -185,6 +220,8 @@ struct State {
     registry: registry::Registry,
     in_flight: HashMap<String, dispatch::InFlight>,
     subscriptions: HashMap<String, subscription::ActiveSubscription>,
+    /// Conversations of other nodes with the handlers connected here.
+    relayed: HashMap<remote::RelayKey, remote::Relayed>,
 }
 
 impl ContextQueries {
@@ -246,20 +283,44 @@ impl ContextQueries {
             .state()
             .registry
             .subscribe(handler, destination, &subscription.query, registration);
+        if destination.is_local() {
+            self.local_changed();
+        }
         if added {
             self.join_subscriptions(handler, destination, &subscription.query);
         }
     }
 
     pub fn unsubscribe_handler(&self, handler: handler::HandlerId, query: &str) {
-        self.state().registry.unsubscribe(handler, query);
+        let local = {
+            let mut state = self.state();
+            let local = state.registry.destination(handler).is_some_and(|d| d.is_local());
+            state.registry.unsubscribe(handler, query);
+            local
+        };
+        if local {
+            self.local_changed();
+        }
     }
 
     /// A handler stream ended: it is no longer routed to, and the queries it had count as
     /// completed by it.
     pub async fn handler_gone(&self, handler: handler::HandlerId) {
-        self.state().registry.remove(handler);
+        let local = {
+            let mut state = self.state();
+            let local = state.registry.destination(handler).is_some_and(|d| d.is_local());
+            state.registry.remove(handler);
+            local
+        };
+        if local {
+            self.local_changed();
+        }
         self.subscriptions_lost_handler(handler);
+        self.relays_lost_handler(handler);
         self.queries_lost_handler(handler).await;
+    }
+
+    fn local_changed(&self) {
+        self.local_changes.send_modify(|n| *n += 1);
     }
 }

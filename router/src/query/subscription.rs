@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use myelin_proto::axon::query::query_provider_inbound::Request as Inbound;
+use myelin_proto::axon::query::query_provider_outbound::Request as Outbound;
 use myelin_proto::axon::query::subscription_query_request::Request as ClientRequest;
 use myelin_proto::axon::query::subscription_query_response::Response as Update;
 use myelin_proto::axon::query::{
@@ -153,6 +154,11 @@ impl ContextQueries {
     /// is not open is told to unsubscribe.
     pub(super) async fn relay_subscription_response(&self, handler: HandlerId, response: SubscriptionQueryResponse) {
         let id = response.subscription_identifier.clone();
+        if !self.state().subscriptions.contains_key(&id) && self.relays(handler, &id) {
+            // A subscription another node opened on this handler: its answers go back there.
+            self.relay_to_peer(handler, &id, Outbound::SubscriptionQueryResponse(response));
+            return;
+        }
         let ends = matches!(
             response.response,
             Some(Update::Complete(_) | Update::CompleteExceptionally(_))
