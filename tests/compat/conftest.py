@@ -1,7 +1,8 @@
 """Fixtures for the Myelin/Axon compatibility tests (see myelin_harness.py).
 
 With `MYELIN_COMPAT_CLUSTER=3` every module's node is the follower of a three-node cluster
-(`MyelinCluster`): the same tests, the client connected to a node that does not lead `default`.
+(`MyelinCluster`): the same tests, the client connected to a node that does not lead `default`,
+and the messaging tests' handler applications connected to another node (`handler_node`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ def start_node(request, **properties) -> MyelinNode:
 def node(request) -> MyelinNode:
     """One node per test module; tests use unique aggregate ids or their own spare context."""
     return start_node(request)
+
+
+@pytest.fixture(scope="module")
+def handler_node(node) -> MyelinNode:
+    """Where handler applications connect: on a cluster another node than `node` (where the
+    dispatchers connect), so that every command and query crosses the link between nodes; on
+    one node, that node."""
+    cluster = getattr(node, "cluster", None)
+    if cluster is None:
+        return node
+    return next(other for other in cluster.nodes if other is not node)
 
 
 @pytest.fixture(scope="module")

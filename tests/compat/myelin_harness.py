@@ -397,6 +397,24 @@ class MyelinCluster:
         return None
 
 
+def wait_handler(
+    node: MyelinNode, kind: str, name: str, context: str | None = None, client_id: str | None = None, timeout: float = 15
+) -> None:
+    """Returns once `node` lists a `kind` ("command" or "query") handler of `name` in `context`
+    (that of `client_id`, if given):
+    on a cluster a handler connected to another node reaches the others' routing within a few
+    seconds (its node sends its handler set on each change and every 2 s)."""
+    path = "/v1/handlers" + (f"?context={context}" if context else "")
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = node.admin_get(path)
+        if any(h["kind"] == kind and h["name"] == name and client_id in (None, h["clientId"]) for h in listed):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{node.host} does not list the {kind} handler of {name} after {timeout}s: {listed}")
+        time.sleep(0.05)
+
+
 def group_status(node: MyelinNode, context: str) -> dict:
     """`context`'s Raft group as `node`'s event store sees it, asked over the node's own Unix
     socket (StorageControl.GetGroupStatus, Myelin's internal API): the leader's and the voters'

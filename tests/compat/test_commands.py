@@ -12,7 +12,7 @@ import grpc
 import pytest
 from axonclient.protos import command_pb2, command_pb2_grpc, common_pb2
 
-from myelin_harness import END as _END, ctx_md, unique, queue_requests
+from myelin_harness import END as _END, ctx_md, unique, queue_requests, wait_handler
 
 
 
@@ -103,12 +103,13 @@ def wire(message) -> bytes:
     return message.SerializeToString(deterministic=True)
 
 
-def test_round_trip_is_byte_identical(node, dispatcher):
+def test_round_trip_is_byte_identical(node, handler_node, dispatcher):
     name = unique("PlaceOrder")
-    handler = CommandHandler(node, [name])
+    handler = CommandHandler(handler_node, [name])
     try:
         acks = handler.wait_acks(2)
         assert [(a.instruction_id, a.success) for a in acks] == [(f"subscribe-{name}", True), ("permits", True)]
+        wait_handler(node, "command", name)
         command = command_pb2.Command(
             message_identifier=unique("cmd"),
             name=name,
@@ -151,8 +152,8 @@ def test_no_handler_is_in_band(dispatcher):
     assert response.error_message.error_code == "AXONIQ-4000"
 
 
-def test_empty_subscription_is_a_failed_ack(node, dispatcher):
-    handler = CommandHandler(node, [""], client_id="py-bad")
+def test_empty_subscription_is_a_failed_ack(handler_node, dispatcher):
+    handler = CommandHandler(handler_node, [""], client_id="py-bad")
     try:
         acks = handler.wait_acks(2)
         assert (acks[0].instruction_id, acks[0].success) == ("subscribe-", False)
@@ -162,11 +163,12 @@ def test_empty_subscription_is_a_failed_ack(node, dispatcher):
         handler.close()
 
 
-def test_handler_in_another_context(node, dispatcher):
+def test_handler_in_another_context(node, handler_node, dispatcher):
     name = unique("CtxCommand")
-    handler = CommandHandler(node, [name], client_id="py-other", context="other")
+    handler = CommandHandler(handler_node, [name], client_id="py-other", context="other")
     try:
         handler.wait_acks(2)
+        wait_handler(node, "command", name, context="other")
         command = command_pb2.Command(message_identifier=unique("cmd"), name=name)
         assert dispatcher.Dispatch(command, timeout=10).error_code == "AXONIQ-4000"
         command = command_pb2.Command(message_identifier=unique("cmd"), name=name)

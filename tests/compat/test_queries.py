@@ -16,7 +16,7 @@ import threading
 import grpc
 from axonclient.protos import common_pb2, query_pb2, query_pb2_grpc
 
-from myelin_harness import END as _END, ctx_md, unique, queue_requests
+from myelin_harness import END as _END, ctx_md, unique, queue_requests, wait_handler
 
 WAIT = 10
 
@@ -149,10 +149,11 @@ def dispatch(node, request, context: str | None = None) -> list[query_pb2.QueryR
         channel.close()
 
 
-def test_query_round_trips_payload_and_metadata_byte_identical(node):
-    handler = QueryHandlerApp(node, "compat-handler")
+def test_query_round_trips_payload_and_metadata_byte_identical(node, handler_node):
+    handler = QueryHandlerApp(handler_node, "compat-handler")
     try:
         handler.subscribe("FindOrder")
+        wait_handler(node, "query", "FindOrder")
         request = query_pb2.QueryRequest(
             message_identifier=unique("q"),
             query="FindOrder",
@@ -208,10 +209,11 @@ def test_no_handler_is_in_band_axoniq_5000(node):
     assert responses[0].request_identifier == request.message_identifier
 
 
-def test_handlers_are_per_context(node):
-    handler = QueryHandlerApp(node, "ctx-handler", context="ctx1")
+def test_handlers_are_per_context(node, handler_node):
+    handler = QueryHandlerApp(handler_node, "ctx-handler", context="ctx1")
     try:
         handler.subscribe("ContextBound")
+        wait_handler(node, "query", "ContextBound", context="ctx1")
         request = query_pb2.QueryRequest(message_identifier=unique("q"), query="ContextBound")
         responses = dispatch(node, request)  # default context: nobody there
         assert [r.error_code for r in responses] == ["AXONIQ-5000"]
@@ -219,8 +221,8 @@ def test_handlers_are_per_context(node):
         handler.close()
 
 
-def test_bad_subscribe_gets_negative_ack(node):
-    handler = QueryHandlerApp(node, "sloppy")
+def test_bad_subscribe_gets_negative_ack(handler_node):
+    handler = QueryHandlerApp(handler_node, "sloppy")
     try:
         handler.send(subscribe=query_pb2.QuerySubscription(message_id="x", query=""), instruction_id="bad-1")
         ack = handler.next()
@@ -233,13 +235,14 @@ def test_bad_subscribe_gets_negative_ack(node):
         handler.close()
 
 
-def test_subscription_query_initial_result_and_update(node):
-    handler = QueryHandlerApp(node, "prices")
+def test_subscription_query_initial_result_and_update(node, handler_node):
+    handler = QueryHandlerApp(handler_node, "prices")
     channel = node.channel()
     requests: queue.Queue = queue.Queue()
 
     try:
         handler.subscribe("WatchPrice")
+        wait_handler(node, "query", "WatchPrice")
         sub_id = unique("s")
         subscription = query_pb2.SubscriptionQuery(
             subscription_identifier=sub_id,
@@ -289,15 +292,17 @@ def test_subscription_query_initial_result_and_update(node):
         channel.close()
 
 
-def test_streaming_query_round_trip(node):
+def test_streaming_query_round_trip(node, handler_node):
     """A streaming query: the handler hears SERVER_SUPPORTS_STREAMING=true, gets per-query
     permits after the query, answers within them; the dispatcher gets every response byte for byte
     and in order; the other component's handler is cancelled once the first one answered."""
-    streamer = QueryHandlerApp(node, "compat-streamer")
-    bystander = QueryHandlerApp(node, "compat-bystander")
+    streamer = QueryHandlerApp(handler_node, "compat-streamer")
+    bystander = QueryHandlerApp(handler_node, "compat-bystander")
     try:
         streamer.subscribe("StreamOrders")
         bystander.subscribe("StreamOrders")
+        for app in (streamer, bystander):
+            wait_handler(node, "query", "StreamOrders", client_id=f"{app.component}-1")
         request = query_pb2.QueryRequest(
             message_identifier=unique("q"),
             query="StreamOrders",
@@ -365,10 +370,11 @@ def test_streaming_query_round_trip(node):
         bystander.close()
 
 
-def test_plain_query_tells_the_handler_the_server_does_not_stream(node):
-    handler = QueryHandlerApp(node, "compat-plain")
+def test_plain_query_tells_the_handler_the_server_does_not_stream(node, handler_node):
+    handler = QueryHandlerApp(handler_node, "compat-plain")
     try:
         handler.subscribe("PlainOrders")
+        wait_handler(node, "query", "PlainOrders")
         request = query_pb2.QueryRequest(message_identifier=unique("q"), query="PlainOrders")
         dispatcher = threading.Thread(target=lambda: dispatch(node, request))
         dispatcher.start()
