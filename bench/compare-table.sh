@@ -91,3 +91,15 @@ jq -rs '
   "Data on disk after the runs of each system: " + ([.[] | select(.workload == "disk") | "\(.system) \(.data_mb) MB"] | join("; ")) + ".",
   ( [.[] | select(.workload == "failed")] | if length > 0 then "\nFailed steps: " + (map("\(.system) \(.label)") | join(", ")) + "." else empty end )
 ' "$FILE"
+# Command and query round trips (Myelin only; a second table when the run has them).
+if jq -e -s 'any(.[]; .workload=="command-dispatch" or .workload=="query-dispatch")' "$FILE" >/dev/null; then
+    echo
+    echo "Round trips through a handler application (its own process), 64 in flight, 200 B payloads; on a cluster \"cross-node\" has the handler on n2 and the dispatcher on n1."
+    echo
+    jq -rs '
+      "| system | step | round trips/s | latency p50 / p90 / p99 / max (ms) | errors |",
+      "|---|---|---|---|---|",
+      ( .[] | select(.workload=="command-dispatch" or .workload=="query-dispatch")
+        | "| \(.system) | \(.label) | **\(.round_trips_per_s)** | \(.p50_ms) / \(.p90_ms) / \(.p99_ms) / \(.max_ms) | \(.errors) |" )
+    ' "$FILE"
+fi

