@@ -16,7 +16,8 @@ jq -rs '
   | (map(select(.workload == "end"))[0] // {}) as $e
   | (map(select(.workload == "fsync"))) as $fs
   | (map(select(.workload == "peer"))) as $peers
-  | (map(select(.label != null and .workload != "fill" and .workload != "failed" and .system != null))) as $rows
+  | (map(select(.label != null and .workload != "fill" and .workload != "failed" and .system != null
+      and .workload != "command-dispatch" and .workload != "query-dispatch"))) as $rows
   | ($m.systems | split(" ")) as $systems
   | ($rows | map(.label) | reduce .[] as $l ([]; if index([$l]) then . else . + [$l] end)) as $lbs
   | def cell($lb; $sys): ($rows | map(select(.label == $lb and .system == $sys))[0]);

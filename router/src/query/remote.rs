@@ -17,13 +17,16 @@
 //! permits are granted by the dispatcher's node from the dispatcher's own demand, and end to end
 //! nothing waits anywhere beyond the bounded queues of each hop.
 //!
-//! Ending: either side ending the call ends the conversation. The dispatcher's node ends it when
-//! the query ends there (completed, cancelled, timed out, or abandoned while still queued); the
-//! handler's node when the handler completes it, goes away, or sends more than the call can take
-//! (the handler is then told to cancel, and the dispatcher's node answers AXONIQ-1900). When
-//! the call fails (the node died, the link broke), the handler counts as having completed the
-//! query, as a local handler that disconnects does; when the node is lost from the peer links,
-//! its handlers leave this node's registry with everything they held.
+//! Ending: the dispatcher's node closes its side of the call when the query ends there
+//! (completed, cancelled, timed out, or abandoned while still queued) or when the handler's node
+//! says it is over (the handler completed it, went away, or sent more than the call can take:
+//! the handler is then told to cancel, and the dispatcher's node answers AXONIQ-1900); the
+//! handler's node ends the call after that. Never the other way round: a stream one side ended
+//! while the other still sends on it is reset by HTTP/2, and enough resets make the peer close
+//! the whole connection, Raft traffic included. When the call fails (the node died, the link
+//! broke), the handler counts as having completed the query, as a local handler that
+//! disconnects does; when the node is lost from the peer links, its handlers leave this node's
+//! registry with everything they held.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,7 +43,7 @@ use myelin_proto::axon::query::{
 };
 use myelin_proto::errors::ErrorCode;
 use myelin_proto::internal::peer_query_out::Kind as OutKind;
-use myelin_proto::internal::{PeerQueryIn, PeerQueryOut, QueryDispatched, QueryHandlerEntry};
+use myelin_proto::internal::{PeerQueryIn, PeerQueryOut, QueryDispatched, QueryEnded, QueryHandlerEntry};
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -60,6 +63,8 @@ const CONVERSATION_QUEUE: usize = 64;
 const RELAY_BUFFER: usize = 64;
 /// How long the handler's node waits for the message that opens a conversation.
 const FIRST_MESSAGE_WAIT: Duration = Duration::from_secs(10);
+/// How long either side waits for the other to close its half of a finished conversation.
+const FINISH_WAIT: Duration = Duration::from_secs(5);
 /// The longest name or id a peer's conversation may carry.
 const MAX_NAME: usize = 4_096;
 /// The longest wait for a permit a peer's query may ask for.
@@ -80,10 +85,20 @@ pub type RelayKey = (Kind, String, HandlerId);
 pub struct Relayed {
     serial: u64,
     out: mpsc::Sender<Result<PeerQueryOut, Status>>,
+    ending: Arc<Ending>,
+}
+
+/// How a conversation ends on the handler's node: shared by its task and the relaying of the
+/// handler's messages.
+#[derive(Default)]
+pub struct Ending {
     /// Cancelled when the conversation is over here: the handler completed it or went away, or
     /// its answers overflowed the call.
     done: CancellationToken,
-    overflowed: Arc<AtomicBool>,
+    /// The handler sent more than the call could take.
+    overflowed: AtomicBool,
+    /// The handler's completion went to the dispatcher's node.
+    completed: AtomicBool,
 }
 
 /// One open conversation as its dispatching node holds it: its serial (so that an ending one
@@ -204,7 +219,9 @@ impl RemoteQueryHandler {
     }
 
     /// Runs one conversation from this side: opens the call, then hands what the handler's node
-    /// sends to this node's query routing until the conversation ends.
+    /// sends to this node's query routing until the conversation ends. This side closes its half
+    /// first and then reads the call to its end, so that the handler's node ends a call nobody
+    /// sends on any more (see `PeerQueryOut` in cluster.proto).
     async fn converse(
         self: Arc<Self>,
         key: (Kind, String),
@@ -214,20 +231,34 @@ impl RemoteQueryHandler {
         outgoing: mpsc::Receiver<PeerQueryIn>,
         mut report: Option<oneshot::Sender<Dispatched>>,
     ) {
-        let mut completed = false;
-        let mut failure = None;
         let opened = tokio::select! {
             opened = call.open(first, ReceiverStream::new(outgoing)) => opened,
             () = self.closed.cancelled() => Err(Status::cancelled("the handler left")),
         };
-        match opened {
-            Err(status) => failure = Some(status),
-            Ok(mut answers) => loop {
+        let (mut completed, mut overflow, mut failure) = (false, None, None);
+        // Whether the call is over (or must be dropped) rather than to be read to its end.
+        let mut over = true;
+        let mut answers = match opened {
+            Ok(answers) => Some(answers),
+            Err(status) => {
+                failure = Some(status);
+                None
+            }
+        };
+        if let Some(answers) = &mut answers {
+            over = false;
+            loop {
                 let next = tokio::select! {
                     next = answers.message() => next,
-                    () = self.closed.cancelled() => break,
+                    () = self.closed.cancelled() => {
+                        over = true;
+                        break;
+                    }
                     // The query ended here while it still waited for the handler's permit.
-                    () = abandoned(&mut report) => break,
+                    () = abandoned(&mut report) => {
+                        tracing::debug!(node = %self.node, id = %key.1, "a query for a handler on another node was abandoned before it reached the handler");
+                        break;
+                    }
                 };
                 match next {
                     Ok(Some(PeerQueryOut {
@@ -250,6 +281,11 @@ impl RemoteQueryHandler {
                     Ok(Some(PeerQueryOut {
                         kind: Some(OutKind::Message(message)),
                     })) => {
+                        // An answer can overtake the report that the query reached the handler:
+                        // it says so as well.
+                        if let Some(report) = report.take() {
+                            let _ = report.send(Dispatched::Sent);
+                        }
                         let ends = ends_conversation(message.request.as_ref());
                         completed |= ends;
                         self.relay(message).await;
@@ -257,19 +293,38 @@ impl RemoteQueryHandler {
                             break;
                         }
                     }
+                    Ok(Some(PeerQueryOut {
+                        kind: Some(OutKind::Ended(ended)),
+                    })) => {
+                        if ended.overflowed {
+                            overflow = Some(ended.reason);
+                        }
+                        break;
+                    }
                     Ok(Some(PeerQueryOut { kind: None })) => {}
-                    Ok(None) => break,
+                    Ok(None) => {
+                        over = true;
+                        break;
+                    }
                     Err(status) => {
                         failure = Some(status);
+                        over = true;
                         break;
                     }
                 }
-            },
+            }
         }
+        // Closes this side of the call (its messages end once the sender is dropped).
         {
             let mut conversations = lock(&self.conversations);
             if conversations.get(&key).is_some_and(|(s, _)| *s == serial) {
                 conversations.remove(&key);
+            }
+        }
+        if let Some(answers) = answers.as_mut().filter(|_| !over) {
+            let rest = async { while let Ok(Some(_)) = answers.message().await {} };
+            if tokio::time::timeout(FINISH_WAIT, rest).await.is_err() {
+                tracing::debug!(node = %self.node, id = %key.1, "the handler's node did not end a finished query conversation");
             }
         }
         if let Some(status) = &failure {
@@ -280,8 +335,8 @@ impl RemoteQueryHandler {
             && !completed
             && let Some(queries) = self.queries.upgrade()
         {
-            if let Some(status) = failure.filter(|s| s.code() == tonic::Code::ResourceExhausted) {
-                let error = queries.error_response(&id, ErrorCode::TooManyRequests, status.message().to_owned());
+            if let Some(reason) = overflow {
+                let error = queries.error_response(&id, ErrorCode::TooManyRequests, reason);
                 queries.relay_response(self.id, error).await;
             }
             // As a local handler that disconnects: it has nothing more for the query.
@@ -546,8 +601,7 @@ impl RemoteQueries {
         let conversation = Conversation {
             key: (kind, id, first.handler),
             serial: self.next_serial.fetch_add(1, Ordering::Relaxed),
-            done: CancellationToken::new(),
-            overflowed: Arc::new(AtomicBool::new(false)),
+            ending: Arc::default(),
             out,
         };
         let destination = {
@@ -574,8 +628,7 @@ impl RemoteQueries {
                 Relayed {
                     serial: conversation.serial,
                     out: conversation.out.clone(),
-                    done: conversation.done.clone(),
-                    overflowed: conversation.overflowed.clone(),
+                    ending: conversation.ending.clone(),
                 },
             );
             destination
@@ -590,8 +643,7 @@ impl RemoteQueries {
 struct Conversation {
     key: RelayKey,
     serial: u64,
-    done: CancellationToken,
-    overflowed: Arc<AtomicBool>,
+    ending: Arc<Ending>,
     out: mpsc::Sender<Result<PeerQueryOut, Status>>,
 }
 
@@ -608,6 +660,8 @@ impl Conversation {
         let mut reached = false;
         let mut stopped = false;
         let mut peer_left = false;
+        // Whether the dispatcher's node was told the query expired (and so ends its side).
+        let mut expired = false;
         let mut report = None;
         match request {
             Inbound::Query(query) => {
@@ -641,12 +695,13 @@ impl Conversation {
                         // The handler's queue went away with the handler.
                         Err(_) => break,
                     };
-                    let expired = answer.expired;
+                    let ends = answer.expired;
                     if self.out.try_send(Ok(PeerQueryOut { kind: Some(OutKind::Dispatched(answer)) })).is_err() {
-                        self.overflowed.store(true, Ordering::Relaxed);
+                        self.ending.overflowed.store(true, Ordering::Relaxed);
                         break;
                     }
-                    if expired {
+                    if ends {
+                        expired = true;
                         break;
                     }
                 }
@@ -677,15 +732,15 @@ impl Conversation {
                         break;
                     }
                 },
-                () = self.done.cancelled() => break,
+                () = self.ending.done.cancelled() => break,
             }
         }
         queries.forget_relay(&self.key, self.serial);
-        let overflowed = self.overflowed.load(Ordering::Relaxed);
-        // The handler still works on it for a node that no longer waits: tell it to stop (not
-        // if it completed or left by itself).
-        let handler_finished = self.done.is_cancelled() && !overflowed;
-        if (peer_left || overflowed) && !stopped && !handler_finished {
+        let overflowed = self.ending.overflowed.load(Ordering::Relaxed);
+        let completed = self.ending.completed.load(Ordering::Relaxed);
+        let handler_gone = self.ending.done.is_cancelled() && !completed && !overflowed;
+        // The handler still works on it for a node that no longer waits: tell it to stop.
+        if (peer_left || overflowed) && !stopped && !handler_gone {
             let (kind, id, _) = &self.key;
             let stop = match kind {
                 Kind::Query if reached => Some(super::dispatch::cancel(id)),
@@ -703,12 +758,28 @@ impl Conversation {
                 let _ = destination.send_control(stop);
             }
         }
-        if overflowed {
-            let status = ErrorCode::TooManyRequests.status(format!(
-                "Query cancelled: its handler on {} sent more than the link to the dispatcher's node could take",
-                queries.node_name
-            ));
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.out.send(Err(status))).await;
+        if peer_left {
+            return;
+        }
+        // The dispatcher's node closes its side once it knows the conversation is over: told so
+        // unless the handler's completion or the expiry already said it.
+        if !completed && !expired {
+            let reason = if overflowed {
+                format!(
+                    "Query cancelled: its handler on {} sent more than the link to the dispatcher's node could take",
+                    queries.node_name
+                )
+            } else {
+                String::new()
+            };
+            let ended = PeerQueryOut {
+                kind: Some(OutKind::Ended(QueryEnded { overflowed, reason })),
+            };
+            let _ = tokio::time::timeout(FINISH_WAIT, self.out.send(Ok(ended))).await;
+        }
+        let rest = async { while let Ok(Some(_)) = incoming.message().await {} };
+        if tokio::time::timeout(FINISH_WAIT, rest).await.is_err() {
+            tracing::debug!(id = %self.key.1, "the dispatcher's node did not close a finished query conversation");
         }
     }
 
@@ -780,17 +851,19 @@ impl ContextQueries {
         let Some(relayed) = state.relayed.get(&(kind, id.to_owned(), handler)) else {
             return false;
         };
+        let ending = &relayed.ending;
         match relayed.out.try_send(Ok(message(answer))) {
+            Ok(()) if ends => {
+                ending.completed.store(true, Ordering::Relaxed);
+                ending.done.cancel();
+            }
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(query = %id, "a query handler sends more than the link to the dispatcher's node takes; ending that query");
-                relayed.overflowed.store(true, Ordering::Relaxed);
-                relayed.done.cancel();
+                ending.overflowed.store(true, Ordering::Relaxed);
+                ending.done.cancel();
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => relayed.done.cancel(),
-        }
-        if ends {
-            relayed.done.cancel();
+            Err(mpsc::error::TrySendError::Closed(_)) => ending.done.cancel(),
         }
         true
     }
@@ -799,7 +872,7 @@ impl ContextQueries {
     pub(super) fn relays_lost_handler(&self, handler: HandlerId) {
         for ((_, _, relayed_handler), relayed) in &self.state().relayed {
             if *relayed_handler == handler {
-                relayed.done.cancel();
+                relayed.ending.done.cancel();
             }
         }
     }
@@ -913,15 +986,14 @@ mod tests {
     async fn a_relayed_conversation_is_bounded_and_ends_on_completion() {
         let queries = QueryRouter::new("n1").context("default");
         let (out, mut answers) = mpsc::channel(2);
-        let (done, overflowed) = (CancellationToken::new(), Arc::new(AtomicBool::new(false)));
+        let ending = Arc::new(Ending::default());
         let key = (Kind::Query, "q1".to_owned(), 5);
         queries.state().relayed.insert(
             key.clone(),
             Relayed {
                 serial: 1,
                 out,
-                done: done.clone(),
-                overflowed: overflowed.clone(),
+                ending: ending.clone(),
             },
         );
         let response = |n: u32| {
@@ -936,20 +1008,20 @@ mod tests {
         assert!(!queries.relay_to_peer(5, "q2", response(0)));
         assert!(queries.relay_to_peer(5, "q1", response(1)));
         assert!(queries.relay_to_peer(5, "q1", response(2)));
-        assert!(!done.is_cancelled());
+        assert!(!ending.done.is_cancelled());
         assert!(queries.relay_to_peer(5, "q1", response(3)));
-        assert!(done.is_cancelled() && overflowed.load(Ordering::Relaxed));
+        assert!(ending.done.is_cancelled() && ending.overflowed.load(Ordering::Relaxed));
+        assert!(!ending.completed.load(Ordering::Relaxed));
         assert!(answers.recv().await.is_some());
 
         let (out, _answers) = mpsc::channel(8);
-        let done = CancellationToken::new();
+        let ending = Arc::new(Ending::default());
         queries.state().relayed.insert(
             key.clone(),
             Relayed {
                 serial: 2,
                 out,
-                done: done.clone(),
-                overflowed: Arc::new(AtomicBool::new(false)),
+                ending: ending.clone(),
             },
         );
         let complete = Outbound::QueryComplete(myelin_proto::axon::query::QueryComplete {
@@ -957,7 +1029,7 @@ mod tests {
             request_id: "q1".into(),
         });
         assert!(queries.relay_to_peer(5, "q1", complete));
-        assert!(done.is_cancelled());
+        assert!(ending.done.is_cancelled() && ending.completed.load(Ordering::Relaxed));
         // Only the conversation's own serial forgets it.
         queries.forget_relay(&key, 1);
         assert!(queries.state().relayed.contains_key(&key));
