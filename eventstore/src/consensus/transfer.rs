@@ -563,6 +563,7 @@ impl SegmentStream {
             meta: meta.clone(),
             event_tokens: 0,
             snapshot_tokens: 0,
+            scheduled: Default::default(),
         };
         let stream = Outgoing::new(pointer, Shipment::default(), Shipment::default()).expect("a manifest encodes");
         SegmentStream::Outgoing(Box::new(stream))
@@ -716,6 +717,7 @@ mod tests {
             },
             event_tokens: stored.events.next_token(),
             snapshot_tokens: stored.snapshots.next_token(),
+            scheduled: stored.scheduled.persisted(),
         }
     }
 
@@ -796,6 +798,23 @@ mod tests {
         apply(&leader, 1, 11);
         apply(&member, 1, 11);
         apply(&leader, 11, 50);
+        // A pending scheduled event: the snapshot's pointer carries the book.
+        let reminder = Event {
+            message_identifier: "reminder".into(),
+            ..Default::default()
+        };
+        let schedule = Command::Schedule(crate::command::Scheduling {
+            token: "t".into(),
+            instant: 1,
+            replaces: String::new(),
+            record: record_of(&reminder, Kind::Events),
+        });
+        let at = EntryRef {
+            term: 2,
+            leader: 1,
+            index: 49,
+        };
+        leader.apply(at, &schedule).unwrap();
         let snapshot = pointer(&leader, 49);
         apply(&leader, 50, 60);
         assert!(leader.events.closed_segments().len() > 3);
@@ -806,6 +825,8 @@ mod tests {
         send(&mut from, &mut to, 700, None).await.unwrap();
         let received = received(to).unwrap();
         assert_eq!(received.manifest.pointer.event_tokens, snapshot.event_tokens);
+        let book = crate::scheduled::Book::try_from(&received.manifest.pointer.scheduled).unwrap();
+        assert!(book.contains("t") && book.len() == 1);
         let pointer = serde_json::to_vec(&received.manifest.pointer).unwrap();
         received.staging.mark_ready(&pointer).unwrap();
         member.install(received.staging).unwrap();
