@@ -894,6 +894,60 @@ mod tests {
         assert_eq!(events(&member), events(&leader));
     }
 
+    /// The state machine of a member that installs a snapshot takes the book of scheduled
+    /// events from it, in place of its own (which may hold schedules since published), and keeps
+    /// it across a restart.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_installed_snapshot_brings_its_scheduled_events() {
+        use openraft::storage::RaftStateMachine;
+        let leader_dir = tempfile::tempdir().unwrap();
+        let member_dir = tempfile::tempdir().unwrap();
+        let leader = open(leader_dir.path());
+        let member = std::sync::Arc::new(open(member_dir.path()));
+        let schedule = |token: &str| {
+            let event = Event {
+                message_identifier: token.into(),
+                ..Default::default()
+            };
+            Command::Schedule(crate::command::Scheduling {
+                token: token.into(),
+                instant: 1,
+                replaces: String::new(),
+                record: record_of(&event, Kind::Events),
+            })
+        };
+        let at = |index| EntryRef {
+            term: 2,
+            leader: 1,
+            index,
+        };
+        // The member knew "old", which the leader has published since; "new" it never saw.
+        apply(&leader, 1, 5);
+        apply(&member, 1, 5);
+        leader.apply(at(5), &schedule("old")).unwrap();
+        member.apply(at(5), &schedule("old")).unwrap();
+        apply(&leader, 6, 20);
+        leader
+            .apply(at(20), &Command::PublishScheduled(vec!["old".into()]))
+            .unwrap();
+        leader.apply(at(21), &schedule("new")).unwrap();
+        let snapshot = pointer(&leader, 21);
+
+        let mut sm = crate::consensus::state_machine::StateMachine::open(member.clone()).unwrap();
+        let mut to = *sm.begin_receiving_snapshot().await.unwrap();
+        let mut from = outgoing(&leader, &snapshot);
+        send(&mut from, &mut to, 1000, None).await.unwrap();
+        sm.install_snapshot(&snapshot.meta, Box::new(to)).await.unwrap();
+        let pending = |stored: &StoredContext| stored.scheduled.read(|b| b.due(i64::MAX, 10));
+        assert_eq!(pending(&member), vec!["new"]);
+        assert_eq!(events(&member), events(&leader));
+        drop(sm);
+        drop(member);
+        let member = std::sync::Arc::new(open(member_dir.path()));
+        let _sm = crate::consensus::state_machine::StateMachine::open(member.clone()).unwrap();
+        assert_eq!(pending(&member), vec!["new"]);
+    }
+
     /// A stream cut short is not a snapshot: it cannot be installed, and what it staged goes.
     #[tokio::test(flavor = "multi_thread")]
     async fn a_stream_cut_short_is_not_installed() {
