@@ -375,6 +375,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let files = received.manifest.files.len();
         let data_bytes = received.manifest.data_bytes();
         let pointer_bytes = serde_json::to_vec_pretty(pointer).map_err(sm_write_error)?;
+        // Read before anything is installed: a book that does not read back refuses the snapshot.
+        let book = crate::scheduled::Book::try_from(&pointer.scheduled).map_err(|e| refused(e.to_string()))?;
         tokio::task::block_in_place(|| {
             received.staging.mark_ready(&pointer_bytes)?;
             crate::crash::point("install-after-ready");
@@ -382,7 +384,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })
         .map_err(sm_write_error)?;
         // The book comes with the snapshot, exact at its last entry.
-        let book = crate::scheduled::Book::try_from(&pointer.scheduled).map_err(|e| refused(e.to_string()))?;
         self.stored.scheduled.replace(book);
         self.scheduled_from = meta.last_log_id.map_or(0, |l| l.index + 1);
         self.state.last_applied = meta.last_log_id;
