@@ -39,6 +39,30 @@ pub enum Command {
     AppendEvents(Vec<Transaction>),
     /// A batch of snapshots, each validated and stored on its own.
     AppendSnapshots(Vec<EventRecord>),
+    /// Axon's ScheduleEvent and RescheduleEvent: keeps `record` to be appended at `instant`,
+    /// after cancelling `replaces` (if still pending) in the same step. The token is chosen by
+    /// the member that took the request, so the entry (and its re-application) names it.
+    Schedule(Scheduling),
+    /// Axon's CancelScheduledEvent: removes a pending schedule; one already published, or
+    /// never known, is left as it is (Axon answers success either way).
+    CancelScheduled(String),
+    /// Proposed by the leader's timer: appends the events of these due schedules, each as a
+    /// transaction of its own, and removes them, in one entry, so that a leader change can
+    /// neither publish one twice nor lose one. A token no longer pending is skipped.
+    PublishScheduled(Vec<String>),
+}
+
+/// An event to append later (see [`Command::Schedule`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scheduling {
+    /// The opaque token the client gets back and may cancel with.
+    pub token: String,
+    /// When to append it: Unix time in milliseconds.
+    pub instant: i64,
+    /// The schedule this one takes the place of; empty for none.
+    pub replaces: String,
+    /// The event; never indexed (an event of no aggregate).
+    pub record: EventRecord,
 }
 
 /// The outcome of applying one transaction or snapshot.
@@ -58,6 +82,13 @@ pub enum Outcome {
         highest: i64,
         snapshot: i64,
     },
+    /// A schedule was kept (or replaced another).
+    Scheduled,
+    /// A schedule was refused: the context holds as many pending schedules (or bytes of them)
+    /// as it may; nothing changed, the schedule it would have replaced is still pending.
+    TooManyScheduled { pending: u64, pending_bytes: u64 },
+    /// A cancel was applied, or a due schedule was no longer pending when its publish applied.
+    NotPending,
 }
 
 /// What applying an entry returned: one outcome per transaction (or snapshot), in order.
@@ -74,6 +105,9 @@ pub struct DecodeError(&'static str);
 
 const TAG_EVENTS: u8 = 1;
 const TAG_SNAPSHOTS: u8 = 2;
+const TAG_SCHEDULE: u8 = 3;
+const TAG_CANCEL_SCHEDULED: u8 = 4;
+const TAG_PUBLISH_SCHEDULED: u8 = 5;
 
 impl Command {
     /// Appends the binary form of this command to `buf`.
@@ -96,6 +130,24 @@ impl Command {
                     encode_record(record, buf);
                 }
             }
+            Command::Schedule(s) => {
+                buf.put_u8(TAG_SCHEDULE);
+                encode_str(&s.token, buf);
+                buf.put_i64_le(s.instant);
+                encode_str(&s.replaces, buf);
+                encode_record(&s.record, buf);
+            }
+            Command::CancelScheduled(token) => {
+                buf.put_u8(TAG_CANCEL_SCHEDULED);
+                encode_str(token, buf);
+            }
+            Command::PublishScheduled(tokens) => {
+                buf.put_u8(TAG_PUBLISH_SCHEDULED);
+                buf.put_u32_le(tokens.len() as u32);
+                for token in tokens {
+                    encode_str(token, buf);
+                }
+            }
         }
     }
 
@@ -110,6 +162,9 @@ impl Command {
                     .sum::<usize>()
             }
             Command::AppendSnapshots(records) => 5 + records.iter().map(record).sum::<usize>(),
+            Command::Schedule(s) => 1 + 4 + s.token.len() + 8 + 4 + s.replaces.len() + record(&s.record),
+            Command::CancelScheduled(token) => 5 + token.len(),
+            Command::PublishScheduled(tokens) => 5 + tokens.iter().map(|t| 4 + t.len()).sum::<usize>(),
         }
     }
 
@@ -139,6 +194,36 @@ impl Command {
                 }
                 finish(bytes, Command::AppendSnapshots(records))
             }
+            TAG_SCHEDULE => {
+                let token = decode_str(&mut bytes)?;
+                if bytes.remaining() < 8 {
+                    return Err(DecodeError("short schedule"));
+                }
+                let instant = bytes.get_i64_le();
+                let replaces = decode_str(&mut bytes)?;
+                let record = decode_record(&mut bytes)?;
+                finish(
+                    bytes,
+                    Command::Schedule(Scheduling {
+                        token,
+                        instant,
+                        replaces,
+                        record,
+                    }),
+                )
+            }
+            TAG_CANCEL_SCHEDULED => {
+                let token = decode_str(&mut bytes)?;
+                finish(bytes, Command::CancelScheduled(token))
+            }
+            TAG_PUBLISH_SCHEDULED => {
+                let n = get_u32(&mut bytes)? as usize;
+                let mut tokens = Vec::with_capacity(n.min(bytes.len()));
+                for _ in 0..n {
+                    tokens.push(decode_str(&mut bytes)?);
+                }
+                finish(bytes, Command::PublishScheduled(tokens))
+            }
             _ => Err(DecodeError("unknown command tag")),
         }
     }
@@ -150,6 +235,17 @@ fn finish(rest: Bytes, command: Command) -> Result<Command, DecodeError> {
     } else {
         Err(DecodeError("trailing bytes"))
     }
+}
+
+fn encode_str(s: &str, buf: &mut impl BufMut) {
+    buf.put_u32_le(s.len() as u32);
+    buf.put_slice(s.as_bytes());
+}
+
+fn decode_str(bytes: &mut Bytes) -> Result<String, DecodeError> {
+    let len = get_u32(bytes)? as usize;
+    let raw = take(bytes, len)?;
+    String::from_utf8(raw.to_vec()).map_err(|_| DecodeError("string is not UTF-8"))
 }
 
 fn encode_record(record: &EventRecord, buf: &mut impl BufMut) {
@@ -231,6 +327,25 @@ mod tests {
                 },
             ]),
             Command::AppendSnapshots(vec![record("b", 7)]),
+            Command::Schedule(Scheduling {
+                token: "t-1".into(),
+                instant: 1_700_000_000_123,
+                replaces: String::new(),
+                record: EventRecord {
+                    indexed: false,
+                    ..record("", 0)
+                },
+            }),
+            Command::Schedule(Scheduling {
+                token: "t-2".into(),
+                instant: -5,
+                replaces: "t-1".into(),
+                record: record("c", 3),
+            }),
+            Command::CancelScheduled("t-2".into()),
+            Command::CancelScheduled(String::new()),
+            Command::PublishScheduled(vec!["t-1".into(), "t-3".into()]),
+            Command::PublishScheduled(Vec::new()),
         ];
         for command in commands {
             let mut buf = Vec::new();

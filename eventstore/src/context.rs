@@ -322,6 +322,8 @@ impl Contexts {
         }
         let appender = Appender::start(raft.clone(), stored.clone());
         let read_indexes = crate::read_index::ReadIndexes::start(name, member.id, raft.clone(), self.relay.clone());
+        let closed = CancellationToken::new();
+        crate::publisher::start(raft.clone(), stored.clone(), member.id, closed.clone());
         let context = Arc::new(Context {
             member,
             relay: self.relay.clone(),
@@ -331,7 +333,7 @@ impl Contexts {
             appender,
             outbox: crate::outbox::Outbox::start(name, self.relay.clone()),
             read_indexes,
-            closed: CancellationToken::new(),
+            closed,
         });
         self.map.write().insert(name.to_owned(), context.clone());
         tracing::info!(

@@ -1,5 +1,5 @@
-//! What a member that does not lead its context's group asks of the leader: appends, and the
-//! index a read must wait for.
+//! What a member that does not lead its context's group asks of the leader: appends, schedule
+//! changes (Axon's EventScheduler), and the index a read must wait for.
 //!
 //! A client may connect to any member (issue 11). Its append is handed to the local appender
 //! when this node leads; otherwise it is sent, as one command in the log's binary form, through
@@ -77,6 +77,54 @@ pub async fn append(context: &Context, work: Work) -> Result<Outcome, AppendErro
             return Err(AppendError::NotLeader);
         }
         // Wait for a (new) leader, or a moment before asking the same one again.
+        let _ = context
+            .raft
+            .wait(Some((deadline - now).min(Duration::from_millis(100))))
+            .metrics(
+                |m| m.current_leader.is_some() && m.current_leader != previous,
+                "a leader",
+            )
+            .await;
+    }
+}
+
+/// Proposes a schedule change ([`Command::Schedule`] or [`Command::CancelScheduled`]) through
+/// the context's leader, wherever it is; what the caller is told is as for [`append`]. The
+/// command goes to a leader elsewhere as it is, so the token it names stays the same whoever
+/// proposes it.
+pub async fn schedule(context: &Context, command: Command) -> Result<Outcome, AppendError> {
+    let deadline = Instant::now() + WAIT_FOR_LEADER;
+    let mut encoded: Option<Bytes> = None;
+    loop {
+        let leader = crate::consensus::leader(&context.raft);
+        let previous = leader.as_ref().map(|(member, _)| *member);
+        match leader {
+            Some((leader, _)) if leader == context.member.id => {
+                return crate::publisher::propose(&context.raft, command).await;
+            }
+            Some((leader, node)) => {
+                let Some(node) = node else {
+                    return Err(AppendError::NotLeader);
+                };
+                let bytes = encoded
+                    .get_or_insert_with(|| {
+                        let mut out = Vec::with_capacity(command.encoded_len_hint());
+                        command.encode(&mut out);
+                        out.into()
+                    })
+                    .clone();
+                match context.outbox.send(Leader { member: leader, node }, bytes).await {
+                    Sent::Answered(result) => return result,
+                    Sent::Lost(why) => return Err(AppendError::Unknown(why)),
+                    Sent::NotTaken => {}
+                }
+            }
+            None => {}
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(AppendError::NotLeader);
+        }
         let _ = context
             .raft
             .wait(Some((deadline - now).min(Duration::from_millis(100))))
@@ -178,9 +226,23 @@ pub async fn receive(context: &Context, message: RaftMessage) -> RaftAnswer {
     let leading = context.raft.metrics().borrow().current_leader == Some(context.member.id);
     let mut waiting = Vec::with_capacity(message.entries.len());
     for bytes in message.entries {
-        let work = Command::decode(bytes)
-            .map_err(|e| AppendError::Storage(format!("undecodable forwarded append: {e}")))
-            .and_then(work_of);
+        let command =
+            Command::decode(bytes).map_err(|e| AppendError::Storage(format!("undecodable forwarded append: {e}")));
+        // A schedule change is an entry of its own (rare, small): proposed beside the batches.
+        if let Ok(command @ (Command::Schedule(_) | Command::CancelScheduled(_))) = command {
+            waiting.push(if leading {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                let raft = context.raft.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(crate::publisher::propose(&raft, command).await);
+                });
+                Ok(answer)
+            } else {
+                Err(AppendError::NotLeader)
+            });
+            continue;
+        }
+        let work = command.and_then(work_of);
         waiting.push(match work {
             Ok(work) if leading => context.appender.submit(work).await,
             Ok(_) => Err(AppendError::NotLeader),

@@ -1,14 +1,16 @@
 //! The eventstore process: stores the events and snapshots of every context on this node.
 //!
 //! Layers, top to bottom:
-//! - `service` / `tracking` / `control` / `inbox`: the internal gRPC API on a Unix socket
+//! - `service` / `schedule` / `tracking` / `control` / `inbox`: the internal gRPC API on a Unix socket
 //!   (decode, call, encode); `inbox` takes Raft messages from other nodes via the router.
 //! - `membership`: carrying out the cluster's decisions on who is in a context's group.
 //! - `context` / `append` / `forward` / `outbox` / `read_index`: the contexts, group commit of
-//!   concurrent appends, appends sent on to the leader (in batches) when this node does not
-//!   lead, and the read index rounds that reads share.
+//!   concurrent appends, appends (and schedule changes) sent on to the leader (in batches) when
+//!   this node does not lead, and the read index rounds that reads share; `publisher`: the
+//!   leader's timer that proposes the publication of due scheduled events.
 //! - `consensus`: one openraft group per context; the Raft log in `log/` segments.
-//! - `stored` / `segment`: applying committed entries to event and snapshot segment files;
+//! - `stored` / `segment` / `scheduled`: applying committed entries to event and snapshot
+//!   segment files and to the book of scheduled events;
 //!   `install`: putting segments received from another member in the place of a context's own.
 //!
 //! An append is confirmed only after its Raft entry is fsynced and applied; recovery after a
@@ -27,7 +29,10 @@ pub mod install;
 pub mod membership;
 pub mod metrics;
 pub mod outbox;
+pub mod publisher;
 pub mod read_index;
+pub mod schedule;
+pub mod scheduled;
 pub mod segment;
 pub mod service;
 pub mod space;
@@ -148,6 +153,11 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
     })
     .max_decoding_message_size(myelin_proto::limits::internal_message_limit(args.max_message_size))
     .max_encoding_message_size(usize::MAX);
+    let scheduling = myelin_proto::internal::event_scheduling_server::EventSchedulingServer::new(schedule::Service {
+        contexts: contexts.clone(),
+        max_event_bytes: myelin_proto::limits::max_transaction_bytes(args.max_message_size),
+    })
+    .max_decoding_message_size(myelin_proto::limits::internal_message_limit(args.max_message_size));
     let control = myelin_proto::internal::storage_control_server::StorageControlServer::new(control::Control {
         contexts: contexts.clone(),
     });
@@ -162,6 +172,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()>) ->
         .initial_connection_window_size(Some(myelin_proto::local_socket::window::CONNECTION))
         .add_service(health)
         .add_service(storage)
+        .add_service(scheduling)
         .add_service(control)
         .add_service(inbox)
         .serve_with_incoming_shutdown(myelin_proto::local_socket::incoming(listener), shutdown)

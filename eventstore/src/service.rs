@@ -42,7 +42,7 @@ pub struct Service {
 }
 
 /// The context a call is for, from the `myelin-context` metadata the router sets.
-fn context_of<T>(contexts: &Contexts, request: &Request<T>) -> Result<Arc<Context>, Status> {
+pub(crate) fn context_of<T>(contexts: &Contexts, request: &Request<T>) -> Result<Arc<Context>, Status> {
     let name = request
         .metadata()
         .get(myelin_proto::CONTEXT_KEY)
@@ -58,7 +58,7 @@ pub fn storage_status(e: StoreError) -> Status {
     ErrorCode::DatafileReadError.status(e)
 }
 
-fn append_status(context: &str, e: AppendError) -> Status {
+pub(crate) fn append_status(context: &str, e: AppendError) -> Status {
     match e {
         AppendError::NotLeader => ErrorCode::NoLeaderAvailable.status(format!("No leader for {context}")),
         AppendError::Unknown(why) => Status::unavailable(format!("the outcome of the append is unknown: {why}")),
@@ -89,13 +89,16 @@ fn outcome_status(outcome: Outcome) -> Result<i64, Status> {
             "Invalid sequence number while storing snapshot. Highest aggregate {aggregate_id} sequence number: \
              {highest}, snapshot sequence {snapshot}."
         ))),
+        other @ (Outcome::Scheduled | Outcome::TooManyScheduled { .. } | Outcome::NotPending) => {
+            Err(Status::internal(format!("unexpected outcome of an append: {other:?}")))
+        }
     }
 }
 
 /// An event that names an aggregate type takes part in sequence checks and must name its
 /// aggregate. Events without a type are stored as sent (as Axon Server does), but an event
 /// must hold something: an empty one (no identifier, no payload) is refused.
-fn check_event(event: &Event) -> Result<(), Status> {
+pub(crate) fn check_event(event: &Event) -> Result<(), Status> {
     if *event == Event::default() {
         return Err(Status::invalid_argument(
             "an event must not be empty: it needs at least a message identifier",

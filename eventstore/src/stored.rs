@@ -28,6 +28,9 @@ pub struct StoredContext {
     pub dir: PathBuf,
     pub events: SegmentStore,
     pub snapshots: SegmentStore,
+    /// The pending scheduled events (see `crate::scheduled`): filled from the snapshot pointer
+    /// and the log when the Raft group starts, then changed by apply only.
+    pub scheduled: crate::scheduled::Shelf,
 }
 
 /// The index facts of an event, the same at append time and when an index is rebuilt from disk.
@@ -94,6 +97,7 @@ impl StoredContext {
                 limits.snapshot_segment_size,
                 SNAPSHOTS,
             )?,
+            scheduled: Default::default(),
         })
     }
 
@@ -113,6 +117,10 @@ impl StoredContext {
         match command {
             Command::AppendEvents(txs) => self.events.may_roll(size(&mut txs.iter().flat_map(|tx| &tx.events))),
             Command::AppendSnapshots(records) => self.snapshots.may_roll(size(&mut records.iter())),
+            Command::PublishScheduled(tokens) => self
+                .events
+                .may_roll(self.scheduled.read(|book| book.bytes_of(tokens)) + 64 * tokens.len() as u64),
+            Command::Schedule(_) | Command::CancelScheduled(_) => false,
         }
     }
 
@@ -122,6 +130,35 @@ impl StoredContext {
         match command {
             Command::AppendEvents(txs) => self.apply_events(entry, txs),
             Command::AppendSnapshots(records) => self.apply_snapshots(entry, records),
+            Command::Schedule(_) | Command::CancelScheduled(_) | Command::PublishScheduled(_) => {
+                self.apply_scheduled(entry, command)
+            }
+        }
+    }
+
+    /// A schedule command: the book decides (see `crate::scheduled`); a publish appends the
+    /// events of the schedules it took, each a transaction of its own, in the same entry.
+    fn apply_scheduled(&self, entry: EntryRef, command: &Command) -> Result<Vec<Outcome>, StoreError> {
+        match self.scheduled.update(|book| book.apply(command)) {
+            crate::scheduled::Applied::Nothing => Ok(Vec::new()),
+            crate::scheduled::Applied::Outcome(outcome) => Ok(vec![outcome]),
+            crate::scheduled::Applied::Publish(events) => {
+                let txs: Vec<Transaction> = events
+                    .iter()
+                    .flatten()
+                    .map(|record| Transaction {
+                        events: vec![record.clone()],
+                    })
+                    .collect();
+                let mut stored = self.apply_events(entry, &txs)?.into_iter();
+                Ok(events
+                    .iter()
+                    .map(|e| match e {
+                        Some(_) => stored.next().unwrap_or(Outcome::NotPending),
+                        None => Outcome::NotPending,
+                    })
+                    .collect())
+            }
         }
     }
 

@@ -218,6 +218,9 @@ impl Operation {
             ("event.EventStore", "GetFirstToken" | "GetLastToken" | "GetTokenAt") => O::GetTokens,
             ("event.EventStore", "ReadHighestSequenceNr") => O::ReadHighestSequence,
             ("event.EventStore", "QueryEvents") => O::SearchEvents,
+            // A scheduled event is appended later as any other: scheduling, rescheduling and
+            // cancelling need the right to append events, as in Axon Server.
+            ("event.EventScheduler", _) => O::AppendEvent,
             ("command.CommandService", "Dispatch") => O::DispatchCommand,
             ("command.CommandService", "OpenStream") => O::HandleCommands,
             ("query.QueryService", "Query") => O::DispatchQuery,
@@ -281,7 +284,11 @@ mod tests {
         );
         assert_eq!(
             op("/io.axoniq.axonserver.grpc.event.EventScheduler/ScheduleEvent"),
-            Some(Operation::Connect)
+            Some(Operation::AppendEvent)
+        );
+        assert_eq!(
+            op("/io.axoniq.axonserver.grpc.event.EventScheduler/CancelScheduledEvent"),
+            Some(Operation::AppendEvent)
         );
         assert_eq!(op("/grpc.health.v1.Health/Check"), None);
         assert_eq!(op("nonsense"), None);

@@ -13,6 +13,7 @@ pub mod context;
 pub mod control;
 pub mod event_metrics;
 pub mod event_reads;
+pub mod event_scheduler;
 pub mod event_store;
 pub mod handler_limits;
 pub mod limits;
@@ -187,6 +188,12 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
             std::time::Duration::from_millis(limits.transaction_timeout_ms),
         ),
     };
+    let scheduler = event_scheduler::EventSchedulerRelay {
+        scheduling: myelin_proto::internal::event_scheduling_client::EventSchedulingClient::new(
+            myelin_proto::local_socket::channel(&args.eventstore_socket)?,
+        )
+        .max_encoding_message_size(usize::MAX),
+    };
     let max_reads = usize::try_from(limits.event_reads).unwrap_or(usize::MAX);
     let metrics_handle = metrics::install();
     let _upkeep = metrics::keep_up(metrics_handle.clone());
@@ -337,6 +344,10 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         .initial_stream_window_size(Some(CLIENT_STREAM_WINDOW))
         .initial_connection_window_size(Some(CLIENT_CONNECTION_WINDOW))
         .add_service(event_reads::EventStoreService::new(relay, max, max_reads))
+        .add_service(
+            myelin_proto::axon::event::event_scheduler_server::EventSchedulerServer::new(scheduler)
+                .max_decoding_message_size(max),
+        )
         .add_service(
             myelin_proto::axon::control::platform_service_server::PlatformServiceServer::new(platform)
                 .max_decoding_message_size(max),

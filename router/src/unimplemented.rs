@@ -1,6 +1,6 @@
 //! Calls for a service or method this node does not serve.
 //!
-//! A client calling a service no server of the client port claims (Axon's `EventScheduler`, say)
+//! A client calling a service no server of the client port claims (Axon's `EventTransformationService`, say)
 //! gets tonic's trailers-only UNIMPLEMENTED answer; so does a method a generated service lacks,
 //! and the few RPCs the router knows but does not support (`QueryEvents`) answer the same. The
 //! client sees UNIMPLEMENTED, and without this layer the operator saw nothing: an application

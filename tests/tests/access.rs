@@ -249,3 +249,73 @@ async fn the_router_keeps_enforcing_the_last_rules_while_admin_is_down() {
         .expect("router answered");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(admin), nix::sys::signal::Signal::SIGCONT).unwrap();
 }
+
+/// Scheduling, rescheduling and cancelling a scheduled event need the right to append events
+/// (issue 14), as in Axon Server: a reader is refused, a writer is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_event_scheduler_needs_the_right_to_append_events() {
+    use myelin_proto::axon::event::event_scheduler_client::EventSchedulerClient;
+    use myelin_proto::axon::event::{CancelScheduledEventRequest, RescheduleEventRequest, ScheduleEventRequest};
+    let node = start().await;
+    let client = node.client().await;
+    let mut scheduler = EventSchedulerClient::new(node.channel().await);
+    let request = || ScheduleEventRequest {
+        instant: i64::MAX,
+        event: Some(Event {
+            message_identifier: "later".into(),
+            ..Default::default()
+        }),
+    };
+    assert_refused(
+        scheduler.schedule_event(with_token(request(), None)).await,
+        Code::Unauthenticated,
+        "AXONIQ-1000",
+    );
+    let reader = register(&node, "reporting", "default", &["READ_EVENTS"]).await;
+    reaches_the_router("the reader's token", &client, &reader).await;
+    assert_refused(
+        scheduler.schedule_event(with_token(request(), Some(&reader))).await,
+        Code::PermissionDenied,
+        "AXONIQ-1001",
+    );
+    assert_refused(
+        scheduler
+            .reschedule_event(with_token(RescheduleEventRequest::default(), Some(&reader)))
+            .await,
+        Code::PermissionDenied,
+        "AXONIQ-1001",
+    );
+    assert_refused(
+        scheduler
+            .cancel_scheduled_event(with_token(CancelScheduledEventRequest::default(), Some(&reader)))
+            .await,
+        Code::PermissionDenied,
+        "AXONIQ-1001",
+    );
+    let writer = register(&node, "billing", "default", &["PUBLISH_EVENTS"]).await;
+    let scheduled = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    eventually("the writer's token reaching the router", || {
+        let mut scheduler = scheduler.clone();
+        let writer = writer.clone();
+        let request = request();
+        let scheduled = scheduled.clone();
+        async move {
+            match scheduler.schedule_event(with_token(request, Some(&writer))).await {
+                Ok(reply) => {
+                    *scheduled.lock().unwrap() = reply.into_inner().token;
+                    true
+                }
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    let token = scheduled.lock().unwrap().clone();
+    assert!(!token.is_empty());
+    let ack = scheduler
+        .cancel_scheduled_event(with_token(CancelScheduledEventRequest { token }, Some(&writer)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ack.success);
+}

@@ -117,6 +117,33 @@ async fn wait_purged_past(cluster: &Cluster, leader: usize, index: f64) -> f64 {
     }
 }
 
+/// Schedules an event an hour ahead through node `i`; returns its token.
+async fn schedule_far_ahead(cluster: &Cluster, i: usize) -> String {
+    use myelin_proto::axon::event::ScheduleEventRequest;
+    use myelin_proto::axon::event::event_scheduler_client::EventSchedulerClient;
+    let instant = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 3_600_000;
+    let mut client = EventSchedulerClient::new(cluster.nodes[i].channel().await);
+    client
+        .schedule_event(with_context(
+            ScheduleEventRequest {
+                instant,
+                event: Some(Event {
+                    message_identifier: "far-ahead".into(),
+                    ..Default::default()
+                }),
+            },
+            CONTEXT,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+}
+
 /// Every file of the context's event and snapshot stores on a node, by store and name.
 fn store_files(data: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut files = BTreeMap::new();
@@ -166,6 +193,9 @@ async fn a_member_added_behind_the_purged_log_receives_the_segment_files() {
     let mut cluster = Cluster::start(3, ENV).await;
     cluster.create_context(CONTEXT, &[0, 1, 2]).await;
     let leader = cluster.wait_leader(CONTEXT, Duration::from_secs(15)).await;
+    // A scheduled event, due long after the test: it is state of the group the new member must
+    // receive with the snapshot (issue 14), since the entry that made it is purged.
+    let token = schedule_far_ahead(&cluster, leader).await;
     let mut events = append(&cluster, leader, 0, 400, 40).await;
     let purged = wait_purged_past(&cluster, leader, 200.0).await;
     eprintln!("{events} events; the leader's log is purged up to {purged}");
@@ -188,6 +218,11 @@ async fn a_member_added_behind_the_purged_log_receives_the_segment_files() {
             .contains("installed a snapshot of segment files from the leader")
     );
     assert_same(&cluster, leader, fourth).await;
+    let pointer = std::fs::read_to_string(cluster.nodes[fourth].data.join(CONTEXT).join("snapshot.json")).unwrap();
+    assert!(
+        pointer.contains(&token),
+        "the installed snapshot lacks the scheduled event"
+    );
 
     // The log tail goes on to every member, the new one included.
     let leader = cluster.wait_leader(CONTEXT, Duration::from_secs(15)).await;

@@ -156,29 +156,36 @@ async fn a_slow_event_store_at_start_is_not_a_warning() {
     assert!(warnings.is_empty(), "{}", warnings.join("\n"));
 }
 
-/// Issue 16, defect 7: a call to a service Myelin does not serve (Axon's EventScheduler) is
-/// answered UNIMPLEMENTED with a message naming the method and service, and the node logs it
-/// once per method, however often it is called.
+/// Issue 16, defect 7: a call to a service Myelin does not serve (Axon's
+/// EventTransformationService) is answered UNIMPLEMENTED with a message naming the method and
+/// service, and the node logs it once per method, however often it is called.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unserved_method_is_unimplemented_named_and_logged_once() {
-    use myelin_proto::axon::event::ScheduleEventRequest;
-    use myelin_proto::axon::event::event_scheduler_client::EventSchedulerClient;
+    use myelin_proto::axon::event::{ScheduleEventRequest, ScheduleToken};
+    const PATH: &str = "/io.axoniq.axonserver.grpc.event.EventTransformationService/StartTransformation";
     let node = Node::start(Options::default()).await;
-    let mut client = EventSchedulerClient::new(node.channel().await);
+    let mut client = tonic::client::Grpc::new(node.channel().await);
     for _ in 0..3 {
+        client.ready().await.unwrap();
+        // Any message will do as the body: the method is refused before it is read.
         let status = client
-            .schedule_event(ScheduleEventRequest::default())
+            .unary::<_, ScheduleToken, _>(
+                tonic::Request::new(ScheduleEventRequest::default()),
+                PATH.parse().unwrap(),
+                tonic_prost::ProstCodec::default(),
+            )
             .await
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
         assert_eq!(
             status.message(),
-            "Myelin does not implement method ScheduleEvent of service io.axoniq.axonserver.grpc.event.EventScheduler"
+            "Myelin does not implement method StartTransformation of service \
+             io.axoniq.axonserver.grpc.event.EventTransformationService"
         );
     }
     let logged = |log: &str| {
         log.lines()
-            .filter(|l| l.contains("does not implement") && l.contains("method=\"ScheduleEvent\""))
+            .filter(|l| l.contains("does not implement") && l.contains("method=\"StartTransformation\""))
             .count()
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

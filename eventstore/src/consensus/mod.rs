@@ -120,6 +120,11 @@ pub async fn start_group(
     .with_context(|| format!("opening the Raft log of context {context}"))?;
     let mut sm = state_machine::StateMachine::open(stored)
         .with_context(|| format!("opening the state machine of context {context}"))?;
+    // Before a restored context's applied state becomes its snapshot: that snapshot must hold
+    // the book as of the applied state.
+    sm.replay_scheduled(&mut log)
+        .await
+        .with_context(|| format!("restoring the scheduled events of context {context}"))?;
     reconcile_restored(context, &mut log, &mut sm).await?;
     let (snapshot_every, keep_behind) = snapshot_logs();
     let config = openraft::Config {
@@ -409,6 +414,140 @@ mod tests {
         let retaken: state_machine::SnapshotPointer = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(retaken.meta.last_log_id, snapshot.meta.last_log_id);
         assert_eq!(retaken.event_tokens, stored.events.next_token());
+    }
+
+    fn scheduled_event(id: &str, instant: i64, replaces: &str) -> Command {
+        let event = Event {
+            message_identifier: id.into(),
+            ..Default::default()
+        };
+        Command::Schedule(crate::command::Scheduling {
+            token: id.into(),
+            instant,
+            replaces: replaces.into(),
+            record: crate::stored::record_of(&event, crate::segment::Kind::Events),
+        })
+    }
+
+    async fn write(raft: &Raft, command: Command) -> Vec<crate::command::Outcome> {
+        raft.client_write(command).await.unwrap().data.outcomes
+    }
+
+    /// Appends `n` events of no aggregate, one entry each.
+    async fn fill(raft: &Raft, n: usize) {
+        for _ in 0..n {
+            let event = Event {
+                message_identifier: "fill".into(),
+                ..Default::default()
+            };
+            let record = crate::stored::record_of(&event, crate::segment::Kind::Events);
+            write(raft, Command::AppendEvents(vec![Transaction { events: vec![record] }])).await;
+        }
+    }
+
+    fn message_ids(stored: &StoredContext) -> Vec<String> {
+        stored
+            .events
+            .read_from(0, usize::MAX, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(_, bytes)| Event::decode(bytes).unwrap().message_identifier)
+            .collect()
+    }
+
+    fn pending(stored: &StoredContext) -> Vec<String> {
+        stored.scheduled.read(|book| book.due(i64::MAX, usize::MAX))
+    }
+
+    /// Schedule, reschedule, publish and cancel through committed entries: a publish appends
+    /// the event once and removes the schedule; a second publish of it (a new leader's timer)
+    /// and a cancel after it change nothing.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn scheduled_events_are_published_once_and_cancel_after_publish_is_a_no_op() {
+        use crate::command::Outcome;
+        let dir = tempfile::tempdir().unwrap();
+        let (stored, raft) = open(dir.path()).await;
+        append(&raft, 0, 2).await;
+        assert_eq!(
+            write(&raft, scheduled_event("s1", 10, "")).await,
+            vec![Outcome::Scheduled]
+        );
+        assert_eq!(
+            write(&raft, scheduled_event("s2", 20, "")).await,
+            vec![Outcome::Scheduled]
+        );
+        assert_eq!(
+            write(&raft, scheduled_event("s3", 30, "s2")).await,
+            vec![Outcome::Scheduled]
+        );
+        assert_eq!(pending(&stored), vec!["s1", "s3"]);
+        let published = write(&raft, Command::PublishScheduled(vec!["s1".into(), "s2".into()])).await;
+        assert_eq!(
+            published,
+            vec![
+                Outcome::Stored {
+                    first_token: 2,
+                    count: 1
+                },
+                Outcome::NotPending
+            ]
+        );
+        assert_eq!(
+            write(&raft, Command::PublishScheduled(vec!["s1".into()])).await,
+            vec![Outcome::NotPending]
+        );
+        assert_eq!(
+            write(&raft, Command::CancelScheduled("s1".into())).await,
+            vec![Outcome::NotPending]
+        );
+        assert_eq!(
+            write(&raft, Command::CancelScheduled("s3".into())).await,
+            vec![Outcome::NotPending]
+        );
+        assert_eq!(
+            write(&raft, Command::PublishScheduled(vec!["s3".into()])).await,
+            vec![Outcome::NotPending]
+        );
+        assert!(pending(&stored).is_empty());
+        let ids = message_ids(&stored);
+        assert_eq!(ids.iter().filter(|id| *id == "s1").count(), 1);
+        assert_eq!(ids.len(), 3, "{ids:?}");
+        raft.shutdown().await.unwrap();
+    }
+
+    /// The book survives restarts: replayed from the log after the snapshot, then read from the
+    /// snapshot pointer once the log is purged behind it; a publish applied before the restart
+    /// is not pending after it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn scheduled_events_survive_restarts_from_the_log_and_from_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stored, raft) = open(dir.path()).await;
+        write(&raft, scheduled_event("early", 1, "")).await;
+        write(&raft, scheduled_event("late", 2, "")).await;
+        fill(&raft, 10).await;
+        write(&raft, Command::PublishScheduled(vec!["early".into()])).await;
+        write(&raft, scheduled_event("later", 3, "")).await;
+        raft.shutdown().await.unwrap();
+        drop((stored, raft));
+
+        let (stored, raft) = open(dir.path()).await;
+        assert_eq!(pending(&stored), vec!["late", "later"]);
+        fill(&raft, 60).await;
+        write(&raft, Command::CancelScheduled("later".into())).await;
+        write(&raft, scheduled_event("last", 4, "")).await;
+        fill(&raft, 10).await;
+        snapshot_and_purge(&raft).await;
+        write(&raft, scheduled_event("after-snapshot", 5, "")).await;
+        raft.shutdown().await.unwrap();
+        drop((stored, raft));
+
+        let pointer: state_machine::SnapshotPointer =
+            serde_json::from_slice(&std::fs::read(dir.path().join(crate::install::POINTER_FILE)).unwrap()).unwrap();
+        assert_eq!(pointer.scheduled.pending.len(), 2, "late and last are in the snapshot");
+        let (stored, raft) = open(dir.path()).await;
+        assert_eq!(pending(&stored), vec!["late", "last", "after-snapshot"]);
+        assert_eq!(message_ids(&stored).iter().filter(|id| *id == "early").count(), 1);
+        raft.shutdown().await.unwrap();
     }
 
     /// A restored vote (or none at all) older than the newest applied entry's term is raised to

@@ -49,6 +49,9 @@ pub struct SnapshotPointer {
     pub meta: SnapshotMeta<NodeId, openraft::BasicNode>,
     pub event_tokens: i64,
     pub snapshot_tokens: i64,
+    /// The pending scheduled events at its last entry (see `crate::scheduled`).
+    #[serde(default)]
+    pub scheduled: crate::scheduled::Persisted,
 }
 
 /// The token counts of both stores.
@@ -72,6 +75,9 @@ pub struct StateMachine {
     state_path: PathBuf,
     snapshot_path: PathBuf,
     state: PersistedState,
+    /// The first entry whose schedule changes the book does not hold yet: the one after the
+    /// snapshot it was read from (see `replay_scheduled`).
+    scheduled_from: u64,
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> std::io::Result<Option<T>> {
@@ -133,7 +139,12 @@ impl StateMachine {
                 state.last_applied = Some(from_segments);
             }
         }
+        let mut scheduled_from = 0;
         if let Some(pointer) = pointer {
+            let book = crate::scheduled::Book::try_from(&pointer.scheduled)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            stored.scheduled.replace(book);
+            scheduled_from = pointer.meta.last_log_id.map_or(0, |l| l.index + 1);
             if state.last_applied < pointer.meta.last_log_id {
                 state.last_applied = pointer.meta.last_log_id;
             }
@@ -147,7 +158,72 @@ impl StateMachine {
             state_path,
             snapshot_path,
             state,
+            scheduled_from,
         })
+    }
+
+    /// Brings the book of scheduled events from its snapshot up to the applied state: replays
+    /// the schedule changes of the entries after the snapshot that are already applied (those
+    /// the segments hold, and entries that stored nothing), read from the Raft log. Entries
+    /// after the applied state are applied by openraft as usual. Called once, before the group
+    /// starts.
+    ///
+    /// openraft purges its log only behind a snapshot, so these entries are in it; only a data
+    /// directory restored from a backup (whose segments may be ahead of its log) can lack some,
+    /// and their schedule changes are then missing (logged; docs/backups.md).
+    pub async fn replay_scheduled(&mut self, log: &mut super::log_store::LogStore) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        use openraft::storage::{RaftLogReader, RaftLogStorage};
+        let Some(applied) = self.state.last_applied.map(|l| l.index) else {
+            return Ok(());
+        };
+        let state = log.get_log_state().await.context("reading the log state")?;
+        let first_held = state.last_purged_log_id.map_or(0, |l| l.index + 1);
+        let last_held = state.last_log_id.map_or(0, |l| l.index);
+        let from = self.scheduled_from.max(first_held);
+        let to = applied.min(last_held);
+        if self.scheduled_from <= applied && (first_held > self.scheduled_from || last_held < applied) {
+            tracing::warn!(
+                context = %self.stored.name,
+                book_from = self.scheduled_from,
+                applied,
+                log_from = first_held,
+                log_to = last_held,
+                "the Raft log lacks applied entries after the snapshot: their schedule changes are missing"
+            );
+        }
+        let mut reader = log.get_log_reader().await;
+        let mut next = from;
+        let mut replayed = 0usize;
+        while next <= to && state.last_log_id.is_some() && from <= applied {
+            let end = (next + 64).min(to + 1);
+            let entries = reader
+                .try_get_log_entries(next..end)
+                .await
+                .context("reading the Raft log")?;
+            for entry in &entries {
+                if let EntryPayload::Normal(command) = &entry.payload
+                    && !matches!(
+                        command,
+                        crate::command::Command::AppendEvents(_) | crate::command::Command::AppendSnapshots(_)
+                    )
+                {
+                    self.stored.scheduled.update(|book| book.apply(command));
+                    replayed += 1;
+                }
+            }
+            next = end;
+        }
+        self.scheduled_from = applied + 1;
+        if replayed > 0 || self.stored.scheduled.read(|b| !b.is_empty()) {
+            tracing::info!(
+                context = %self.stored.name,
+                replayed,
+                pending = self.stored.scheduled.read(|b| b.len()),
+                "scheduled events restored"
+            );
+        }
+        Ok(())
     }
 
     /// Makes the applied state a snapshot: fsyncs the segments and points `snapshot.json` at the
@@ -158,9 +234,15 @@ impl StateMachine {
     /// openraft then purges its log up to the applied entry, which it allows only behind a
     /// snapshot that covers it; the segments are that snapshot.
     pub fn snapshot_applied_state(&self) -> std::io::Result<()> {
-        write_snapshot(&self.stored, &self.snapshot_path, &self.state, Tokens::of(&self.stored))
-            .map(|_| ())
-            .map_err(std::io::Error::other)
+        write_snapshot(
+            &self.stored,
+            &self.snapshot_path,
+            &self.state,
+            Tokens::of(&self.stored),
+            self.stored.scheduled.persisted(),
+        )
+        .map(|_| ())
+        .map_err(std::io::Error::other)
     }
 
     /// The current snapshot as a stream of its files. A pointer whose token counts are not
@@ -261,6 +343,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             snapshot_path: self.snapshot_path.clone(),
             state: self.state.clone(),
             tokens: Tokens::of(&self.stored),
+            scheduled: self.stored.scheduled.persisted(),
         }
     }
 
@@ -292,12 +375,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let files = received.manifest.files.len();
         let data_bytes = received.manifest.data_bytes();
         let pointer_bytes = serde_json::to_vec_pretty(pointer).map_err(sm_write_error)?;
+        // Read before anything is installed: a book that does not read back refuses the snapshot.
+        let book = crate::scheduled::Book::try_from(&pointer.scheduled).map_err(|e| refused(e.to_string()))?;
         tokio::task::block_in_place(|| {
             received.staging.mark_ready(&pointer_bytes)?;
             crate::crash::point("install-after-ready");
             self.stored.install(received.staging)
         })
         .map_err(sm_write_error)?;
+        // The book comes with the snapshot, exact at its last entry.
+        self.stored.scheduled.replace(book);
+        self.scheduled_from = meta.last_log_id.map_or(0, |l| l.index + 1);
         self.state.last_applied = meta.last_log_id;
         self.state.membership = meta.last_membership.clone();
         self.persist()?;
@@ -332,12 +420,20 @@ pub struct SnapshotBuilder {
     snapshot_path: PathBuf,
     state: PersistedState,
     tokens: Tokens,
+    /// The book of scheduled events at `state`'s last entry.
+    scheduled: crate::scheduled::Persisted,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
         let meta = tokio::task::block_in_place(|| {
-            write_snapshot(&self.stored, &self.snapshot_path, &self.state, self.tokens)
+            write_snapshot(
+                &self.stored,
+                &self.snapshot_path,
+                &self.state,
+                self.tokens,
+                self.scheduled.clone(),
+            )
         })?;
         // openraft only keeps the meta of a snapshot it built; the files are listed when it
         // sends one (`get_current_snapshot`).
@@ -355,6 +451,7 @@ fn write_snapshot(
     snapshot_path: &std::path::Path,
     state: &PersistedState,
     tokens: Tokens,
+    scheduled: crate::scheduled::Persisted,
 ) -> Result<SnapshotMeta<NodeId, openraft::BasicNode>, StorageError<NodeId>> {
     let (event_tokens, snapshot_tokens) = (tokens.events, tokens.snapshots);
     // A snapshot installed while this one was being built is newer: keep it.
@@ -375,6 +472,7 @@ fn write_snapshot(
         meta: meta.clone(),
         event_tokens,
         snapshot_tokens,
+        scheduled,
     };
     let bytes = serde_json::to_vec_pretty(&pointer).map_err(sm_write_error)?;
     write_atomically(snapshot_path, &bytes).map_err(sm_write_error)?;

@@ -563,6 +563,7 @@ impl SegmentStream {
             meta: meta.clone(),
             event_tokens: 0,
             snapshot_tokens: 0,
+            scheduled: Default::default(),
         };
         let stream = Outgoing::new(pointer, Shipment::default(), Shipment::default()).expect("a manifest encodes");
         SegmentStream::Outgoing(Box::new(stream))
@@ -716,6 +717,7 @@ mod tests {
             },
             event_tokens: stored.events.next_token(),
             snapshot_tokens: stored.snapshots.next_token(),
+            scheduled: stored.scheduled.persisted(),
         }
     }
 
@@ -796,6 +798,23 @@ mod tests {
         apply(&leader, 1, 11);
         apply(&member, 1, 11);
         apply(&leader, 11, 50);
+        // A pending scheduled event: the snapshot's pointer carries the book.
+        let reminder = Event {
+            message_identifier: "reminder".into(),
+            ..Default::default()
+        };
+        let schedule = Command::Schedule(crate::command::Scheduling {
+            token: "t".into(),
+            instant: 1,
+            replaces: String::new(),
+            record: record_of(&reminder, Kind::Events),
+        });
+        let at = EntryRef {
+            term: 2,
+            leader: 1,
+            index: 49,
+        };
+        leader.apply(at, &schedule).unwrap();
         let snapshot = pointer(&leader, 49);
         apply(&leader, 50, 60);
         assert!(leader.events.closed_segments().len() > 3);
@@ -806,6 +825,8 @@ mod tests {
         send(&mut from, &mut to, 700, None).await.unwrap();
         let received = received(to).unwrap();
         assert_eq!(received.manifest.pointer.event_tokens, snapshot.event_tokens);
+        let book = crate::scheduled::Book::try_from(&received.manifest.pointer.scheduled).unwrap();
+        assert!(book.contains("t") && book.len() == 1);
         let pointer = serde_json::to_vec(&received.manifest.pointer).unwrap();
         received.staging.mark_ready(&pointer).unwrap();
         member.install(received.staging).unwrap();
@@ -871,6 +892,60 @@ mod tests {
         received.staging.mark_ready(b"{}").unwrap();
         member.install(received.staging).unwrap();
         assert_eq!(events(&member), events(&leader));
+    }
+
+    /// The state machine of a member that installs a snapshot takes the book of scheduled
+    /// events from it, in place of its own (which may hold schedules since published), and keeps
+    /// it across a restart.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_installed_snapshot_brings_its_scheduled_events() {
+        use openraft::storage::RaftStateMachine;
+        let leader_dir = tempfile::tempdir().unwrap();
+        let member_dir = tempfile::tempdir().unwrap();
+        let leader = open(leader_dir.path());
+        let member = std::sync::Arc::new(open(member_dir.path()));
+        let schedule = |token: &str| {
+            let event = Event {
+                message_identifier: token.into(),
+                ..Default::default()
+            };
+            Command::Schedule(crate::command::Scheduling {
+                token: token.into(),
+                instant: 1,
+                replaces: String::new(),
+                record: record_of(&event, Kind::Events),
+            })
+        };
+        let at = |index| EntryRef {
+            term: 2,
+            leader: 1,
+            index,
+        };
+        // The member knew "old", which the leader has published since; "new" it never saw.
+        apply(&leader, 1, 5);
+        apply(&member, 1, 5);
+        leader.apply(at(5), &schedule("old")).unwrap();
+        member.apply(at(5), &schedule("old")).unwrap();
+        apply(&leader, 6, 20);
+        leader
+            .apply(at(20), &Command::PublishScheduled(vec!["old".into()]))
+            .unwrap();
+        leader.apply(at(21), &schedule("new")).unwrap();
+        let snapshot = pointer(&leader, 21);
+
+        let mut sm = crate::consensus::state_machine::StateMachine::open(member.clone()).unwrap();
+        let mut to = *sm.begin_receiving_snapshot().await.unwrap();
+        let mut from = outgoing(&leader, &snapshot);
+        send(&mut from, &mut to, 1000, None).await.unwrap();
+        sm.install_snapshot(&snapshot.meta, Box::new(to)).await.unwrap();
+        let pending = |stored: &StoredContext| stored.scheduled.read(|b| b.due(i64::MAX, 10));
+        assert_eq!(pending(&member), vec!["new"]);
+        assert_eq!(events(&member), events(&leader));
+        drop(sm);
+        drop(member);
+        let member = std::sync::Arc::new(open(member_dir.path()));
+        let _sm = crate::consensus::state_machine::StateMachine::open(member.clone()).unwrap();
+        assert_eq!(pending(&member), vec!["new"]);
     }
 
     /// A stream cut short is not a snapshot: it cannot be installed, and what it staged goes.
