@@ -92,6 +92,10 @@ pub struct Args {
     /// fsyncs) and the applications on the same machine.
     #[arg(long, default_value_t = 0)]
     pub worker_threads: usize,
+    /// A tag of this node, `NAME=VALUE` (Axon's `axoniq.axonserver.tags.NAME`); repeat for
+    /// more. `GetPlatformServer` sends a client to the node whose tags match most of its own.
+    #[arg(long = "tag", value_name = "NAME=VALUE", value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
     /// PEM certificate chain the client port serves TLS with (Axon's `ssl.cert-chain-file`).
     /// With it the port speaks TLS only; a file that cannot be used stops the router at start.
     #[arg(long, value_name = "FILE", requires = "tls_private_key_file")]
@@ -148,6 +152,16 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(run(args, shutdown_signal()))
+}
+
+/// A `--tag NAME=VALUE`.
+fn parse_tag(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() && name.len() <= 256 && value.len() <= 256 => {
+            Ok((name.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err(format!("a tag is NAME=VALUE (each at most 256 bytes), not {text:?}")),
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -219,6 +233,13 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         disconnects.clone(),
         peers.clone(),
     );
+    anyhow::ensure!(
+        args.tags.len() <= platform::placement::MAX_TAGS,
+        "{} tags (at most {})",
+        args.tags.len(),
+        platform::placement::MAX_TAGS
+    );
+    platform.placement().set_local_tags(args.tags.iter().cloned().collect());
     let commands = command::Commands::new(
         args.node_name.clone(),
         std::time::Duration::from_millis(args.command_timeout_ms),

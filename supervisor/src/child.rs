@@ -165,6 +165,9 @@ pub fn launches(config: &Config, tls: &Tls, mode: ChildMode) -> anyhow::Result<V
                 if let Some(threads) = config.router_worker_threads {
                     arg("--worker-threads", &threads.to_string());
                 }
+                for (name, value) in &config.tags {
+                    arg("--tag", &format!("{name}={value}"));
+                }
                 for (flag, value) in &config.router_limits {
                     arg(flag, &value.to_string());
                 }

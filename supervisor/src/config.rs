@@ -314,6 +314,9 @@ pub struct Config {
     pub router_limits: Vec<(&'static str, u64)>,
     /// The eventstore's limits that were set: (eventstore flag, value). See [`EVENTSTORE_LIMITS`].
     pub eventstore_limits: Vec<(&'static str, u64)>,
+    /// This node's tags (`axoniq.axonserver.tags.<name>=<value>`): where `GetPlatformServer`
+    /// sends a client whose tags match them.
+    pub tags: BTreeMap<String, String>,
 }
 
 /// Application-level heartbeats with clients (Axon's `heartbeat.enabled`,
@@ -389,7 +392,12 @@ pub fn load(inputs: &Inputs) -> Result<Loaded, ConfigError> {
     }
 
     for (name, value) in &inputs.env {
-        if let Some(key) = key_for_env(name) {
+        if let Some(tag) = name.strip_prefix(TAG_ENV_PREFIX).filter(|t| !t.is_empty()) {
+            settings.tags.insert(
+                tag.to_ascii_lowercase(),
+                (value.trim().to_owned(), Origin::Env(name.clone())),
+            );
+        } else if let Some(key) = key_for_env(name) {
             settings.set(key, value, Origin::Env(name.clone()));
         }
     }
@@ -497,10 +505,20 @@ fn kind_of(key: &str) -> Kind {
         .expect("known key")
 }
 
+/// The prefix of a node tag's key (`axoniq.axonserver.tags.<name>=<value>`).
+const TAG_PREFIX: &str = "axoniq.axonserver.tags.";
+/// The environment's form of it: `AXONIQ_AXONSERVER_TAGS_REGION=eu` is the tag `region`.
+const TAG_ENV_PREFIX: &str = "AXONIQ_AXONSERVER_TAGS_";
+/// The most tags a node may have, and the longest name or value (the router's bounds).
+const MAX_TAGS: usize = 64;
+const MAX_TAG: usize = 256;
+
 /// The merged key/value map, each value with its origin.
 #[derive(Default, Debug)]
 struct Settings {
     values: BTreeMap<&'static str, (String, Origin)>,
+    /// Node tags by name: their names are the operator's, not known keys.
+    tags: BTreeMap<String, (String, Origin)>,
 }
 
 impl Settings {
@@ -510,6 +528,13 @@ impl Settings {
 
     fn apply_file(&mut self, path: &Path, entries: Vec<(String, String)>, warnings: &mut Vec<String>) {
         for (key, value) in entries {
+            if let Some(tag) = key.strip_prefix(TAG_PREFIX).filter(|t| !t.is_empty()) {
+                self.tags.insert(
+                    tag.to_owned(),
+                    (value.trim().to_owned(), Origin::File(path.to_path_buf())),
+                );
+                continue;
+            }
             match known_key(&key) {
                 Some(known) => self.set(known, &value, Origin::File(path.to_path_buf())),
                 None if key.starts_with("axoniq.") || key.starts_with("myelin.") => {
@@ -519,6 +544,32 @@ impl Settings {
                 None => {}
             }
         }
+    }
+
+    /// The node tags, each name and value at most [`MAX_TAG`] bytes, at most [`MAX_TAGS`].
+    fn checked_tags(&self) -> Result<BTreeMap<String, String>, ConfigError> {
+        if self.tags.len() > MAX_TAGS {
+            let (name, (value, origin)) = self.tags.iter().nth(MAX_TAGS).expect("more than MAX_TAGS");
+            return Err(ConfigError::Invalid {
+                key: "axoniq.axonserver.tags.*",
+                value: format!("{name}={value}"),
+                origin: origin.clone(),
+                reason: format!("at most {MAX_TAGS} tags"),
+            });
+        }
+        let mut tags = BTreeMap::new();
+        for (name, (value, origin)) in &self.tags {
+            if name.len() > MAX_TAG || value.len() > MAX_TAG {
+                return Err(ConfigError::Invalid {
+                    key: "axoniq.axonserver.tags.*",
+                    value: format!("{name}={value}"),
+                    origin: origin.clone(),
+                    reason: format!("a tag's name and value are at most {MAX_TAG} bytes each"),
+                });
+            }
+            tags.insert(name.clone(), value.clone());
+        }
+        Ok(tags)
     }
 
     /// The raw value of a key, `None` when unset or empty (an empty value means "default").
@@ -704,7 +755,9 @@ impl Config {
             .or_else(|| runtime_env.map(|dir| cwd.join(dir)))
             .unwrap_or_else(|| event_storage.join("run"));
 
+        let tags = settings.checked_tags()?;
         Ok(Config {
+            tags,
             name: settings
                 .text("axoniq.axonserver.name")
                 .unwrap_or_else(|| inputs.os_hostname.clone()),
@@ -875,6 +928,35 @@ mod tests {
         assert!(c.access_control.enabled);
         assert_eq!(c.access_control.internal_token.as_deref(), Some("s3cret"));
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    }
+
+    #[test]
+    fn node_tags_come_from_the_file_and_the_environment_within_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "axonserver.properties",
+            "axoniq.axonserver.tags.region=eu-west\naxoniq.axonserver.tags.disk=ssd\n",
+        );
+        let mut given = inputs(dir.path());
+        given.env = vec![("AXONIQ_AXONSERVER_TAGS_REGION".into(), "eu-central".into())];
+        let loaded = load(&given).unwrap();
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        assert_eq!(
+            loaded.config.tags,
+            BTreeMap::from([
+                ("disk".to_owned(), "ssd".to_owned()),
+                ("region".to_owned(), "eu-central".to_owned()),
+            ]),
+            "the environment overrides the file"
+        );
+        write(
+            dir.path(),
+            "axonserver.properties",
+            &format!("axoniq.axonserver.tags.region={}\n", "x".repeat(MAX_TAG + 1)),
+        );
+        let refused = load(&inputs(dir.path())).unwrap_err().to_string();
+        assert!(refused.contains("axoniq.axonserver.tags"), "{refused}");
     }
 
     #[test]

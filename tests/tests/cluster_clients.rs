@@ -24,9 +24,15 @@ struct App {
 }
 
 async fn connect_app(cluster: &Cluster, first: usize, client_id: &str) -> App {
+    connect_tagged_app(cluster, first, client_id, &[]).await
+}
+
+/// [`connect_app`] for an application with tags (Axon's `axon.axonserver.tags.*` of a client).
+async fn connect_tagged_app(cluster: &Cluster, first: usize, client_id: &str, tags: &[(&str, &str)]) -> App {
     let identification = ClientIdentification {
         client_id: client_id.to_owned(),
         component_name: "spread-app".to_owned(),
+        tags: tags.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
         ..Default::default()
     };
     let info = PlatformServiceClient::new(cluster.nodes[first].channel().await)
@@ -149,4 +155,74 @@ async fn thirty_clients_that_know_one_node_spread_over_three() {
             .count();
         assert_eq!(count, *expected, "n{} lists {listed}", i + 1);
     }
+}
+
+/// Where `GetPlatformServer` on node `i` sends a client with `tags` (its node index).
+async fn placed(cluster: &Cluster, i: usize, client_id: &str, tags: &[(&str, &str)]) -> usize {
+    let info = PlatformServiceClient::new(cluster.nodes[i].channel().await)
+        .get_platform_server(with_context(
+            ClientIdentification {
+                client_id: client_id.into(),
+                tags: tags.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                ..Default::default()
+            },
+            CONTEXT,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    if info.same_connection {
+        i
+    } else {
+        index_of(&info.primary.unwrap().node_name).unwrap()
+    }
+}
+
+/// n3 is tagged `region=eu` (`axoniq.axonserver.tags.region`): applications tagged
+/// `region=eu` that know only n1 all go to n3, however many it already serves; an application
+/// whose tags match no node is placed by load as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_go_to_the_node_whose_tags_match_theirs() {
+    let mut cluster = Cluster::start(2, &[]).await;
+    cluster.add_node(&[("AXONIQ_AXONSERVER_TAGS_REGION", "eu")]).await;
+    for node in ["n2", "n3"] {
+        let created = cluster
+            .http(0, "POST", &format!("/v1/context/default/{node}?role=PRIMARY"), None)
+            .await;
+        assert!(created.status < 300, "{created:?}");
+    }
+    // n1 learns n3's tags with its handler set (every 2 s), once it knows n3 stores default:
+    // then five probes in a row go to n3 (by load alone, the second would go elsewhere).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut probe = 0;
+    loop {
+        let mut in_a_row = 0;
+        while in_a_row < 5 {
+            probe += 1;
+            if placed(&cluster, 0, &format!("probe-{probe}"), &[("region", "eu")]).await != 2 {
+                break;
+            }
+            in_a_row += 1;
+        }
+        if in_a_row == 5 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n1 never sends clients tagged region=eu to n3"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut apps = Vec::new();
+    for k in 0..6 {
+        apps.push(connect_tagged_app(&cluster, 0, &format!("eu-app-{k}"), &[("region", "eu")]).await);
+    }
+    assert!(
+        apps.iter().all(|app| app.node == 2),
+        "{:?}",
+        apps.iter().map(|a| a.node).collect::<Vec<_>>()
+    );
+    // No node matches region=us: the fewest clients win, and n3 has six.
+    let us = placed(&cluster, 0, "us-app", &[("region", "us")]).await;
+    assert_ne!(us, 2, "a client whose tags match no node went to the busiest");
 }

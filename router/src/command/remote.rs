@@ -227,6 +227,9 @@ impl RemoteHandlers {
                 .collect()
         });
         let query_handlers = self.queries.as_ref().map_or_else(Vec::new, |q| q.local_entries());
+        let tags = self.platform.as_ref().map_or_else(HashMap::new, |(_, placement)| {
+            placement.local_tags().into_iter().collect()
+        });
         HandlerSet {
             from_node: self.peers.node_name().to_owned(),
             epoch: self.epoch,
@@ -234,6 +237,7 @@ impl RemoteHandlers {
             handlers,
             clients,
             query_handlers,
+            tags,
         }
     }
 
@@ -390,6 +394,7 @@ impl RemoteHandlers {
         }
         if let Some((_, placement)) = &self.platform {
             placement.set_clients(&set.from_node, set.clients);
+            placement.set_tags(&set.from_node, set.tags.into_iter().collect());
         }
         if let Some(queries) = &self.queries {
             queries.apply(&set.from_node, restarted, set.query_handlers);
@@ -439,6 +444,9 @@ fn check(set: &HandlerSet, me: &str) -> Result<(), Status> {
             .any(|t| t.len() > MAX_NAME)
     });
     let too_long = too_long || set.clients.len() > MAX_ENTRIES || set.clients.keys().any(|c| c.len() > MAX_NAME);
+    let too_long = too_long
+        || set.tags.len() > crate::platform::placement::MAX_TAGS
+        || set.tags.iter().any(|(k, v)| k.len() > MAX_NAME || v.len() > MAX_NAME);
     if too_long || set.from_node.len() > MAX_NAME {
         return Err(Status::invalid_argument(format!(
             "a command handler set with a name longer than {MAX_NAME} bytes"
@@ -476,6 +484,7 @@ mod tests {
             handlers,
             clients: HashMap::new(),
             query_handlers: Vec::new(),
+            tags: HashMap::new(),
         }
     }
 

@@ -132,6 +132,7 @@ impl PlatformService for Platform {
         let elsewhere = self.placement.server_for(
             &context,
             &client.client_id,
+            &client.tags,
             |node| self.peers.is_connected(node),
             here,
             |client_id| !self.shared.clients.outboxes(&context, client_id).is_empty(),

@@ -2,17 +2,20 @@
 //! and how many clients each serves: what `GetPlatformServer` answers a client with.
 //!
 //! A client asks any node which server to use for its context. The answer is the node, among
-//! those that store the context (this one included) and whose peer link is up, that serves the
-//! fewest client applications of that context, as Axon Server chooses: so the clients of a
-//! context spread over its nodes (issue 12). This node answers with itself (the client keeps its
-//! connection) when it is that node, on a tie, or when no other node is known to store the
-//! context (a standalone node, or a directory not pushed yet).
+//! those that store the context (this one included) and whose peer link is up, whose tags
+//! (`axoniq.axonserver.tags.*`) match most of the client's tags, and among those the one that
+//! serves the fewest client applications of that context, as Axon Server chooses: so the
+//! clients of a context spread over its nodes (issue 12), and a client tagged `region=eu` goes
+//! to a node tagged `region=eu` when one serves its context. This node answers with itself (the
+//! client keeps its connection) when it is that node, on a tie, or when no other node is known
+//! to store the context (a standalone node, or a directory not pushed yet). The other nodes'
+//! tags come with their handler sets.
 //!
 //! The other nodes' counts come with their handler sets (`command::remote`, every 2 s). A burst
 //! of clients asking before the next counts arrive must not all go to the same node, so each
 //! answer also counts for [`ASSIGNED_FOR`] against the node it named.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -75,10 +78,18 @@ impl Loads {
     }
 }
 
+/// Node tags: a node's value per tag name.
+pub type Tags = BTreeMap<String, String>;
+
+/// The most tags a node may have (`axoniq.axonserver.tags.*`).
+pub const MAX_TAGS: usize = 64;
+
 #[derive(Debug, Default)]
 pub struct Placement {
     known: RwLock<Known>,
     loads: Mutex<Loads>,
+    /// This node's tags, and the others' as they last said.
+    tags: RwLock<(Tags, HashMap<String, Tags>)>,
 }
 
 impl Placement {
@@ -117,16 +128,37 @@ impl Placement {
         let mut loads = self.loads.lock().expect("placement loads");
         loads.reported.remove(node);
         loads.assigned.remove(node);
+        self.tags.write().expect("placement tags").1.remove(node);
     }
 
-    /// The node a client of `context` should use, or `None` for this node. `connected` says
-    /// whether this node's link to a node (by name) is up; `here` is how many client
-    /// applications of `context` this node serves, and `registered` whether a client (by id)
-    /// is one of them.
+    /// This node's tags (from its configuration).
+    pub fn set_local_tags(&self, tags: Tags) {
+        self.tags.write().expect("placement tags").0 = tags;
+    }
+
+    pub fn local_tags(&self) -> Tags {
+        self.tags.read().expect("placement tags").0.clone()
+    }
+
+    /// Another node's tags, as it last said.
+    pub fn set_tags(&self, node: &str, tags: Tags) {
+        self.tags
+            .write()
+            .expect("placement tags")
+            .1
+            .insert(node.to_owned(), tags);
+    }
+
+    /// The node a client of `context` with `client_tags` should use, or `None` for this node.
+    /// `connected` says whether this node's link to a node (by name) is up; `here` is how many
+    /// client applications of `context` this node serves, and `registered` whether a client (by
+    /// id) is one of them.
+    #[allow(clippy::too_many_arguments)]
     pub fn server_for(
         &self,
         context: &str,
         client_id: &str,
+        client_tags: &HashMap<String, String>,
         connected: impl Fn(&str) -> bool,
         here: usize,
         registered: impl Fn(&str) -> bool,
@@ -148,27 +180,36 @@ impl Placement {
             return None;
         }
         let now = Instant::now();
+        let tags = self.tags.read().expect("placement tags");
+        // How many of the client's tags a node has (with the same value): more is better.
+        let unmatched = |node_tags: Option<&Tags>| {
+            let matched = client_tags
+                .iter()
+                .filter(|(name, value)| node_tags.and_then(|t| t.get(*name)) == Some(*value))
+                .count();
+            client_tags.len() - matched
+        };
         let mut loads = self.loads.lock().expect("placement loads");
-        // (load, not this node, tie-break by client), the smallest wins: on a tie this node,
-        // else the same node for the same client.
-        let mut best: Option<(usize, bool, u64, Option<&Server>)> =
-            stored_here.then(|| (here + loads.load("", context, now, &registered), false, 0, None));
+        // (tags not matched, load, not this node, tie-break by client), the smallest wins: on a
+        // tie this node, else the same node for the same client.
+        type Rank = (usize, usize, bool, u64);
+        let mut best: Option<(Rank, Option<&Server>)> = stored_here.then(|| {
+            let load = here + loads.load("", context, now, &registered);
+            ((unmatched(Some(&tags.0)), load, false, 0), None)
+        });
         for server in others {
             let name = &server.info.node_name;
-            let candidate = (
+            let rank = (
+                unmatched(tags.1.get(name)),
                 loads.load(name, context, now, &registered),
                 true,
                 fnv1a(format!("{client_id}@{name}").as_bytes()),
-                Some(server),
             );
-            if best
-                .as_ref()
-                .is_none_or(|b| (candidate.0, candidate.1, candidate.2) < (b.0, b.1, b.2))
-            {
-                best = Some(candidate);
+            if best.as_ref().is_none_or(|(b, _)| rank < *b) {
+                best = Some((rank, Some(server)));
             }
         }
-        let chosen = best.and_then(|(_, _, _, server)| server);
+        let chosen = best.and_then(|(_, server)| server);
         let name = chosen.map_or("", |s| s.info.node_name.as_str());
         loads.assign(name, context, client_id, now);
         chosen.map(|s| s.info.clone())
@@ -187,6 +228,10 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 mod tests {
     use super::*;
 
+    fn none() -> HashMap<String, String> {
+        HashMap::new()
+    }
+
     fn peer(node: &str, port: u32, contexts: &[&str]) -> PeerAddress {
         PeerAddress {
             node: node.into(),
@@ -202,13 +247,19 @@ mod tests {
     fn a_node_that_knows_no_other_storing_node_keeps_the_client() {
         let placement = Placement::default();
         assert_eq!(
-            placement.server_for("default", "c1", |_| true, 0, |_| false),
+            placement.server_for("default", "c1", &none(), |_| true, 0, |_| false),
             None,
             "nothing known yet"
         );
         placement.set(&["default".into()], &[peer("n2", 9000, &["orders"])]);
-        assert_eq!(placement.server_for("default", "c1", |_| true, 5, |_| false), None);
-        assert_eq!(placement.server_for("unknown", "c1", |_| true, 0, |_| false), None);
+        assert_eq!(
+            placement.server_for("default", "c1", &none(), |_| true, 5, |_| false),
+            None
+        );
+        assert_eq!(
+            placement.server_for("unknown", "c1", &none(), |_| true, 0, |_| false),
+            None
+        );
     }
 
     #[test]
@@ -225,7 +276,7 @@ mod tests {
         let mut seen = BTreeSet::new();
         for client in 0..40 {
             let server = placement
-                .server_for("orders", &format!("client-{client}"), |_| true, 0, |_| false)
+                .server_for("orders", &format!("client-{client}"), &none(), |_| true, 0, |_| false)
                 .unwrap();
             assert!(["n2", "n3"].contains(&server.node_name.as_str()), "{server:?}");
             assert_eq!(server.host_name, format!("{}.example", server.node_name));
@@ -235,12 +286,14 @@ mod tests {
         // A node whose link is down is not chosen while another is up.
         for client in 0..10 {
             let server = placement
-                .server_for("orders", &format!("c{client}"), |n| n != "n2", 0, |_| false)
+                .server_for("orders", &format!("c{client}"), &none(), |n| n != "n2", 0, |_| false)
                 .unwrap();
             assert_eq!(server.node_name, "n3");
         }
         // With every link down, still a node that stores it (better than one that does not).
-        let server = placement.server_for("orders", "c", |_| false, 0, |_| false).unwrap();
+        let server = placement
+            .server_for("orders", "c", &none(), |_| false, 0, |_| false)
+            .unwrap();
         assert!(["n2", "n3"].contains(&server.node_name.as_str()));
     }
 
@@ -252,14 +305,17 @@ mod tests {
             &[peer("n2", 9000, &["default"]), peer("n3", 9100, &["default"])],
         );
         // Equal: this node keeps the client.
-        assert_eq!(placement.server_for("default", "c0", |_| true, 0, |_| false), None);
+        assert_eq!(
+            placement.server_for("default", "c0", &none(), |_| true, 0, |_| false),
+            None
+        );
         // n2 and n3 say they serve 10 and 4; this node serves 7 (and was just given c0).
         placement.set_clients("n2", HashMap::from([("default".to_owned(), 10)]));
         placement.set_clients("n3", HashMap::from([("default".to_owned(), 4)]));
         let mut counts: HashMap<String, usize> = HashMap::new();
         for client in 0..30 {
             let to = placement
-                .server_for("default", &format!("c{client}"), |_| true, 7, |_| false)
+                .server_for("default", &format!("c{client}"), &none(), |_| true, 7, |_| false)
                 .map_or("n1".to_owned(), |s| s.node_name);
             *counts.entry(to).or_default() += 1;
         }
@@ -273,8 +329,45 @@ mod tests {
         // A node gone from the cluster no longer counts; unreachable ones are not chosen.
         placement.forget_clients("n2");
         let server = placement
-            .server_for("default", "late", |n| n != "n3", 1_000, |_| false)
+            .server_for("default", "late", &none(), |n| n != "n3", 1_000, |_| false)
             .unwrap();
         assert_eq!(server.node_name, "n2");
+    }
+
+    #[test]
+    fn the_node_that_matches_most_of_the_clients_tags_wins_over_a_lighter_one() {
+        let placement = Placement::default();
+        placement.set(
+            &["default".into()],
+            &[peer("n2", 9000, &["default"]), peer("n3", 9100, &["default"])],
+        );
+        placement.set_local_tags(Tags::from([("region".into(), "us".into())]));
+        placement.set_tags(
+            "n2",
+            Tags::from([("region".into(), "eu".into()), ("disk".into(), "ssd".into())]),
+        );
+        placement.set_tags("n3", Tags::from([("region".into(), "eu".into())]));
+        placement.set_clients("n2", HashMap::from([("default".to_owned(), 50)]));
+        let client = |tags: &[(&str, &str)]| -> HashMap<String, String> {
+            tags.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        };
+        let to = |tags: &HashMap<String, String>, id: &str| {
+            placement
+                .server_for("default", id, tags, |_| true, 0, |_| false)
+                .map_or("n1".to_owned(), |s| s.node_name)
+        };
+        // Both tags match on n2 only: n2, however loaded.
+        let eu_ssd = client(&[("region", "eu"), ("disk", "ssd")]);
+        assert_eq!(to(&eu_ssd, "a"), "n2");
+        // region=eu matches n2 and n3: the lighter one, n3.
+        let eu = client(&[("region", "eu")]);
+        assert_eq!(to(&eu, "b"), "n3");
+        // This node's own tag.
+        assert_eq!(to(&client(&[("region", "us")]), "c"), "n1");
+        // No node matches: the load decides, as without tags.
+        assert_eq!(to(&client(&[("region", "ap")]), "d"), "n1");
+        // A node gone takes its tags with it.
+        placement.forget_clients("n3");
+        assert_eq!(to(&eu, "e"), "n2");
     }
 }
