@@ -40,51 +40,18 @@ const WAIT_FOR_LEADER: Duration = Duration::from_millis(2_000);
 
 /// Stores `work` through the context's leader, wherever it is.
 pub async fn append(context: &Context, work: Work) -> Result<Outcome, AppendError> {
-    let deadline = Instant::now() + WAIT_FOR_LEADER;
-    let mut encoded: Option<Bytes> = None;
     let mut work = Some(work);
-    loop {
-        let leader = crate::consensus::leader(&context.raft);
-        let previous = leader.as_ref().map(|(member, _)| *member);
-        match leader {
-            Some((leader, _)) if leader == context.member.id => {
-                if let Some(work) = work.take() {
-                    return context.appender.append(work).await;
-                }
-                // Encoded for a leader elsewhere that has since moved here.
-                let command = Command::decode(encoded.clone().expect("encoded when taken"))
+    match to_leader(context, || encode(work.take().expect("work until encoded"))).await {
+        Led::Elsewhere(answer) => answer,
+        Led::Here(encoded) => match work {
+            Some(work) => context.appender.append(work).await,
+            // Encoded for a leader elsewhere that has since moved here.
+            None => {
+                let command = Command::decode(encoded.expect("encoded when taken"))
                     .map_err(|e| AppendError::Storage(format!("re-reading a forwarded append: {e}")))?;
-                return context.appender.append(work_of(command)?).await;
+                context.appender.append(work_of(command)?).await
             }
-            Some((leader, node)) => {
-                let Some(node) = node else {
-                    return Err(AppendError::NotLeader);
-                };
-                let bytes = encoded
-                    .get_or_insert_with(|| encode(work.take().expect("work until encoded")))
-                    .clone();
-                match context.outbox.send(Leader { member: leader, node }, bytes).await {
-                    Sent::Answered(result) => return result,
-                    Sent::Lost(why) => return Err(AppendError::Unknown(why)),
-                    // Definite: the leader did not take it; ask again once the group moved on.
-                    Sent::NotTaken => {}
-                }
-            }
-            None => {}
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(AppendError::NotLeader);
-        }
-        // Wait for a (new) leader, or a moment before asking the same one again.
-        let _ = context
-            .raft
-            .wait(Some((deadline - now).min(Duration::from_millis(100))))
-            .metrics(
-                |m| m.current_leader.is_some() && m.current_leader != previous,
-                "a leader",
-            )
-            .await;
+        },
     }
 }
 
@@ -93,29 +60,47 @@ pub async fn append(context: &Context, work: Work) -> Result<Outcome, AppendErro
 /// command goes to a leader elsewhere as it is, so the token it names stays the same whoever
 /// proposes it.
 pub async fn schedule(context: &Context, command: Command) -> Result<Outcome, AppendError> {
+    let encode = || {
+        let mut out = Vec::with_capacity(command.encoded_len_hint());
+        command.encode(&mut out);
+        Bytes::from(out)
+    };
+    match to_leader(context, encode).await {
+        Led::Elsewhere(answer) => answer,
+        Led::Here(_) => crate::publisher::propose(&context.raft, command).await,
+    }
+}
+
+/// Where a command went: answered by a leader elsewhere, or to be proposed here (this member
+/// leads), with its encoding if it was made for a leader elsewhere first.
+enum Led {
+    Elsewhere(Result<Outcome, AppendError>),
+    Here(Option<Bytes>),
+}
+
+/// Sends a command (`encode`d once, when first needed) to the context's leader through the
+/// outbox until a leader answers, or returns [`Led::Here`] once this member leads. `NotLeader`
+/// when no leader is known within [`WAIT_FOR_LEADER`].
+async fn to_leader(context: &Context, encode: impl FnOnce() -> Bytes) -> Led {
     let deadline = Instant::now() + WAIT_FOR_LEADER;
+    let mut encode = Some(encode);
     let mut encoded: Option<Bytes> = None;
     loop {
         let leader = crate::consensus::leader(&context.raft);
         let previous = leader.as_ref().map(|(member, _)| *member);
         match leader {
-            Some((leader, _)) if leader == context.member.id => {
-                return crate::publisher::propose(&context.raft, command).await;
-            }
+            Some((leader, _)) if leader == context.member.id => return Led::Here(encoded),
             Some((leader, node)) => {
                 let Some(node) = node else {
-                    return Err(AppendError::NotLeader);
+                    return Led::Elsewhere(Err(AppendError::NotLeader));
                 };
                 let bytes = encoded
-                    .get_or_insert_with(|| {
-                        let mut out = Vec::with_capacity(command.encoded_len_hint());
-                        command.encode(&mut out);
-                        out.into()
-                    })
+                    .get_or_insert_with(|| encode.take().expect("encoded once")())
                     .clone();
                 match context.outbox.send(Leader { member: leader, node }, bytes).await {
-                    Sent::Answered(result) => return result,
-                    Sent::Lost(why) => return Err(AppendError::Unknown(why)),
+                    Sent::Answered(result) => return Led::Elsewhere(result),
+                    Sent::Lost(why) => return Led::Elsewhere(Err(AppendError::Unknown(why))),
+                    // Definite: the leader did not take it; ask again once the group moved on.
                     Sent::NotTaken => {}
                 }
             }
@@ -123,8 +108,9 @@ pub async fn schedule(context: &Context, command: Command) -> Result<Outcome, Ap
         }
         let now = Instant::now();
         if now >= deadline {
-            return Err(AppendError::NotLeader);
+            return Led::Elsewhere(Err(AppendError::NotLeader));
         }
+        // Wait for a (new) leader, or a moment before asking the same one again.
         let _ = context
             .raft
             .wait(Some((deadline - now).min(Duration::from_millis(100))))

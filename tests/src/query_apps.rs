@@ -336,3 +336,12 @@ impl Handler {
         }
     }
 }
+
+/// What a permit-respecting streaming handler saw.
+#[derive(Debug, Default)]
+pub struct StreamedBy {
+    pub granted: u64,
+    pub sent: u64,
+    /// Largest (granted - read by the dispatcher) seen when a grant arrived.
+    pub most_ahead: u64,
+}

@@ -92,15 +92,6 @@ async fn scatter_gather_reaches_one_handler_per_component_on_every_node() {
     silent.expect_cancel("slow-1").await;
 }
 
-/// What a permit-respecting streaming handler saw.
-#[derive(Debug, Default)]
-struct StreamedBy {
-    granted: u64,
-    sent: u64,
-    /// Largest (granted - read by the dispatcher) seen when a grant arrived.
-    most_ahead: u64,
-}
-
 /// A streaming query dispatched on n1 to a handler on n2: the handler's permits follow what the
 /// dispatcher reads, across the link; the other component's handler, on n3, is cancelled once
 /// the first answered; a dispatcher's cancel reaches the handler on the other node.
@@ -259,39 +250,17 @@ async fn a_subscription_query_gets_its_updates_from_a_handler_on_another_node() 
     };
     handler.send(respond(SubResponse::Complete(complete)), "").await;
 
-    let data = |response: &SubscriptionQueryResponse| match &response.response {
-        Some(SubResponse::InitialResult(r)) => {
-            format!("initial {}", String::from_utf8_lossy(&r.payload.as_ref().unwrap().data))
-        }
-        Some(SubResponse::Update(u)) => {
-            format!("update {}", String::from_utf8_lossy(&u.payload.as_ref().unwrap().data))
-        }
-        Some(SubResponse::Complete(_)) => "complete".to_owned(),
-        other => format!("{other:?}"),
-    };
-    let mut got = Vec::new();
-    for _ in 0..3 {
-        let next = tokio::time::timeout(WAIT, updates.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        got.push(data(&next));
-    }
-    assert_eq!(got, ["initial price=10", "update price=11", "update price=12"]);
+    assert_eq!(
+        next_updates(&mut updates, 3).await,
+        ["initial price=10", "update price=11", "update price=12"]
+    );
     let early = tokio::time::timeout(Duration::from_millis(400), updates.message()).await;
     assert!(early.is_err(), "an update arrived without a permit: {early:?}");
     send(SubRequest::FlowControl(subscription_query("sub-1", 5))).await;
-    let mut got = Vec::new();
-    for _ in 0..3 {
-        let next = tokio::time::timeout(WAIT, updates.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        got.push(data(&next));
-    }
-    assert_eq!(got, ["update price=13", "update price=14", "complete"]);
+    assert_eq!(
+        next_updates(&mut updates, 3).await,
+        ["update price=13", "update price=14", "complete"]
+    );
 
     // A second subscription; the subscriber's application goes away: n3's handler hears it.
     send(SubRequest::Subscribe(subscription_query("sub-2", 0))).await;
@@ -309,6 +278,29 @@ async fn a_subscription_query_gets_its_updates_from_a_handler_on_another_node() 
         })) => assert_eq!(s.subscription_identifier, "sub-2"),
         other => panic!("expected the unsubscribe of sub-2, got {other:?}"),
     }
+}
+
+/// The next `n` messages of a subscription query, each as "initial DATA", "update DATA" or
+/// "complete".
+async fn next_updates(updates: &mut tonic::Streaming<SubscriptionQueryResponse>, n: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let next = tokio::time::timeout(WAIT, updates.message())
+            .await
+            .expect("the subscriber waited too long")
+            .unwrap()
+            .expect("the subscription ended");
+        let payload = |p: &Option<myelin_proto::axon::SerializedObject>| {
+            String::from_utf8_lossy(&p.as_ref().unwrap().data).into_owned()
+        };
+        got.push(match &next.response {
+            Some(SubResponse::InitialResult(r)) => format!("initial {}", payload(&r.payload)),
+            Some(SubResponse::Update(u)) => format!("update {}", payload(&u.payload)),
+            Some(SubResponse::Complete(_)) => "complete".to_owned(),
+            other => format!("{other:?}"),
+        });
+    }
+    got
 }
 
 /// The node of a handler that holds a query dies: the query does not hang, it completes with

@@ -391,15 +391,6 @@ const BIG: usize = 16 * 1024;
 /// of `streaming_query_follows_the_dispatchers_demand` would get all 100 at once.
 const AHEAD: u64 = 16 + 24;
 
-/// What a permit-respecting streaming handler saw.
-#[derive(Debug, Default)]
-struct StreamedBy {
-    granted: u64,
-    sent: u64,
-    /// Largest (granted - read by the dispatcher) seen when a grant arrived.
-    most_ahead: u64,
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_query_follows_the_dispatchers_demand() {
     const TOTAL: u64 = 100;

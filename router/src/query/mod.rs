@@ -154,25 +154,18 @@ impl QueryRouter {
     /// Every handler subscription of every context: (context, query name, handler,
     /// registration), for the admin API.
     pub fn registrations(&self) -> Vec<(String, String, handler::HandlerId, registry::Registration)> {
-        let contexts: Vec<(String, Arc<ContextQueries>)> = lock(&self.inner.contexts)
-            .iter()
-            .map(|(name, context)| (name.clone(), context.clone()))
-            .collect();
-        let mut all = Vec::new();
-        for (name, context) in contexts {
-            let registrations = context.state().registry.registrations();
-            all.extend(
-                registrations
-                    .into_iter()
-                    .map(|(query, id, r)| (name.clone(), query, id, r)),
-            );
-        }
-        all
+        self.registrations_where(|_| true)
     }
 
-    /// The subscriptions of the handlers connected to this node (what the other nodes are told):
-    /// (context, query name, handler, registration).
+    /// The subscriptions of the handlers connected to this node (what the other nodes are told).
     pub fn local_registrations(&self) -> Vec<(String, String, handler::HandlerId, registry::Registration)> {
+        self.registrations_where(handler::Destination::is_local)
+    }
+
+    fn registrations_where(
+        &self,
+        keep: impl Fn(&handler::Destination) -> bool,
+    ) -> Vec<(String, String, handler::HandlerId, registry::Registration)> {
         let contexts: Vec<(String, Arc<ContextQueries>)> = lock(&self.inner.contexts)
             .iter()
             .map(|(name, context)| (name.clone(), context.clone()))
@@ -185,7 +178,7 @@ impl QueryRouter {
                     .registry
                     .registrations()
                     .into_iter()
-                    .filter(|(_, id, _)| state.registry.destination(*id).is_some_and(|d| d.is_local()))
+                    .filter(|(_, id, _)| state.registry.destination(*id).is_some_and(|d| keep(&d)))
                     .map(|(query, id, r)| (name.clone(), query, id, r)),
             );
         }
