@@ -9,6 +9,7 @@ use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -23,6 +24,8 @@ struct Node {
     process: Child,
     dir: tempfile::TempDir,
     log: Arc<Mutex<Vec<String>>>,
+    /// Set once the log pipe reached its end: every line anyone wrote to it is in `log`.
+    log_ended: Arc<AtomicBool>,
 }
 
 /// Three distinct free loopback ports (every listener held until all are chosen).
@@ -73,14 +76,22 @@ impl Node {
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = process.stderr.take().unwrap();
         let sink = log.clone();
+        let log_ended = Arc::new(AtomicBool::new(false));
+        let ended = log_ended.clone();
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 eprintln!("{line}");
                 sink.lock().unwrap().push(line);
             }
+            ended.store(true, Ordering::Release);
         });
-        Node { process, dir, log }
+        Node {
+            process,
+            dir,
+            log,
+            log_ended,
+        }
     }
 
     fn run_dir(&self) -> PathBuf {
@@ -129,6 +140,13 @@ impl Node {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.process.try_wait().unwrap() {
+                // The reader thread may still be behind the pipe: a test reading the log right
+                // after the exit must see its last lines (children share the pipe, so it ends
+                // once they are gone too; a child that outlives the supervisor only delays this).
+                let drained = Instant::now() + Duration::from_secs(5);
+                while !self.log_ended.load(Ordering::Acquire) && Instant::now() < drained {
+                    thread::sleep(Duration::from_millis(10));
+                }
                 return status;
             }
             assert!(Instant::now() < deadline, "supervisor still running after {timeout:?}");
