@@ -196,30 +196,42 @@ impl Cluster {
     }
 
     /// Every event of `context` that node `i` serves from its own replica, as (token, encoded
-    /// event), read with one tracking stream from token 0 to the last token.
+    /// event), read with one tracking stream from token 0 to the last token. Panics, with the
+    /// end of the node's log, when the node cannot say its last token.
     pub async fn replica(&self, i: usize, context: &str) -> Replica {
+        match self.try_replica(i, context).await {
+            Ok(replica) => replica,
+            Err(e) => self.panic_with_log(i, &format!("reading the last token of {context}: {e:?}")),
+        }
+    }
+
+    /// Panics with `what` and the last 80 lines of node `i`'s log.
+    pub fn panic_with_log(&self, i: usize, what: &str) -> ! {
+        let log = self.nodes[i].log_text();
+        let lines: Vec<&str> = log.lines().collect();
+        panic!(
+            "{}: {what}\n--- its log:\n{}",
+            node_name(i),
+            lines[lines.len().saturating_sub(80)..].join("\n")
+        );
+    }
+
+    /// [`Cluster::replica`], or the error the node gave for its last token: a node that has just
+    /// restarted may not know its context's leader yet (AXONIQ-2100, UNAVAILABLE), as a client
+    /// may see too; a test that allows for that asks again.
+    pub async fn try_replica(&self, i: usize, context: &str) -> Result<Replica, tonic::Status> {
         use myelin_proto::axon::event::event_store_client::EventStoreClient;
         use myelin_proto::axon::event::{GetEventsRequest, GetLastTokenRequest};
         use prost::Message as _;
         use tokio_stream::StreamExt as _;
         let mut client = EventStoreClient::new(self.nodes[i].channel().await);
-        let last = match client
+        let last = client
             .get_last_token(crate::with_context(GetLastTokenRequest {}, context))
-            .await
-        {
-            Ok(reply) => reply.into_inner().token,
-            Err(e) => {
-                let log = self.nodes[i].log_text();
-                let lines: Vec<&str> = log.lines().collect();
-                panic!(
-                    "{}: reading the last token of {context}: {e:?}\n--- its log:\n{}",
-                    node_name(i),
-                    lines[lines.len().saturating_sub(80)..].join("\n")
-                );
-            }
-        };
+            .await?
+            .into_inner()
+            .token;
         if last < 0 {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let request = GetEventsRequest {
             tracking_token: 0,
@@ -245,7 +257,7 @@ impl Cluster {
             let next = next.unwrap();
             events.push((next.token, next.event.unwrap().encode_to_vec()));
         }
-        events
+        Ok(events)
     }
 
     /// Asserts that the replicas (node, events as [`Cluster::replica`] reads them) hold the same

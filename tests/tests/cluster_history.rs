@@ -188,7 +188,19 @@ async fn settled_replicas(cluster: &Cluster, within: Duration) -> Vec<(usize, Re
     loop {
         let mut replicas = Vec::new();
         for i in 0..NODES {
-            replicas.push((i, cluster.replica(i, CONTEXT).await));
+            // A node relaunched a moment ago may not know the leader yet: not settled.
+            match cluster.try_replica(i, CONTEXT).await {
+                Ok(replica) => replicas.push((i, replica)),
+                Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                    eprintln!("{}: not ready to read yet: {}", node_name(i), e.message());
+                }
+                Err(e) => cluster.panic_with_log(i, &format!("reading the last token: {e:?}")),
+            }
+        }
+        if replicas.len() < NODES {
+            previous.clear();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
         }
         let counts: Vec<usize> = replicas.iter().map(|(_, r)| r.len()).collect();
         if counts.iter().all(|c| *c == counts[0]) && counts == previous {
