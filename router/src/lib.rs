@@ -92,6 +92,19 @@ pub struct Args {
     /// fsyncs) and the applications on the same machine.
     #[arg(long, default_value_t = 0)]
     pub worker_threads: usize,
+    /// Whether the node asks clients to reconnect to a lighter node when it serves more than its
+    /// share of a context's clients (Axon's `cluster.auto-balancing`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_balancing: bool,
+    /// How long the node waits, after the nodes it reaches for a context changed (one joined),
+    /// before it balances that context's clients, in milliseconds (Axon's
+    /// `cluster.rebalance-delay`, in seconds there).
+    #[arg(long, default_value_t = 7_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub rebalance_delay_ms: u64,
+    /// How often the node looks at whether it serves more than its share of clients, in
+    /// milliseconds (Axon's `cluster.rebalance-interval`, in seconds there).
+    #[arg(long, default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(500..=3_600_000))]
+    pub rebalance_interval_ms: u64,
     /// A tag of this node, `NAME=VALUE` (Axon's `axoniq.axonserver.tags.NAME`); repeat for
     /// more. `GetPlatformServer` sends a client to the node whose tags match most of its own.
     #[arg(long = "tag", value_name = "NAME=VALUE", value_parser = parse_tag)]
@@ -240,6 +253,11 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         platform::placement::MAX_TAGS
     );
     platform.placement().set_local_tags(args.tags.iter().cloned().collect());
+    let _balancing = platform.keep_balanced(platform::Balancing {
+        auto: args.auto_balancing,
+        delay: std::time::Duration::from_millis(args.rebalance_delay_ms),
+        interval: std::time::Duration::from_millis(args.rebalance_interval_ms),
+    });
     let commands = command::Commands::new(
         args.node_name.clone(),
         std::time::Duration::from_millis(args.command_timeout_ms),

@@ -162,6 +162,15 @@ pub fn launches(config: &Config, tls: &Tls, mode: ChildMode) -> anyhow::Result<V
                 if let Some(ms) = config.heartbeat.timeout_ms {
                     arg("--heartbeat-timeout-ms", &ms.to_string());
                 }
+                if let Some(auto) = config.balancing.auto {
+                    arg("--auto-balancing", &auto.to_string());
+                }
+                if let Some(s) = config.balancing.delay_s {
+                    arg("--rebalance-delay-ms", &(s * 1000).to_string());
+                }
+                if let Some(s) = config.balancing.interval_s {
+                    arg("--rebalance-interval-ms", &(s * 1000).to_string());
+                }
                 if let Some(threads) = config.router_worker_threads {
                     arg("--worker-threads", &threads.to_string());
                 }

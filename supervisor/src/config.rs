@@ -79,6 +79,9 @@ const KEYS: &[(&str, Kind)] = &[
     ("server.ssl.key-alias", Kind::Text),
     ("server.ssl.key-password", Kind::Text),
     ("axoniq.axonserver.heartbeat.enabled", Kind::Bool),
+    ("axoniq.axonserver.cluster.auto-balancing", Kind::Bool),
+    ("axoniq.axonserver.cluster.rebalance-delay", Kind::Text),
+    ("axoniq.axonserver.cluster.rebalance-interval", Kind::Text),
     ("axoniq.axonserver.client-heartbeat-frequency", Kind::Millis),
     ("axoniq.axonserver.client-heartbeat-timeout", Kind::Millis),
     ("myelin.runtime-directory", Kind::Path),
@@ -305,6 +308,7 @@ pub struct Config {
     pub ssl: Ssl,
     pub http_ssl: HttpSsl,
     pub heartbeat: Heartbeat,
+    pub balancing: Balancing,
     /// Threads of the router's and the eventstore's task runtimes (`myelin.router.worker-threads`,
     /// `myelin.eventstore.worker-threads`); `None` leaves each process's default (half the CPUs,
     /// and one: see docs/decisions/0006).
@@ -327,6 +331,16 @@ pub struct Heartbeat {
     pub enabled: Option<bool>,
     pub frequency_ms: Option<u64>,
     pub timeout_ms: Option<u64>,
+}
+
+/// Balancing clients over a context's nodes (Axon's `cluster.auto-balancing`,
+/// `cluster.rebalance-delay` and `cluster.rebalance-interval`, both in seconds). `None` leaves
+/// the router's default (on, 7 s, 15 s, as Axon Server).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Balancing {
+    pub auto: Option<bool>,
+    pub delay_s: Option<u64>,
+    pub interval_s: Option<u64>,
 }
 
 impl Config {
@@ -680,6 +694,18 @@ fn limits(
     Ok(set)
 }
 
+/// A whole number of seconds within `range`.
+fn seconds(value: &str, range: std::ops::RangeInclusive<u64>) -> Result<u64, String> {
+    match value.trim().parse::<u64>() {
+        Ok(n) if range.contains(&n) => Ok(n),
+        _ => Err(format!(
+            "not a number of seconds from {} to {}",
+            range.start(),
+            range.end()
+        )),
+    }
+}
+
 fn parse_bool(value: &str) -> Result<bool, String> {
     match value.to_ascii_lowercase().as_str() {
         "true" | "yes" | "on" | "1" => Ok(true),
@@ -807,6 +833,11 @@ impl Config {
                 enabled: settings.parse("axoniq.axonserver.heartbeat.enabled", parse_bool)?,
                 frequency_ms: settings.millis("axoniq.axonserver.client-heartbeat-frequency")?,
                 timeout_ms: settings.millis("axoniq.axonserver.client-heartbeat-timeout")?,
+            },
+            balancing: Balancing {
+                auto: settings.parse("axoniq.axonserver.cluster.auto-balancing", parse_bool)?,
+                delay_s: settings.parse("axoniq.axonserver.cluster.rebalance-delay", |v| seconds(v, 0..=3600))?,
+                interval_s: settings.parse("axoniq.axonserver.cluster.rebalance-interval", |v| seconds(v, 1..=3600))?,
             },
             router_limits: limits(settings, ROUTER_LIMITS)?,
             eventstore_limits: limits(settings, EVENTSTORE_LIMITS)?,
@@ -957,6 +988,39 @@ mod tests {
         );
         let refused = load(&inputs(dir.path())).unwrap_err().to_string();
         assert!(refused.contains("axoniq.axonserver.tags"), "{refused}");
+    }
+
+    #[test]
+    fn balancing_settings_reach_the_config_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load(&inputs(dir.path())).unwrap().config;
+        assert_eq!(c.balancing, Balancing::default(), "unset: the router's defaults apply");
+        write(
+            dir.path(),
+            "axonserver.properties",
+            "axoniq.axonserver.cluster.auto-balancing=false\n\
+             axoniq.axonserver.cluster.rebalance-delay=0\n\
+             axoniq.axonserver.cluster.rebalance-interval=2\n",
+        );
+        let c = load(&inputs(dir.path())).unwrap().config;
+        assert_eq!(
+            c.balancing,
+            Balancing {
+                auto: Some(false),
+                delay_s: Some(0),
+                interval_s: Some(2)
+            }
+        );
+        for bad in [
+            "axoniq.axonserver.cluster.rebalance-interval=0",
+            "axoniq.axonserver.cluster.rebalance-delay=1h",
+            "axoniq.axonserver.cluster.auto-balancing=sometimes",
+        ] {
+            write(dir.path(), "axonserver.properties", &format!("{bad}\n"));
+            let error = load(&inputs(dir.path())).unwrap_err().to_string();
+            let key = bad.split('=').next().unwrap();
+            assert!(error.contains(key), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -46,6 +46,14 @@ pub struct ClientSnapshot {
     pub processors: Vec<ProcessorReport>,
 }
 
+/// One registered control stream, as the node reaches it.
+pub struct ControlStream {
+    pub client_id: String,
+    pub tags: HashMap<String, String>,
+    pub stream_id: String,
+    pub outbox: Outbox,
+}
+
 struct Entry {
     snapshot: ClientSnapshot,
     outbox: Outbox,
@@ -133,6 +141,26 @@ impl Clients {
             .collect();
         found.sort_by(|a, b| a.0.cmp(&b.0));
         found
+    }
+
+    /// The control streams of `context`, youngest first: what the balancer chooses from.
+    pub fn of_context(&self, context: &str) -> Vec<ControlStream> {
+        let mut found: Vec<(SystemTime, ControlStream)> = self
+            .streams()
+            .iter()
+            .filter(|(_, e)| e.snapshot.context == context)
+            .map(|(id, e)| {
+                let stream = ControlStream {
+                    client_id: e.snapshot.client_id.clone(),
+                    tags: e.snapshot.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    stream_id: id.clone(),
+                    outbox: e.outbox.clone(),
+                };
+                (e.snapshot.connected_since, stream)
+            })
+            .collect();
+        found.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.stream_id.cmp(&b.1.stream_id)));
+        found.into_iter().map(|(_, stream)| stream).collect()
     }
 
     /// Registered control streams per context.

@@ -13,7 +13,11 @@
 //!   stream and waits for its answer ([`instruction`]); admin asks for them through the
 //!   router's control service.
 //! - Deleting a context ends every stream of it with CONTEXT_NOT_FOUND ([`Platform::close_context`]).
+//! - The node asks clients to reconnect elsewhere when it serves more than its share of a
+//!   context's clients, and turns them away while it reaches no majority of the context's
+//!   nodes ([`balance`]).
 
+pub mod balance;
 pub mod clients;
 pub mod disconnect;
 pub mod instruction;
@@ -29,11 +33,13 @@ use myelin_proto::axon::control::platform_service_server::PlatformService;
 use myelin_proto::axon::control::{
     ClientIdentification, NodeInfo, PlatformInboundInstruction, PlatformInfo, PlatformOutboundInstruction,
 };
+use myelin_proto::errors::ErrorCode;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::context::client_context;
+pub use balance::{Balancing, Isolation};
 pub use clients::{ClientSnapshot, Clients, ProcessorReport};
 pub use disconnect::{Disconnect, Disconnects};
 pub use instruction::{Instructions, Outcome};
@@ -46,6 +52,7 @@ pub struct Platform {
     node: NodeInfo,
     shared: stream::Shared,
     placement: Arc<Placement>,
+    isolation: Arc<Isolation>,
     peers: crate::peers::Peers,
 }
 
@@ -68,8 +75,34 @@ impl Platform {
             },
             node,
             placement: Arc::new(Placement::default()),
+            isolation: Arc::new(Isolation::default()),
             peers,
         }
+    }
+
+    /// Starts the task that balances this node's clients and turns them away while the node is
+    /// cut off from a context's majority ([`balance`]).
+    pub fn keep_balanced(&self, settings: Balancing) -> tokio::task::JoinHandle<()> {
+        balance::Balancer {
+            settings,
+            clients: self.shared.clients.clone(),
+            placement: self.placement.clone(),
+            isolation: self.isolation.clone(),
+            peers: self.peers.clone(),
+        }
+        .spawn()
+    }
+
+    /// Fails when this node turns clients of `context` away (it reaches no majority of the
+    /// nodes that store it): UNAVAILABLE, so Axon's connector tries its next server at once.
+    fn check_not_isolated(&self, context: &str) -> Result<(), Status> {
+        if self.isolation.refuses(context) {
+            return Err(ErrorCode::NoAxonServerForContext.status(format!(
+                "node {} reaches no majority of the nodes that store {context}: connect to another node",
+                self.node.node_name
+            )));
+        }
+        Ok(())
     }
 
     /// Where contexts are stored, as admin tells the router (`PeerDirectory`).
@@ -121,6 +154,7 @@ impl PlatformService for Platform {
         request: Request<ClientIdentification>,
     ) -> Result<Response<PlatformInfo>, Status> {
         let context = client_context(&request)?;
+        self.check_not_isolated(&context)?;
         let client = request.into_inner();
         let here = self
             .shared
@@ -163,6 +197,7 @@ impl PlatformService for Platform {
         request: Request<Streaming<PlatformInboundInstruction>>,
     ) -> Result<Response<Self::OpenStreamStream>, Status> {
         let context = client_context(&request)?;
+        self.check_not_isolated(&context)?;
         let (outbox, rx) = mpsc::channel(stream::OUTBOUND_BUFFER);
         stream::spawn(self.shared.clone(), context, request.into_inner(), outbox);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -152,8 +152,7 @@ impl Placement {
     /// The node a client of `context` with `client_tags` should use, or `None` for this node.
     /// `connected` says whether this node's link to a node (by name) is up; `here` is how many
     /// client applications of `context` this node serves, and `registered` whether a client (by
-    /// id) is one of them.
-    #[allow(clippy::too_many_arguments)]
+    /// id) is one of them. The answer counts against the node it names for a while.
     pub fn server_for(
         &self,
         context: &str,
@@ -162,6 +161,104 @@ impl Placement {
         connected: impl Fn(&str) -> bool,
         here: usize,
         registered: impl Fn(&str) -> bool,
+    ) -> Option<NodeInfo> {
+        self.choose(context, client_id, client_tags, &connected, here, &registered, true)
+    }
+
+    /// Whether a client connected here would be sent to another node if it asked now, as if it
+    /// had left this node (`here` counts it): the balancer asks only those to reconnect, so a
+    /// client whose tags match this node best stays, and so does one that would only swap
+    /// places (one more there than here).
+    pub fn better_elsewhere(
+        &self,
+        context: &str,
+        client_id: &str,
+        client_tags: &HashMap<String, String>,
+        connected: impl Fn(&str) -> bool,
+        here: usize,
+        registered: impl Fn(&str) -> bool,
+    ) -> bool {
+        let without = here.saturating_sub(1);
+        self.choose(context, client_id, client_tags, &connected, without, &registered, false)
+            .is_some()
+    }
+
+    /// How many of its `here` clients of `context` this node serves beyond its share: more than
+    /// the even share (rounded up) of the clients of every node that stores the context, is
+    /// reachable and has said how many it serves. Zero while any such node has not said yet, or
+    /// when the lightest node serves only one fewer (a move would only swap places). Nodes
+    /// decide this each on its own, so each only sheds what is above the rounded-up share:
+    /// together they never push the lightest node above it.
+    pub fn surplus(&self, context: &str, here: usize, connected: impl Fn(&str) -> bool) -> usize {
+        let known = self.known.read().expect("placement");
+        if !known.local.contains(context) {
+            return 0;
+        }
+        let now = Instant::now();
+        let loads = self.loads.lock().expect("placement loads");
+        let mut others = Vec::new();
+        for server in known.others.iter().filter(|s| s.contexts.contains(context)) {
+            let name = server.info.node_name.as_str();
+            if !connected(name) {
+                continue;
+            }
+            if !loads.reported.contains_key(name) {
+                return 0;
+            }
+            others.push(loads.load(name, context, now, &|_| false));
+        }
+        let Some(lightest) = others.iter().min().copied() else {
+            return 0;
+        };
+        let total = here + others.iter().sum::<usize>();
+        let share = total.div_ceil(others.len() + 1);
+        if here < lightest + 2 {
+            return 0;
+        }
+        here.saturating_sub(share)
+    }
+
+    /// Whether this node reaches a majority of the nodes that store `context`, itself included
+    /// (its peer links are up to them). A node that does not store the context, or knows no
+    /// other node that does, stands alone and reaches it.
+    pub fn reaches_majority(&self, context: &str, connected: impl Fn(&str) -> bool) -> bool {
+        let known = self.known.read().expect("placement");
+        if !known.local.contains(context) {
+            return true;
+        }
+        let storing: Vec<&Server> = known.others.iter().filter(|s| s.contexts.contains(context)).collect();
+        let reachable = 1 + storing.iter().filter(|s| connected(&s.info.node_name)).count();
+        2 * reachable > storing.len() + 1
+    }
+
+    /// The other nodes that store `context` and are reachable, by name, in order.
+    pub fn reachable_storing(&self, context: &str, connected: impl Fn(&str) -> bool) -> Vec<String> {
+        let known = self.known.read().expect("placement");
+        let mut nodes: Vec<String> = known
+            .others
+            .iter()
+            .filter(|s| s.contexts.contains(context) && connected(&s.info.node_name))
+            .map(|s| s.info.node_name.clone())
+            .collect();
+        nodes.sort();
+        nodes
+    }
+
+    /// The contexts this node stores.
+    pub fn local_contexts(&self) -> Vec<String> {
+        self.known.read().expect("placement").local.iter().cloned().collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn choose(
+        &self,
+        context: &str,
+        client_id: &str,
+        client_tags: &HashMap<String, String>,
+        connected: &dyn Fn(&str) -> bool,
+        here: usize,
+        registered: &dyn Fn(&str) -> bool,
+        assign: bool,
     ) -> Option<NodeInfo> {
         let known = self.known.read().expect("placement");
         let stored_here = known.local.contains(context);
@@ -194,14 +291,14 @@ impl Placement {
         // tie this node, else the same node for the same client.
         type Rank = (usize, usize, bool, u64);
         let mut best: Option<(Rank, Option<&Server>)> = stored_here.then(|| {
-            let load = here + loads.load("", context, now, &registered);
+            let load = here + loads.load("", context, now, registered);
             ((unmatched(Some(&tags.0)), load, false, 0), None)
         });
         for server in others {
             let name = &server.info.node_name;
             let rank = (
                 unmatched(tags.1.get(name)),
-                loads.load(name, context, now, &registered),
+                loads.load(name, context, now, registered),
                 true,
                 fnv1a(format!("{client_id}@{name}").as_bytes()),
             );
@@ -210,8 +307,10 @@ impl Placement {
             }
         }
         let chosen = best.and_then(|(_, server)| server);
-        let name = chosen.map_or("", |s| s.info.node_name.as_str());
-        loads.assign(name, context, client_id, now);
+        if assign {
+            let name = chosen.map_or("", |s| s.info.node_name.as_str());
+            loads.assign(name, context, client_id, now);
+        }
         chosen.map(|s| s.info.clone())
     }
 }
@@ -369,5 +468,78 @@ mod tests {
         // A node gone takes its tags with it.
         placement.forget_clients("n3");
         assert_eq!(to(&eu, "e"), "n2");
+    }
+
+    #[test]
+    fn a_node_sheds_only_what_is_above_its_rounded_up_share_and_only_to_a_lighter_node() {
+        let placement = Placement::default();
+        placement.set(
+            &["default".into()],
+            &[
+                peer("n2", 9000, &["default"]),
+                peer("n3", 9100, &["default"]),
+                peer("n4", 9200, &["default"]),
+            ],
+        );
+        let all = |_: &str| true;
+        // n4 has not said how many it serves: nobody moves yet.
+        placement.set_clients("n2", HashMap::from([("default".to_owned(), 10)]));
+        placement.set_clients("n3", HashMap::from([("default".to_owned(), 10)]));
+        assert_eq!(placement.surplus("default", 10, all), 0);
+        // n4 joined with none: 30 over four nodes is 7.5, rounded up 8; this node sheds 2.
+        placement.set_clients("n4", HashMap::new());
+        assert_eq!(placement.surplus("default", 10, all), 2);
+        assert!(placement.better_elsewhere("default", "c1", &none(), all, 10, |_| true));
+        // Once at the share, nothing more; nor when the lightest has only one fewer.
+        placement.set_clients("n4", HashMap::from([("default".to_owned(), 6)]));
+        assert_eq!(placement.surplus("default", 8, all), 0);
+        placement.set_clients("n2", HashMap::from([("default".to_owned(), 7)]));
+        placement.set_clients("n3", HashMap::from([("default".to_owned(), 7)]));
+        placement.set_clients("n4", HashMap::from([("default".to_owned(), 7)]));
+        assert_eq!(placement.surplus("default", 8, all), 0);
+        assert!(!placement.better_elsewhere("default", "c1", &none(), all, 8, |_| true));
+        // An unreachable node does not count, and a context stored elsewhere only is not ours.
+        placement.set_clients("n4", HashMap::new());
+        assert_eq!(placement.surplus("default", 9, |n| n != "n4"), 1);
+        assert_eq!(placement.surplus("orders", 9, all), 0);
+        // Asking where a client would go does not count it against that node.
+        for _ in 0..20 {
+            assert!(placement.better_elsewhere("default", "c1", &none(), all, 9, |_| true));
+        }
+        assert_eq!(placement.surplus("default", 9, all), 3, "n4 still counted as empty");
+    }
+
+    #[test]
+    fn a_client_whose_tags_match_this_node_best_is_not_moved() {
+        let placement = Placement::default();
+        placement.set(&["default".into()], &[peer("n2", 9000, &["default"])]);
+        placement.set_local_tags(Tags::from([("region".into(), "eu".into())]));
+        placement.set_clients("n2", HashMap::new());
+        let eu: HashMap<String, String> = HashMap::from([("region".into(), "eu".into())]);
+        assert!(!placement.better_elsewhere("default", "c1", &eu, |_| true, 10, |_| true));
+        assert!(placement.better_elsewhere("default", "c2", &none(), |_| true, 10, |_| true));
+    }
+
+    #[test]
+    fn a_node_reaches_a_majority_when_more_than_half_the_storing_nodes_are_linked() {
+        let placement = Placement::default();
+        // Alone: always.
+        assert!(placement.reaches_majority("default", |_| false));
+        placement.set(
+            &["default".into()],
+            &[
+                peer("n2", 9000, &["default"]),
+                peer("n3", 9100, &["default"]),
+                peer("n4", 9200, &["orders"]),
+            ],
+        );
+        assert!(placement.reaches_majority("default", |_| true));
+        assert!(placement.reaches_majority("default", |n| n == "n2"), "two of three");
+        assert!(!placement.reaches_majority("default", |n| n == "n4"), "one of three");
+        // Two nodes: both are needed.
+        placement.set(&["default".into()], &[peer("n2", 9000, &["default"])]);
+        assert!(!placement.reaches_majority("default", |_| false));
+        // A context this node does not store is not its to refuse.
+        assert!(placement.reaches_majority("orders", |_| false));
     }
 }
