@@ -23,17 +23,26 @@ use tonic::{Request, Response, Status};
 
 use crate::command::dispatch::Dispatcher;
 use crate::metrics::Exporter;
+use crate::peers::Peers;
 use crate::platform::{Platform, instruction};
 use crate::query::QueryRouter;
 
 /// How long `CloseContext` waits for the closed streams to leave the registries.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
+/// How long a listing waits for another node's part: a node that does not answer in time is
+/// named in the answer, not waited for.
+const PEER_LIST_TIMEOUT: Duration = Duration::from_secs(3);
+/// How much longer than the instruction's own timeout a node asked to deliver it is waited for.
+const PEER_INSTRUCTION_MARGIN: Duration = Duration::from_secs(2);
 
 pub struct Control {
+    pub node_name: String,
     pub platform: Platform,
     pub commands: Arc<Dispatcher>,
     pub queries: QueryRouter,
     pub exporter: Exporter,
+    /// The other nodes, asked for their clients unless a request is for this node only.
+    pub peers: Peers,
 }
 
 /// `None` for an empty filter, else the validated context name.
@@ -118,7 +127,7 @@ impl RouterControl for Control {
     ) -> Result<Response<ListClientsResponse>, Status> {
         let request = request.into_inner();
         let filter = context_filter(&request.context)?;
-        let clients = self
+        let mut clients: Vec<ConnectedClient> = self
             .platform
             .clients()
             .snapshot()
@@ -133,9 +142,36 @@ impl RouterControl for Control {
                 tags: c.tags.into_iter().collect(),
                 connected_at_millis: unix_millis(c.connected_since),
                 last_heartbeat_millis: c.last_heartbeat.map_or(0, unix_millis),
+                node: self.node_name.clone(),
             })
             .collect();
-        Ok(Response::new(ListClientsResponse { clients }))
+        let mut unreachable_nodes = Vec::new();
+        if !request.this_node_only {
+            let question = ListClientsRequest {
+                this_node_only: true,
+                ..request
+            };
+            let (answers, silent) = self
+                .peers
+                .ask_all(question, PEER_LIST_TIMEOUT, |mut link, q| async move {
+                    link.list_clients(q).await
+                })
+                .await;
+            for (node, answer) in answers {
+                clients.extend(answer.clients.into_iter().map(|c| ConnectedClient {
+                    node: node.clone(),
+                    ..c
+                }));
+            }
+            unreachable_nodes = silent;
+            clients.sort_by(|a, b| {
+                (&a.context, &a.client_id, &a.client_stream_id).cmp(&(&b.context, &b.client_id, &b.client_stream_id))
+            });
+        }
+        Ok(Response::new(ListClientsResponse {
+            clients,
+            unreachable_nodes,
+        }))
     }
 
     async fn list_processors(
@@ -144,7 +180,7 @@ impl RouterControl for Control {
     ) -> Result<Response<ListProcessorsResponse>, Status> {
         let request = request.into_inner();
         let filter = context_filter(&request.context)?;
-        let processors = self
+        let mut processors: Vec<ProcessorReport> = self
             .platform
             .clients()
             .snapshot()
@@ -157,10 +193,38 @@ impl RouterControl for Control {
                     component_name: c.component_name.clone(),
                     info: Some(report.info),
                     reported_at_millis: unix_millis(report.reported_at),
+                    node: self.node_name.clone(),
                 })
             })
             .collect();
-        Ok(Response::new(ListProcessorsResponse { processors }))
+        let mut unreachable_nodes = Vec::new();
+        if !request.this_node_only {
+            let question = ListProcessorsRequest {
+                this_node_only: true,
+                ..request
+            };
+            let (answers, silent) = self
+                .peers
+                .ask_all(question, PEER_LIST_TIMEOUT, |mut link, q| async move {
+                    link.list_processors(q).await
+                })
+                .await;
+            for (node, answer) in answers {
+                processors.extend(answer.processors.into_iter().map(|p| ProcessorReport {
+                    node: node.clone(),
+                    ..p
+                }));
+            }
+            unreachable_nodes = silent;
+            processors.sort_by(|a, b| {
+                let name = |p: &ProcessorReport| p.info.as_ref().map(|i| i.processor_name.clone());
+                (&a.context, &a.client_id, name(a)).cmp(&(&b.context, &b.client_id, name(b)))
+            });
+        }
+        Ok(Response::new(ListProcessorsResponse {
+            processors,
+            unreachable_nodes,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(context, client_id))]
@@ -201,10 +265,40 @@ impl RouterControl for Control {
                 instruction::MAX_TIMEOUT.as_millis()
             )));
         }
-        let outcome = self
+        let mut outcome = self
             .platform
-            .send_instruction(context, &request.client_id, instruction, timeout)
+            .send_instruction(context, &request.client_id, instruction.clone(), timeout)
             .await;
+        // Not connected here: the node it is connected to delivers it.
+        if !request.this_node_only && outcome.error_code == ErrorCode::NoSuchApplication.code() {
+            let question = SendInstructionRequest {
+                context: context.to_owned(),
+                client_id: request.client_id.clone(),
+                instruction: Some(instruction),
+                timeout_millis: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+                this_node_only: true,
+            };
+            let (answers, _) = self
+                .peers
+                .ask_all(question, timeout + PEER_INSTRUCTION_MARGIN, |mut link, q| async move {
+                    link.send_instruction(q).await
+                })
+                .await;
+            // A node that has the client decides: its success first, else its failure.
+            let mut found: Vec<(String, SendInstructionResponse)> = answers
+                .into_iter()
+                .filter(|(_, a)| a.error_code != ErrorCode::NoSuchApplication.code())
+                .collect();
+            found.sort_by_key(|(_, a)| !a.success);
+            if let Some((node, answer)) = found.into_iter().next() {
+                tracing::info!(%node, success = answer.success, "instruction delivered by the client's node");
+                outcome = instruction::Outcome {
+                    success: answer.success,
+                    error_code: answer.error_code,
+                    message: answer.message,
+                };
+            }
+        }
         if !outcome.success {
             tracing::info!(code = %outcome.error_code, message = %outcome.message, "instruction failed");
         }

@@ -283,12 +283,14 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
     let queries = query::QueryRouter::new(args.node_name.clone()).with_limits(args.handler_limits.clone());
-    let router_control = control::Control {
+    let router_control = std::sync::Arc::new(control::Control {
+        node_name: args.node_name.clone(),
         exporter: metrics::Exporter::new(metrics_handle, platform.clients().clone(), queries.clone()),
         platform: platform.clone(),
         commands: commands.dispatcher().clone(),
         queries: queries.clone(),
-    };
+        peers: peers.clone(),
+    });
     let _pinging = peers.keep_pinging();
     let remote_queries = std::sync::Arc::new(query::remote::RemoteQueries::new(queries.clone(), peers.clone()));
     let remote_handlers = std::sync::Arc::new(
@@ -306,9 +308,9 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
     let health_server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health)
-            .add_service(myelin_proto::internal::router_control_server::RouterControlServer::new(
-                router_control,
-            ))
+            .add_service(
+                myelin_proto::internal::router_control_server::RouterControlServer::from_arc(router_control.clone()),
+            )
             .add_service(
                 myelin_proto::internal::raft_relay_server::RaftRelayServer::new(peers::Relay { peers: peers.clone() })
                     .max_decoding_message_size(usize::MAX)
@@ -337,6 +339,7 @@ pub async fn run(args: Args, shutdown: impl std::future::Future<Output = ()> + S
         admin_calls: args.admin_socket.as_deref().map(peers::admin_inbox).transpose()?,
         commands: remote_handlers,
         queries: remote_queries,
+        control: router_control,
         last_refusal_logged: std::sync::atomic::AtomicU64::new(0),
     };
     let mut stop_internal = stop_rx.clone();

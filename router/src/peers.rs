@@ -34,10 +34,12 @@ use myelin_proto::internal::peer_link_client::PeerLinkClient;
 use myelin_proto::internal::peer_link_server::PeerLink;
 use myelin_proto::internal::raft_inbox_client::RaftInboxClient;
 use myelin_proto::internal::raft_relay_server::RaftRelay;
+use myelin_proto::internal::router_control_server::RouterControl;
 use myelin_proto::internal::{
-    AdminAnswer, AdminCall, HandlerSet, HandlerSetAck, ListPeersRequest, ListPeersResponse, PeerCommand, PeerQueryIn,
-    PeerQueryOut, PeerStatus, PingAnswer, PingRequest, RaftAnswer, RaftMessage, RaftRpc, SetPeersRequest,
-    SetPeersResponse,
+    AdminAnswer, AdminCall, HandlerSet, HandlerSetAck, ListClientsRequest, ListClientsResponse, ListPeersRequest,
+    ListPeersResponse, ListProcessorsRequest, ListProcessorsResponse, PeerCommand, PeerQueryIn, PeerQueryOut,
+    PeerStatus, PingAnswer, PingRequest, RaftAnswer, RaftMessage, RaftRpc, SendInstructionRequest,
+    SendInstructionResponse, SetPeersRequest, SetPeersResponse,
 };
 use myelin_raft_relay::{lost, not_delivered};
 use prost::Message as _;
@@ -200,7 +202,20 @@ impl Peers {
             next.insert(node, link);
         }
         let removed: Vec<String> = current.keys().filter(|n| !next.contains_key(*n)).cloned().collect();
+        let added: Vec<(String, Arc<Link>)> = next
+            .iter()
+            .filter(|(node, link)| current.get(*node).is_none_or(|old| !Arc::ptr_eq(old, link)))
+            .map(|(node, link)| (node.clone(), link.clone()))
+            .collect();
         *self.inner.links.write().expect("peer links") = next;
+        // A new link is pinged at once, not at the next period: placement, balancing and the
+        // majority check read whether it is up.
+        if !added.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
+            let peers = self.clone();
+            tokio::spawn(async move {
+                futures::future::join_all(added.into_iter().map(|(node, link)| peers.ping(node, link))).await;
+            });
+        }
         for node in removed {
             let _ = self.inner.lost.send(node);
         }
@@ -281,22 +296,23 @@ impl Peers {
             .iter()
             .map(|(node, link)| (node.clone(), link.clone()))
             .collect();
-        let pings = links.into_iter().map(|(node, link)| {
-            let token = self.inner.token.clone();
-            let lost = self.inner.lost.clone();
-            async move {
-                let mut request = Request::new(PingRequest {});
-                request.set_timeout(PING_TIMEOUT);
-                authorize(token.as_deref(), &mut request);
-                let up = link.client.clone().ping(request).await.is_ok();
-                link.connected.store(up, Ordering::Relaxed);
-                if link.ping_up.swap(up, Ordering::Relaxed) && !up {
-                    tracing::warn!(node = %node, address = %link.address, "peer does not answer its ping: taken as down");
-                    let _ = lost.send(node);
-                }
-            }
-        });
+        let pings = links.into_iter().map(|(node, link)| self.ping(node, link));
         futures::future::join_all(pings).await;
+    }
+
+    /// Pings one peer; the link's `connected` flag follows the answer.
+    async fn ping(&self, node: String, link: Arc<Link>) {
+        let mut request = Request::new(PingRequest {});
+        request.set_timeout(PING_TIMEOUT);
+        authorize(self.inner.token.as_deref(), &mut request);
+        let up = tokio::time::timeout(PING_TIMEOUT, link.client.clone().ping(request))
+            .await
+            .is_ok_and(|answer| answer.is_ok());
+        link.connected.store(up, Ordering::Relaxed);
+        if link.ping_up.swap(up, Ordering::Relaxed) && !up {
+            tracing::warn!(node = %node, address = %link.address, "peer does not answer its ping: taken as down");
+            let _ = self.inner.lost.send(node);
+        }
     }
 
     /// Pings the peers every [`PING_PERIOD`] until the process ends.
@@ -379,6 +395,55 @@ impl Peers {
             from_node: self.inner.node_name.clone(),
             token: self.inner.token.clone(),
         })
+    }
+
+    /// Asks every other node the same question at once (what admin shows of the cluster), each
+    /// call bounded by `timeout`: the answers by node, and the nodes that gave none (link down,
+    /// error, or too slow), so a dead node delays the answer by `timeout` at most.
+    pub async fn ask_all<Q, A, F, Fut>(&self, question: Q, timeout: Duration, ask: F) -> (Vec<(String, A)>, Vec<String>)
+    where
+        Q: Clone,
+        F: Fn(PeerLinkClient<Channel>, Request<Q>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<A>, Status>>,
+    {
+        let links: Vec<(String, Arc<Link>)> = self
+            .inner
+            .links
+            .read()
+            .expect("peer links")
+            .iter()
+            .map(|(node, link)| (node.clone(), link.clone()))
+            .collect();
+        // Every link is asked, up or not: a link only known to be up after its next ping (a
+        // node just added) answers, and one that is down fails fast or within `timeout`.
+        let calls = links.into_iter().map(|(node, link)| {
+            let mut request = Request::new(question.clone());
+            request.set_timeout(timeout);
+            authorize(self.inner.token.as_deref(), &mut request);
+            let call = ask(link.client.clone(), request);
+            async move {
+                match tokio::time::timeout(timeout, call).await {
+                    Ok(Ok(answer)) => (node, Some(answer.into_inner())),
+                    Ok(Err(status)) => {
+                        tracing::warn!(%node, %status, "a peer did not answer");
+                        (node, None)
+                    }
+                    Err(_) => {
+                        tracing::warn!(%node, "a peer did not answer in time");
+                        (node, None)
+                    }
+                }
+            }
+        });
+        let mut answered = Vec::new();
+        let mut silent = Vec::new();
+        for (node, answer) in futures::future::join_all(calls).await {
+            match answer {
+                Some(answer) => answered.push((node, answer)),
+                None => silent.push(node),
+            }
+        }
+        (answered, silent)
     }
 
     /// Sends this node's command and query handlers to `node`.
@@ -608,6 +673,8 @@ pub struct Inbound {
     pub commands: Arc<crate::command::remote::RemoteHandlers>,
     /// Conversations of the other nodes with the query handlers connected here.
     pub queries: Arc<crate::query::remote::RemoteQueries>,
+    /// What admin asks of this node's clients, for an admin on another node.
+    pub control: Arc<crate::control::Control>,
     /// Unix second of the last refusal logged.
     pub last_refusal_logged: AtomicU64,
 }
@@ -707,6 +774,39 @@ impl PeerLink for Inbound {
         self.check_token(&request, "")?;
         let answers = self.queries.receive(request.into_inner()).await?;
         Ok(Response::new(Box::pin(answers)))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn list_clients(
+        &self,
+        request: Request<ListClientsRequest>,
+    ) -> Result<Response<ListClientsResponse>, Status> {
+        self.check_token(&request, "")?;
+        let mut request = request.into_inner();
+        request.this_node_only = true;
+        RouterControl::list_clients(&*self.control, Request::new(request)).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn list_processors(
+        &self,
+        request: Request<ListProcessorsRequest>,
+    ) -> Result<Response<ListProcessorsResponse>, Status> {
+        self.check_token(&request, "")?;
+        let mut request = request.into_inner();
+        request.this_node_only = true;
+        RouterControl::list_processors(&*self.control, Request::new(request)).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn send_instruction(
+        &self,
+        request: Request<SendInstructionRequest>,
+    ) -> Result<Response<SendInstructionResponse>, Status> {
+        self.check_token(&request, "")?;
+        let mut request = request.into_inner();
+        request.this_node_only = true;
+        RouterControl::send_instruction(&*self.control, Request::new(request)).await
     }
 }
 

@@ -12,6 +12,8 @@ pub struct Reply {
     pub error_code: Option<String>,
     pub content_type: String,
     pub location: Option<String>,
+    /// `myelin-unreachable-nodes`: nodes whose part of a cluster-wide listing is missing.
+    pub unreachable_nodes: Option<String>,
     pub body: String,
 }
 
@@ -96,6 +98,7 @@ pub async fn request_at(
             error_code: header("AxonIQ-ErrorCode"),
             content_type: header("content-type").unwrap_or_default(),
             location: header("location"),
+            unreachable_nodes: header("myelin-unreachable-nodes"),
             body: response.body_mut().read_to_string().unwrap_or_default(),
         }
     })

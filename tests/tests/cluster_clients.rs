@@ -7,10 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use myelin_proto::axon::InstructionAck;
 use myelin_proto::axon::control::platform_inbound_instruction::Request as Inbound;
 use myelin_proto::axon::control::platform_outbound_instruction::Request as Outbound;
 use myelin_proto::axon::control::platform_service_client::PlatformServiceClient;
-use myelin_proto::axon::control::{ClientIdentification, PlatformInboundInstruction, PlatformOutboundInstruction};
+use myelin_proto::axon::control::{
+    ClientIdentification, EventProcessorInfo, PlatformInboundInstruction, PlatformOutboundInstruction,
+};
 use myelin_tests::cluster::{Cluster, index_of};
 use myelin_tests::with_context;
 use tokio::sync::mpsc;
@@ -21,12 +24,15 @@ const CONTEXT: &str = "default";
 /// A client application connected as Axon's connector connects: it asks the node it knows
 /// (`first`) which server to use, connects there, and registers on its control stream. Asked to
 /// reconnect (`RequestReconnect`), or when its stream ends, it does all that again, asking
-/// `first` every 200 ms while a node turns it away.
+/// `first` every 200 ms while a node turns it away. Registered, it reports one event processor
+/// ([`PROCESSOR`]); it acknowledges every instruction, as Axon's connector does.
 struct App {
     /// The node it is registered with now, `usize::MAX` while it looks for one.
     node: Arc<AtomicUsize>,
     /// How many times it was asked to reconnect.
     asked: Arc<AtomicUsize>,
+    /// How many times it was told to pause its event processor.
+    paused: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -56,15 +62,20 @@ async fn connect_tagged_app(cluster: &Cluster, first: usize, client_id: &str, ta
     };
     let node = Arc::new(AtomicUsize::new(usize::MAX));
     let asked = Arc::new(AtomicUsize::new(0));
+    let paused = Arc::new(AtomicUsize::new(0));
     let (registered, first_registration) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(follow(
         cluster.nodes[first].url(),
         identification,
-        node.clone(),
-        asked.clone(),
+        (node.clone(), asked.clone(), paused.clone()),
         registered,
     ));
-    let app = App { node, asked, task };
+    let app = App {
+        node,
+        asked,
+        paused,
+        task,
+    };
     let ok = tokio::time::timeout(Duration::from_secs(10), first_registration)
         .await
         .unwrap_or_else(|_| panic!("{client_id} registered within 10 s"))
@@ -75,39 +86,83 @@ async fn connect_tagged_app(cluster: &Cluster, first: usize, client_id: &str, ta
     app
 }
 
+/// The event processor every test app reports.
+const PROCESSOR: &str = "spread-processor";
+
 /// The app's connection loop (see [`App`]).
 async fn follow(
     first: String,
     identification: ClientIdentification,
-    node: Arc<AtomicUsize>,
-    asked: Arc<AtomicUsize>,
+    (node, asked, paused): (Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<AtomicUsize>),
     registered: tokio::sync::oneshot::Sender<bool>,
 ) {
     let mut registered = Some(registered);
+    // The connection it was asked to leave: closed once the next one is registered, so that
+    // its last acknowledgement is not cut off with it.
+    let mut _previous: Option<Session> = None;
     loop {
         node.store(usize::MAX, Ordering::SeqCst);
-        let Some((i, mut inbound, _outbound)) = session(&first, &identification).await else {
+        let Some((i, mut inbound, outbound)) = session(&first, &identification).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
         // Registered once the node acknowledges it; then it serves until told to go.
-        while let Ok(Some(PlatformOutboundInstruction { request, .. })) = inbound.message().await {
+        while let Ok(Some(PlatformOutboundInstruction {
+            request,
+            instruction_id,
+        })) = inbound.message().await
+        {
+            let mut leave = false;
             match request {
                 Some(Outbound::Ack(ack)) if ack.instruction_id == "register" => {
                     if ack.success {
+                        let report = EventProcessorInfo {
+                            processor_name: PROCESSOR.to_owned(),
+                            mode: "Tracking".to_owned(),
+                            running: true,
+                            ..Default::default()
+                        };
+                        let _ = outbound
+                            .send(PlatformInboundInstruction {
+                                request: Some(Inbound::EventProcessorInfo(report)),
+                                instruction_id: String::new(),
+                            })
+                            .await;
                         node.store(i, Ordering::SeqCst);
+                        _previous = None;
                     }
                     if let Some(registered) = registered.take() {
                         let _ = registered.send(ack.success);
                     }
                 }
+                Some(Outbound::PauseEventProcessor(_)) => {
+                    paused.fetch_add(1, Ordering::SeqCst);
+                }
                 Some(Outbound::RequestReconnect(_)) => {
                     asked.fetch_add(1, Ordering::SeqCst);
-                    break;
+                    leave = true;
                 }
                 _ => {}
             }
+            // Acknowledged once carried out (counted), as the connector does.
+            if !instruction_id.is_empty() {
+                let ack = InstructionAck {
+                    instruction_id,
+                    success: true,
+                    ..Default::default()
+                };
+                let _ = outbound
+                    .send(PlatformInboundInstruction {
+                        request: Some(Inbound::Ack(ack)),
+                        instruction_id: String::new(),
+                    })
+                    .await;
+            }
+            if leave {
+                break;
+            }
         }
+        _previous = Some((i, inbound, outbound));
     }
 }
 
@@ -167,12 +222,7 @@ async fn thirty_clients_that_know_one_node_spread_over_three() {
     store_default_on(&cluster, &["n2", "n3"]).await;
     spreading(&cluster).await;
 
-    let mut apps = Vec::new();
-    for wave in 0..6 {
-        let ids: Vec<String> = (0..5).map(|k| format!("app-{wave}-{k}")).collect();
-        let started: Vec<_> = ids.iter().map(|id| connect_app(&cluster, 0, id)).collect();
-        apps.extend(futures::future::join_all(started).await);
-    }
+    let apps = thirty_apps(&cluster).await;
     let mut told = [0usize; 3];
     for app in &apps {
         told[app.node()] += 1;
@@ -181,17 +231,34 @@ async fn thirty_clients_that_know_one_node_spread_over_three() {
     for (i, n) in told.iter().enumerate() {
         assert!((8..=12).contains(n), "n{} got {n} of 30: {told:?}", i + 1);
     }
-    for (i, expected) in told.iter().enumerate() {
-        let listed = cluster.http(i, "GET", "/v1/clients?context=default", None).await.json();
-        let empty = Vec::new();
-        let count = listed
-            .as_array()
-            .unwrap_or(&empty)
-            .iter()
-            .filter(|c| c["clientId"].as_str().is_some_and(|id| id.starts_with("app-")))
-            .count();
-        assert_eq!(count, *expected, "n{} lists {listed}", i + 1);
+    // Every node lists the 30, each on the node it was sent to.
+    for i in 0..3 {
+        assert_eq!(
+            listed_spread(&cluster, i, 3).await,
+            told.to_vec(),
+            "as n{} lists them",
+            i + 1
+        );
     }
+}
+
+/// How many applications (`app-*`) node `ask`'s `/v1/clients` says each of the first `n` nodes
+/// serves.
+async fn listed_spread(cluster: &Cluster, ask: usize, n: usize) -> Vec<usize> {
+    let reply = cluster.http(ask, "GET", "/v1/clients?context=default", None).await;
+    if reply.unreachable_nodes.is_some() {
+        cluster.panic_with_log(ask, &format!("did not hear from {:?}", reply.unreachable_nodes));
+    }
+    let listed = reply.json();
+    let mut counts = vec![0; n];
+    for client in listed.as_array().expect("a list") {
+        if client["clientId"].as_str().is_some_and(|id| id.starts_with("app-")) {
+            let node = client["node"].as_str().and_then(index_of);
+            let i = node.filter(|i| *i < n).unwrap_or_else(|| panic!("{client} on no node"));
+            counts[i] += 1;
+        }
+    }
+    counts
 }
 
 /// Where `GetPlatformServer` on node `i` sends a client with `tags` (its node index).
@@ -259,6 +326,17 @@ async fn clients_go_to_the_node_whose_tags_match_theirs() {
     assert_ne!(us, 2, "a client whose tags match no node went to the busiest");
 }
 
+/// 30 applications that know only n1, connecting in six waves of five at once.
+async fn thirty_apps(cluster: &Cluster) -> Vec<App> {
+    let mut apps = Vec::new();
+    for wave in 0..6 {
+        let ids: Vec<String> = (0..5).map(|k| format!("app-{wave}-{k}")).collect();
+        let started: Vec<_> = ids.iter().map(|id| connect_app(cluster, 0, id)).collect();
+        apps.extend(futures::future::join_all(started).await);
+    }
+    apps
+}
+
 /// Waits until n1 sends a client of default to another node: each router knows the others
 /// store it (until then n1 keeps every client).
 async fn spreading(cluster: &Cluster) {
@@ -319,12 +397,7 @@ async fn clients_spread_again_after_a_fourth_node_joins() {
     let mut cluster = Cluster::start(3, &env).await;
     store_default_on(&cluster, &["n2", "n3"]).await;
     spreading(&cluster).await;
-    let mut apps = Vec::new();
-    for wave in 0..6 {
-        let ids: Vec<String> = (0..5).map(|k| format!("app-{wave}-{k}")).collect();
-        let started: Vec<_> = ids.iter().map(|id| connect_app(&cluster, 0, id)).collect();
-        apps.extend(futures::future::join_all(started).await);
-    }
+    let apps = thirty_apps(&cluster).await;
     let settled = |apps: &[App], n: usize, even: std::ops::RangeInclusive<usize>| {
         spread(apps, n).filter(|counts| counts.iter().all(|c| even.contains(c)))
     };
@@ -369,20 +442,16 @@ async fn clients_spread_again_after_a_fourth_node_joins() {
     );
     assert!(four[3] >= 6, "{four:?}");
     assert!(asked <= 12, "{asked} asked to move: more than the surplus");
-    for (i, expected) in four.iter().enumerate() {
+    // Every node lists them where they are (a moved application's old connection may linger a
+    // moment).
+    for i in 0..4 {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let listed = cluster.http(i, "GET", "/v1/clients?context=default", None).await.json();
-            let count = listed.as_array().map_or(0, |clients| {
-                clients
-                    .iter()
-                    .filter(|c| c["clientId"].as_str().is_some_and(|id| id.starts_with("app-")))
-                    .count()
-            });
-            if count == *expected {
+            let listed = listed_spread(&cluster, i, 4).await;
+            if listed == four {
                 break;
             }
-            assert!(Instant::now() < deadline, "n{} lists {listed}, not {expected}", i + 1);
+            assert!(Instant::now() < deadline, "n{} lists {listed:?}, not {four:?}", i + 1);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -470,4 +539,121 @@ async fn a_node_cut_off_from_its_contexts_majority_sends_its_clients_away() {
         thawed.elapsed(),
         spread(&apps, 3)
     );
+}
+
+/// Any node's admin shows and instructs the clients of every node (issue 12): `/v1/clients`
+/// and `/v1/processors` on each of three nodes list all six applications with the node each is
+/// connected to; pausing a processor from n1 reaches the instances on n2 and n3; a reconnect
+/// sent from n1 reaches an application on another node. With n3 frozen, n1 still answers within
+/// a few seconds, without n3's clients, and names n3 in `myelin-unreachable-nodes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn any_node_lists_and_instructs_the_clients_of_every_node() {
+    let cluster = Cluster::start(3, &[]).await;
+    store_default_on(&cluster, &["n2", "n3"]).await;
+    spreading(&cluster).await;
+    let mut apps = Vec::new();
+    for k in 0..6 {
+        apps.push(connect_app(&cluster, 0, &format!("app-{k}")).await);
+    }
+    let nodes: Vec<usize> = apps.iter().map(App::node).collect();
+    assert!(
+        (0..3).all(|i| nodes.contains(&i)),
+        "the six applications are not on all three nodes: {nodes:?}"
+    );
+    // Every node lists every application, with its node (the reports may lag the registration).
+    let expected: Vec<(String, String)> = apps
+        .iter()
+        .enumerate()
+        .map(|(k, app)| (format!("app-{k}"), myelin_tests::cluster::node_name(app.node())))
+        .collect();
+    for path in ["/v1/clients?context=default", "/v1/processors?context=default"] {
+        for i in 0..3 {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let reply = cluster.http(i, "GET", path, None).await;
+                assert_eq!(reply.status, 200, "{reply:?}");
+                let listed = reply.json();
+                let mut seen: Vec<(String, String)> = listed
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|c| c["clientId"].as_str().is_some_and(|id| id.starts_with("app-")))
+                    .map(|c| {
+                        (
+                            c["clientId"].as_str().unwrap().to_owned(),
+                            c["node"].as_str().unwrap_or_default().to_owned(),
+                        )
+                    })
+                    .collect();
+                seen.sort();
+                if seen == expected {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "n{} {path}: {seen:?}, not {expected:?}",
+                    i + 1
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    // A processor paused from n1 is paused in every instance, wherever it is connected.
+    let paused = cluster
+        .http(
+            0,
+            "PATCH",
+            &format!("/v1/components/spread-app/processors/{PROCESSOR}/pause?context=default"),
+            None,
+        )
+        .await;
+    assert_eq!(paused.status, 200, "{paused:?}");
+    let result = paused.json();
+    assert_eq!(result["result"], "SUCCESS", "{result}");
+    assert_eq!(result["clients"].as_array().map(Vec::len), Some(6), "{result}");
+    assert!(
+        apps.iter().all(|a| a.paused.load(Ordering::SeqCst) == 1),
+        "{:?}",
+        apps.iter().map(|a| a.paused.load(Ordering::SeqCst)).collect::<Vec<_>>()
+    );
+
+    // A reconnect sent from n1 to an application on another node.
+    let (k, elsewhere) = apps
+        .iter()
+        .enumerate()
+        .find(|(_, a)| a.node() != 0)
+        .expect("an application off n1");
+    let reconnect = cluster
+        .http(
+            0,
+            "PATCH",
+            &format!("/v1/instructions?client=app-{k}&context=default"),
+            None,
+        )
+        .await;
+    assert_eq!(reconnect.status, 200, "{reconnect:?}");
+    assert_eq!(elsewhere.asked.load(Ordering::SeqCst), 1);
+    // An application no node has: AXONIQ-1300, after asking them all.
+    let unknown = cluster
+        .http(0, "PATCH", "/v1/instructions?client=nobody&context=default", None)
+        .await;
+    assert_eq!(unknown.status, 404, "{unknown:?}");
+    assert!(unknown.body.contains("AXONIQ-1300"), "{unknown:?}");
+
+    // n3 frozen: n1 answers without its clients, and says so.
+    cluster.nodes[2].signal_all(nix::sys::signal::Signal::SIGSTOP);
+    let asked = Instant::now();
+    let reply = cluster.http(0, "GET", "/v1/clients?context=default", None).await;
+    let took = asked.elapsed();
+    cluster.nodes[2].signal_all(nix::sys::signal::Signal::SIGCONT);
+    eprintln!(
+        "n1 listed its clients with n3 frozen in {took:?}, unreachable: {:?}",
+        reply.unreachable_nodes
+    );
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    assert_eq!(reply.unreachable_nodes.as_deref(), Some("n3"), "{reply:?}");
+    let listed = reply.json();
+    assert!(listed.as_array().unwrap().iter().all(|c| c["node"] != "n3"), "{listed}");
 }

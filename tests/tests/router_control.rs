@@ -213,6 +213,7 @@ async fn send_instruction(
             client_id: client_id.to_owned(),
             instruction: Some(instruction),
             timeout_millis,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -246,7 +247,10 @@ async fn clients_processors_and_instructions_over_the_router_socket() {
     let after = unix_millis_now();
 
     let clients = control
-        .list_clients(ListClientsRequest { context: "ctl".into() })
+        .list_clients(ListClientsRequest {
+            context: "ctl".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -275,6 +279,7 @@ async fn clients_processors_and_instructions_over_the_router_socket() {
     let elsewhere = control
         .list_clients(ListClientsRequest {
             context: "other".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -283,13 +288,17 @@ async fn clients_processors_and_instructions_over_the_router_socket() {
     let bad = control
         .list_clients(ListClientsRequest {
             context: "no spaces".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
 
     let processors = control
-        .list_processors(ListProcessorsRequest { context: "ctl".into() })
+        .list_processors(ListProcessorsRequest {
+            context: "ctl".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -362,12 +371,14 @@ async fn clients_processors_and_instructions_over_the_router_socket() {
             client_id: "app-1".into(),
             instruction: None,
             timeout_millis: 0,
+            ..Default::default()
         },
         SendInstructionRequest {
             context: "ctl".into(),
             client_id: String::new(),
             instruction: Some(pause("p")),
             timeout_millis: 0,
+            ..Default::default()
         },
         SendInstructionRequest {
             context: "ctl".into(),
@@ -377,12 +388,14 @@ async fn clients_processors_and_instructions_over_the_router_socket() {
                 instruction_id: String::new(),
             }),
             timeout_millis: 0,
+            ..Default::default()
         },
         SendInstructionRequest {
             context: "ctl".into(),
             client_id: "app-1".into(),
             instruction: Some(pause("p")),
             timeout_millis: u32::MAX,
+            ..Default::default()
         },
     ] {
         let status = control.send_instruction(request).await.unwrap_err();
@@ -397,7 +410,10 @@ async fn clients_processors_and_instructions_over_the_router_socket() {
     let sent = unix_millis_now();
     client.send(Inbound::Heartbeat(Default::default()), "heartbeat-1").await;
     let beat = control
-        .list_clients(ListClientsRequest { context: "ctl".into() })
+        .list_clients(ListClientsRequest {
+            context: "ctl".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -595,6 +611,7 @@ async fn handlers_are_listed_and_closing_a_context_ends_its_streams() {
     let left = control
         .list_clients(ListClientsRequest {
             context: "doomed".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -609,7 +626,10 @@ async fn handlers_are_listed_and_closing_a_context_ends_its_streams() {
         .into_inner();
     assert!(handlers.handlers.is_empty(), "{handlers:?}");
     let kept = control
-        .list_clients(ListClientsRequest { context: "kept".into() })
+        .list_clients(ListClientsRequest {
+            context: "kept".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -1,7 +1,10 @@
 //! Connected client applications, the event processors they report, their command and query
 //! handlers, and the instructions an operator sends them (Axon's processor operations and
 //! reconnect). All of it comes from the router over `RouterControl`; instructions go to the
-//! clients' control streams and the answer here waits for the clients' acknowledgements.
+//! clients' control streams and the answer here waits for the clients' acknowledgements. In a
+//! cluster the router asks the other nodes too, so any node's admin shows and instructs the
+//! clients connected to every node (issue 12); a node that does not answer within 3 s is named
+//! in the `myelin-unreachable-nodes` header rather than waited for.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -74,6 +77,8 @@ pub struct ClientJson {
     /// off on either side, or an older client).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_heartbeat: Option<i64>,
+    /// The node of the cluster the client is connected to.
+    pub node: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -107,6 +112,8 @@ pub struct ProcessorJson {
     pub segments: Vec<SegmentJson>,
     /// Unix time in milliseconds of the report.
     pub reported_at: i64,
+    /// The node of the cluster the reporting client is connected to.
+    pub node: String,
 }
 
 /// A command or query handler registration.
@@ -134,52 +141,77 @@ pub struct InstructionResultJson {
     pub clients: Vec<String>,
 }
 
-/// Connected client applications.
+/// The header that names the nodes of the cluster whose part of a listing is missing (they did
+/// not answer in time); absent when every node answered.
+pub const UNREACHABLE_NODES: &str = "myelin-unreachable-nodes";
+
+fn unreachable_header(nodes: &[String]) -> axum::http::HeaderMap {
+    let mut headers = axum::http::HeaderMap::new();
+    if !nodes.is_empty() {
+        tracing::warn!(nodes = ?nodes, "a listing misses the clients of nodes that did not answer");
+        if let Ok(value) = axum::http::HeaderValue::from_str(&nodes.join(",")) {
+            headers.insert(UNREACHABLE_NODES, value);
+        }
+    }
+    headers
+}
+
+/// Connected client applications, on every node of the cluster.
 #[utoipa::path(get, path = "/v1/clients", operation_id = "listClients", tag = "clients", params(ContextFilter),
     responses(
-        (status = 200, description = "OK", body = Vec<ClientJson>),
+        (status = 200, description = "OK: the clients of every node that answered", body = Vec<ClientJson>,
+            headers(("myelin-unreachable-nodes" = String, description = "Nodes whose clients are missing (did not answer within 3 s), comma-separated"))),
         (status = 400, description = "Invalid context name", body = ErrorBody),
         (status = 404, description = "No such context", body = ErrorBody),
     ))]
 pub async fn clients(
     State(state): State<AppState>,
     Params(filter): Params<ContextFilter>,
-) -> Result<Json<Vec<ClientJson>>, ApiError> {
+) -> Result<(axum::http::HeaderMap, Json<Vec<ClientJson>>), ApiError> {
     let context = existing_context(&state, filter.context.as_deref()).await?;
-    let clients = state
+    let answer = state
         .router_control()?
         .list_clients(ListClientsRequest {
             context: context.unwrap_or_default(),
+            ..Default::default()
         })
         .await
         .map_err(|s| ApiError::from_status("the router", s))?
-        .into_inner()
-        .clients;
-    Ok(Json(
-        clients
-            .into_iter()
-            .map(|c| ClientJson {
-                context: c.context,
-                client_id: c.client_id,
-                client_stream_id: c.client_stream_id,
-                component_name: c.component_name,
-                version: c.version,
-                tags: c.tags.into_iter().collect(),
-                connected_at: c.connected_at_millis,
-                last_heartbeat: (c.last_heartbeat_millis > 0).then_some(c.last_heartbeat_millis),
-            })
-            .collect(),
+        .into_inner();
+    Ok((
+        unreachable_header(&answer.unreachable_nodes),
+        Json(
+            answer
+                .clients
+                .into_iter()
+                .map(|c| ClientJson {
+                    context: c.context,
+                    client_id: c.client_id,
+                    client_stream_id: c.client_stream_id,
+                    component_name: c.component_name,
+                    version: c.version,
+                    tags: c.tags.into_iter().collect(),
+                    connected_at: c.connected_at_millis,
+                    last_heartbeat: (c.last_heartbeat_millis > 0).then_some(c.last_heartbeat_millis),
+                    node: c.node,
+                })
+                .collect(),
+        ),
     ))
 }
 
-async fn reports(state: &AppState, context: String) -> Result<Vec<ProcessorReport>, ApiError> {
-    Ok(state
+/// The processor reports of every node's clients, and the nodes that did not answer.
+async fn reports(state: &AppState, context: String) -> Result<(Vec<ProcessorReport>, Vec<String>), ApiError> {
+    let answer = state
         .router_control()?
-        .list_processors(ListProcessorsRequest { context })
+        .list_processors(ListProcessorsRequest {
+            context,
+            ..Default::default()
+        })
         .await
         .map_err(|s| ApiError::from_status("the router", s))?
-        .into_inner()
-        .processors)
+        .into_inner();
+    Ok((answer.processors, answer.unreachable_nodes))
 }
 
 fn processor_json(report: ProcessorReport) -> ProcessorJson {
@@ -210,23 +242,28 @@ fn processor_json(report: ProcessorReport) -> ProcessorJson {
             })
             .collect(),
         reported_at: report.reported_at_millis,
+        node: report.node,
     }
 }
 
-/// Event processors, as the connected clients last reported them.
+/// Event processors, as the clients connected to every node of the cluster last reported them.
 #[utoipa::path(get, path = "/v1/processors", operation_id = "listProcessors", tag = "clients", params(ContextFilter),
     responses(
-        (status = 200, description = "OK", body = Vec<ProcessorJson>),
+        (status = 200, description = "OK: the reports of every node that answered", body = Vec<ProcessorJson>,
+            headers(("myelin-unreachable-nodes" = String, description = "Nodes whose clients' reports are missing, comma-separated"))),
         (status = 400, description = "Invalid context name", body = ErrorBody),
         (status = 404, description = "No such context", body = ErrorBody),
     ))]
 pub async fn processors(
     State(state): State<AppState>,
     Params(filter): Params<ContextFilter>,
-) -> Result<Json<Vec<ProcessorJson>>, ApiError> {
+) -> Result<(axum::http::HeaderMap, Json<Vec<ProcessorJson>>), ApiError> {
     let context = existing_context(&state, filter.context.as_deref()).await?;
-    let reports = reports(&state, context.unwrap_or_default()).await?;
-    Ok(Json(reports.into_iter().map(processor_json).collect()))
+    let (reports, unreachable) = reports(&state, context.unwrap_or_default()).await?;
+    Ok((
+        unreachable_header(&unreachable),
+        Json(reports.into_iter().map(processor_json).collect()),
+    ))
 }
 
 /// Command and query handler registrations.
@@ -276,6 +313,7 @@ async fn send(state: &AppState, context: &str, client_id: &str, instruction: Ins
             instruction_id: String::new(),
         }),
         timeout_millis: INSTRUCTION_TIMEOUT.as_millis() as u32,
+        this_node_only: false,
     });
     call.set_timeout(INSTRUCTION_TIMEOUT + Duration::from_secs(5));
     let answer = state
@@ -319,8 +357,11 @@ async fn processor_operation(
     }
     let context = target.context.unwrap_or_else(|| DEFAULT_CONTEXT.to_owned());
     existing_context(state, Some(&context)).await?;
-    let matching: Vec<ProcessorReport> = reports(state, context.clone())
-        .await?
+    let (reports, unreachable) = reports(state, context.clone()).await?;
+    if !unreachable.is_empty() {
+        tracing::warn!(nodes = ?unreachable, %processor, "processor operation without the clients of nodes that did not answer");
+    }
+    let matching: Vec<ProcessorReport> = reports
         .into_iter()
         .filter(|r| {
             let info = r.info.as_ref();
