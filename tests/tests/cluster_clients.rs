@@ -122,12 +122,7 @@ async fn follow(
                             running: true,
                             ..Default::default()
                         };
-                        let _ = outbound
-                            .send(PlatformInboundInstruction {
-                                request: Some(Inbound::EventProcessorInfo(report)),
-                                instruction_id: String::new(),
-                            })
-                            .await;
+                        tell(&outbound, Inbound::EventProcessorInfo(report)).await;
                         node.store(i, Ordering::SeqCst);
                         _previous = None;
                     }
@@ -151,12 +146,7 @@ async fn follow(
                     success: true,
                     ..Default::default()
                 };
-                let _ = outbound
-                    .send(PlatformInboundInstruction {
-                        request: Some(Inbound::Ack(ack)),
-                        instruction_id: String::new(),
-                    })
-                    .await;
+                tell(&outbound, Inbound::Ack(ack)).await;
             }
             if leave {
                 break;
@@ -164,6 +154,16 @@ async fn follow(
         }
         _previous = Some((i, inbound, outbound));
     }
+}
+
+/// Sends the node one message on the control stream (a closed stream is the loop's to notice).
+async fn tell(outbound: &mpsc::Sender<PlatformInboundInstruction>, request: Inbound) {
+    let _ = outbound
+        .send(PlatformInboundInstruction {
+            request: Some(request),
+            instruction_id: String::new(),
+        })
+        .await;
 }
 
 type Session = (

@@ -7,6 +7,8 @@
 //! an `ack` (what axonserver-connector clients send once the work is done, failed or not) or a
 //! `result` (what older Axon Framework clients send for split and merge). No answer within the
 //! timeout (Axon's `instruction.result.timeout`, 10 s) is INSTRUCTION_RESULT_TIMEOUT.
+//! `RequestReconnect` is the exception: Axon's connector does not acknowledge it, it leaves (its
+//! Java suite measured it), so that one succeeds once it is on the client's streams.
 //!
 //! Memory is bounded whatever clients do: at most [`MAX_PENDING`] instructions wait at a time,
 //! and a waiting instruction is forgotten when its caller stops waiting (answer, timeout, or the
@@ -203,6 +205,9 @@ impl Instructions {
             );
         }
         tracing::info!(%client_id, %context, instruction_id = %id, streams = delivered, "instruction sent to client");
+        if delivered > 0 && matches!(instruction.request, Some(Outbound::RequestReconnect(_))) {
+            return Outcome::success("the client was asked to reconnect");
+        }
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(answer)) => Outcome::of(answer),
             // The entry is removed only by `settle` (which sends) or by `_forget` (later).
@@ -262,6 +267,30 @@ mod tests {
             success,
             error,
         })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconnect_request_succeeds_once_delivered_without_an_answer() {
+        let clients = Arc::new(Clients::default());
+        let instructions = Instructions::default();
+        let (_stream, mut rx) = register(&clients, "c", "app");
+        let reconnect = PlatformOutboundInstruction {
+            request: Some(Outbound::RequestReconnect(Default::default())),
+            instruction_id: String::new(),
+        };
+        let outcome = instructions
+            .send(&clients, "c", "app", reconnect.clone(), DEFAULT_TIMEOUT)
+            .await;
+        assert!(outcome.success, "{outcome:?}");
+        assert!(matches!(
+            rx.recv().await.unwrap().unwrap().request,
+            Some(Outbound::RequestReconnect(_))
+        ));
+        assert_eq!(instructions.waiting(), 0);
+        let outcome = instructions
+            .send(&clients, "c", "nobody", reconnect, DEFAULT_TIMEOUT)
+            .await;
+        assert_eq!(outcome.error_code, "AXONIQ-1300");
     }
 
     #[tokio::test(start_paused = true)]
