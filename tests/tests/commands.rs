@@ -185,6 +185,47 @@ async fn a_killed_handler_fails_its_commands_fast_and_survivors_take_over() {
     }
 }
 
+/// A client asked to reconnect drops its only handler and subscribes again on its new
+/// connection a moment later: a command sent in between waits for it (up to 3 s after the
+/// handler left) and is answered by the returning handler, not failed with "no handler". Once
+/// the window has passed with no handler back, a command fails with AXONIQ-4000 as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_waits_for_its_handler_to_come_back_from_a_reconnect() {
+    let node = Node::start(Options::default()).await;
+    let dispatcher = connect(&node).await;
+    let first = Handler::start(&node, "default", "returning", &["Hold"], 100, 100, true).await;
+    assert_eq!(
+        handled_by(&dispatch(&dispatcher, command("Hold", &id(), None)).await),
+        "returning"
+    );
+    first.kill();
+    // The node has seen the handler go once a command no longer reaches it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = Instant::now();
+    let waiting = tokio::spawn({
+        let dispatcher = dispatcher.clone();
+        async move { dispatch(&dispatcher, command("Hold", &id(), None)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _back = Handler::start(&node, "default", "returning-again", &["Hold"], 100, 100, true).await;
+    let response = waiting.await.unwrap();
+    eprintln!("held {:?} until the handler came back: {response:?}", sent.elapsed());
+    assert_eq!(handled_by(&response), "returning-again", "{response:?}");
+
+    // Gone for longer than the window: no handler, after the window.
+    let gone = Handler::start(&node, "default", "leaving", &["Gone"], 100, 100, true).await;
+    gone.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = Instant::now();
+    let response = dispatch(&dispatcher, command("Gone", &id(), None)).await;
+    let waited = sent.elapsed();
+    eprintln!("no handler after {waited:?}");
+    assert_eq!(response.error_code, "AXONIQ-4000", "{response:?}");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    let response = dispatch(&dispatcher, command("Gone", &id(), None)).await;
+    assert_eq!(response.error_code, "AXONIQ-4000", "{response:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_duplicates_and_bad_input() {
     let node = Node::start(Options::default()).await;

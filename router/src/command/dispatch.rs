@@ -164,11 +164,15 @@ impl Dispatcher {
             );
             Routed { command, charge }
         };
+        let deadline = tokio::time::Instant::now() + timeout;
+        if matches!(target, Target::Ring) {
+            self.await_returning_handler(context, &routed.command, deadline).await;
+        }
         if let Err(response) = self.route(context, routed, target) {
             return *response;
         }
         metrics.routed();
-        match tokio::time::timeout(timeout, answer).await {
+        match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(response)) => {
                 guard.failed = !response.error_code.is_empty();
                 response
@@ -179,6 +183,33 @@ impl Dispatcher {
                 // The guard removes the entry; a late response is then ignored.
                 error_response(ErrorCode::CommandTimeout, "Cancelled by AxonServer due to timeout", &id)
             }
+        }
+    }
+
+    /// Waits, at most until `deadline` and [`super::registry::RETURN_WINDOW`] after it left, while the
+    /// command has no handler but its last one disconnected lately: a client asked to
+    /// reconnect subscribes again on its new connection a moment later, and the command then
+    /// goes to it instead of failing with "no handler". Returns at once otherwise.
+    async fn await_returning_handler(&self, context: &str, command: &Command, deadline: tokio::time::Instant) {
+        let key = routing_key(command);
+        let mut subscriptions = self.registry.subscriptions();
+        let mut held = false;
+        while self.registry.select(context, &command.name, key).is_none()
+            && self.registry.recently_orphaned(context, &command.name)
+        {
+            held = true;
+            let wait = tokio::time::Instant::now() + Duration::from_millis(100);
+            // Woken by a subscription, or every 100 ms to see whether the window closed.
+            if tokio::time::timeout_at(wait.min(deadline), subscriptions.changed())
+                .await
+                .is_err()
+                && tokio::time::Instant::now() >= deadline
+            {
+                break;
+            }
+        }
+        if held {
+            tracing::debug!(command = %command.name, %context, "command held while its handler reconnected");
         }
     }
 

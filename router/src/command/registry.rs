@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use myelin_proto::axon::command::Command;
 
@@ -123,12 +124,22 @@ pub struct Registration {
     pub load_factor: i32,
 }
 
+/// How long a command name whose last handler disconnected counts as having a handler on its
+/// way back: a client asked to reconnect (balancing, `RequestReconnect`) closes its old
+/// connection before it subscribes on the new one, and a command arriving in between waits for
+/// it rather than failing with "no handler" (`dispatch`).
+pub const RETURN_WINDOW: Duration = Duration::from_secs(3);
+
 /// The handlers of every context. Cheap to share; all methods are synchronous and short.
 pub struct Registry {
     /// (context, command name) -> handlers.
     by_name: Mutex<HashMap<(String, String), Handlers>>,
     /// Counts the changes to the handlers connected here (what the other nodes must be told).
     local_changes: tokio::sync::watch::Sender<u64>,
+    /// Counts every subscription, here or on another node (what a held command waits for).
+    subscriptions: tokio::sync::watch::Sender<u64>,
+    /// (context, command name) whose last handler disconnected, and when: see [`RETURN_WINDOW`].
+    orphaned: Mutex<HashMap<(String, String), Instant>>,
 }
 
 impl Default for Registry {
@@ -136,6 +147,8 @@ impl Default for Registry {
         Registry {
             by_name: Mutex::default(),
             local_changes: tokio::sync::watch::Sender::new(0),
+            subscriptions: tokio::sync::watch::Sender::new(0),
+            orphaned: Mutex::default(),
         }
     }
 }
@@ -148,6 +161,21 @@ impl Registry {
 
     fn local_changed(&self) {
         self.local_changes.send_modify(|n| *n += 1);
+    }
+
+    /// Changes whenever a handler subscribes, here or on another node.
+    pub fn subscriptions(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.subscriptions.subscribe()
+    }
+
+    /// Whether the last handler of `name` in `context` disconnected less than
+    /// [`RETURN_WINDOW`] ago (and none subscribed since).
+    pub fn recently_orphaned(&self, context: &str, name: &str) -> bool {
+        self.orphaned
+            .lock()
+            .unwrap()
+            .get(&(context.to_owned(), name.to_owned()))
+            .is_some_and(|at| at.elapsed() < RETURN_WINDOW)
     }
 
     /// Adds (or updates the load factor of) a handler for `name` in `context`.
@@ -164,14 +192,21 @@ impl Registry {
             }
             handlers.rebuild();
         }
+        self.orphaned
+            .lock()
+            .unwrap()
+            .remove(&(context.to_owned(), name.to_owned()));
+        self.subscriptions.send_modify(|n| *n += 1);
         if local {
             self.local_changed();
         }
     }
 
-    /// Removes one subscription of a handler.
+    /// Removes one subscription of a handler. A command name left without handlers is
+    /// remembered for [`RETURN_WINDOW`]: Axon's connector unsubscribes before it reconnects.
     pub fn unsubscribe(&self, context: &str, name: &str, handler: HandlerId) {
         let mut local = false;
+        let mut orphaned = None;
         {
             let mut by_name = self.by_name.lock().unwrap();
             let key = (context.to_owned(), name.to_owned());
@@ -184,20 +219,37 @@ impl Registry {
                 });
                 if handlers.members.is_empty() {
                     by_name.remove(&key);
+                    orphaned = Some(key);
                 } else if handlers.members.len() != before {
                     handlers.rebuild();
                 }
             }
         }
+        self.orphan(orphaned);
         if local {
             self.local_changed();
         }
     }
 
-    /// Removes every subscription of a handler (it disconnected).
+    /// Remembers command names left without handlers (see [`RETURN_WINDOW`]); bounded by the
+    /// names that had handlers, expired entries going first.
+    fn orphan(&self, names: impl IntoIterator<Item = (String, String)>) {
+        let mut names = names.into_iter().peekable();
+        if names.peek().is_none() {
+            return;
+        }
+        let now = Instant::now();
+        let mut recent = self.orphaned.lock().unwrap();
+        recent.retain(|_, at| now.duration_since(*at) < RETURN_WINDOW);
+        recent.extend(names.map(|key| (key, now)));
+    }
+
+    /// Removes every subscription of a handler (it disconnected). A command name left without
+    /// handlers is remembered for [`RETURN_WINDOW`].
     pub fn remove(&self, handler: HandlerId) {
         let mut local = false;
-        self.by_name.lock().unwrap().retain(|_, handlers| {
+        let mut orphaned = Vec::new();
+        self.by_name.lock().unwrap().retain(|key, handlers| {
             let before = handlers.members.len();
             handlers.members.retain(|m| {
                 let gone = m.link.id() == handler;
@@ -207,8 +259,12 @@ impl Registry {
             if handlers.members.len() != before && !handlers.members.is_empty() {
                 handlers.rebuild();
             }
+            if handlers.members.is_empty() {
+                orphaned.push(key.clone());
+            }
             !handlers.members.is_empty()
         });
+        self.orphan(orphaned);
         if local {
             self.local_changed();
         }
