@@ -50,6 +50,10 @@ pub struct Args {
     /// This node's name.
     #[arg(long, default_value = "myelin")]
     pub node_name: String,
+    /// A tag of this node, `NAME=VALUE` (Axon's `axoniq.axonserver.tags.NAME`), shown in
+    /// `/v1/public/me`; repeat for more.
+    #[arg(long = "tag", value_name = "NAME=VALUE", value_parser = myelin_proto::limits::parse_tag)]
+    pub tags: Vec<(String, String)>,
     /// Host name this node advertises to clients.
     #[arg(long, default_value = "localhost")]
     pub hostname: String,
@@ -221,6 +225,7 @@ where
             disk_space_threshold: args.disk_space_threshold,
             grpc_tls: args.grpc_tls,
             http_tls: args.tls_cert_file.is_some(),
+            tags: args.tags.iter().cloned().collect(),
         }),
         http_metrics: Arc::new(api::actuator::HttpMetrics::default()),
         lifecycle: Arc::new(tokio::sync::Mutex::new(())),

@@ -24,6 +24,24 @@ pub fn max_transaction_bytes(max_message_size: usize) -> usize {
     max_message_size.saturating_sub(10_000).max(1024)
 }
 
+/// The longest name or value of a node tag (`axoniq.axonserver.tags.NAME=VALUE`).
+pub const MAX_TAG_BYTES: usize = 256;
+
+/// A node tag as the supervisor passes it to a process (`--tag NAME=VALUE`), within
+/// [`MAX_TAG_BYTES`]; the name and value trimmed.
+pub fn parse_tag(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value))
+            if !name.trim().is_empty() && name.len() <= MAX_TAG_BYTES && value.len() <= MAX_TAG_BYTES =>
+        {
+            Ok((name.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err(format!(
+            "a tag is NAME=VALUE (each at most {MAX_TAG_BYTES} bytes), not {text:?}"
+        )),
+    }
+}
+
 /// Largest internal message the eventstore accepts from the router: any transaction the
 /// client limit admits fits, with room for the request's own fields. The router is the only
 /// sender and checks every transaction first, so this is a safety net, never what a client

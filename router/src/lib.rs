@@ -107,7 +107,7 @@ pub struct Args {
     pub rebalance_interval_ms: u64,
     /// A tag of this node, `NAME=VALUE` (Axon's `axoniq.axonserver.tags.NAME`); repeat for
     /// more. `GetPlatformServer` sends a client to the node whose tags match most of its own.
-    #[arg(long = "tag", value_name = "NAME=VALUE", value_parser = parse_tag)]
+    #[arg(long = "tag", value_name = "NAME=VALUE", value_parser = myelin_proto::limits::parse_tag)]
     pub tags: Vec<(String, String)>,
     /// PEM certificate chain the client port serves TLS with (Axon's `ssl.cert-chain-file`).
     /// With it the port speaks TLS only; a file that cannot be used stops the router at start.
@@ -168,15 +168,6 @@ pub fn main(args: Args) -> anyhow::Result<()> {
 }
 
 /// A `--tag NAME=VALUE`.
-fn parse_tag(text: &str) -> Result<(String, String), String> {
-    match text.split_once('=') {
-        Some((name, value)) if !name.trim().is_empty() && name.len() <= 256 && value.len() <= 256 => {
-            Ok((name.trim().to_owned(), value.trim().to_owned()))
-        }
-        _ => Err(format!("a tag is NAME=VALUE (each at most 256 bytes), not {text:?}")),
-    }
-}
-
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

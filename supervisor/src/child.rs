@@ -195,6 +195,9 @@ pub fn launches(config: &Config, tls: &Tls, mode: ChildMode) -> anyhow::Result<V
                 arg("--eventstore-socket", &es_socket);
                 arg("--router-socket", &router_socket);
                 arg("--node-name", &config.name);
+                for (name, value) in &config.tags {
+                    arg("--tag", &format!("{name}={value}"));
+                }
                 arg("--hostname", &hostname);
                 arg("--grpc-port", &config.port.to_string());
                 arg("--internal-hostname", &config.advertised_internal_hostname());

@@ -324,6 +324,11 @@ async fn clients_go_to_the_node_whose_tags_match_theirs() {
     // No node matches region=us: the fewest clients win, and n3 has six.
     let us = placed(&cluster, 0, "us-app", &[("region", "us")]).await;
     assert_ne!(us, 2, "a client whose tags match no node went to the busiest");
+    // The operator sees a node's tags in /v1/public/me.
+    let me = cluster.http(2, "GET", "/v1/public/me", None).await.json();
+    assert_eq!(me["tags"], serde_json::json!({"region": "eu"}), "{me}");
+    let me = cluster.http(0, "GET", "/v1/public/me", None).await.json();
+    assert_eq!(me["tags"], serde_json::json!({}), "{me}");
 }
 
 /// 30 applications that know only n1, connecting in six waves of five at once.

@@ -58,6 +58,8 @@ pub struct NodeSettings {
     pub grpc_tls: bool,
     /// Whether this HTTP port serves TLS.
     pub http_tls: bool,
+    /// This node's tags (`axoniq.axonserver.tags.*`).
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// What every handler can reach.

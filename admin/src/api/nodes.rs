@@ -57,6 +57,9 @@ pub struct Me {
     /// Contexts with event storage on this node.
     pub storage_context_names: Vec<String>,
     pub contexts: Vec<ContextPositions>,
+    /// This node's tags (`axoniq.axonserver.tags.*`): where `GetPlatformServer` sends clients
+    /// whose tags match.
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// The nodes this node's router has its link up to (best effort: none if the router does not
@@ -143,5 +146,6 @@ pub async fn me(State(state): State<AppState>) -> Result<Json<Me>, ApiError> {
                 last_snapshot_token: c.last_snapshot_token,
             })
             .collect(),
+        tags: node.tags.clone(),
     }))
 }
